@@ -1,0 +1,163 @@
+"""Start, wait for, and stop a real ``python -m sglang.launch_server`` process.
+
+Used by the test suite, the demo (`python -m headkv_sglang.demo`) and the benchmarks, so
+all of them start servers the same way: in their own process group (so SGLang's
+scheduler and detokenizer die with it), logging to a file, with a readiness poll that
+fails with the log's tail as soon as the process exits or the timeout passes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """The server exited or did not become ready; the message carries its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "<no log>"
+    # SGLang prints one 'Ignore import error' line per optional model module on CPU.
+    text = [ln for ln in text if "Ignore import error when loading" not in ln]
+    return "\n".join(text[-lines:])
+
+
+class SGLangServer:
+    """One SGLang HTTP server process.
+
+    Parameters
+    ----------
+    model_path : the ``--model-path`` value.
+    args : further ``launch_server`` flags, e.g. ``["--kv-policy", "headkv"]``.
+    port : TCP port on 127.0.0.1; a free one when None.
+    log_path : where stdout+stderr go; a temporary file when None.
+    env : extra environment variables for the server.
+    startup_timeout : seconds to wait for readiness before failing.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        args: Sequence[str] = (),
+        *,
+        port: int | None = None,
+        log_path: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 420.0,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.args = list(args)
+        self.port = port or free_port()
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
+        self.env = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", self.model_path,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            *self.args,
+        ]
+
+    def start(self) -> "SGLangServer":
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        try:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+        finally:
+            log.close()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None, "start() first"
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise ServerError(
+                    f"SGLang server exited with code {rc} before becoming ready.\n"
+                    f"command: {' '.join(self.command())}\nlog ({self.log_path}):\n{log_tail(self.log_path)}"
+                )
+            if self.healthy():
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"SGLang server not ready after {self.startup_timeout:.0f} s.\n"
+                    f"log ({self.log_path}):\n{log_tail(self.log_path)}"
+                )
+            time.sleep(1.0)
+
+    def healthy(self, timeout: float = 5.0) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM the whole process group, SIGKILL after ``grace`` seconds."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # The group may outlive the leader (scheduler, detokenizer): always sweep it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.proc.returncode
+
+    def __enter__(self) -> "SGLangServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
