@@ -2,14 +2,20 @@
 
 SGLang calls :func:`register` in the launcher (before argument parsing) and first thing
 in every scheduler / detokenizer process. Hooks are patched by dotted path with SGLang's
-own ``HookRegistry``.
+own ``HookRegistry``. SGLang logs and swallows plugin exceptions, so when ``--kv-policy``
+was asked for, any failure to install raises SystemExit instead: the server must never
+serve silently uncompressed.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
 from typing import Any
+
+from headkv_sglang.config import ENV_VAR, POLICY_CHOICES, POOLING_CHOICES, ConfigError, KVPolicyConfig
 
 logger = logging.getLogger("headkv_sglang")
 
@@ -18,6 +24,49 @@ _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
 )
+_SAMPLING_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
+_POOL_CONF = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator"
+_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
+_PREFILL_RESULT = (
+    "sglang.srt.managers.scheduler_components.batch_result_processor."
+    "SchedulerBatchResultProcessor.process_batch_result_prefill"
+)
+_FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
+SERVING_TARGETS = (
+    f"{_POOL_CONF}.calculate_pool_sizes",
+    f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens",
+    _RUN_BATCH,
+    _PREFILL_RESULT,
+    _FREE_ROWS,
+)
+
+# flag -> (KVPolicyConfig field, argparse kwargs)
+_DEFAULTS = KVPolicyConfig()
+FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--kv-policy": ("policy", dict(type=str, choices=POLICY_CHOICES, default=None,
+                                   help="Head-level KV compression policy (headkv_sglang). Unset: plain SGLang.")),
+    "--kv-budget": ("budget", dict(type=int, default=_DEFAULTS.budget,
+                                   help="Prompt tokens kept per KV head on average, window and sinks included.")),
+    "--kv-window": ("window", dict(type=int, default=_DEFAULTS.window,
+                                   help="Observation window: the last W prompt tokens score the rest and are always kept.")),
+    "--kv-head-profile": ("head_profile", dict(type=str, default=None,
+                                               help="Head-importance profile JSON (default: the shipped one matching the model).")),
+    "--kv-min-prompt": ("min_prompt", dict(type=int, default=_DEFAULTS.min_prompt,
+                                           help="Prompts shorter than this stay uncompressed.")),
+    "--kv-beta": ("beta", dict(type=float, default=_DEFAULTS.beta, help="HeadKV pool parameter beta.")),
+    "--kv-pyramid-beta": ("pyramid_beta", dict(type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV beta.")),
+    "--kv-sink-size": ("sink_size", dict(type=int, default=_DEFAULTS.sink_size,
+                                         help="Attention-sink tokens kept (StreamingLLM, RazorAttention).")),
+    "--kv-floor-alpha": ("floor_alpha", dict(type=float, default=_DEFAULTS.floor_alpha, help="Ada-KV safeguard floor.")),
+    "--kv-kernel-size": ("kernel_size", dict(type=int, default=_DEFAULTS.kernel_size, help="SnapKV pooling kernel (odd).")),
+    "--kv-pooling": ("pooling", dict(type=str, default=_DEFAULTS.pooling, choices=POOLING_CHOICES, help="SnapKV pooling.")),
+    "--kv-razor-fraction": ("razor_fraction", dict(type=float, default=_DEFAULTS.razor_fraction,
+                                                   help="RazorAttention: fraction of heads kept whole.")),
+    "--kv-pool-fraction": ("pool_fraction", dict(type=float, default=_DEFAULTS.pool_fraction,
+                                                 help="Share of SGLang's KV token capacity moved to the compressed pool.")),
+    "--kv-page-size": ("page_size", dict(type=int, default=_DEFAULTS.page_size,
+                                         help="Tokens per page of the compressed pool.")),
+}
 
 
 def cpu_auto() -> bool:
@@ -25,41 +74,169 @@ def cpu_auto() -> bool:
     return os.environ.get("HEADKV_SGLANG_CPU_AUTO") == "1"
 
 
-def _default_cpu_flags(server_args, *args, **kwargs):
-    """BEFORE ServerArgs.resolve_once: pick the CPU device and torch_native attention.
+def active_config() -> KVPolicyConfig | None:
+    return KVPolicyConfig.from_env()
 
-    Only fields the user left unset (None) are filled in, so an explicit flag wins.
-    Runs on both the HTTP launcher and the offline Engine path.
-    """
+
+# ------------------------------------------------------------------------- launcher side
+def _add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
+    group = parser.add_argument_group("headkv_sglang (head-level KV-cache compression)")
+    for flag, (dest, kw) in FLAGS.items():
+        group.add_argument(flag, dest=f"headkv_{dest}", **kw)
+    return result
+
+
+def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
+    """Resolve and validate the ``--kv-*`` flags (None when --kv-policy is not given)."""
+    if getattr(ns, "headkv_policy", None) is None:
+        return None
+    values = {dest: getattr(ns, f"headkv_{dest}") for dest, _ in FLAGS.values()}
+    cfg = KVPolicyConfig(**values).validate()
+    from headkv_sglang.config import ModelShape, resolve_profile
+
+    shape = ModelShape.from_model_path(ns.model_path)
+    resolve_profile(cfg, shape)  # a missing or mismatched profile fails here, before weights load
+    return cfg
+
+
+def _from_cli_args(cls, ns, *args, **kwargs):
+    """BEFORE ServerArgs.from_cli_args: validate our flags and publish them to subprocesses."""
+    try:
+        cfg = config_from_namespace(ns)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if cfg is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = cfg.to_json()
+        logger.info("headkv_sglang: %s", cfg)
+    return None
+
+
+def _resolve_once(server_args, *args, **kwargs):
+    """BEFORE ServerArgs.resolve_once: CPU defaults, and what --kv-policy requires."""
+    if getattr(server_args, "_resolution_finished", False):  # called again by the Engine: sealed
+        return None
     if cpu_auto():
         if getattr(server_args, "device", None) is None:
             server_args.device = "cpu"
         if getattr(server_args, "attention_backend", None) is None:
             server_args.attention_backend = "torch_native"
+        # This CPU has no fast fp16/bf16 matmul: float32 prefill measured ~3x faster
+        # (benchmarks/results/cpu_dtype.md); an explicit --dtype other than auto wins.
+        if getattr(server_args, "dtype", None) == "auto":
+            server_args.dtype = "float32"
+    if active_config() is not None:
+        backend = getattr(server_args, "attention_backend", None)
+        if backend not in (None, "torch_native"):
+            print(f"error: --kv-policy needs --attention-backend torch_native (got {backend!r}); "
+                  "the FlashInfer ragged path is not available yet", file=sys.stderr)
+            raise SystemExit(2)
+        server_args.attention_backend = "torch_native"
+        for flag in ("decode_attention_backend", "prefill_attention_backend"):
+            if getattr(server_args, flag, None) not in (None, "torch_native"):
+                print(f"error: --kv-policy needs --{flag.replace('_', '-')} unset or torch_native", file=sys.stderr)
+                raise SystemExit(2)
+        if getattr(server_args, "speculative_algorithm", None):
+            print("error: --kv-policy does not support speculative decoding", file=sys.stderr)
+            raise SystemExit(2)
+        # Compression runs between a prefill's result and the next forward; the overlap
+        # scheduler would launch that forward before the prompt is compressed.
+        server_args.disable_overlap_schedule = True
     return None
 
 
-def plugin_state() -> dict[str, Any]:
+def _verify_sampling_params(result, sampling_params, *args, **kwargs):
+    """AFTER SamplingParams.verify: per-request kv_* overrides (ValueError -> HTTP 400)."""
+    params = getattr(sampling_params, "custom_params", None)
+    if not params or not isinstance(params, dict) or not any(str(k).startswith("kv_") for k in params):
+        return result
+    cfg = active_config()
+    if cfg is None:
+        raise ValueError("custom_params kv_*: this server was started without --kv-policy")
+    cfg.with_request(params)  # raises ConfigError (a ValueError) with the key and value
+    return result
+
+
+# ------------------------------------------------------------------------- scheduler side
+def plugin_state(scheduler=None) -> dict[str, Any]:
     """What this process reports under ``internal_states[i]["headkv_sglang"]`` of /server_info."""
     from headkv_sglang import __version__
 
-    return {
+    state: dict[str, Any] = {
         "version": __version__,
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "cpu_auto": cpu_auto(),
     }
+    if active_config() is not None:
+        from headkv_sglang.sglang_backend import plugin_state as serving_state
+
+        state.update(serving_state())
+    if scheduler is not None:
+        # SGLang's own token-pool accounting, so callers can see memory coming back.
+        tree = scheduler.tree_cache
+        state["token_pool"] = {
+            "total": int(scheduler.max_total_num_tokens),
+            "available": int(scheduler.token_to_kv_pool_allocator.available_size()),
+            "evictable": int(tree.evictable_size()),
+            "protected": int(tree.protected_size()),
+            "running_requests": len(scheduler.running_batch.reqs) if scheduler.running_batch else 0,
+        }
+    return state
 
 
 def _add_internal_state(result, *args, **kwargs):
     """AFTER the scheduler's get_internal_state: proves (and shows) the plugin runs there."""
-    result.internal_state["headkv_sglang"] = plugin_state()
+    controller = args[0] if args else None
+    result.internal_state["headkv_sglang"] = plugin_state(getattr(controller, "scheduler", None))
     return result
 
 
-def register() -> None:
+def _register_serving(cfg: KVPolicyConfig) -> None:
+    from sglang.srt.layers.attention import attention_registry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(f"{_SERVER_ARGS}.resolve_once", _default_cpu_flags, HookType.BEFORE)
-    HookRegistry.register(_INTERNAL_STATE, _add_internal_state, HookType.AFTER)
-    logger.info("headkv_sglang plugin registered in pid %d (cpu_auto=%s)", os.getpid(), cpu_auto())
+    from headkv_sglang import sglang_backend as sb
+
+    sb.STATE.cfg = cfg
+    HookRegistry.register(f"{_POOL_CONF}.calculate_pool_sizes", sb.scale_pool_sizes, HookType.AFTER)
+    HookRegistry.register(f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens", sb.scale_pool_sizes, HookType.AFTER)
+    HookRegistry.register(_RUN_BATCH, sb.before_run_batch, HookType.BEFORE)
+    HookRegistry.register(_PREFILL_RESULT, sb.after_prefill, HookType.AFTER)
+    HookRegistry.register(_FREE_ROWS, sb.before_free_rows, HookType.BEFORE)
+
+    def create_backend(model_runner):
+        missing = [t for t in SERVING_TARGETS if t not in HookRegistry._patched]
+        if missing:
+            raise SystemExit(f"headkv_sglang: --kv-policy given but hooks failed to install: {missing}")
+        from headkv_sglang.config import ModelShape
+
+        sb.STATE.shape = ModelShape.from_model_path(model_runner.model_config.model_path)
+        return sb.create_backend(model_runner)
+
+    attention_registry.ATTENTION_BACKENDS["torch_native"] = create_backend
+
+
+def register() -> None:
+    cfg = None
+    try:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", _add_cli_args, HookType.AFTER)
+        HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", _from_cli_args, HookType.BEFORE)
+        HookRegistry.register(f"{_SERVER_ARGS}.resolve_once", _resolve_once, HookType.BEFORE)
+        HookRegistry.register(_SAMPLING_VERIFY, _verify_sampling_params, HookType.AFTER)
+        HookRegistry.register(_INTERNAL_STATE, _add_internal_state, HookType.AFTER)
+        cfg = active_config()
+        if cfg is not None:
+            _register_serving(cfg)
+    except SystemExit:
+        raise
+    except Exception as e:
+        if cfg is not None or "--kv-policy" in sys.argv or os.environ.get(ENV_VAR):
+            raise SystemExit(f"headkv_sglang: --kv-policy was given but the plugin failed to install: {e!r}")
+        raise
+    logger.info("headkv_sglang plugin registered in pid %d (cpu_auto=%s, kv_policy=%s)",
+                os.getpid(), cpu_auto(), cfg.policy if cfg else None)

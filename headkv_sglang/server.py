@@ -132,6 +132,16 @@ class SGLangServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
+    def get_json(self, path: str, timeout: float = 60.0) -> dict:
+        import json
+
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def plugin_state(self) -> dict:
+        """``/server_info`` -> the scheduler's ``headkv_sglang`` state (pool occupancy, integrity)."""
+        return self.get_json("/server_info")["internal_states"][0]["headkv_sglang"]
+
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM the whole process group, SIGKILL after ``grace`` seconds."""
         if self.proc is None:

@@ -68,9 +68,9 @@ def test_cpu_defaults_only_fill_unset_flags(argv, device, backend):
     code = (
         "import sys\n"
         "from sglang.srt.server_args import prepare_server_args\n"
-        "from headkv_sglang.plugin import _default_cpu_flags\n"
+        "from headkv_sglang.plugin import _resolve_once\n"
         f"a = prepare_server_args(['--model-path', 'dummy', *{argv!r}])\n"
-        "_default_cpu_flags(a)\n"
+        "_resolve_once(a)\n"
         "print(a.device, a.attention_backend)\n"
     )
     r = _py(code)

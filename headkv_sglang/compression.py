@@ -1,0 +1,255 @@
+"""CompressionManager: owns the ragged pool and every compressed request's pages.
+
+The serving layer (``sglang_backend.py``) calls it at three moments:
+
+1. during each prefill forward, :meth:`capture_queries` keeps the last ``window`` queries
+   of each request per layer (the observation window);
+2. once a request's prompt is complete, :meth:`compress` scores, selects and copies each
+   (layer, KV head)'s kept tokens into pages, after which SGLang's token-pool slots of
+   the prompt can be released;
+3. at decode, :meth:`attend` computes attention over [compressed prompt pages] ⊕ [the
+   request's decode tail in SGLang's pool] (⊕ Razor's compensation state with logit
+   ``+ log n_dropped``), one softmax over the union = the log-sum-exp merge.
+
+Requests are keyed by SGLang's ``req_pool_idx`` (the request's row in ``req_to_token``);
+:meth:`free` must run whenever that row is released (finish, abort, retraction).
+Pure torch; nothing here imports SGLang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from headkv_sglang.config import KVPolicyConfig, ModelShape, build_policy
+from headkv_sglang.policies.base import compress_layer
+from headkv_sglang.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
+
+logger = logging.getLogger("headkv_sglang")
+
+
+@dataclass
+class _Capture:
+    rid: str
+    window: int
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [w, Hq, D]
+
+
+@dataclass
+class PolicyStats:
+    compressed_requests: int = 0
+    held_bytes: int = 0
+    full_bytes: int = 0  # what the running compressed requests' prompts take uncompressed
+    kept_tokens: int = 0
+    prompt_head_tokens: int = 0
+
+
+class CompressionManager:
+    """Compressed-pool owner for one model (one scheduler process)."""
+
+    def __init__(self, shape: ModelShape, num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: str | torch.device) -> None:
+        self.shape = shape
+        self.pool = RaggedHeadKVPool(num_pages, page_size, shape.head_dim, dtype, device)
+        self.allocator = PageAllocator(num_pages)
+        self.records: dict[int, RequestPages] = {}
+        self._captures: dict[int, _Capture] = {}
+        self._lock = threading.Lock()
+        self.total_compressed: dict[str, int] = defaultdict(int)
+        self.elt = torch.empty(0, dtype=dtype).element_size()
+
+    # ------------------------------------------------------------------ prefill
+    def begin_extend(self, req_pool_idx: int, rid: str, window: int) -> None:
+        cap = self._captures.get(req_pool_idx)
+        if cap is None or cap.rid != rid or cap.window != window:
+            self._captures[req_pool_idx] = _Capture(rid, window)
+
+    def capture_queries(self, layer: int, req_pool_idx: int, q: torch.Tensor) -> None:
+        """Keep the last ``window`` queries. ``q``: ``[n, num_q_heads, head_dim]`` of this chunk."""
+        cap = self._captures.get(req_pool_idx)
+        if cap is None:
+            return
+        prev = cap.layers.get(layer)
+        q = q.detach()
+        if prev is not None and q.shape[0] < cap.window:
+            q = torch.cat([prev, q])
+        cap.layers[layer] = q[-cap.window:].clone()
+
+    def drop_capture(self, req_pool_idx: int) -> None:
+        self._captures.pop(req_pool_idx, None)
+
+    def full_bytes(self, seq_len: int) -> int:
+        s = self.shape
+        return 2 * seq_len * s.num_layers * s.num_kv_heads * s.head_dim * self.elt
+
+    def compress(self, req_pool_idx: int, cfg: KVPolicyConfig, seq_len: int,
+                 get_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> RequestPages:
+        """Compress positions ``[0, seq_len)`` of request ``req_pool_idx``.
+
+        ``get_kv(layer)`` returns the prompt's ``k, v`` as ``[seq_len, num_kv_heads, head_dim]``.
+        Raises PoolFullError (allocating nothing) when the pool cannot hold the result.
+        """
+        assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
+        s = self.shape
+        cap = self._captures.get(req_pool_idx)
+        w = min(cfg.window, seq_len)
+        if cap is not None and cap.layers:
+            # A radix prefix hit recomputes only the uncached suffix: the window shrinks to
+            # what was actually computed (at least the last token).
+            captured = min(t.shape[0] for t in cap.layers.values())
+            if captured < w:
+                w = captured
+                cfg = dataclasses.replace(cfg, window=w)
+        policy = build_policy(cfg, s)
+        planned = policy.plan_budgets(seq_len, cfg.budget, s.num_layers, s.num_kv_heads)
+        layers: list[tuple] = []
+        need = 0
+        for layer in range(s.num_layers):
+            k, v = get_kv(layer)
+            k = k.transpose(0, 1)  # [H, T, D]
+            v = v.transpose(0, 1)
+            if getattr(policy, "needs_queries", True):
+                if cap is None or layer not in cap.layers or cap.layers[layer].shape[0] < w:
+                    raise RuntimeError(f"no observation-window queries captured for row {req_pool_idx}, layer {layer}")
+                q_win = cap.layers[layer][-w:].transpose(0, 1).to(k.dtype)  # [Hq, w, D]
+            else:
+                q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)
+            comp = compress_layer(policy, layer, q_win, k, v, cfg.budget, planned)
+            lengths = comp.lengths.cpu()
+            pages = self.pool.pages_for(lengths)
+            need += int(pages.sum())
+            layers.append((comp, lengths, pages))
+        with self._lock:
+            if not self.allocator.can_allocate(need):
+                raise PoolFullError(f"request needs {need} pages, {self.allocator.free_pages} free")
+            ids = self.allocator.allocate(need, owner=req_pool_idx)
+        rec = RequestPages(prompt_len=seq_len, policy=cfg.policy, budget=cfg.budget, page_ids=ids)
+        cursor = 0
+        for comp, lengths, pages in layers:
+            kv_indptr = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+            torch.cumsum(pages, 0, out=kv_indptr[1:])
+            kv_indices = torch.tensor(ids[cursor:cursor + int(pages.sum())], dtype=torch.int64)
+            cursor += int(pages.sum())
+            self.pool.write(kv_indices.to(self.pool.k_pages.device), kv_indptr, lengths,
+                            comp.k_flat, comp.v_flat, comp.indptr.cpu())
+            lp = LayerPages(kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=lengths,
+                            comp_k=comp.comp_k, comp_v=comp.comp_v, comp_count=comp.comp_count)
+            lp._page_size = self.pool.page_size
+            rec.layers.append(lp)
+            rec.kept_tokens += int(lengths.sum())
+        self.records[req_pool_idx] = rec
+        self.drop_capture(req_pool_idx)
+        self.total_compressed[cfg.policy] += 1
+        return rec
+
+    # ------------------------------------------------------------------ ownership
+    def free(self, req_pool_idx: int) -> bool:
+        """Release a request row's pages (and capture). True if it held pages."""
+        self.drop_capture(req_pool_idx)
+        with self._lock:
+            rec = self.records.pop(req_pool_idx, None)
+            if rec is None:
+                return False
+            self.allocator.free(rec.page_ids, owner=req_pool_idx)
+        return True
+
+    def check_integrity(self) -> None:
+        with self._lock:
+            self.allocator.check_integrity({idx: rec.page_ids for idx, rec in self.records.items()})
+
+    # ------------------------------------------------------------------ decode
+    def attend(self, layer: int, req_pool_idx: int, q: torch.Tensor, k_tail: torch.Tensor,
+               v_tail: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of ``q`` ``[n, Hq, D]`` over the compressed prompt and the tail.
+
+        ``k_tail``/``v_tail``: ``[m, H, D]`` positions ``prompt_len .. prompt_len+m-1``;
+        ``q_pos``: int64 ``[n]`` absolute positions of the queries (a query sees tail
+        positions ``<= q_pos``). Returns ``[n, Hq, D]`` in ``q``'s dtype.
+        """
+        rec = self.records[req_pool_idx]
+        lp = rec.layers[layer]
+        H, D = self.shape.num_kv_heads, self.shape.head_dim
+        n, Hq, _ = q.shape
+        G = Hq // H
+        qf = q.float().view(n, H, G, D)
+        kp, vp, mask = self.pool.gather_padded(lp)  # [H, Lp, D], [H, Lp]
+        logits_p = torch.einsum("nhgd,hld->nhgl", qf, kp.float()) * scale
+        logits_p = logits_p.masked_fill(~mask[None, :, None, :], float("-inf"))
+        parts_l = [logits_p]
+        parts_v = [vp.float()[None].expand(n, -1, -1, -1)]  # [n, H, Lp, D]
+        if lp.comp_count is not None:
+            cnt = lp.comp_count.to(q.device)
+            bias = torch.where(cnt > 0, torch.log(cnt.clamp(min=1).float()), torch.full_like(cnt, float("-inf"), dtype=torch.float32))
+            logit_c = torch.einsum("nhgd,hd->nhg", qf, lp.comp_k.float()) * scale + bias[None, :, None]
+            parts_l.append(logit_c[..., None])
+            parts_v.append(lp.comp_v.float()[None, :, None, :].expand(n, -1, -1, -1))
+        m = k_tail.shape[0]
+        if m:
+            logits_t = torch.einsum("nhgd,mhd->nhgm", qf, k_tail.float()) * scale
+            tail_pos = rec.prompt_len + torch.arange(m, device=q.device)
+            visible = tail_pos[None, :] <= q_pos.to(q.device)[:, None]  # [n, m]
+            logits_t = logits_t.masked_fill(~visible[:, None, None, :], float("-inf"))
+            parts_l.append(logits_t)
+            parts_v.append(v_tail.float().permute(1, 0, 2)[None].expand(n, -1, -1, -1))
+        logits = torch.cat(parts_l, dim=-1)  # [n, H, G, Ltot]
+        vals = torch.cat(parts_v, dim=2)  # [n, H, Ltot, D]
+        probs = torch.softmax(logits, dim=-1)
+        out = torch.einsum("nhgl,nhld->nhgd", probs, vals)
+        return out.reshape(n, Hq, D).to(q.dtype)
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> dict:
+        per: dict[str, PolicyStats] = defaultdict(PolicyStats)
+        bpp = self.pool.bytes_per_page
+        with self._lock:
+            for rec in self.records.values():
+                st = per[rec.policy]
+                st.held_bytes += rec.held_bytes(bpp)
+                st.full_bytes += self.full_bytes(rec.prompt_len)
+                st.kept_tokens += rec.kept_tokens
+                st.prompt_head_tokens += rec.prompt_len * self.shape.num_layers * self.shape.num_kv_heads
+            running = len(self.records)
+            free_pages = self.allocator.free_pages
+        policies = {}
+        for name in set(per) | set(self.total_compressed):
+            st = per[name]
+            policies[name] = {
+                "compressed_requests_total": self.total_compressed.get(name, 0),
+                "running_compressed_requests": sum(1 for r in self.records.values() if r.policy == name),
+                "held_bytes": st.held_bytes,
+                "full_kv_bytes": st.full_bytes,
+                "ratio": (st.full_bytes / st.held_bytes) if st.held_bytes else None,
+                "kept_fraction": (st.kept_tokens / st.prompt_head_tokens) if st.prompt_head_tokens else None,
+            }
+        return {
+            "pool": {
+                "num_pages": self.allocator.num_pages,
+                "page_size": self.pool.page_size,
+                "free_pages": free_pages,
+                "used_pages": self.allocator.num_pages - free_pages,
+                "bytes_per_page": bpp,
+                "capacity_bytes": self.allocator.num_pages * bpp,
+            },
+            "running_compressed_requests": running,
+            "policies": policies,
+        }
+
+
+def pages_upper_bound(cfg: KVPolicyConfig, shape: ModelShape, seq_len: int, page_size: int) -> int:
+    """Pages a request of ``seq_len`` tokens may need at most (for admission)."""
+    L, H = shape.num_layers, shape.num_kv_heads
+    per_head_max = seq_len
+    if cfg.policy in ("snapkv", "streamingllm"):
+        per_head_max = min(seq_len, cfg.budget)
+        return L * H * math.ceil(per_head_max / page_size)
+    if cfg.policy in ("headkv", "pyramidkv", "adakv"):
+        total = min(L * H * cfg.budget, L * H * seq_len)
+        return math.ceil(total / page_size) + L * H  # each row wastes < one page
+    return L * H * math.ceil(seq_len / page_size)  # full, razor: worst case keeps everything

@@ -1,0 +1,255 @@
+"""KVPolicyConfig: the server's compression settings and per-request overrides.
+
+Pure Python + torch: the SGLang coupling (argparse hook, env transport) lives in
+``plugin.py``. The launcher resolves the flags into a :class:`KVPolicyConfig`, validates
+it against the model's ``config.json`` (before any weights load) and hands it to the
+scheduler processes as JSON in ``$HEADKV_SGLANG_CONFIG`` (``ServerArgs`` is pickled
+without unknown fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "HEADKV_SGLANG_CONFIG"
+POLICY_CHOICES = ("full", "headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor")
+POOLING_CHOICES = ("maxpool", "avgpool")
+
+# Per-request keys accepted in sampling_params.custom_params, and the config field each sets.
+REQUEST_KEYS = {
+    "kv_policy": "policy",
+    "kv_budget": "budget",
+    "kv_window": "window",
+    "kv_min_prompt": "min_prompt",
+    "kv_sink_size": "sink_size",
+    "kv_beta": "beta",
+    "kv_floor_alpha": "floor_alpha",
+}
+MAX_BUDGET = 1 << 20
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the flag (or request key), the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class KVPolicyConfig:
+    """Resolved compression settings (server defaults or one request's).
+
+    ``budget`` is tokens kept per KV head on average, window and sinks included
+    (see ``policies/base.py``); ``min_prompt``: prompts with fewer tokens stay
+    uncompressed; ``pool_fraction``: share of SGLang's KV token capacity moved to the
+    compressed pool; ``page_size``: tokens per page of the compressed pool.
+    """
+
+    policy: str = "full"
+    budget: int = 128
+    window: int = 8
+    min_prompt: int = 0
+    head_profile: str | None = None
+    beta: float = 1.005  # HeadKV
+    pyramid_beta: float = 20.0  # PyramidKV
+    sink_size: int = 4  # StreamingLLM, RazorAttention
+    floor_alpha: float = 0.2  # AdaKV
+    kernel_size: int = 7
+    pooling: str = "maxpool"
+    razor_fraction: float = 0.15  # RazorAttention: share of heads kept whole (14% induction + 1% echo)
+    pool_fraction: float = 0.5
+    page_size: int = 16
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, flag: str = "--kv-{}") -> "KVPolicyConfig":
+        """Raise ConfigError naming ``flag.format(name)`` for the first invalid field."""
+
+        def bad(name: str, value: Any, allowed: str) -> ConfigError:
+            shown = name.replace("_", "-") if flag.startswith("--") else name
+            return ConfigError(f"{flag.format(shown)}: invalid value {value!r}; {allowed}")
+
+        def intval(name: str, lo: int, hi: int = MAX_BUDGET) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise bad(name, v, f"expected an integer in [{lo}, {hi}]")
+
+        def floatval(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok:
+                raise bad(name, v, f"expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
+
+        if self.policy not in POLICY_CHOICES:
+            raise bad("policy", self.policy, f"choose one of {', '.join(POLICY_CHOICES)}")
+        intval("budget", 1)
+        intval("window", 1, 4096)
+        intval("min_prompt", 0)
+        intval("sink_size", 0, 4096)
+        intval("kernel_size", 1, 63)
+        if self.kernel_size % 2 == 0:
+            raise bad("kernel_size", self.kernel_size, "expected an odd integer")
+        if self.pooling not in POOLING_CHOICES:
+            raise bad("pooling", self.pooling, f"choose one of {', '.join(POOLING_CHOICES)}")
+        floatval("beta", 1.0, 1e6)
+        floatval("pyramid_beta", 1.0, 1e6)
+        floatval("floor_alpha", 0.0, 1.0)
+        floatval("razor_fraction", 0.0, 1.0)
+        floatval("pool_fraction", 0.0, 0.95, lo_open=True)
+        intval("page_size", 1, 4096)
+        if self.policy in ("snapkv", "headkv", "pyramidkv", "adakv") and self.window > self.budget:
+            raise bad("window", self.window, f"the observation window must not exceed --kv-budget ({self.budget})")
+        if self.policy in ("streamingllm", "razor") and self.sink_size >= self.budget:
+            raise bad("sink_size", self.sink_size, f"sinks must leave room for recent tokens: < --kv-budget ({self.budget})")
+        if self.head_profile is not None and not Path(self.head_profile).is_file():
+            raise bad("head_profile", self.head_profile, "no such file")
+        return self
+
+    # ------------------------------------------------------------------ overrides
+    def with_request(self, custom_params: dict[str, Any] | None) -> "KVPolicyConfig":
+        """This config with a request's ``kv_*`` overrides applied and validated.
+
+        Keys not starting with ``kv_`` belong to other features and are ignored; an
+        unknown ``kv_*`` key is an error.
+        """
+        if not custom_params:
+            return self
+        if not isinstance(custom_params, dict):
+            raise ConfigError(f"custom_params must be a JSON object, got {type(custom_params).__name__}")
+        changes: dict[str, Any] = {}
+        for key, value in custom_params.items():
+            if not isinstance(key, str) or not key.startswith("kv_"):
+                continue
+            if key not in REQUEST_KEYS:
+                raise ConfigError(
+                    f"custom_params.{key}: unknown key; allowed: {', '.join(sorted(REQUEST_KEYS))}"
+                )
+            name = REQUEST_KEYS[key]
+            expected = type(getattr(self, name))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if expected is int and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if type(value) is not expected:
+                raise ConfigError(
+                    f"custom_params.{key}: invalid value {value!r}; expected {expected.__name__}"
+                )
+            changes[name] = value
+        if not changes:
+            return self
+        return dataclasses.replace(self, **changes).validate(flag="custom_params.kv_{}")
+
+    # ------------------------------------------------------------------ transport
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "KVPolicyConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_env(cls) -> "KVPolicyConfig | None":
+        text = os.environ.get(ENV_VAR)
+        return cls.from_json(text) if text else None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    architecture: str = ""
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_model_path(cls, model_path: str | os.PathLike) -> "ModelShape":
+        path = Path(model_path) / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model-path: cannot read {path} ({e}); --kv-policy needs a local HF model directory") from e
+        cfg = cfg.get("text_config", cfg)
+        q = int(cfg["num_attention_heads"])
+        return cls(
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_q_heads=q,
+            num_kv_heads=int(cfg.get("num_key_value_heads", q)),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // q),
+            architecture=(cfg.get("architectures") or [""])[0],
+            hf_config=cfg,
+        )
+
+
+# ---------------------------------------------------------------------- policies
+def _profile_method(policy: str) -> str:
+    return "razor" if policy == "razor" else "r2"
+
+
+def resolve_profile(cfg: KVPolicyConfig, shape: ModelShape):
+    """Load the head profile the policy needs (None for policies that need none).
+
+    Raises ConfigError when no shipped profile matches the model or a given file does
+    not match its shape.
+    """
+    if cfg.policy not in ("headkv", "razor"):
+        return None
+    from headkv_sglang import profiles
+
+    method = _profile_method(cfg.policy)
+    path = cfg.head_profile
+    if path is None:
+        found = profiles.shipped_profile(shape.hf_config, method)
+        if found is None:
+            raise ConfigError(
+                f"--kv-head-profile: no shipped '{method}' profile matches this model "
+                f"({shape.architecture}, {shape.num_layers} layers, {shape.num_q_heads} query / "
+                f"{shape.num_kv_heads} KV heads); make one with `python -m headkv_sglang.profile "
+                f"--model DIR --method {method} --out FILE` and pass --kv-head-profile FILE"
+            )
+        path = str(found)
+    try:
+        prof = profiles.load_profile(path)
+        prof.check_model(shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim)
+    except ValueError as e:
+        raise ConfigError(f"--kv-head-profile: {e}") from e
+    return prof
+
+
+@lru_cache(maxsize=64)
+def build_policy(cfg: KVPolicyConfig, shape: ModelShape):
+    """The policy object for a (validated) config; cached because configs are frozen."""
+    import torch
+
+    from headkv_sglang import policies
+
+    obs = dict(window_size=cfg.window, kernel_size=cfg.kernel_size, pooling=cfg.pooling)
+    name = cfg.policy
+    if name == "full":
+        return policies.FullKV()
+    if name == "snapkv":
+        return policies.SnapKV(**obs)
+    if name == "pyramidkv":
+        return policies.PyramidKV(beta=cfg.pyramid_beta, **obs)
+    if name == "adakv":
+        return policies.AdaKV(floor_alpha=cfg.floor_alpha, **obs)
+    if name == "streamingllm":
+        return policies.StreamingLLM(sink_size=cfg.sink_size, window_size=cfg.window)
+    prof = resolve_profile(cfg, shape)
+    if name == "headkv":
+        return policies.HeadKV(importance=torch.as_tensor(prof.kv_scores, dtype=torch.float64), beta=cfg.beta, **obs)
+    if name == "razor":
+        echo = torch.as_tensor(prof.kv_echo, dtype=torch.float64)
+        induction = torch.as_tensor(prof.kv_induction, dtype=torch.float64)
+        frac = cfg.razor_fraction
+        return policies.RazorAttention.from_scores(
+            echo, induction, echo_fraction=min(0.01, frac), induction_fraction=max(0.0, frac - 0.01),
+            sink_size=cfg.sink_size, window_size=cfg.window,
+        )
+    raise ConfigError(f"--kv-policy: unknown policy {name!r}")

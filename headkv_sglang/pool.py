@@ -1,0 +1,174 @@
+"""RaggedHeadKVPool: compressed prompt KV in pages that each belong to one (layer, KV head).
+
+Three pieces, kept apart:
+
+* :class:`RaggedHeadKVPool` — storage: ``k_pages``/``v_pages`` ``[num_pages, page_size, head_dim]``.
+* :class:`PageAllocator` — ownership: a free list with check/act pairs and
+  :meth:`PageAllocator.check_integrity`.
+* :class:`LayerPages` / :class:`RequestPages` — one request's page table, in FlashInfer's
+  CSR terms: for layer ``l`` the row of KV head ``h`` is pages
+  ``kv_indices[kv_indptr[h]:kv_indptr[h+1]]`` holding ``lengths[h]`` tokens, the last
+  page holding ``kv_last_page_len[h]``. Each (request, KV head) is one row of a
+  ``num_kv_heads=1`` paged batch on the GPU.
+
+Pure torch; nothing here imports SGLang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class PoolFullError(RuntimeError):
+    """The compressed pool has fewer free pages than asked for."""
+
+
+class PageAllocator:
+    """Free-list page allocator. Page ids are ``0 .. num_pages-1``."""
+
+    def __init__(self, num_pages: int) -> None:
+        assert num_pages > 0, f"num_pages must be > 0, got {num_pages}"
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._owner: dict[int, object] = {}
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return 0 <= n <= len(self._free)
+
+    def allocate(self, n: int, owner: object) -> list[int]:
+        if not self.can_allocate(n):
+            raise PoolFullError(f"asked for {n} pages, {len(self._free)} of {self.num_pages} free")
+        ids = [self._free.pop() for _ in range(n)]
+        for i in ids:
+            self._owner[i] = owner
+        return ids
+
+    def free(self, ids: list[int], owner: object) -> None:
+        for i in ids:
+            got = self._owner.pop(i, None)
+            assert got == owner, f"page {i} freed by {owner!r} but owned by {got!r}"
+            self._free.append(i)
+
+    def check_integrity(self, owned: dict[object, list[int]] | None = None) -> None:
+        """Every page is free xor owned once; optionally the owners' tables agree."""
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise AssertionError(f"free list holds duplicates: {len(self._free)} entries, {len(free)} distinct")
+        if free & self._owner.keys():
+            raise AssertionError(f"pages both free and owned: {sorted(free & self._owner.keys())[:10]}")
+        if len(free) + len(self._owner) != self.num_pages:
+            raise AssertionError(
+                f"page leak: {len(free)} free + {len(self._owner)} owned != {self.num_pages} total"
+            )
+        if owned is not None:
+            expect: dict[int, object] = {}
+            for who, ids in owned.items():
+                for i in ids:
+                    assert i not in expect, f"page {i} in the tables of both {expect[i]!r} and {who!r}"
+                    expect[i] = who
+            if expect != self._owner:
+                missing = sorted(set(self._owner) - set(expect))[:10]
+                extra = sorted(set(expect) - set(self._owner))[:10]
+                raise AssertionError(f"page tables disagree with the allocator: untracked {missing}, unowned {extra}")
+
+
+class RaggedHeadKVPool:
+    """Page storage. ``k_pages``/``v_pages``: ``[num_pages, page_size, head_dim]`` of ``dtype``."""
+
+    def __init__(self, num_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: str | torch.device):
+        self.num_pages, self.page_size, self.head_dim = num_pages, page_size, head_dim
+        self.dtype = dtype
+        self.k_pages = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
+        self.v_pages = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
+
+    @property
+    def bytes_per_page(self) -> int:
+        return 2 * self.page_size * self.head_dim * self.k_pages.element_size()
+
+    def pages_for(self, lengths: torch.Tensor) -> torch.Tensor:
+        """int64 pages needed per row for ``lengths`` tokens."""
+        return (lengths + self.page_size - 1) // self.page_size
+
+    def write(self, page_ids: torch.Tensor, kv_indptr: torch.Tensor, lengths: torch.Tensor,
+              k_flat: torch.Tensor, v_flat: torch.Tensor, tok_indptr: torch.Tensor) -> None:
+        """Copy each row's tokens ``[tok_indptr[h], tok_indptr[h+1])`` of ``k_flat``/``v_flat``
+        (``[N, head_dim]``) into its pages ``page_ids[kv_indptr[h]:kv_indptr[h+1]]``."""
+        ps = self.page_size
+        for h in range(lengths.numel()):
+            n = int(lengths[h])
+            if n == 0:
+                continue
+            pids = page_ids[int(kv_indptr[h]):int(kv_indptr[h + 1])]
+            src_k = k_flat[int(tok_indptr[h]):int(tok_indptr[h]) + n]
+            src_v = v_flat[int(tok_indptr[h]):int(tok_indptr[h]) + n]
+            pad = pids.numel() * ps - n
+            if pad:
+                src_k = torch.cat([src_k, src_k.new_zeros(pad, self.head_dim)])
+                src_v = torch.cat([src_v, src_v.new_zeros(pad, self.head_dim)])
+            self.k_pages[pids] = src_k.view(-1, ps, self.head_dim).to(self.dtype)
+            self.v_pages[pids] = src_v.view(-1, ps, self.head_dim).to(self.dtype)
+
+    def gather_padded(self, layer: "LayerPages") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense view of one layer's rows for the torch reference path.
+
+        Returns ``k, v`` ``[H, max_pages*page_size, head_dim]`` and a bool mask ``[H, max_len]``
+        of valid tokens.
+        """
+        H = layer.lengths.numel()
+        counts = layer.kv_indptr[1:] - layer.kv_indptr[:-1]
+        max_pages = int(counts.max()) if H else 0
+        idx = torch.zeros(H, max(max_pages, 1), dtype=torch.int64)
+        for h in range(H):
+            c = int(counts[h])
+            idx[h, :c] = layer.kv_indices[int(layer.kv_indptr[h]):int(layer.kv_indptr[h]) + c]
+        L = max(max_pages, 1) * self.page_size
+        idx = idx.to(self.k_pages.device)
+        k = self.k_pages[idx].view(H, L, self.head_dim)
+        v = self.v_pages[idx].view(H, L, self.head_dim)
+        mask = torch.arange(L, device=k.device)[None, :] < layer.lengths.to(k.device)[:, None]
+        return k, v, mask
+
+
+@dataclass
+class LayerPages:
+    """One layer's rows. ``kv_indptr`` int64 ``[H+1]`` over ``kv_indices`` int64 ``[pages]``;
+    ``lengths`` int64 ``[H]`` tokens per row; compensation (Razor) ``comp_k``/``comp_v``
+    ``[H, head_dim]`` and ``comp_count`` int64 ``[H]`` or None."""
+
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    lengths: torch.Tensor
+    comp_k: torch.Tensor | None = None
+    comp_v: torch.Tensor | None = None
+    comp_count: torch.Tensor | None = None
+
+    @property
+    def kv_last_page_len(self) -> torch.Tensor:
+        return torch.where(self.lengths == 0, torch.zeros_like(self.lengths), (self.lengths - 1) % self._page_size + 1)
+
+    _page_size: int = 1
+
+
+@dataclass
+class RequestPages:
+    """A compressed request: ``prompt_len`` positions ``[0, prompt_len)`` live in the pool."""
+
+    prompt_len: int
+    policy: str
+    budget: int
+    layers: list[LayerPages] = field(default_factory=list)
+    page_ids: list[int] = field(default_factory=list)
+    kept_tokens: int = 0  # sum over layers and heads
+
+    def held_bytes(self, bytes_per_page: int) -> int:
+        return len(self.page_ids) * bytes_per_page

@@ -1,0 +1,217 @@
+"""End-to-end: `--kv-policy` on a real SGLang server with the test model.
+
+One compressing server (``--kv-policy full`` as the default, policies chosen per request
+through ``custom_params``) plus the plain server from conftest as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from headkv_sglang.haystack import needle_prompt
+
+pytestmark = pytest.mark.server
+
+L, H_KV, HEAD_DIM, F32 = 30, 3, 64, 4  # SmolLM2-135M, served in float32 on CPU
+
+
+@pytest.fixture(scope="session")
+def kv_server(start_server):
+    return start_server(["--kv-policy", "full", "--enable-cache-report"], name="kv-full")
+
+
+@pytest.fixture(scope="session")
+def kv_client(kv_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=kv_server.openai_base_url, api_key="none", timeout=600)
+
+
+def chat(client, content: str, max_tokens: int = 24, **kv):
+    extra = {"custom_params": kv} if kv else None
+    return client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+        temperature=0, extra_body=extra,
+    )
+
+
+def wait_idle(server, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = server.plugin_state()
+        if st["token_pool"]["running_requests"] == 0 and st["running_compressed_requests"] == 0:
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not idle after {timeout} s: {json.dumps(st)[:2000]}")
+        time.sleep(0.5)
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 12 plus 30?",
+    "Write one sentence about the sea.",
+    "What is the opposite of hot?",
+    "Which planet do we live on?",
+    "Translate 'thank you' into French.",
+    "How many days are in a week?",
+    "What color is the sky on a clear day?",
+    "Give me a synonym for happy.",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What do bees make?",
+    "List two fruits.",
+    "What is the largest ocean?",
+    "Complete the sentence: The quick brown fox",
+] + [needle_prompt(250, depth=d, seed=s).prompt for s, d in ((11, 0.2), (12, 0.5), (13, 0.8), (14, 0.4))]
+
+
+def test_full_and_uncut_budgets_are_token_identical_to_plain(openai_client, kv_client, kv_server):
+    """--kv-policy full, and compression with a budget >= the prompt, change no output token."""
+    assert len(PROMPTS) >= 20
+    mismatches = []
+    for p in PROMPTS:
+        ref = chat(openai_client, p).choices[0].message.content
+        for kv in ({}, {"kv_policy": "snapkv", "kv_budget": 100000}, {"kv_policy": "headkv", "kv_budget": 100000}):
+            got = chat(kv_client, p, **kv).choices[0].message.content
+            if got != ref:
+                mismatches.append((p[:40], kv, ref, got))
+    assert not mismatches, mismatches
+    st = wait_idle(kv_server)
+    assert st["policies"]["snapkv"]["compressed_requests_total"] >= len(PROMPTS)
+    assert st["policies"]["headkv"]["compressed_requests_total"] >= len(PROMPTS)
+    assert st["integrity"] == "ok" and st["pool"]["used_pages"] == 0
+
+
+def test_compressed_prompt_frees_token_pool_and_holds_20x_less(kv_server, kv_client):
+    """Budget 64 on a ~3k-token prompt: >=20x less KV held, and the prompt's slots come back."""
+    before = wait_idle(kv_server)
+    tp0 = before["token_pool"]
+    needle = needle_prompt(2200, depth=0.5, seed=21)
+    body = {
+        "model": "default", "messages": [{"role": "user", "content": needle.prompt}],
+        "max_tokens": 96, "temperature": 0, "stream": True, "ignore_eos": True,
+        "custom_params": {"kv_policy": "snapkv", "kv_budget": 64},
+    }
+    req = urllib.request.Request(f"{kv_server.openai_base_url}/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    snapshots: list[dict] = []
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        n_chunks = 0
+        for line in resp:
+            if line.startswith(b"data: {"):
+                n_chunks += 1
+                if n_chunks == 8:  # decoding: the prefill is done and compressed
+                    snapshots.append(kv_server.plugin_state())
+    assert snapshots, "no streamed chunks"
+    during = snapshots[0]
+    pol = during["policies"]["snapkv"]
+    assert during["running_compressed_requests"] == 1, during
+    prompt_len = pol["full_kv_bytes"] // (2 * L * H_KV * HEAD_DIM * F32)
+    assert 2700 <= prompt_len <= 3400, prompt_len
+    # reported bytes, cross-checked against the pool's own page accounting and the model shape
+    assert pol["held_bytes"] == during["pool"]["used_pages"] * during["pool"]["bytes_per_page"]
+    assert pol["full_kv_bytes"] == 2 * prompt_len * L * H_KV * HEAD_DIM * F32
+    assert pol["full_kv_bytes"] >= 20 * pol["held_bytes"], pol
+    # SGLang's token pool: the prompt is not pinned, and what is free or evictable is back to
+    # its pre-request size but for the decode tail (< 96 + a few tokens)
+    tp = during["token_pool"]
+    assert tp["protected"] == 0, tp
+    assert tp["available"] + tp["evictable"] >= tp0["available"] + tp0["evictable"] - 110, (tp0, tp)
+    after = wait_idle(kv_server)
+    assert after["pool"]["used_pages"] == 0 and after["integrity"] == "ok"
+    assert after["token_pool"]["protected"] == 0
+
+
+def test_prefix_hit_after_compression_answers_like_a_cold_cache(kv_server, kv_client):
+    doc = needle_prompt(900, depth=0.3, seed=31).prompt.rsplit("\n\n", 1)[0]
+    q1 = doc + "\n\nWhat is the secret number? Answer with the number only."
+    q2 = doc + "\n\nRepeat the secret number mentioned in the text."
+    kv = {"kv_policy": "snapkv", "kv_budget": 100000}
+    chat(kv_client, q1, **kv)
+    warm = chat(kv_client, q2, **kv)
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0.8 * warm.usage.prompt_tokens - 40, (cached, warm.usage.prompt_tokens)
+    urllib.request.urlopen(urllib.request.Request(f"{kv_server.url}/flush_cache", method="POST"), timeout=60).read()
+    cold = chat(kv_client, q2, **kv)
+    assert (cold.usage.prompt_tokens_details.cached_tokens or 0) == 0
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+
+
+def test_32_concurrent_mixed_policies_then_pools_empty(kv_server, kv_client):
+    policies = ["full", "snapkv", "pyramidkv", "adakv", "streamingllm", "headkv", "razor"]
+    jobs = []
+    for i in range(24):  # short prompts, budgets above their length: answers must stay right
+        jobs.append(("What is the capital of France?", "Paris",
+                     {"kv_policy": policies[i % len(policies)], "kv_budget": 64 + 32 * (i % 3)}))
+    for i in range(8):  # haystacks with a needle, budgets that keep everything
+        n = needle_prompt(300, depth=0.1 + 0.1 * i, seed=40 + i)
+        jobs.append((n.prompt, n.answer, {"kv_policy": policies[i % len(policies)], "kv_budget": 4096}))
+    jobs.append(("What is the capital of France?", "Paris", {}))  # server default (full)
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i, prompt, kv):
+        try:
+            results[i] = chat(kv_client, prompt, max_tokens=16, **kv).choices[0].message.content
+        except BaseException as e:  # noqa: BLE001 - collected and re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, p, kv)) for i, (p, _, kv) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    wrong = [(jobs[i][2], jobs[i][1], results.get(i)) for i in range(len(jobs)) if jobs[i][1] not in (results.get(i) or "")]
+    assert not wrong, wrong
+    st = wait_idle(kv_server)
+    assert st["integrity"] == "ok", st["integrity"]
+    assert st["pool"]["used_pages"] == 0 and st["running_compressed_requests"] == 0
+    assert st["token_pool"]["protected"] == 0
+
+
+def test_aborted_stream_frees_its_pages(kv_server):
+    wait_idle(kv_server)
+    n = needle_prompt(600, depth=0.5, seed=51)
+    body = {"model": "default", "messages": [{"role": "user", "content": n.prompt}], "max_tokens": 2000,
+            "temperature": 0, "stream": True, "ignore_eos": True,
+            "custom_params": {"kv_policy": "snapkv", "kv_budget": 64}}
+    req = urllib.request.Request(f"{kv_server.openai_base_url}/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    resp = urllib.request.urlopen(req, timeout=600)
+    chunks = 0
+    for line in resp:
+        if line.startswith(b"data: {"):
+            chunks += 1
+            if chunks == 4:
+                break
+    assert kv_server.plugin_state()["running_compressed_requests"] == 1
+    resp.close()  # client disconnect: SGLang aborts the request
+    st = wait_idle(kv_server, timeout=120)
+    assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"kv_policy": "nope"}, "custom_params.kv_policy: invalid value 'nope'"),
+        ({"kv_budget": -5}, "custom_params.kv_budget: invalid value -5"),
+        ({"kv_budget": "big"}, "custom_params.kv_budget: invalid value 'big'; expected int"),
+        ({"kv_bogus": 1}, "custom_params.kv_bogus: unknown key"),
+    ],
+)
+def test_invalid_request_params_are_400_and_server_unaffected(kv_server, kv_client, body, message):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(kv_client, "hi", **body)
+    assert message in str(exc.value), str(exc.value)
+    assert kv_server.healthy()
+    assert "Paris" in chat(kv_client, "What is the capital of France?").choices[0].message.content
