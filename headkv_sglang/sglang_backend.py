@@ -46,6 +46,7 @@ class _State:
     compressed_reqs: dict[int, tuple[Any, bool]] = {}
     fallbacks: dict[str, int] = {}
     backend_installed: bool = False
+    scheduler: Any = None
 
 
 STATE = _State()
@@ -87,6 +88,7 @@ def scale_pool_sizes(result, *args, **kwargs):
 
 def before_run_batch(scheduler, batch, *args, **kwargs):
     """BEFORE Scheduler.run_batch: tell the manager which rows capture window queries."""
+    STATE.scheduler = scheduler
     manager = STATE.manager
     if manager is None or batch is None or not batch.forward_mode.is_extend():
         return None
@@ -212,6 +214,7 @@ def after_prefill(result, processor, batch, *args, **kwargs):
         return result
     tree_cache = processor.tree_cache
     decoding = set(id(r) for r in (getattr(batch, "decoding_reqs", None) or []))
+    released = False
     for req in batch.reqs:
         idx = req.kv.req_pool_idx
         if (idx is None or id(req) in decoding or req.finished() or req.is_retracted
@@ -222,11 +225,17 @@ def after_prefill(result, processor, batch, *args, **kwargs):
         if not wants_compression(cfg, seq_len):
             manager.drop_capture(idx)
             continue
-        _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager)
+        if _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager):
+            released = True
+    if released and STATE.scheduler is not None:
+        # SGLang marks the running batch full when a prefill did not fit and only clears
+        # the mark when a request finishes; compression just returned memory, so let the
+        # scheduler try to admit waiting requests again.
+        STATE.scheduler.running_batch.batch_is_full = False
     return result
 
 
-def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> None:
+def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> bool:
     req_to_token = tree_cache.req_to_token_pool.req_to_token
     kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
     slots = req_to_token[idx, :seq_len].to(torch.int64)
@@ -242,12 +251,12 @@ def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> None:
         STATE.fallbacks["pool_full"] = STATE.fallbacks.get("pool_full", 0) + 1
         manager.drop_capture(idx)
         logger.warning("headkv_sglang: rid=%s stays uncompressed: compressed pool full (%s)", req.rid, e)
-        return
+        return False
     except Exception:  # never take the server down: serve this request uncompressed
         STATE.fallbacks["error"] = STATE.fallbacks.get("error", 0) + 1
         manager.drop_capture(idx)
         logger.exception("headkv_sglang: rid=%s stays uncompressed: compression failed", req.rid)
-        return
+        return False
     # Give the prompt's token-pool slots back. [0, cache_protected_len) belongs to the radix
     # tree: drop this request's lock so it becomes evictable cache. Anything the request
     # owns beyond it up to seq_len is freed now and marked protected so that the release at
@@ -271,6 +280,7 @@ def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> None:
         100.0 * rec.kept_tokens / (seq_len * manager.shape.num_layers * manager.shape.num_kv_heads),
         held / 2**20, full / 2**20, full / max(held, 1), 1000 * (time.perf_counter() - t0),
     )
+    return True
 
 
 def before_free_rows(pool, indices, *args, **kwargs):
