@@ -63,6 +63,8 @@ class CompressionManager:
         self._captures: dict[int, _Capture] = {}
         self._lock = threading.Lock()
         self.total_compressed: dict[str, int] = defaultdict(int)
+        # since start, per policy: kept head-tokens, prompt head-tokens, held and full bytes
+        self.cumulative: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self.elt = torch.empty(0, dtype=dtype).element_size()
 
     # ------------------------------------------------------------------ prefill
@@ -147,6 +149,11 @@ class CompressionManager:
         self.records[req_pool_idx] = rec
         self.drop_capture(req_pool_idx)
         self.total_compressed[cfg.policy] += 1
+        c = self.cumulative[cfg.policy]
+        c[0] += rec.kept_tokens
+        c[1] += seq_len * s.num_layers * s.num_kv_heads
+        c[2] += rec.held_bytes(self.pool.bytes_per_page)
+        c[3] += self.full_bytes(seq_len)
         return rec
 
     # ------------------------------------------------------------------ ownership
@@ -227,6 +234,10 @@ class CompressionManager:
                 "full_kv_bytes": st.full_bytes,
                 "ratio": (st.full_bytes / st.held_bytes) if st.held_bytes else None,
                 "kept_fraction": (st.kept_tokens / st.prompt_head_tokens) if st.prompt_head_tokens else None,
+                "cumulative_kept_fraction": (self.cumulative[name][0] / self.cumulative[name][1])
+                if self.cumulative[name][1] else None,
+                "cumulative_ratio": (self.cumulative[name][3] / self.cumulative[name][2])
+                if self.cumulative[name][2] else None,
             }
         return {
             "pool": {

@@ -1,6 +1,10 @@
-"""The README's run command: start a real SGLang server on the test model, ask it, stop it.
+"""The README's run command: serve the test model with head-level KV compression, ask it, stop it.
 
-    python -m headkv_sglang.demo [--model-path DIR] [-- extra launch_server flags]
+    python -m headkv_sglang.demo [--model-path DIR] [--plain] [-- extra launch_server flags]
+
+Starts ``python -m sglang.launch_server --model-path M --kv-policy headkv --kv-budget 128``,
+asks a short question and a ~2k-token needle-in-a-haystack question, prints the answers
+and what the server reports about the compressed KV, then stops the server.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from headkv_sglang.server import ServerError, SGLangServer
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headkv_sglang.demo", description=__doc__.split("\n")[0])
     p.add_argument("--model-path", help="model directory (default: the test model, fetched if needed)")
+    p.add_argument("--plain", action="store_true", help="serve without --kv-policy (plain SGLang)")
     p.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="extra flags for sglang.launch_server (after --)")
     args = p.parse_args(argv)
     extra = [a for a in args.server_args if a != "--"]
+    if not args.plain and "--kv-policy" not in extra:
+        extra = ["--kv-policy", "headkv", "--kv-budget", "128", *extra]
 
     if args.model_path is None:
         from headkv_sglang import models
@@ -55,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             f"Needle in a {r.usage.prompt_tokens}-token haystack: expected {needle.answer}, "
             f"got {answer!r} ({'correct' if needle.answer in answer else 'WRONG'}; {time.time() - t1:.1f} s)"
         )
+        state = server.plugin_state()
+        for name, pol in (state.get("policies") or {}).items():
+            if pol.get("cumulative_kept_fraction") is not None:
+                print(
+                    f"KV compression [{name}]: {pol['compressed_requests_total']} prompts compressed, "
+                    f"{100 * pol['cumulative_kept_fraction']:.1f}% of prompt KV kept "
+                    f"({pol['cumulative_ratio']:.1f}x less memory, page rounding included)"
+                )
     finally:
         server.stop()
         print("server stopped", flush=True)

@@ -52,6 +52,54 @@ class _State:
 STATE = _State()
 
 
+class _Metrics:
+    """Prometheus gauges (only with SGLang's --enable-metrics, which sets PROMETHEUS_MULTIPROC_DIR)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        labels = ["policy"]
+        self.compressed = Counter("sglang:headkv_compressed_requests", "Requests whose prompt KV was compressed", labels)
+        self.held = Gauge("sglang:headkv_held_bytes", "KV bytes held in the compressed pool by running requests",
+                          labels, multiprocess_mode="mostrecent")
+        self.full = Gauge("sglang:headkv_full_kv_bytes", "KV bytes the same prompts take uncompressed",
+                          labels, multiprocess_mode="mostrecent")
+        self.ratio = Gauge("sglang:headkv_compression_ratio", "full_kv_bytes / held_bytes of running requests",
+                           labels, multiprocess_mode="mostrecent")
+        self.used_pages = Gauge("sglang:headkv_pool_used_pages", "Pages in use in the compressed pool",
+                                multiprocess_mode="mostrecent")
+        self.policies: set[str] = set()
+
+    def update(self, manager: CompressionManager, compressed_policy: str | None = None) -> None:
+        if compressed_policy:
+            self.compressed.labels(policy=compressed_policy).inc()
+        st = manager.stats()
+        self.used_pages.set(st["pool"]["used_pages"])
+        self.policies |= set(st["policies"])
+        for pol in self.policies:
+            d = st["policies"].get(pol, {})
+            self.held.labels(policy=pol).set(d.get("held_bytes", 0))
+            self.full.labels(policy=pol).set(d.get("full_kv_bytes", 0))
+            self.ratio.labels(policy=pol).set(d.get("ratio") or 0)
+
+
+_metrics: _Metrics | None = None
+
+
+def update_metrics(compressed_policy: str | None = None) -> None:
+    global _metrics
+    import os
+
+    if STATE.manager is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    try:
+        if _metrics is None:
+            _metrics = _Metrics()
+        _metrics.update(STATE.manager, compressed_policy)
+    except Exception:  # metrics must never break serving
+        logger.exception("headkv_sglang: metrics update failed")
+
+
 def request_config(req) -> KVPolicyConfig | None:
     """The effective config of a request (server default + its custom_params), cached on it."""
     cached = getattr(req, "_headkv_cfg", None)
@@ -280,6 +328,7 @@ def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> bool:
         100.0 * rec.kept_tokens / (seq_len * manager.shape.num_layers * manager.shape.num_kv_heads),
         held / 2**20, full / 2**20, full / max(held, 1), 1000 * (time.perf_counter() - t0),
     )
+    update_metrics(cfg.policy)
     return True
 
 
@@ -287,12 +336,15 @@ def before_free_rows(pool, indices, *args, **kwargs):
     manager = STATE.manager
     if manager is None:
         return None
+    freed = False
     for idx in list(indices):
-        manager.free(int(idx))
+        freed |= manager.free(int(idx))
         entry = STATE.compressed_reqs.pop(int(idx), None)
         if entry is not None:  # a retracted request re-enters the radix tree normally
             req, orig_skip = entry
             req.skip_radix_cache_insert = orig_skip
+    if freed:
+        update_metrics()
     return None
 
 

@@ -23,7 +23,10 @@ L, H_KV, HEAD_DIM, F32 = 30, 3, 64, 4  # SmolLM2-135M, served in float32 on CPU
 
 @pytest.fixture(scope="session")
 def kv_server(start_server):
-    return start_server(["--kv-policy", "full", "--enable-cache-report"], name="kv-full")
+    # Small prefill chunks so the ~1.4k and ~3k-token prompts below are prefilled in several
+    # chunks: compression must happen once, after the last one, over the whole prompt.
+    return start_server(["--kv-policy", "full", "--enable-cache-report", "--enable-metrics",
+                         "--chunked-prefill-size", "1024"], name="kv-full")
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +117,7 @@ def test_compressed_prompt_frees_token_pool_and_holds_20x_less(kv_server, kv_cli
     pol = during["policies"]["snapkv"]
     assert during["running_compressed_requests"] == 1, during
     prompt_len = pol["full_kv_bytes"] // (2 * L * H_KV * HEAD_DIM * F32)
-    assert 2700 <= prompt_len <= 3400, prompt_len
+    assert 2700 <= prompt_len <= 3400, prompt_len  # the whole prompt, not the last 1024-token chunk
     # reported bytes, cross-checked against the pool's own page accounting and the model shape
     assert pol["held_bytes"] == during["pool"]["used_pages"] * during["pool"]["bytes_per_page"]
     assert pol["full_kv_bytes"] == 2 * prompt_len * L * H_KV * HEAD_DIM * F32
@@ -215,3 +218,20 @@ def test_invalid_request_params_are_400_and_server_unaffected(kv_server, kv_clie
     assert message in str(exc.value), str(exc.value)
     assert kv_server.healthy()
     assert "Paris" in chat(kv_client, "What is the capital of France?").choices[0].message.content
+
+
+def _metric(text: str, name: str, policy: str | None = None) -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and (policy is None or f'policy="{policy}"' in line):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {policy} not in /metrics")
+
+
+def test_prometheus_metrics_report_compression(kv_server, kv_client):
+    n = needle_prompt(700, depth=0.5, seed=61)
+    chat(kv_client, n.prompt, kv_policy="pyramidkv", kv_budget=64)
+    wait_idle(kv_server)
+    text = urllib.request.urlopen(f"{kv_server.url}/metrics", timeout=60).read().decode()
+    assert _metric(text, "sglang:headkv_compressed_requests_total", "pyramidkv") >= 1
+    assert _metric(text, "sglang:headkv_held_bytes", "pyramidkv") == 0  # finished: nothing held
+    assert _metric(text, "sglang:headkv_pool_used_pages") == 0

@@ -1,0 +1,529 @@
+"""Head-importance profiler: ``python -m headkv_sglang.profile --model DIR --method M --out FILE``.
+
+Runs any HF causal LM in transformers with ``attn_implementation="eager"`` (so
+attention weights can be read), with fixed seeds, and writes a
+:class:`~headkv_sglang.profiles.HeadProfile` (JSON + heatmap PNG). Methods:
+
+``retrieval`` — retrieval heads (Wu et al. 2024, https://arxiv.org/abs/2404.15574).
+    A needle sentence holding random words is planted at depth ``d`` of a
+    haystack of ``L`` tokens (prose from ``pydoc_data.topics``); the model is
+    asked to repeat it and decodes greedily. At every generated step, a
+    (layer, query head) scores ``1 / len(needle)`` when its top-1 attended
+    position lies in the needle's token span and holds the token being generated
+    (copy-paste). A trial counts when the answer reproduces at least half of the
+    needle's random words (the reference's ROUGE-1 recall > 50); the score is
+    the mean over counted trials (``parameters["correct_trials"]``).
+
+``r2`` — HeadKV's retrieval-reasoning heads (Fu et al. 2024,
+    https://arxiv.org/abs/2410.19258, Eq. 2). Two same-shaped facts, one the
+    answer and one a distractor ("Alice is 34 years old." / "Bob is 29 years
+    old.", "Who is older?"), are planted in the haystack. For each answer step a
+    head takes its top-``N`` attended positions, ``N`` the token length of the
+    correct fact, and adds the attention weights of those inside that fact's
+    span; the sum is divided by ``N * len(answer)`` (the reference code's
+    normalisation, without its constant factor 10). Scores average over the
+    trials the model answers correctly under greedy decoding. The answer steps
+    are *teacher-forced* with the gold answer tokens: when the model's greedy
+    reply starts with them (the usual case) this is exactly its own decode;
+    when it is correct but worded differently ("The older one is Alice") the
+    forced steps measure the same retrieval on the answer tokens themselves
+    (``parameters["teacher_forced_trials"]`` counts those).
+
+``razor`` — RazorAttention's echo and induction heads (Tang et al. 2024,
+    https://arxiv.org/abs/2407.15891). A sequence of ``period`` distinct random
+    vocabulary tokens (special tokens excluded) is repeated ``repeats`` times,
+    after BOS when the tokenizer has one. For every query in copy ``c >= 1``:
+    echo = attention mass on the earlier copies of the *same* token; induction
+    = mass on the tokens that *followed* those copies. Scores are means over
+    those queries and over trials. Positions are taken relative to the first
+    repeated token, so BOS shifts every index by one (mindspore golden-stick's
+    masks skip that shift and score BOS as an "echo" of the last first-copy
+    token). ``scores = max(echo / max(echo), induction / max(induction))``.
+
+Decode-step attention is read over the whole context (prompt + generated
+tokens, as the reference code does); the prompt itself is prefilled once
+without returning weights, so memory stays ``O(layers x heads x context)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from headkv_sglang.haystack import haystack
+from headkv_sglang.profiles import METHODS, HeadProfile, top_heads
+
+# Defaults sized for a 2-core CPU and a 135M model (see each method's parameters in the
+# shipped files); pass --lengths / --depths / --trials for a fuller sweep on bigger iron.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "retrieval": dict(lengths=[500, 1000, 2000, 4000], depths=5, trials=1),
+    "r2": dict(lengths=[500, 1000, 2000, 4000], depths=5, trials=1),
+    "razor": dict(period=500, repeats=4, trials=4),
+}
+
+NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack",
+         "Laura", "Mark", "Nina", "Oscar", "Paula", "Peter", "Rachel", "Simon", "Tom", "Victor")
+WORDS = ("apples", "basil", "butter", "carrots", "cheese", "chocolate", "cinnamon", "coconut",
+         "garlic", "ginger", "honey", "lemons", "mint", "mushrooms", "olives", "onions", "pepper",
+         "plums", "raisins", "rice", "saffron", "spinach", "tomatoes", "vanilla", "walnuts", "yogurt")
+CITIES = (("Paris", "France"), ("Tokyo", "Japan"), ("Cairo", "Egypt"), ("Rome", "Italy"),
+          ("Madrid", "Spain"), ("Berlin", "Germany"), ("Moscow", "Russia"), ("Beijing", "China"),
+          ("Toronto", "Canada"), ("Sydney", "Australia"), ("Mumbai", "India"), ("Lima", "Peru"))
+
+
+# ----------------------------------------------------------------------------- model + prompts
+def load_model(model_dir: str):
+    """(tokenizer, model): float32, eager attention, eval mode, CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    return tok, model.eval()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    spans: list[tuple[int, int]]  # [start, end) token span of each inserted sentence, in argument order
+    chat: bool  # rendered with the tokenizer's chat template
+
+
+def build_prompt(tok, n_tokens: int, inserts: list[tuple[float, str]], question: str, seed: int) -> Prompt:
+    """A haystack prompt of about ``n_tokens`` tokens with ``inserts`` = [(depth, sentence)].
+
+    Depth is the fraction of haystack sentences before the inserted one. The
+    question follows the haystack; a chat template is used when the tokenizer has
+    one. Token spans come from the tokenizer's character offsets, so they are
+    exact whatever the BPE merges at the sentence boundaries.
+    """
+    chat = bool(getattr(tok, "chat_template", None))
+
+    def render(context: str) -> tuple[str, int]:
+        user = f"{context}\n\n{question}"
+        if chat:
+            text = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                           tokenize=False)
+        else:
+            text = f"{user}\nAnswer:"
+        return text, text.index(user)
+
+    def encode(text: str):
+        return tok(text, add_special_tokens=not chat, return_offsets_mapping=True)
+
+    overhead = len(encode(render(" ".join(s for _, s in inserts))[0])["input_ids"])
+    budget = max(0, n_tokens - overhead)
+    sents = haystack(int(budget * 0.9) + 20, seed)  # ~0.75 words per token: enough sentences
+    lens = [len(x) for x in tok([" " + s for s in sents], add_special_tokens=False)["input_ids"]]
+    keep, total = [], 0
+    for s, n in zip(sents, lens):
+        if total + n > budget:
+            break
+        keep.append(s)
+        total += n
+    body = list(keep)
+    for depth, sentence in sorted(inserts, key=lambda x: x[0], reverse=True):
+        body.insert(round(depth * len(keep)), sentence)
+    context = " ".join(body)
+    text, start = render(context)
+    enc = encode(text)
+    spans = []
+    for _, sentence in inserts:
+        c0 = start + context.index(sentence)
+        c1 = c0 + len(sentence)
+        toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < c1 and b > c0]
+        assert toks and toks == list(range(toks[0], toks[-1] + 1)), f"no contiguous span for {sentence!r}"
+        spans.append((toks[0], toks[-1] + 1))
+    return Prompt(ids=list(enc["input_ids"]), spans=spans, chat=chat)
+
+
+def _stop_ids(tok, model) -> set[int]:
+    ids = {tok.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
+# ----------------------------------------------------------------------------- decoding with attention
+@torch.inference_mode()
+def _prefill(model, ids: list[int]):
+    return model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+
+
+@torch.inference_mode()
+def _step(model, cache, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step: (logits [V], attention float32 [L, H_q, context]) of the new query."""
+    out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True, output_attentions=True)
+    att = torch.stack([a[0, :, -1, :] for a in out.attentions]).float()
+    return out.logits[0, -1], att
+
+
+def decode(model, cache, first: int, max_new: int, stop: Callable[[int], bool],
+           forced: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy (or ``forced``) decode from a cache holding the prompt minus its last token ``first``.
+
+    Returns the generated tokens and, per generated token, the attention of the
+    query that produced it (``[L, H_q, context]``): step ``k``'s query is the
+    token before generated token ``k``, as in the retrieval-head reference code.
+    """
+    tokens, atts, cur = [], [], first
+    for k in range(len(forced) if forced is not None else max_new):
+        logits, att = _step(model, cache, cur)
+        cur = forced[k] if forced is not None else int(logits.argmax())
+        tokens.append(cur)
+        atts.append(att)
+        if forced is None and stop(cur):
+            break
+    return tokens, atts
+
+
+# ----------------------------------------------------------------------------- per-step scores
+def retrieval_step_hits(att: torch.Tensor, span: tuple[int, int], prompt_ids: torch.Tensor, token: int) -> torch.Tensor:
+    """float ``[L, H]``: 1 where the head's top-1 position is in ``span`` and holds ``token``.
+
+    ``att`` is ``[L, H, context]`` (one query), ``prompt_ids`` int64 ``[T]``.
+    """
+    top = att.argmax(-1)
+    inside = (top >= span[0]) & (top < span[1])
+    same = prompt_ids[top.clamp(max=prompt_ids.numel() - 1)] == token
+    return (inside & same).float()
+
+
+def r2_step_score(att: torch.Tensor, span: tuple[int, int], n_top: int) -> torch.Tensor:
+    """float ``[L, H]``: sum of the head's top-``n_top`` attention weights that fall in ``span``."""
+    vals, pos = att.topk(min(n_top, att.shape[-1]), dim=-1)
+    inside = (pos >= span[0]) & (pos < span[1])
+    return (vals * inside).sum(-1)
+
+
+def razor_masks(offset: int, period: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(echo ``[S, S]`` bool, induction ``[S, S]`` bool, query rows int64) for ``[BOS]*offset + x*repeats``.
+
+    With ``i`` a token's index in the repeated part (sequence position
+    ``offset + i``), the earlier copies of the same token sit at ``offset + i -
+    k*period`` and the tokens that followed them at ``offset + i - k*period + 1``
+    (``k >= 1``). Rows are the queries with at least one earlier copy (``i >= period``).
+    """
+    n = period * repeats
+    i = torch.arange(n)[:, None]  # query index
+    j = torch.arange(n)[None, :]  # key index
+    echo = torch.zeros(offset + n, offset + n, dtype=torch.bool)
+    ind = torch.zeros_like(echo)
+    echo[offset:, offset:] = (j < i) & ((i - j) % period == 0)
+    ind[offset:, offset:] = (j >= 1) & (j - 1 < i) & ((i - j + 1) % period == 0)
+    rows = torch.arange(offset + period, offset + n)
+    return echo, ind, rows
+
+
+def razor_scores(att: torch.Tensor, offset: int, period: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Echo and induction scores ``[...]`` from attention ``[..., S, S]`` of one repeated sequence.
+
+    Each is the attention mass a query puts on the mask's positions, averaged
+    over the queries of copies ``1 .. repeats-1``. ``offset`` is 1 when BOS was
+    prepended, else 0.
+    """
+    echo_m, ind_m, rows = razor_masks(offset, period, repeats)
+    S = echo_m.shape[0]
+    if att.shape[-2:] != (S, S):
+        raise ValueError(f"attention is {list(att.shape)}, expected [..., {S}, {S}] for offset={offset}, "
+                         f"period={period}, repeats={repeats}")
+    a = att[..., rows, :].float()
+    echo = (a * echo_m[rows]).sum(-1).mean(-1)
+    ind = (a * ind_m[rows]).sum(-1).mean(-1)
+    return echo, ind
+
+
+# ----------------------------------------------------------------------------- methods
+def _trial_grid(lengths: list[int], depths: int, trials: int) -> list[tuple[int, float, int]]:
+    ds = [0.5] if depths == 1 else [k / (depths - 1) for k in range(depths)]
+    return [(n, d, t) for n in lengths for d in ds for t in range(trials)]
+
+
+def _words_in(words: list[str], text: str) -> float:
+    low = text.lower()
+    return sum(w.lower() in low for w in words) / len(words)
+
+
+def profile_retrieval(tok, model, lengths: list[int], depths: int, trials: int, seed: int,
+                      progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    from tqdm import tqdm
+
+    cfg = model.config
+    scores = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    stop_ids = _stop_ids(tok, model)
+    stop = lambda t: t in stop_ids or "\n" in tok.decode([t])  # noqa: E731
+    grid = _trial_grid(lengths, depths, trials)
+    ok, prompt_lens = 0, []
+    bar = tqdm(grid, desc="retrieval", unit="trial", disable=not progress)
+    for n, depth, t in bar:
+        rng = random.Random(f"retrieval-{seed}-{n}-{depth}-{t}")
+        name, words = rng.choice(NAMES), rng.sample(WORDS, 4)
+        needle = f"The secret recipe of {name}'s grandmother uses {', '.join(words[:3])} and {words[3]}."
+        question = (f"What does the secret recipe of {name}'s grandmother use? "
+                    "Repeat the sentence from the text that says it.")
+        p = build_prompt(tok, n, [(depth, needle)], question, seed=rng.randrange(10**6))
+        span = p.spans[0]
+        prompt_lens.append(len(p.ids))
+        cache = _prefill(model, p.ids[:-1])
+        out, atts = decode(model, cache, p.ids[-1], max_new=span[1] - span[0] + 12, stop=stop)
+        if _words_in(words, tok.decode(out, skip_special_tokens=True)) < 0.5:
+            continue
+        ids_t = torch.tensor(p.ids)
+        hits = sum(retrieval_step_hits(a, span, ids_t, tk) for a, tk in zip(atts, out))
+        scores += hits.double() / (span[1] - span[0])
+        ok += 1
+        bar.set_postfix(correct=f"{ok}/{bar.n + 1}")
+    params = dict(correct_trials=ok, prompt_tokens=[min(prompt_lens), max(prompt_lens)],
+                  needle="The secret recipe of <name>'s grandmother uses <4 random words>.")
+    return scores / max(ok, 1), params
+
+
+def _r2_case(rng: random.Random) -> tuple[str, str, str, str, str]:
+    """(correct fact, distractor fact, question, correct name, other name)."""
+    a, b = rng.sample(NAMES, 2)
+    if rng.random() < 0.5:
+        x, y = rng.sample(range(21, 80), 2)
+        older = x > y
+        fa, fb = f"{a} is {x} years old.", f"{b} is {y} years old."
+        q = f"Who is older, {a} or {b}? Answer with the name only."
+        return (fa, fb, q, a, b) if older else (fb, fa, q, b, a)
+    (ca, na), (cb, _) = rng.sample(CITIES, 2)
+    fa, fb = f"{a} lives in {ca}.", f"{b} lives in {cb}."
+    q = f"Who lives in {na}, {a} or {b}? Answer with the name only."
+    return fa, fb, q, a, b
+
+
+def profile_r2(tok, model, lengths: list[int], depths: int, trials: int, seed: int,
+               progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    from tqdm import tqdm
+
+    cfg = model.config
+    scores = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    stop_ids = _stop_ids(tok, model)
+    stop = lambda t: t in stop_ids or "\n" in tok.decode([t])  # noqa: E731
+    grid = _trial_grid(lengths, depths, trials)
+    ok, forced_n, prompt_lens = 0, 0, []
+    bar = tqdm(grid, desc="r2", unit="trial", disable=not progress)
+    for n, depth, t in bar:
+        rng = random.Random(f"r2-{seed}-{n}-{depth}-{t}")
+        right, wrong, question, name, other = _r2_case(rng)
+        other_depth = (depth + 0.35) % 1.0  # the distractor sits elsewhere, sometimes before
+        inserts = [(depth, right), (other_depth, wrong)]
+        p = build_prompt(tok, n, inserts, question, seed=rng.randrange(10**6))
+        span = p.spans[0]
+        prompt_lens.append(len(p.ids))
+        answer = tok(name if p.chat else " " + name, add_special_tokens=False)["input_ids"]
+        cache = _prefill(model, p.ids[:-1])
+        out, atts = decode(model, cache, p.ids[-1], max_new=8, stop=stop)
+        reply = tok.decode(out, skip_special_tokens=True)
+        hits = [(reply.find(x), x) for x in (name, other) if x in reply]
+        if not hits or min(hits)[1] != name:
+            continue
+        if out[: len(answer)] != answer:
+            cache.crop(len(p.ids) - 1)
+            _, atts = decode(model, cache, p.ids[-1], max_new=0, stop=stop, forced=answer)
+            forced_n += 1
+        n_top = span[1] - span[0]
+        trial = sum(r2_step_score(a, span, n_top) for a in atts[: len(answer)])
+        scores += trial.double() / (n_top * len(answer))
+        ok += 1
+        bar.set_postfix(correct=f"{ok}/{bar.n + 1}")
+    params = dict(correct_trials=ok, teacher_forced_trials=forced_n,
+                  prompt_tokens=[min(prompt_lens), max(prompt_lens)],
+                  cases=["<A> is <x> years old. / <B> is <y> years old. -> who is older",
+                         "<A> lives in <city>. / <B> lives in <city'>. -> who lives in <country>"],
+                  distractor_depth="(depth + 0.35) mod 1")
+    return scores / max(ok, 1), params
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    mods = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    return mods if len(mods) == model.config.num_hidden_layers else []
+
+
+@torch.inference_mode()
+def profile_razor(tok, model, period: int, repeats: int, trials: int, seed: int,
+                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    from tqdm import tqdm
+
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    pool = torch.tensor([i for i in range(min(len(tok), cfg.vocab_size)) if i not in special])
+    if period > pool.numel():
+        raise ValueError(f"--period {period} exceeds the {pool.numel()} usable vocabulary tokens")
+    bos = tok.bos_token_id
+    offset = 1 if bos is not None else 0
+    echo = torch.zeros(L, H, dtype=torch.float64)
+    ind = torch.zeros(L, H, dtype=torch.float64)
+    mods = _attention_modules(model)
+    layer_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(module, args, output):
+        # Reduce each layer's [1, H, S, S] weights at once and drop them, so memory holds one layer.
+        layer_scores.append(razor_scores(output[1][0], offset, period, repeats))
+        return (output[0], None, *output[2:])
+
+    handles = [m.register_forward_hook(hook) for m in mods]
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for _ in tqdm(range(trials), desc="razor", unit="trial", disable=not progress):
+            seq = pool[torch.randperm(pool.numel(), generator=gen)[:period]].tolist()
+            ids = [bos] * offset + seq * repeats
+            layer_scores.clear()
+            out = model(input_ids=torch.tensor([ids]), use_cache=False, output_attentions=not mods)
+            if not mods:  # no hookable attention modules: fall back to the returned weights
+                layer_scores.extend(razor_scores(a[0], offset, period, repeats) for a in out.attentions)
+            assert len(layer_scores) == L, f"got attention of {len(layer_scores)} layers, model has {L}"
+            echo += torch.stack([e for e, _ in layer_scores]).double()
+            ind += torch.stack([i for _, i in layer_scores]).double()
+    finally:
+        for h in handles:
+            h.remove()
+    params = dict(sequence_tokens=offset + period * repeats, bos=bos is not None,
+                  token_pool=int(pool.numel()),
+                  combined="scores = max(echo / max(echo), induction / max(induction))")
+    return echo / trials, ind / trials, params
+
+
+# ----------------------------------------------------------------------------- driver
+def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths: int | None = None,
+        trials: int | None = None, seed: int = 0, max_length: int | None = None, period: int | None = None,
+        repeats: int | None = None, progress: bool = True) -> HeadProfile:
+    """Profile the model in ``model_dir`` with ``method``; unset arguments take :data:`DEFAULTS`."""
+    if method not in METHODS:
+        raise ValueError(f"--method: unknown method {method!r}; choose one of {list(METHODS)}")
+    import transformers
+
+    d = DEFAULTS[method]
+    torch.manual_seed(seed)
+    random.seed(seed)
+    t0 = time.time()
+    tok, model = load_model(model_dir)
+    cfg = model.config
+    ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
+    max_length = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
+    params: dict[str, Any] = dict(seed=seed, max_length=max_length)
+    echo = induction = None
+    if method == "razor":
+        period = period or d["period"]
+        repeats = repeats or d["repeats"]
+        trials = trials or d["trials"]
+        if max_length and 1 + period * repeats > max_length:
+            raise ValueError(f"--period {period} x --repeats {repeats} (+ BOS) exceeds --max-length {max_length}")
+        e, i, extra = profile_razor(tok, model, period, repeats, trials, seed, progress)
+        echo, induction = e.tolist(), i.tolist()
+        scores = torch.maximum(e / e.max().clamp_min(1e-12), i / i.max().clamp_min(1e-12))
+        params.update(period=period, repeats=repeats, trials=trials, **extra)
+    else:
+        lengths = list(lengths or d["lengths"])
+        if max_length:
+            room = max_length - 64  # the decode steps need positions too
+            if any(n > room for n in lengths):
+                print(f"note: lengths above {room} tokens clipped to it (--max-length {max_length})", file=sys.stderr)
+            lengths = sorted({min(n, room) for n in lengths})
+        depths = depths or d["depths"]
+        trials = trials or d["trials"]
+        fn = profile_retrieval if method == "retrieval" else profile_r2
+        scores, extra = fn(tok, model, lengths, depths, trials, seed, progress)
+        params.update(lengths=lengths, depths=depths, trials_per_cell=trials,
+                      trials=len(lengths) * depths * trials, **extra)
+    params.update(elapsed_s=round(time.time() - t0, 1), torch=torch.__version__,
+                  transformers=transformers.__version__, attn_implementation="eager")
+    return HeadProfile(
+        architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+        model_name=Path(model_dir).resolve().name,
+        num_layers=cfg.num_hidden_layers,
+        num_q_heads=cfg.num_attention_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        method=method, parameters=params, scores=scores.tolist(), echo=echo, induction=induction,
+    )
+
+
+def mass_fraction(table: list[list[float]], mass: float = 0.5) -> float:
+    """Fraction of heads that together hold ``mass`` of the table's total score."""
+    vals = sorted((v for row in table for v in row), reverse=True)
+    total = sum(vals)
+    if total <= 0:
+        return 0.0
+    acc = 0.0
+    for k, v in enumerate(vals, 1):
+        acc += v
+        if acc >= mass * total:
+            return k / len(vals)
+    return 1.0
+
+
+def razor_protected(prof: HeadProfile, echo_fraction: float = 0.01, induction_fraction: float = 0.14) -> set:
+    """Query heads RazorAttention protects: top 1% by echo plus top 14% by induction (the paper's split)."""
+    n = prof.num_layers * prof.num_q_heads
+    return (set(top_heads(prof.echo, math.ceil(echo_fraction * n - 1e-9)))
+            | set(top_heads(prof.induction, math.ceil(induction_fraction * n - 1e-9))))
+
+
+def summary(prof: HeadProfile) -> str:
+    n = prof.num_layers * prof.num_q_heads
+    lines = [f"top-5 (layer, query head): {prof.top_heads(5)}",
+             f"top-5 (layer, KV head):    {prof.top_heads(5, 'kv_scores')}"]
+    if prof.method == "razor":
+        prot = razor_protected(prof)
+        lines.insert(0, f"top-5 echo: {prof.top_heads(5, 'echo')}   top-5 induction: {prof.top_heads(5, 'induction')}")
+        lines.append(f"important (top 1% echo + top 14% induction): {len(prot)}/{n} query heads = {len(prot) / n:.1%}")
+    else:
+        frac = mass_fraction(prof.scores)
+        strong = sum(v > 0.1 for row in prof.scores for v in row)
+        lines.append(f"important: heads holding 50% of the score mass = {frac:.1%} of {n} query heads; "
+                     f"score > 0.1: {strong}")
+        lines.append(f"trials counted (answered correctly): {prof.parameters['correct_trials']}/{prof.parameters['trials']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m headkv_sglang.profile",
+                                description="Measure per-head importance of an HF causal LM and write a head profile.")
+    p.add_argument("--model", required=True, help="HF model directory (config.json + weights + tokenizer)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--out", required=True, help="profile JSON to write; a heatmap <stem>.png goes next to it")
+    p.add_argument("--lengths", type=int, nargs="+", help=f"prompt lengths in tokens (retrieval/r2; default "
+                   f"{DEFAULTS['r2']['lengths']})")
+    p.add_argument("--depths", type=int, help="needle depths per length, evenly from 0 to 1 (retrieval/r2; "
+                   f"default {DEFAULTS['r2']['depths']})")
+    p.add_argument("--trials", type=int, help="needles per (length, depth) for retrieval/r2 (default 1); random "
+                   f"sequences for razor (default {DEFAULTS['razor']['trials']})")
+    p.add_argument("--period", type=int, help=f"razor: random tokens per copy (default {DEFAULTS['razor']['period']})")
+    p.add_argument("--repeats", type=int, help=f"razor: copies (default {DEFAULTS['razor']['repeats']})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, help="cap on prompt tokens (default: the model's context)")
+    args = p.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model: {args.model} has no config.json (expected a local HF model directory)")
+    for name in ("depths", "trials", "period", "repeats", "max_length"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
+    if args.lengths and min(args.lengths) < 64:
+        p.error(f"--lengths: each must be >= 64 tokens, got {args.lengths}")
+    t0 = time.time()
+    try:
+        prof = run(args.model, args.method, lengths=args.lengths, depths=args.depths, trials=args.trials,
+                   seed=args.seed, max_length=args.max_length, period=args.period, repeats=args.repeats)
+    except ValueError as e:
+        p.error(str(e))
+    path = prof.save(args.out)
+    print(f"{args.method} profile of {prof.model_name}: {path} (+ {path.with_suffix('.png').name}) "
+          f"in {time.time() - t0:.0f} s")
+    print(summary(prof))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
