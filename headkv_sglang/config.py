@@ -65,8 +65,12 @@ class KVPolicyConfig:
     page_size: int = 16
 
     # ------------------------------------------------------------------ validation
-    def validate(self, flag: str = "--kv-{}") -> "KVPolicyConfig":
-        """Raise ConfigError naming ``flag.format(name)`` for the first invalid field."""
+    def validate(self, flag: str = "--kv-{}", changed: frozenset[str] = frozenset()) -> "KVPolicyConfig":
+        """Raise ConfigError naming ``flag.format(name)`` for the first invalid field.
+
+        ``changed``: fields a request overrode; a conflict between an overridden field and
+        a server default is reported under the overridden one.
+        """
 
         def bad(name: str, value: Any, allowed: str) -> ConfigError:
             shown = name.replace("_", "-") if flag.startswith("--") else name
@@ -101,9 +105,14 @@ class KVPolicyConfig:
         floatval("razor_fraction", 0.0, 1.0)
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)
+        budget_first = "budget" in changed and "window" not in changed
         if self.policy in ("snapkv", "headkv", "pyramidkv", "adakv") and self.window > self.budget:
+            if budget_first:
+                raise bad("budget", self.budget, f"must be at least the observation window ({self.window})")
             raise bad("window", self.window, f"the observation window must not exceed --kv-budget ({self.budget})")
         if self.policy in ("streamingllm", "razor") and self.sink_size >= self.budget:
+            if "budget" in changed and "sink_size" not in changed:
+                raise bad("budget", self.budget, f"must exceed the attention sinks ({self.sink_size})")
             raise bad("sink_size", self.sink_size, f"sinks must leave room for recent tokens: < --kv-budget ({self.budget})")
         if self.head_profile is not None and not Path(self.head_profile).is_file():
             raise bad("head_profile", self.head_profile, "no such file")
@@ -129,7 +138,7 @@ class KVPolicyConfig:
                     f"custom_params.{key}: unknown key; allowed: {', '.join(sorted(REQUEST_KEYS))}"
                 )
             name = REQUEST_KEYS[key]
-            expected = type(getattr(self, name))
+            expected = _FIELD_TYPES[name]
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if expected is int and isinstance(value, float) and value.is_integer():
@@ -141,7 +150,7 @@ class KVPolicyConfig:
             changes[name] = value
         if not changes:
             return self
-        return dataclasses.replace(self, **changes).validate(flag="custom_params.kv_{}")
+        return dataclasses.replace(self, **changes).validate(flag="custom_params.kv_{}", changed=frozenset(changes))
 
     # ------------------------------------------------------------------ transport
     def to_json(self) -> str:
@@ -157,6 +166,11 @@ class KVPolicyConfig:
     def from_env(cls) -> "KVPolicyConfig | None":
         text = os.environ.get(ENV_VAR)
         return cls.from_json(text) if text else None
+
+
+# Declared types of the config fields (a value built as ``beta=2`` is still a float field).
+_FIELD_TYPES = {f.name: {"int": int, "float": float, "str": str}.get(str(f.type), object)
+                for f in dataclasses.fields(KVPolicyConfig)}
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,13 @@ class PageAllocator:
         return ids
 
     def free(self, ids: list[int], owner: object) -> None:
+        # check every page first: a rejected free must leave the allocator unchanged
         for i in ids:
-            got = self._owner.pop(i, None)
+            got = self._owner.get(i)
             assert got == owner, f"page {i} freed by {owner!r} but owned by {got!r}"
+        assert len(set(ids)) == len(ids), f"duplicate page ids in one free: {sorted(ids)[:10]}"
+        for i in ids:
+            del self._owner[i]
             self._free.append(i)
 
     def check_integrity(self, owned: dict[object, list[int]] | None = None) -> None:
@@ -79,7 +83,11 @@ class PageAllocator:
             if expect != self._owner:
                 missing = sorted(set(self._owner) - set(expect))[:10]
                 extra = sorted(set(expect) - set(self._owner))[:10]
-                raise AssertionError(f"page tables disagree with the allocator: untracked {missing}, unowned {extra}")
+                wrong = sorted(i for i in set(expect) & set(self._owner) if expect[i] != self._owner[i])[:10]
+                details = ", ".join(f"page {i}: table says {expect[i]!r}, allocator {self._owner[i]!r}" for i in wrong)
+                raise AssertionError(
+                    f"page tables disagree with the allocator: untracked {missing}, unowned {extra}, "
+                    f"wrong owner [{details}]")
 
 
 class RaggedHeadKVPool:

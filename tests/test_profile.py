@@ -1,41 +1,78 @@
-"""Head-importance profiles: file format, validation, razor scoring, and agreement with the shipped files."""
+"""Head-importance profiles: file format, validation, the scoring functions alone, and
+agreement of a fast re-profiling of the test model with the shipped files."""
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from headkv_sglang import profiles
-from headkv_sglang.profile import razor_scores, run, top_heads
+from headkv_sglang.profile import (
+    build_prompt,
+    main,
+    mass_fraction,
+    r2_step_score,
+    razor_masks,
+    razor_scores,
+    retrieval_step_hits,
+    run,
+)
+from headkv_sglang.profiles import HeadProfile, top_heads
 
-SHAPE = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
-             architectures=["LlamaForCausalLM"])
+# The test model's HF config, as shipped_profile receives it.
+SMOL = dict(architectures=["LlamaForCausalLM"], num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, head_dim=64, hidden_size=576)
 
 
-def _profile(**kw) -> profiles.HeadProfile:
+@pytest.fixture(scope="module")
+def test_model() -> Path:
+    from headkv_sglang import models
+
+    path = models.model_dir()
+    if not (path / "config.json").is_file():
+        pytest.skip(f"test model not found at {path}: run `python -m headkv_sglang.models fetch`")
+    return path
+
+
+def _profile(**kw) -> HeadProfile:
     base = dict(architecture="LlamaForCausalLM", model_name="m", num_layers=2, num_q_heads=4, num_kv_heads=2,
-                head_dim=8, method="r2", parameters={}, scores=[[0.1, 0.3, 0.0, 0.2], [0.5, 0.5, 1.0, 0.0]])
+                head_dim=8, method="r2", parameters={"seed": 0}, scores=[[0.1, 0.3, 0.0, 0.2], [0.5, 0.5, 1.0, 0.0]])
     base.update(kw)
-    return profiles.HeadProfile(**base)
+    return HeadProfile(**base)
 
 
-def test_round_trip_and_gqa_aggregate(tmp_path):
+# ----------------------------------------------------------------------------- file format
+def test_round_trip_with_gqa_aggregate_and_heatmap(tmp_path):
     p = _profile()
-    assert p.kv_scores == [[0.2, 0.1], [0.5, 0.5]]  # mean over each group of 2 query heads
+    torch.testing.assert_close(torch.tensor(p.kv_scores), torch.tensor([[0.2, 0.1], [0.5, 0.5]]))  # mean over each group of 2 query heads
     path = p.save(tmp_path / "p.json")
-    assert path.with_suffix(".png").stat().st_size > 1000  # the heatmap
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     q = profiles.load_profile(path)
     assert q == p
+    assert json.loads(path.read_text())["kv_scores"] == q.kv_scores
+
+
+def test_razor_round_trip_keeps_echo_and_induction(tmp_path):
+    echo = [[0.0, 0.9, 0.1, 0.1], [0.2, 0.0, 0.0, 0.4]]
+    ind = [[0.3, 0.0, 0.0, 0.0], [0.0, 0.6, 0.2, 0.2]]
+    p = _profile(method="razor", echo=echo, induction=ind)
+    torch.testing.assert_close(torch.tensor(p.kv_echo), torch.tensor([[0.45, 0.1], [0.1, 0.2]]))
+    torch.testing.assert_close(torch.tensor(p.kv_induction), torch.tensor([[0.15, 0.0], [0.3, 0.2]]))
+    q = profiles.load_profile(p.save(tmp_path / "r.json", heatmap=False))
+    assert q == p and not (tmp_path / "r.png").exists()
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
         ("{not json", "not valid JSON"),
-        ("[1, 2]", "a profile is a JSON object"),
-        (json.dumps({"method": "r2"}), "missing field(s)"),
+        ("[1, 2]", "a head profile is a JSON object"),
+        (json.dumps({"method": "r2"}), "missing field(s) ['architecture', 'model_name'"),
     ],
 )
 def test_corrupt_files_name_the_path_and_problem(tmp_path, text, message):
@@ -46,63 +83,224 @@ def test_corrupt_files_name_the_path_and_problem(tmp_path, text, message):
     assert str(f) in str(exc.value) and message in str(exc.value)
 
 
-def test_wrong_table_shape_is_rejected(tmp_path):
-    f = tmp_path / "p.json"
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match=r"nope\.json: cannot read head profile"):
+        profiles.load_profile(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("scores", [[0.1, 0.2, 0.3]] * 2, r"scores has shape \[2, \[3\]\], expected \[2, 4\]"),
+        ("scores", [[0.1] * 4], r"scores has shape \[1, \[4\]\], expected \[2, 4\]"),
+        ("scores", [[0.1, float("nan"), 0, 0], [0] * 4], r"scores\[0\]\[1\] must be a finite number >= 0"),
+        ("scores", [[0.1, -1, 0, 0], [0] * 4], r"scores\[0\]\[1\] must be a finite number >= 0"),
+        ("kv_scores", [[9.0, 9.0], [9.0, 9.0]], r"'kv_scores' is not the mean of 'scores'"),
+        ("num_layers", "2", r"'num_layers' must be an int >= 1, got '2'"),
+        ("num_kv_heads", 3, r"'num_q_heads' \(4\) is not a multiple of 'num_kv_heads' \(3\)"),
+        ("method", "snapkv", r"'method' must be one of \['retrieval', 'r2', 'razor'\], got 'snapkv'"),
+        ("parameters", [], r"'parameters' must be a JSON object"),
+    ],
+)
+def test_bad_fields_are_rejected_naming_path_and_field(tmp_path, field, value, message):
     data = json.loads(_profile().to_json())
-    data["scores"] = [[0.1, 0.2, 0.3]] * 2
+    data[field] = value
+    f = tmp_path / "p.json"
     f.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"scores has shape \[2, \[3\]\], expected \[2, 4\]"):
+    with pytest.raises(ValueError, match=message) as exc:
         profiles.load_profile(f)
+    assert str(f) in str(exc.value)
+
+
+def test_razor_profile_needs_echo_and_induction():
+    with pytest.raises(ValueError, match="field 'echo' is missing"):
+        _profile(method="razor")
 
 
 def test_check_model_names_both_shapes():
+    p = _profile()
+    p.check_model(2, 4, 2, 8)  # its own shape passes
     with pytest.raises(ValueError) as exc:
-        _profile().check_model(30, 9, 3, 64)
-    assert "(2, 4, 2, 8)" in str(exc.value) and "(30, 9, 3, 64)" in str(exc.value)
+        p.check_model(30, 9, 3, 64)
+    msg = str(exc.value)
+    assert "profile is for m (layers, query heads, KV heads, head_dim) = (2, 4, 2, 8)" in msg
+    assert "the served model has (30, 9, 3, 64)" in msg
 
 
+# ----------------------------------------------------------------------------- shipped files
 @pytest.mark.parametrize("method", ["retrieval", "r2", "razor"])
-def test_shipped_profiles_match_the_test_model(method):
-    path = profiles.shipped_profile(SHAPE, method)
+def test_shipped_profile_matches_the_test_model(method):
+    path = profiles.shipped_profile(SMOL, method)
     assert path is not None and path.name == f"SmolLM2-135M-Instruct.{method}.json"
+    assert path in profiles.shipped_profiles() and path.with_suffix(".png").is_file()
     prof = profiles.load_profile(path)
+    assert prof.method == method
     prof.check_model(30, 9, 3, 64)
-    assert len(prof.kv_scores) == 30 and all(len(r) == 3 for r in prof.kv_scores)
-    assert max(max(r) for r in prof.scores) > 0
-    assert path.with_suffix(".png").exists()
-    assert profiles.shipped_profile({**SHAPE, "num_key_value_heads": 9}, method) is None
+    assert torch.as_tensor(prof.kv_scores).shape == (30, 3)
+    assert max(map(max, prof.scores)) > 0
+    if method == "razor":
+        assert torch.as_tensor(prof.kv_echo).shape == torch.as_tensor(prof.kv_induction).shape == (30, 3)
+    # hidden_size / heads gives the head_dim when the config has none
+    assert profiles.shipped_profile({k: v for k, v in SMOL.items() if k != "head_dim"}, method) == path
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(num_key_value_heads=9), dict(num_hidden_layers=32), dict(head_dim=128),
+     dict(architectures=["Qwen2ForCausalLM"])],
+)
+def test_shipped_profile_is_none_for_another_model(change):
+    for method in ("retrieval", "r2", "razor"):
+        assert profiles.shipped_profile({**SMOL, **change}, method) is None
+
+
+def test_shipped_profile_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of"):
+        profiles.shipped_profile(SMOL, "snapkv")
+
+
+# ----------------------------------------------------------------------------- scoring functions alone
+def _naive_razor(att: torch.Tensor, ids: list[int], offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """By token identity, not index arithmetic: echo = mass on earlier occurrences of the
+    query's token, induction = mass on the token right after each earlier occurrence;
+    averaged over queries whose token occurred before. Positions < offset (BOS) never count."""
+    H = att.shape[0]
+    echo, ind, n = torch.zeros(H), torch.zeros(H), 0
+    for t in range(offset, len(ids)):
+        prev = [j for j in range(offset, t) if ids[j] == ids[t]]
+        if not prev:
+            continue
+        n += 1
+        for j in prev:
+            echo += att[:, t, j]
+            if j + 1 <= t:
+                ind += att[:, t, j + 1]
+    return echo / n, ind / n
+
+
+@pytest.mark.parametrize("offset, period, repeats", [(0, 3, 3), (1, 3, 3), (1, 7, 4), (0, 5, 2), (1, 1, 3)])
+def test_razor_scores_equal_a_naive_token_identity_reference(offset, period, repeats):
+    g = torch.Generator().manual_seed(period * 10 + offset)
+    S = offset + period * repeats
+    seq = (torch.randperm(50, generator=g)[:period] + 10).tolist()
+    ids = [1] * offset + seq * repeats
+    logits = torch.randn(3, S, S, generator=g).masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), -math.inf)
+    att = logits.softmax(-1)
+    echo, ind = razor_scores(att, offset, period, repeats)
+    ref_e, ref_i = _naive_razor(att, ids, offset)
+    torch.testing.assert_close(echo, ref_e)
+    torch.testing.assert_close(ind, ref_i)
 
 
 @pytest.mark.parametrize("offset", [0, 1])
 def test_razor_scores_on_a_hand_built_pattern(offset):
-    # period 3, 3 repeats; head 0 attends to the previous copy of the same token (echo),
-    # head 1 to the token after the previous copy (induction), head 2 to position 0.
+    # x0 x1 x2 repeated 3 times, after BOS when offset=1. Head 0 attends to the previous
+    # copy of its own token (echo), head 1 to the token after it (induction), head 2 to
+    # position 0, head 3 to itself.
     period, repeats = 3, 3
     S = offset + period * repeats
-    att = torch.zeros(1, 3, S, S)
-    for i in range(S - offset):
-        t = offset + i
-        att[0, 2, t, 0] = 1.0
+    att = torch.zeros(4, S, S)
+    for t in range(S):
+        i = t - offset
+        att[2, t, 0] = att[3, t, t] = 1.0
         if i >= period:
-            att[0, 0, t, t - period] = 1.0
-            att[0, 1, t, t - period + 1] = 1.0
+            att[0, t, t - period] = att[1, t, t - period + 1] = 1.0
         else:
-            att[0, 0, t, t] = att[0, 1, t, t] = 1.0
+            att[0, t, t] = att[1, t, t] = 1.0
     echo, ind = razor_scores(att, offset, period, repeats)
-    assert torch.allclose(echo[0], torch.tensor([1.0, 0.0, 0.0 if offset else 1 / 6]))
-    assert torch.allclose(ind[0], torch.tensor([0.0, 1.0, 0.0]))
+    # Without BOS, position 0 is x0, an earlier copy for the 2 of the 6 scored queries holding x0.
+    torch.testing.assert_close(echo, torch.tensor([1.0, 0.0, 0.0 if offset else 2 / 6, 0.0]))
+    torch.testing.assert_close(ind, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    if offset:
+        # golden-stick's masks index sequence positions as if there were no BOS: row i's
+        # "earlier copies" are range(i % P, i, P), from row P on. Row P is still copy 0
+        # (BOS shifted it), so BOS and position 1 get scored as its echo and induction.
+        gs_echo = torch.zeros(S, S)
+        gs_ind = torch.zeros(S, S)
+        for i in range(period, S):
+            for j in range(i % period, i, period):
+                gs_echo[i, j] = 1.0
+                gs_ind[i, j + 1] = 1.0
+        assert (gs_echo[period] * att[2, period]).sum() == 1.0  # BOS-attending head scores as echo
+        assert (razor_masks(offset, period, repeats)[0][period] == 0).all()  # ours: row P is no query
 
 
-def test_reduced_razor_profiling_agrees_with_shipped(model_path):
-    shipped = profiles.load_profile(profiles.shipped_profile(SHAPE, "razor"))
-    fresh = run(str(model_path), "razor", lengths=[], depths=0, trials=2, seed=123)
-    overlap = set(top_heads(fresh.induction, 10)) & set(top_heads(shipped.induction, 10))
-    assert len(overlap) >= 7, (top_heads(fresh.induction, 10), top_heads(shipped.induction, 10))
+def test_razor_masks_rows_and_bos_column():
+    echo, ind, rows = razor_masks(1, 4, 3)
+    assert rows.tolist() == list(range(5, 13))  # queries of copies 1 and 2
+    assert not echo[:, 0].any() and not ind[:, 0].any()  # BOS is never a target
+    assert echo[5].nonzero().flatten().tolist() == [1] and ind[5].nonzero().flatten().tolist() == [2]
+    assert echo[12].nonzero().flatten().tolist() == [4, 8]
+    assert ind[12].nonzero().flatten().tolist() == [5, 9]  # after x3 of copies 0 and 1 comes x0 of the next copy
+    assert not (echo.triu(1) | ind.triu(1)).any()  # causal
 
 
-def test_reduced_r2_profiling_agrees_with_shipped(model_path):
-    shipped = profiles.load_profile(profiles.shipped_profile(SHAPE, "r2"))
-    fresh = run(str(model_path), "r2", lengths=[300], depths=6, trials=0, seed=7)
+def test_retrieval_step_hits_need_top1_inside_the_span_and_the_same_token():
+    ids = torch.tensor([5, 6, 7, 8, 9, 7])
+    att = torch.zeros(1, 4, 6)
+    att[0, 0, 2] = 1.0  # top-1 in span, token 7: hit
+    att[0, 1, 5] = 1.0  # token 7 but outside the span
+    att[0, 2, 3] = 1.0  # in span, token 8
+    att[0, 3, 2], att[0, 3, 4] = 0.4, 0.6  # top-1 is position 4 (token 9)
+    hits = retrieval_step_hits(att, (1, 5), ids, token=7)
+    assert hits.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_r2_step_score_sums_top_n_weights_inside_the_span():
+    att = torch.tensor([[[0.05, 0.4, 0.3, 0.2, 0.05], [0.6, 0.15, 0.1, 0.1, 0.05]]])
+    score = r2_step_score(att, (1, 3), n_top=2)
+    torch.testing.assert_close(score, torch.tensor([[0.7, 0.15]]))  # head 1: top-2 = positions 0 and 1
+
+
+def test_mass_fraction():
+    assert mass_fraction([[4.0, 0.0], [3.0, 1.0]]) == 0.25
+    assert mass_fraction([[1.0, 1.0], [1.0, 1.0]]) == 0.5
+    assert mass_fraction([[0.0, 0.0]]) == 0.0
+
+
+def test_build_prompt_spans_and_length(test_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(test_model)
+    facts = [(0.25, "Alice is 34 years old."), (0.75, "Bob is 29 years old.")]
+    p = build_prompt(tok, 700, facts, "Who is older, Alice or Bob?", seed=3)
+    assert 600 < len(p.ids) <= 700
+    assert [tok.decode(p.ids[a:b]).strip() for a, b in p.spans] == [s for _, s in facts]
+    assert p.spans[0][0] < p.spans[1][0]
+    assert tok.decode(p.ids).rstrip().endswith("assistant")  # chat template with the generation prompt
+
+
+# ----------------------------------------------------------------------------- real profiling, reduced
+def test_cli_writes_profile_and_heatmap(test_model, tmp_path, capsys):
+    out = tmp_path / "tiny.razor.json"
+    assert main(["--model", str(test_model), "--method", "razor", "--out", str(out),
+                 "--period", "24", "--repeats", "2", "--trials", "1"]) == 0
+    prof = profiles.load_profile(out)
+    assert prof.parameters["sequence_tokens"] == 49 and out.with_suffix(".png").is_file()
+    assert "important (top 1% echo + top 14% induction)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--method", "r2", "--out", str(out)])
+
+
+def _overlap(a: list[list[float]], b: list[list[float]], k: int = 10) -> int:
+    return len(set(top_heads(a, k)) & set(top_heads(b, k)))
+
+
+def test_reduced_razor_profiling_agrees_with_shipped(test_model):
+    shipped = profiles.load_profile(profiles.shipped_profile(SMOL, "razor"))
+    fresh = run(str(test_model), "razor", period=128, repeats=3, trials=1, seed=11, progress=False)
+    assert _overlap(fresh.induction, shipped.induction) >= RAZOR_MIN_OVERLAP, (
+        top_heads(fresh.induction, 10), top_heads(shipped.induction, 10))
+    assert _overlap(fresh.scores, shipped.scores) >= RAZOR_MIN_OVERLAP
+
+
+def test_reduced_retrieval_profiling_agrees_with_shipped(test_model):
+    shipped = profiles.load_profile(profiles.shipped_profile(SMOL, "retrieval"))
+    fresh = run(str(test_model), "retrieval", lengths=[400], depths=3, trials=1, seed=11, progress=False)
     assert fresh.parameters["correct_trials"] >= 1
-    overlap = set(top_heads(fresh.scores, 10)) & set(top_heads(shipped.scores, 10))
-    assert len(overlap) >= 4, (top_heads(fresh.scores, 10), top_heads(shipped.scores, 10))
+    assert _overlap(fresh.scores, shipped.scores) >= RETRIEVAL_MIN_OVERLAP, (
+        top_heads(fresh.scores, 10), top_heads(shipped.scores, 10))
+
+
+RAZOR_MIN_OVERLAP = 7
+RETRIEVAL_MIN_OVERLAP = 5

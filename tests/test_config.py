@@ -1,0 +1,279 @@
+"""KVPolicyConfig validation, per-request overrides, JSON transport; ModelShape; build_policy (fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+
+from headkv_sglang.config import (
+    MAX_BUDGET,
+    REQUEST_KEYS,
+    ConfigError,
+    KVPolicyConfig,
+    ModelShape,
+    build_policy,
+)
+from headkv_sglang.policies import AdaKV, FullKV, PyramidKV, SnapKV, StreamingLLM
+
+SHAPE = ModelShape(num_layers=3, num_q_heads=6, num_kv_heads=2, head_dim=8)
+
+
+# --------------------------------------------------------------------------- #
+# validate
+# --------------------------------------------------------------------------- #
+def test_defaults_and_every_policy_validate():
+    base = KVPolicyConfig()
+    assert base.validate() is base
+    for policy in ("full", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "headkv"):
+        cfg = KVPolicyConfig(policy=policy, budget=64, window=8, sink_size=4)
+        assert cfg.validate() is cfg
+
+
+# (field overrides, flag named in the message, value as shown by repr, text of the "allowed" part)
+INVALID = [
+    (dict(policy="bogus"), "--kv-policy", "'bogus'", "choose one of full, headkv, snapkv"),
+    (dict(policy="SnapKV"), "--kv-policy", "'SnapKV'", "choose one of"),
+    (dict(budget=0), "--kv-budget", "0", f"expected an integer in [1, {MAX_BUDGET}]"),
+    (dict(budget=-5), "--kv-budget", "-5", "expected an integer in [1,"),
+    (dict(budget=MAX_BUDGET + 1), "--kv-budget", str(MAX_BUDGET + 1), "expected an integer in"),
+    (dict(budget=True), "--kv-budget", "True", "expected an integer"),
+    (dict(budget=64.0), "--kv-budget", "64.0", "expected an integer"),
+    (dict(budget="64"), "--kv-budget", "'64'", "expected an integer"),
+    (dict(window=0), "--kv-window", "0", "expected an integer in [1, 4096]"),
+    (dict(window=4097, budget=5000), "--kv-window", "4097", "expected an integer in [1, 4096]"),
+    (dict(min_prompt=-1), "--kv-min-prompt", "-1", "expected an integer in [0,"),
+    (dict(sink_size=-1), "--kv-sink-size", "-1", "expected an integer in [0, 4096]"),
+    (dict(sink_size=4097), "--kv-sink-size", "4097", "expected an integer in [0, 4096]"),
+    (dict(kernel_size=0), "--kv-kernel-size", "0", "expected an integer in [1, 63]"),
+    (dict(kernel_size=65), "--kv-kernel-size", "65", "expected an integer in [1, 63]"),
+    (dict(kernel_size=6), "--kv-kernel-size", "6", "expected an odd integer"),
+    (dict(pooling="sumpool"), "--kv-pooling", "'sumpool'", "choose one of maxpool, avgpool"),
+    (dict(beta=0.5), "--kv-beta", "0.5", "expected a number in [1.0, 1000000.0]"),
+    (dict(beta=math.nan), "--kv-beta", "nan", "expected a number in"),
+    (dict(beta=math.inf), "--kv-beta", "inf", "expected a number in"),
+    (dict(beta=True), "--kv-beta", "True", "expected a number in"),
+    (dict(pyramid_beta=0.99), "--kv-pyramid-beta", "0.99", "expected a number in [1.0,"),
+    (dict(floor_alpha=-0.1), "--kv-floor-alpha", "-0.1", "expected a number in [0.0, 1.0]"),
+    (dict(floor_alpha=1.5), "--kv-floor-alpha", "1.5", "expected a number in [0.0, 1.0]"),
+    (dict(razor_fraction=1.01), "--kv-razor-fraction", "1.01", "expected a number in [0.0, 1.0]"),
+    (dict(pool_fraction=0.0), "--kv-pool-fraction", "0.0", "expected a number in (0.0, 0.95]"),
+    (dict(pool_fraction=0.96), "--kv-pool-fraction", "0.96", "expected a number in (0.0, 0.95]"),
+    (dict(page_size=0), "--kv-page-size", "0", "expected an integer in [1, 4096]"),
+    (dict(page_size=4097), "--kv-page-size", "4097", "expected an integer in [1, 4096]"),
+    (dict(policy="snapkv", budget=8, window=9), "--kv-window", "9",
+     "the observation window must not exceed --kv-budget (8)"),
+    (dict(policy="adakv", budget=3, window=4), "--kv-window", "4", "must not exceed --kv-budget (3)"),
+    (dict(policy="pyramidkv", budget=3, window=4), "--kv-window", "4", "must not exceed --kv-budget (3)"),
+    (dict(policy="headkv", budget=3, window=4), "--kv-window", "4", "must not exceed --kv-budget (3)"),
+    (dict(policy="streamingllm", budget=4, sink_size=4), "--kv-sink-size", "4",
+     "sinks must leave room for recent tokens: < --kv-budget (4)"),
+    (dict(policy="razor", budget=2, sink_size=7), "--kv-sink-size", "7", "< --kv-budget (2)"),
+    (dict(head_profile="/nonexistent/profile.json"), "--kv-head-profile", "'/nonexistent/profile.json'",
+     "no such file"),
+]
+
+
+@pytest.mark.parametrize("fields, flag, shown, allowed", INVALID,
+                         ids=[f"{f}={v!r}"[:40] for d, f, *_ in INVALID for v in [list(d.values())[-1]]])
+def test_invalid_value_names_flag_and_value(fields, flag, shown, allowed):
+    cfg = KVPolicyConfig(**fields)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    msg = str(err.value)
+    assert msg.startswith(f"{flag}: invalid value {shown}; "), msg
+    assert allowed in msg, msg
+
+
+def test_cross_field_rules_only_apply_to_their_policies():
+    # window > budget is fine where the window is not part of the budget
+    KVPolicyConfig(policy="full", budget=2, window=9).validate()
+    KVPolicyConfig(policy="streamingllm", budget=5, window=9, sink_size=4).validate()
+    # sinks >= budget is fine for score-based policies
+    KVPolicyConfig(policy="snapkv", budget=4, window=4, sink_size=4).validate()
+    # edges are allowed
+    KVPolicyConfig(policy="snapkv", budget=MAX_BUDGET, window=4096, kernel_size=63, pool_fraction=0.95,
+                   floor_alpha=1.0, razor_fraction=0.0, page_size=4096).validate()
+    KVPolicyConfig(budget=1, window=1, kernel_size=1, min_prompt=0, sink_size=0, floor_alpha=0.0).validate()
+
+
+def test_existing_head_profile_file_validates(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text("{}")
+    KVPolicyConfig(policy="headkv", head_profile=str(f)).validate()
+    with pytest.raises(ConfigError, match=re.escape(f"--kv-head-profile: invalid value '{tmp_path}'; no such file")):
+        KVPolicyConfig(policy="headkv", head_profile=str(tmp_path)).validate()  # a directory
+
+
+def test_custom_flag_format():
+    with pytest.raises(ConfigError, match=re.escape("cfg[budget]: invalid value 0")):
+        KVPolicyConfig(budget=0).validate(flag="cfg[{}]")
+
+
+# --------------------------------------------------------------------------- #
+# with_request
+# --------------------------------------------------------------------------- #
+SERVER = KVPolicyConfig(policy="snapkv", budget=128, window=8, sink_size=4).validate()
+
+
+def test_with_request_applies_valid_overrides():
+    got = SERVER.with_request({"kv_policy": "streamingllm", "kv_budget": 31, "kv_window": 3, "kv_sink_size": 2,
+                               "kv_min_prompt": 100, "kv_beta": 2, "kv_floor_alpha": 0.5})
+    want = dataclasses.replace(SERVER, policy="streamingllm", budget=31, window=3, sink_size=2, min_prompt=100,
+                               beta=2.0, floor_alpha=0.5)
+    assert got == want
+    assert type(got.beta) is float and type(got.budget) is int
+    assert SERVER.budget == 128  # the server default is untouched (frozen)
+    # JSON numbers: an integral float is an int
+    got = SERVER.with_request({"kv_budget": 64.0})
+    assert got.budget == 64 and type(got.budget) is int
+    # every request key maps to a real field
+    fields = {f.name for f in dataclasses.fields(KVPolicyConfig)}
+    assert set(REQUEST_KEYS.values()) <= fields
+
+
+@pytest.mark.parametrize("params", [None, {}, {"temperature": 0.1, "lora": "x", "kv": 1, "KV_BUDGET": "junk", 3: 4}])
+def test_with_request_without_kv_keys_is_the_server_config(params):
+    assert SERVER.with_request(params) is SERVER
+
+
+def test_with_request_unknown_kv_key_is_named():
+    with pytest.raises(ConfigError) as err:
+        SERVER.with_request({"kv_budget": 16, "kv_bugdet": 16})
+    msg = str(err.value)
+    assert msg.startswith("custom_params.kv_bugdet: unknown key; allowed: "), msg
+    for key in REQUEST_KEYS:
+        assert key in msg, msg
+    with pytest.raises(ConfigError, match=re.escape("custom_params.kv_kernel_size: unknown key")):
+        SERVER.with_request({"kv_kernel_size": 5})  # a server-only setting
+
+
+@pytest.mark.parametrize(
+    "value, shown, allowed",
+    [
+        ("64", "'64'", "expected int"),
+        (True, "True", "expected int"),
+        (False, "False", "expected int"),
+        (5.5, "5.5", "expected int"),
+        (math.inf, "inf", "expected int"),
+        (math.nan, "nan", "expected int"),
+        (None, "None", "expected int"),
+        ([64], "[64]", "expected int"),
+        (MAX_BUDGET + 1, str(MAX_BUDGET + 1), f"expected an integer in [1, {MAX_BUDGET}]"),
+        (10 ** 30, str(10 ** 30), "expected an integer in [1,"),
+        (1e300, str(int(1e300)), "expected an integer in [1,"),
+        (0, "0", "expected an integer in [1,"),
+        (-7, "-7", "expected an integer in [1,"),
+        (-7.0, "-7", "expected an integer in [1,"),
+    ],
+    ids=lambda x: repr(x)[:20],
+)
+def test_with_request_bad_budget_names_the_key(value, shown, allowed):
+    with pytest.raises(ConfigError) as err:
+        SERVER.with_request({"kv_budget": value})
+    msg = str(err.value)
+    assert msg.startswith(f"custom_params.kv_budget: invalid value {shown}; "), msg
+    assert allowed in msg, msg
+
+
+@pytest.mark.parametrize(
+    "key, value, shown",
+    [
+        ("kv_policy", "nope", "'nope'"),
+        ("kv_policy", 3, "3"),
+        ("kv_window", 0, "0"),
+        ("kv_window", 129, "129"),  # > the server's budget for snapkv
+        ("kv_min_prompt", -1, "-1"),
+        ("kv_sink_size", "4", "'4'"),
+        ("kv_beta", 0.5, "0.5"),
+        ("kv_beta", math.nan, "nan"),
+        ("kv_beta", "2", "'2'"),
+        ("kv_beta", True, "True"),
+        ("kv_floor_alpha", 2, "2.0"),
+        ("kv_floor_alpha", -0.5, "-0.5"),
+    ],
+)
+def test_with_request_bad_value_names_its_key(key, value, shown):
+    with pytest.raises(ConfigError) as err:
+        SERVER.with_request({key: value})
+    assert str(err.value).startswith(f"custom_params.{key}: invalid value {shown}; "), str(err.value)
+
+
+def test_with_request_rejects_non_object():
+    with pytest.raises(ConfigError, match=re.escape("custom_params must be a JSON object, got list")):
+        SERVER.with_request([("kv_budget", 4)])
+
+
+def test_with_request_small_budget_names_the_request_budget():
+    with pytest.raises(ConfigError) as err:
+        SERVER.with_request({"kv_budget": 4})  # server window is 8
+    assert "custom_params.kv_budget" in str(err.value), str(err.value)
+
+
+def test_with_request_float_field_accepts_float_when_default_was_int():
+    server = KVPolicyConfig(policy="snapkv", beta=2, floor_alpha=0).validate()
+    got = server.with_request({"kv_beta": 1.5, "kv_floor_alpha": 0.25})
+    assert (got.beta, got.floor_alpha) == (1.5, 0.25)
+
+
+# --------------------------------------------------------------------------- #
+# JSON transport
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("cfg", [
+    KVPolicyConfig(),
+    KVPolicyConfig(policy="pyramidkv", budget=37, window=5, min_prompt=11, beta=1.25, pyramid_beta=7.5,
+                   sink_size=3, floor_alpha=0.35, kernel_size=5, pooling="avgpool", razor_fraction=0.3,
+                   pool_fraction=0.9, page_size=3, head_profile="/some/profile.json"),
+], ids=["defaults", "all_fields"])
+def test_json_round_trip(cfg):
+    text = cfg.to_json()
+    back = KVPolicyConfig.from_json(text)
+    assert back == cfg
+    assert back.to_json() == text
+    assert json.loads(text) == dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        assert type(getattr(back, f.name)) is type(getattr(cfg, f.name)), f.name
+
+
+def test_from_json_ignores_unknown_keys_and_keeps_defaults():
+    back = KVPolicyConfig.from_json(json.dumps({"policy": "adakv", "budget": 9, "from_a_newer_version": 1}))
+    assert back == KVPolicyConfig(policy="adakv", budget=9)
+
+
+# --------------------------------------------------------------------------- #
+# ModelShape and build_policy
+# --------------------------------------------------------------------------- #
+def test_model_shape_from_model_path(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "hidden_size": 576}))
+    s = ModelShape.from_model_path(tmp_path)
+    assert (s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim, s.architecture) == (30, 9, 3, 64, "LlamaForCausalLM")
+    assert s == ModelShape(30, 9, 3, 64, "LlamaForCausalLM")  # hf_config does not take part in equality
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {
+        "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32, "head_dim": 16}}))
+    s = ModelShape.from_model_path(tmp_path)
+    assert (s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim) == (2, 4, 4, 16)
+    with pytest.raises(ConfigError, match=re.escape("--model-path: cannot read")):
+        ModelShape.from_model_path(tmp_path / "missing")
+
+
+def test_build_policy_maps_the_config_fields():
+    kw = dict(budget=64, window=6, kernel_size=5, pooling="avgpool", pyramid_beta=3.0, floor_alpha=0.4, sink_size=2)
+    assert build_policy(KVPolicyConfig(policy="full", **kw), SHAPE) == FullKV()
+    obs = dict(window_size=6, kernel_size=5, pooling="avgpool")
+    assert build_policy(KVPolicyConfig(policy="snapkv", **kw), SHAPE) == SnapKV(**obs)
+    assert build_policy(KVPolicyConfig(policy="pyramidkv", **kw), SHAPE) == PyramidKV(beta=3.0, **obs)
+    assert build_policy(KVPolicyConfig(policy="adakv", **kw), SHAPE) == AdaKV(floor_alpha=0.4, **obs)
+    assert build_policy(KVPolicyConfig(policy="streamingllm", **kw), SHAPE) == StreamingLLM(sink_size=2, window_size=6)
+
+
+def test_build_policy_without_a_matching_profile_says_how_to_make_one():
+    with pytest.raises(ConfigError) as err:
+        build_policy(KVPolicyConfig(policy="headkv"), SHAPE)
+    msg = str(err.value)
+    assert msg.startswith("--kv-head-profile: no shipped 'r2' profile matches this model"), msg
+    assert "3 layers, 6 query / 2 KV heads" in msg and "--kv-head-profile FILE" in msg, msg
