@@ -44,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--budget", type=int, default=128)
     p.add_argument("--window", type=int, default=None, help="--kv-window for every policy (default: server's)")
-    p.add_argument("--words", type=int, nargs="+", default=[1500, 2000, 2700],
+    p.add_argument("--words", type=int, nargs="+", default=[1400, 1800, 2400],
                    help="haystack sizes in words (~1.5 tokens per word)")
     p.add_argument("--policies", nargs="+", default=POLICIES)
+    p.add_argument("--main-policies", nargs="+", default=["full", "headkv"],
+                   help="policies run on every case; the others on the first --cases-others cases")
+    p.add_argument("--cases-others", type=int, default=None, help="cases for the other policies (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/niah_cpu"))
     args = p.parse_args(argv)
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         depth = round((i * 0.37) % 1.0, 2)
         cases.append(needle_prompt(words, depth=depth, seed=1000 + i))
 
-    server_args = ["--kv-policy", "full", "--max-total-tokens", "65536", "--enable-cache-report"]
+    server_args = ["--kv-policy", "full", "--max-total-tokens", "65536", "--enable-cache-report", "--sleep-on-idle"]
     if args.window:
         server_args += ["--kv-window", str(args.window)]
     results = []
@@ -66,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
         client = OpenAI(base_url=srv.openai_base_url, api_key="none", timeout=900)
         bar = tqdm(total=len(cases) * len(args.policies), desc="niah", unit="req")
-        for ci, case in enumerate(cases):
-            for pol in args.policies:
+        others = args.cases if args.cases_others is None else args.cases_others
+        todo = [(ci, pol) for ci in range(len(cases)) for pol in args.policies
+                if pol in args.main_policies or ci < others]
+        bar.total = len(todo)
+        for ci, pol in todo:
+            case = cases[ci]
+            if True:
                 urllib.request.urlopen(urllib.request.Request(f"{srv.url}/flush_cache", method="POST"), timeout=60).read()
                 kv = {"kv_policy": pol, "kv_budget": args.budget}
                 r = client.chat.completions.create(
@@ -87,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - t0
 
     acc = {pol: sum(r["correct"] for r in results if r["policy"] == pol) for pol in args.policies}
-    full = acc.get("full") or 0
+    n_cases = {pol: sum(1 for r in results if r["policy"] == pol) for pol in args.policies}
+    # relative accuracy against full KV on the same cases
+    full_on = {pol: sum(r["correct"] for r in results if r["policy"] == "full" and r["case"] < n_cases[pol])
+               for pol in args.policies}
     toks = [r["prompt_tokens"] for r in results]
     summary = {
         "machine": machine(), "budget": args.budget, "window": args.window, "cases": len(cases),
-        "prompt_tokens": [min(toks), max(toks)], "accuracy": acc, "wall_s": round(wall),
+        "prompt_tokens": [min(toks), max(toks)], "accuracy": acc, "cases_per_policy": n_cases, "wall_s": round(wall),
         "kv_kept_fraction": {k: v.get("kept_fraction") for k, v in state["policies"].items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -103,14 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(cases)} cases, prompts of {min(toks)}–{max(toks)} tokens, needle depths spread over 0–1; "
         f"greedy, 16 new tokens; radix cache flushed before every request; {wall/60:.0f} min.",
         f"Command: `python benchmarks/niah.py --cases {args.cases} --budget {args.budget}"
+        + (f" --cases-others {args.cases_others}" if args.cases_others is not None else "")
         + (f" --window {args.window}" if args.window else "") + "`",
         "",
-        "| policy | correct | accuracy | relative to full KV |",
-        "|---|---|---|---|",
+        "| policy | cases | correct | accuracy | full KV on the same cases | relative to full KV |",
+        "|---|---|---|---|---|---|",
     ]
     for pol in args.policies:
-        rel = f"{100 * acc[pol] / full:.0f}%" if full else "n/a"
-        lines.append(f"| {pol} | {acc[pol]}/{len(cases)} | {100 * acc[pol] / len(cases):.0f}% | {rel} |")
+        n = n_cases[pol]
+        rel = f"{100 * acc[pol] / full_on[pol]:.0f}%" if full_on[pol] else "n/a"
+        lines.append(f"| {pol} | {n} | {acc[pol]}/{n} | {100 * acc[pol] / max(n, 1):.0f}% | {full_on[pol]}/{n} | {rel} |")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

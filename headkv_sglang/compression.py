@@ -102,9 +102,10 @@ class CompressionManager:
         s = self.shape
         cap = self._captures.get(req_pool_idx)
         w = min(cfg.window, seq_len)
-        if cap is not None and cap.layers:
-            # A radix prefix hit recomputes only the uncached suffix: the window shrinks to
-            # what was actually computed (at least the last token).
+        if cap is not None and cap.layers and getattr(build_policy(cfg, s), "needs_queries", True):
+            # A radix prefix hit recomputes only the uncached suffix: the window of a
+            # query-scored policy shrinks to what was actually computed (at least the last
+            # token). Position-only policies (StreamingLLM, Razor) keep their window.
             captured = min(t.shape[0] for t in cap.layers.values())
             if captured < w:
                 w = captured

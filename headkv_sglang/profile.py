@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -64,8 +65,8 @@ from headkv_sglang.profiles import METHODS, HeadProfile, top_heads
 # Defaults sized for a 2-core CPU and a 135M model (see each method's parameters in the
 # shipped files); pass --lengths / --depths / --trials for a fuller sweep on bigger iron.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "retrieval": dict(lengths=[500, 1000, 2000, 4000], depths=5, trials=1),
-    "r2": dict(lengths=[500, 1000, 2000, 4000], depths=5, trials=1),
+    "retrieval": dict(lengths=[500, 1000, 2000, 4000], depths=4, trials=1),
+    "r2": dict(lengths=[500, 1000, 2000, 4000], depths=4, trials=1),
     "razor": dict(period=500, repeats=4, trials=4),
 }
 
@@ -248,8 +249,15 @@ def _trial_grid(lengths: list[int], depths: int, trials: int) -> list[tuple[int,
 
 
 def _words_in(words: list[str], text: str) -> float:
-    low = text.lower()
-    return sum(w.lower() in low for w in words) / len(words)
+    """Fraction of ``words`` that occur as whole words in ``text`` (ROUGE-1 recall, roughly)."""
+    found = set(re.findall(r"[a-z]+", text.lower()))
+    return sum(w.lower() in found for w in words) / len(words)
+
+
+def _first_named(text: str, names: tuple[str, ...]) -> str | None:
+    """The name among ``names`` that ``text`` mentions first (whole words), or None."""
+    hits = [(m.start(), n) for n in names for m in [re.search(rf"\b{re.escape(n)}\b", text)] if m]
+    return min(hits)[1] if hits else None
 
 
 def profile_retrieval(tok, model, lengths: list[int], depths: int, trials: int, seed: int,
@@ -324,8 +332,7 @@ def profile_r2(tok, model, lengths: list[int], depths: int, trials: int, seed: i
         cache = _prefill(model, p.ids[:-1])
         out, atts = decode(model, cache, p.ids[-1], max_new=8, stop=stop)
         reply = tok.decode(out, skip_special_tokens=True)
-        hits = [(reply.find(x), x) for x in (name, other) if x in reply]
-        if not hits or min(hits)[1] != name:
+        if _first_named(reply, (name, other)) != name:
             continue
         if out[: len(answer)] != answer:
             cache.crop(len(p.ids) - 1)

@@ -15,9 +15,10 @@ import pytest
 from headkv_sglang import models
 from headkv_sglang.server import SGLangServer, log_tail
 
-# Smaller than SGLang's default (which sizes the pool from free RAM: ~15 GB, ~20 s to
+# --sleep-on-idle: an idle SGLang scheduler otherwise busy-polls a whole core, and the
+# suite keeps two servers up on a 2-core machine. Smaller than SGLang's default (which sizes the pool from free RAM: ~15 GB, ~20 s to
 # allocate on this machine) so servers start faster; still > 8 full 8k-token contexts.
-TEST_SERVER_ARGS = ["--max-total-tokens", "65536"]
+TEST_SERVER_ARGS = ["--max-total-tokens", "65536", "--sleep-on-idle"]
 
 _servers: list[SGLangServer] = []
 

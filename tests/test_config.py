@@ -208,9 +208,20 @@ def test_with_request_rejects_non_object():
 
 
 def test_with_request_small_budget_names_the_request_budget():
+    """A request budget that conflicts with a server default is reported under the key that was sent."""
     with pytest.raises(ConfigError) as err:
         SERVER.with_request({"kv_budget": 4})  # server window is 8
-    assert "custom_params.kv_budget" in str(err.value), str(err.value)
+    msg = str(err.value)
+    assert msg.startswith("custom_params.kv_budget: invalid value 4; ") and "(8)" in msg, msg
+    streaming = KVPolicyConfig(policy="streamingllm", budget=64, sink_size=4).validate()
+    with pytest.raises(ConfigError) as err:
+        streaming.with_request({"kv_budget": 4})
+    msg = str(err.value)
+    assert msg.startswith("custom_params.kv_budget: invalid value 4; ") and "(4)" in msg, msg
+    # both sent: the window is the one reported, as for the server flags
+    with pytest.raises(ConfigError, match=re.escape("custom_params.kv_window: invalid value 9; ")):
+        SERVER.with_request({"kv_budget": 8, "kv_window": 9})
+    assert SERVER.with_request({"kv_budget": 8}).budget == 8  # equal to the window is fine
 
 
 def test_with_request_float_field_accepts_float_when_default_was_int():

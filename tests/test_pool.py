@@ -135,13 +135,25 @@ def test_free_by_wrong_owner_is_rejected():
 
 
 def test_rejected_free_leaves_the_allocator_unchanged():
-    a = PageAllocator(4)
+    a = PageAllocator(6)
     ids = a.allocate(2, owner="A")
+    other = a.allocate(1, owner="B")
     with pytest.raises(AssertionError):
         a.free(ids, owner="B")
-    a.check_integrity({"A": ids})  # today: "page leak: 2 free + 1 owned != 4 total"
+    a.check_integrity({"A": ids, "B": other})
+    # One foreign page in the list: nothing of it is freed, not even A's own pages before it.
+    with pytest.raises(AssertionError, match=re.escape(f"page {other[0]} freed by 'A' but owned by 'B'")):
+        a.free([*ids, other[0]], owner="A")
+    assert a.free_pages == 3
+    a.check_integrity({"A": ids, "B": other})
+    # The same page twice in one call.
+    with pytest.raises(AssertionError, match="duplicate page ids in one free"):
+        a.free([ids[0], ids[0]], owner="A")
+    a.check_integrity({"A": ids, "B": other})
     a.free(ids, owner="A")
-    assert a.free_pages == 4
+    a.free(other, owner="B")
+    assert a.free_pages == 6
+    a.check_integrity({})
 
 
 def test_check_integrity_names_page_listed_under_wrong_owner():
@@ -150,7 +162,9 @@ def test_check_integrity_names_page_listed_under_wrong_owner():
     ids_b = a.allocate(2, owner="B")
     with pytest.raises(AssertionError) as err:
         a.check_integrity({"A": [ids_a[0], ids_b[0]], "B": [ids_a[1], ids_b[1]]})
-    assert str(ids_b[0]) in str(err.value) and "'A'" in str(err.value), str(err.value)
+    msg = str(err.value)
+    assert f"page {ids_b[0]}: table says 'A', allocator 'B'" in msg, msg
+    assert f"page {ids_a[1]}: table says 'B', allocator 'A'" in msg, msg
 
 
 # --------------------------------------------------------------------------- #
