@@ -204,6 +204,7 @@ def _register_serving(cfg: KVPolicyConfig) -> None:
     HookRegistry.register(f"{_POOL_CONF}.calculate_pool_sizes", sb.scale_pool_sizes, HookType.AFTER)
     HookRegistry.register(f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens", sb.scale_pool_sizes, HookType.AFTER)
     HookRegistry.register(_RUN_BATCH, sb.before_run_batch, HookType.BEFORE)
+    HookRegistry.register(_PREFILL_RESULT, sb.before_prefill, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, sb.after_prefill, HookType.AFTER)
     HookRegistry.register(_FREE_ROWS, sb.before_free_rows, HookType.BEFORE)
 

@@ -255,6 +255,19 @@ def create_backend(model_runner):
 
 
 # ---------------------------------------------------------------------------- compression trigger
+def before_prefill(processor, batch, *args, **kwargs):
+    """BEFORE process_batch_result_prefill: note which requests complete their prompt now.
+
+    SGLang decrements ``inflight_middle_chunks`` of a chunked request while processing
+    the result, so after processing a middle chunk is indistinguishable from a last one.
+    """
+    if STATE.manager is None or batch is None:
+        return None
+    for req in batch.reqs:
+        req._headkv_prefill_done = req.inflight_middle_chunks <= 0
+    return None
+
+
 def after_prefill(result, processor, batch, *args, **kwargs):
     """AFTER process_batch_result_prefill: compress requests whose prompt is now complete."""
     manager = STATE.manager
@@ -265,8 +278,10 @@ def after_prefill(result, processor, batch, *args, **kwargs):
     released = False
     for req in batch.reqs:
         idx = req.kv.req_pool_idx
-        if (idx is None or id(req) in decoding or req.finished() or req.is_retracted
-                or req.inflight_middle_chunks > 0 or idx in manager.records):
+        done = getattr(req, "_headkv_prefill_done", False)
+        req._headkv_prefill_done = False
+        if (idx is None or not done or id(req) in decoding or req.finished() or req.is_retracted
+                or idx in manager.records):
             continue
         cfg = request_config(req)
         seq_len = int(req.extend_end or 0)
@@ -305,10 +320,16 @@ def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> bool:
         manager.drop_capture(idx)
         logger.exception("headkv_sglang: rid=%s stays uncompressed: compression failed", req.rid)
         return False
-    # Give the prompt's token-pool slots back. [0, cache_protected_len) belongs to the radix
-    # tree: drop this request's lock so it becomes evictable cache. Anything the request
-    # owns beyond it up to seq_len is freed now and marked protected so that the release at
-    # finish frees only the decode tail.
+    # Give the prompt's token-pool slots back: hand the whole prompt to the radix tree (a
+    # later request sharing it gets a prefix hit), then drop this request's lock so it is
+    # evictable cache. Anything the request still owns beyond the tree's part (a partial
+    # page, or everything when the radix cache is off) is freed now and marked protected so
+    # that the release at finish frees only the decode tail.
+    if not req.skip_radix_cache_insert:
+        try:
+            tree_cache.checkpoint(req, up_to=seq_len)
+        except Exception:  # the prompt is then freed below instead of cached
+            logger.exception("headkv_sglang: rid=%s: inserting the prompt into the radix tree failed", req.rid)
     protected = req.kv.cache_protected_len
     if protected < seq_len:
         tree_cache.token_to_kv_pool_allocator.free(req_to_token[idx, protected:seq_len])

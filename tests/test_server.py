@@ -82,4 +82,7 @@ def test_run_command_fails_fast_on_bad_model_path(tmp_path):
         capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 1
-    assert "OSError" in proc.stderr and "missing" in proc.stderr, proc.stderr[-3000:]
+    # the run command serves with --kv-policy headkv: the plugin rejects the path at startup,
+    # before any weights load, naming the flag and the file it could not read
+    assert "--model-path: cannot read" in proc.stderr and "missing/config.json" in proc.stderr, proc.stderr[-3000:]
+    assert "exited with code 2 before becoming ready" in proc.stderr
