@@ -50,9 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--main-policies", nargs="+", default=["full", "headkv"],
                    help="policies run on every case; the others on the first --cases-others cases")
     p.add_argument("--cases-others", type=int, default=None, help="cases for the other policies (default: all)")
+    p.add_argument("--kv-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra custom_params for the compressed policies, e.g. kv_kernel_size=13")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/niah_cpu"))
     args = p.parse_args(argv)
 
+    extra = {}
+    for item in args.kv_param:
+        key, _, value = item.partition("=")
+        extra[key] = json.loads(value) if value[:1].isdigit() or value[:1] == "-" else value
     cases = []
     for i in range(args.cases):
         words = args.words[i % len(args.words)]
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             case = cases[ci]
             if True:
                 urllib.request.urlopen(urllib.request.Request(f"{srv.url}/flush_cache", method="POST"), timeout=60).read()
-                kv = {"kv_policy": pol, "kv_budget": args.budget}
+                kv = {"kv_policy": pol, "kv_budget": args.budget, **(extra if pol != "full" else {})}
                 r = client.chat.completions.create(
                     model="default", messages=[{"role": "user", "content": case.prompt}], max_tokens=16,
                     temperature=0, extra_body={"custom_params": kv},
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                for pol in args.policies}
     toks = [r["prompt_tokens"] for r in results]
     summary = {
-        "machine": machine(), "budget": args.budget, "window": args.window, "cases": len(cases),
+        "machine": machine(), "budget": args.budget, "window": args.window, "kv_params": extra, "cases": len(cases),
         "prompt_tokens": [min(toks), max(toks)], "accuracy": acc, "cases_per_policy": n_cases, "wall_s": round(wall),
         "kv_kept_fraction": {k: v.get("kept_fraction") for k, v in state["policies"].items()},
     }
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         f"greedy, 16 new tokens; radix cache flushed before every request; {wall/60:.0f} min.",
         f"Command: `python benchmarks/niah.py --cases {args.cases} --budget {args.budget}"
         + (f" --cases-others {args.cases_others}" if args.cases_others is not None else "")
-        + (f" --window {args.window}" if args.window else "") + "`",
+        + (f" --window {args.window}" if args.window else "")
+        + "".join(f" --kv-param {x}" for x in args.kv_param) + "`",
         "",
         "| policy | cases | correct | accuracy | full KV on the same cases | relative to full KV |",
         "|---|---|---|---|---|---|",

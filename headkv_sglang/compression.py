@@ -101,7 +101,7 @@ class CompressionManager:
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
         s = self.shape
         cap = self._captures.get(req_pool_idx)
-        w = min(cfg.window, seq_len)
+        w = min(cfg.obs_window, seq_len)
         if cap is not None and cap.layers and getattr(build_policy(cfg, s), "needs_queries", True):
             # A radix prefix hit recomputes only the uncached suffix: the window of a
             # query-scored policy shrinks to what was actually computed (at least the last

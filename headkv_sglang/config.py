@@ -31,8 +31,12 @@ REQUEST_KEYS = {
     "kv_sink_size": "sink_size",
     "kv_beta": "beta",
     "kv_floor_alpha": "floor_alpha",
+    "kv_kernel_size": "kernel_size",
+    "kv_pooling": "pooling",
+    "kv_razor_fraction": "razor_fraction",
 }
 MAX_BUDGET = 1 << 20
+AUTO_WINDOW = 32
 
 
 class ConfigError(ValueError):
@@ -44,25 +48,35 @@ class KVPolicyConfig:
     """Resolved compression settings (server defaults or one request's).
 
     ``budget`` is tokens kept per KV head on average, window and sinks included
-    (see ``policies/base.py``); ``min_prompt``: prompts with fewer tokens stay
+    (see ``policies/base.py``); ``window``: observation window, ``0`` = automatic
+    (:attr:`obs_window`); ``min_prompt``: prompts with fewer tokens stay
     uncompressed; ``pool_fraction``: share of SGLang's KV token capacity moved to the
     compressed pool; ``page_size``: tokens per page of the compressed pool.
     """
 
     policy: str = "full"
     budget: int = 128
-    window: int = 8
+    window: int = 0  # 0: automatic, see obs_window
     min_prompt: int = 0
     head_profile: str | None = None
     beta: float = 1.005  # HeadKV
     pyramid_beta: float = 20.0  # PyramidKV
     sink_size: int = 4  # StreamingLLM, RazorAttention
     floor_alpha: float = 0.2  # AdaKV
-    kernel_size: int = 7
+    kernel_size: int = 13
     pooling: str = "maxpool"
     razor_fraction: float = 0.15  # RazorAttention: share of heads kept whole (14% induction + 1% echo)
     pool_fraction: float = 0.5
     page_size: int = 16
+
+    @property
+    def obs_window(self) -> int:
+        """The observation window used: ``window``, or when 0, ``min(32, max(1, budget // 4))``.
+
+        32 (SnapKV's default) covers the question of a chat turn plus the template's tail;
+        a quarter of the budget at most leaves room to select at small budgets.
+        """
+        return self.window or min(AUTO_WINDOW, max(1, self.budget // 4))
 
     # ------------------------------------------------------------------ validation
     def validate(self, flag: str = "--kv-{}", changed: frozenset[str] = frozenset()) -> "KVPolicyConfig":
@@ -91,7 +105,7 @@ class KVPolicyConfig:
         if self.policy not in POLICY_CHOICES:
             raise bad("policy", self.policy, f"choose one of {', '.join(POLICY_CHOICES)}")
         intval("budget", 1)
-        intval("window", 1, 4096)
+        intval("window", 0, 4096)
         intval("min_prompt", 0)
         intval("sink_size", 0, 4096)
         intval("kernel_size", 1, 63)
@@ -106,7 +120,7 @@ class KVPolicyConfig:
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)
         budget_first = "budget" in changed and "window" not in changed
-        if self.policy in ("snapkv", "headkv", "pyramidkv", "adakv") and self.window > self.budget:
+        if self.policy in ("snapkv", "headkv", "pyramidkv", "adakv") and self.window > self.budget:  # 0 = auto fits
             if budget_first:
                 raise bad("budget", self.budget, f"must be at least the observation window ({self.window})")
             raise bad("window", self.window, f"the observation window must not exceed --kv-budget ({self.budget})")
@@ -243,7 +257,7 @@ def build_policy(cfg: KVPolicyConfig, shape: ModelShape):
 
     from headkv_sglang import policies
 
-    obs = dict(window_size=cfg.window, kernel_size=cfg.kernel_size, pooling=cfg.pooling)
+    obs = dict(window_size=cfg.obs_window, kernel_size=cfg.kernel_size, pooling=cfg.pooling)
     name = cfg.policy
     if name == "full":
         return policies.FullKV()
@@ -254,7 +268,7 @@ def build_policy(cfg: KVPolicyConfig, shape: ModelShape):
     if name == "adakv":
         return policies.AdaKV(floor_alpha=cfg.floor_alpha, **obs)
     if name == "streamingllm":
-        return policies.StreamingLLM(sink_size=cfg.sink_size, window_size=cfg.window)
+        return policies.StreamingLLM(sink_size=cfg.sink_size, window_size=cfg.obs_window)
     prof = resolve_profile(cfg, shape)
     if name == "headkv":
         return policies.HeadKV(importance=torch.as_tensor(prof.kv_scores, dtype=torch.float64), beta=cfg.beta, **obs)
@@ -264,6 +278,6 @@ def build_policy(cfg: KVPolicyConfig, shape: ModelShape):
         frac = cfg.razor_fraction
         return policies.RazorAttention.from_scores(
             echo, induction, echo_fraction=min(0.01, frac), induction_fraction=max(0.0, frac - 0.01),
-            sink_size=cfg.sink_size, window_size=cfg.window,
+            sink_size=cfg.sink_size, window_size=cfg.obs_window,
         )
     raise ConfigError(f"--kv-policy: unknown policy {name!r}")

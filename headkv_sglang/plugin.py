@@ -32,12 +32,14 @@ _PREFILL_RESULT = (
     "SchedulerBatchResultProcessor.process_batch_result_prefill"
 )
 _FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
+_ADMIT = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 SERVING_TARGETS = (
     f"{_POOL_CONF}.calculate_pool_sizes",
     f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens",
     _RUN_BATCH,
     _PREFILL_RESULT,
     _FREE_ROWS,
+    _ADMIT,
 )
 
 # flag -> (KVPolicyConfig field, argparse kwargs)
@@ -48,7 +50,8 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-budget": ("budget", dict(type=int, default=_DEFAULTS.budget,
                                    help="Prompt tokens kept per KV head on average, window and sinks included.")),
     "--kv-window": ("window", dict(type=int, default=_DEFAULTS.window,
-                                   help="Observation window: the last W prompt tokens score the rest and are always kept.")),
+                                   help="Observation window: the last W prompt tokens score the rest and are always kept "
+                                        "(0, the default: min(32, budget/4)).")),
     "--kv-head-profile": ("head_profile", dict(type=str, default=None,
                                                help="Head-importance profile JSON (default: the shipped one matching the model).")),
     "--kv-min-prompt": ("min_prompt", dict(type=int, default=_DEFAULTS.min_prompt,
@@ -207,6 +210,8 @@ def _register_serving(cfg: KVPolicyConfig) -> None:
     HookRegistry.register(_PREFILL_RESULT, sb.before_prefill, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, sb.after_prefill, HookType.AFTER)
     HookRegistry.register(_FREE_ROWS, sb.before_free_rows, HookType.BEFORE)
+    HookRegistry.register(_ADMIT, sb.before_get_new_batch_prefill, HookType.BEFORE)
+    HookRegistry.register(_ADMIT, sb.after_get_new_batch_prefill, HookType.AFTER)
 
     def create_backend(model_runner):
         missing = [t for t in SERVING_TARGETS if t not in HookRegistry._patched]

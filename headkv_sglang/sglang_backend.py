@@ -16,6 +16,11 @@ active:
   prompt is complete, compress it, then give its prompt slots back: the radix tree keeps
   them as *evictable* cache (prefix hits still work) and the request stops pinning them.
 * ``ReqToTokenPool.free_rows`` (BEFORE): finish, abort and retraction free the pages.
+* ``Scheduler.get_new_batch_prefill`` (BEFORE/AFTER): admission accounts for the
+  compressed pool. A waiting request that will be compressed is admitted only while the
+  pool's free pages, minus the worst case of requests admitted but not yet compressed,
+  cover its own worst case (:func:`pages_upper_bound`); otherwise it stays in the waiting
+  queue (FIFO among compressed requests) until finishing requests return pages.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import torch
 
-from headkv_sglang.compression import CompressionManager
+from headkv_sglang.compression import CompressionManager, pages_upper_bound
 from headkv_sglang.config import ConfigError, KVPolicyConfig, ModelShape
 from headkv_sglang.pool import PoolFullError
 
@@ -47,6 +52,11 @@ class _State:
     fallbacks: dict[str, int] = {}
     backend_installed: bool = False
     scheduler: Any = None
+    # admission: req_pool_idx -> worst-case pages of a request admitted but not yet compressed
+    reserved: dict[int, int] = {}
+    held: list[Any] = []  # waiting requests held back during one get_new_batch_prefill call
+    admission_waits: int = 0  # requests that had to wait for compressed-pool pages
+    held_last_pass: int = 0  # requests held back by the last admission pass
 
 
 STATE = _State()
@@ -146,8 +156,60 @@ def before_run_batch(scheduler, batch, *args, **kwargs):
             continue
         cfg = request_config(req)
         if cfg.policy != "full":
-            manager.begin_extend(idx, req.rid, cfg.window)
+            manager.begin_extend(idx, req.rid, cfg.obs_window)
+            STATE.reserved.setdefault(idx, _pages_bound(req, cfg))
     return None
+
+
+# ---------------------------------------------------------------------------- admission
+def _prompt_len(req) -> int:
+    return len(req.origin_input_ids) + len(req.output_ids or ())
+
+
+def _pages_bound(req, cfg: KVPolicyConfig) -> int:
+    m = STATE.manager
+    seq_len = _prompt_len(req)
+    if m is None or not wants_compression(cfg, seq_len):
+        return 0
+    return pages_upper_bound(cfg, m.shape, seq_len, m.pool.page_size)
+
+
+def before_get_new_batch_prefill(scheduler, *args, **kwargs):
+    """BEFORE Scheduler.get_new_batch_prefill: hold back what the compressed pool cannot take."""
+    m = STATE.manager
+    if STATE.held:  # never lose a request, even if the last call raised before the AFTER hook
+        scheduler.waiting_queue[:0] = STATE.held
+        STATE.held = []
+    if m is None or not scheduler.waiting_queue:
+        return None
+    available = m.allocator.free_pages - sum(STATE.reserved.values())
+    keep, held = [], []
+    for req in scheduler.waiting_queue:
+        need = _pages_bound(req, request_config(req))
+        if need == 0 or need > m.allocator.num_pages:
+            keep.append(req)  # uncompressed, or can never fit: served uncompressed (a fallback)
+        elif held or need > available:
+            held.append(req)  # FIFO among compressed requests: a big one is not starved
+            if not getattr(req, "_headkv_waited", False):
+                req._headkv_waited = True
+                STATE.admission_waits += 1
+                logger.info("headkv_sglang: rid=%s waits for the compressed pool (needs <= %d pages, %d available)",
+                            req.rid, need, available)
+        else:
+            keep.append(req)
+            available -= need
+    STATE.held_last_pass = len(held)
+    if held:
+        scheduler.waiting_queue = keep
+        STATE.held = held
+    return None
+
+
+def after_get_new_batch_prefill(result, scheduler, *args, **kwargs):
+    if STATE.held:
+        scheduler.waiting_queue[:0] = STATE.held
+        STATE.held = []
+    return result
 
 
 # ---------------------------------------------------------------------------- backend
@@ -280,6 +342,8 @@ def after_prefill(result, processor, batch, *args, **kwargs):
         idx = req.kv.req_pool_idx
         done = getattr(req, "_headkv_prefill_done", False)
         req._headkv_prefill_done = False
+        if idx is not None and done:
+            STATE.reserved.pop(idx, None)
         if (idx is None or not done or id(req) in decoding or req.finished() or req.is_retracted
                 or idx in manager.records):
             continue
@@ -359,6 +423,7 @@ def before_free_rows(pool, indices, *args, **kwargs):
         return None
     freed = False
     for idx in list(indices):
+        STATE.reserved.pop(int(idx), None)
         freed |= manager.free(int(idx))
         entry = STATE.compressed_reqs.pop(int(idx), None)
         if entry is not None:  # a retracted request re-enters the radix tree normally
@@ -378,6 +443,8 @@ def plugin_state() -> dict:
         "token_pool_tokens": STATE.token_pool_tokens,
         "compressed_pool_token_equivalents": STATE.pool_tokens,
         "fallbacks": dict(STATE.fallbacks),
+        "admission": {"waits": STATE.admission_waits, "held_last_pass": STATE.held_last_pass,
+                      "reserved_pages": sum(STATE.reserved.values())},
     }
     if m is not None:
         out.update(m.stats())

@@ -61,3 +61,59 @@ def test_16_compressed_requests_run_in_a_token_pool_for_4(start_server):
     st = srv.plugin_state()
     assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
     assert st["fallbacks"] == {}, st["fallbacks"]
+
+
+def test_requests_wait_for_a_full_compressed_pool_instead_of_falling_back(start_server):
+    """A compressed pool with room for two headkv-128 requests: six concurrent ones queue.
+
+    Every request must end up compressed (no ``pool_full`` fallback, which would serve it
+    uncompressed from SGLang's pool), never more than two hold pages at once, the needle
+    answers stay right, and the pool is empty and consistent afterwards.
+    """
+    n = 6
+    needles = [needle_prompt(PROMPT_WORDS, depth=0.3 + 0.1 * i, seed=200 + i) for i in range(n)]
+    # 375 token-equivalents moved = 2109 pages of 16; a headkv-128 request of this model
+    # (30 layers x 3 KV heads) needs <= 810 pages, so two fit and a third does not.
+    srv = start_server(
+        ["--max-total-tokens", "6250", "--kv-policy", "headkv", "--kv-budget", "128", "--kv-pool-fraction", "0.06"],
+        name="admission",
+    )
+    from openai import OpenAI
+
+    client = OpenAI(base_url=srv.openai_base_url, api_key="none", timeout=900)
+    st0 = srv.plugin_state()
+    assert st0["pool"]["num_pages"] == 2109, st0["pool"]
+
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            r = client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": needles[i].prompt}],
+                max_tokens=16, temperature=0,
+            )
+            answers[i] = r.choices[0].message.content
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    peak_compressed = 0
+    while any(t.is_alive() for t in threads):
+        st = srv.plugin_state()
+        peak_compressed = max(peak_compressed, st["running_compressed_requests"])
+        assert st["pool"]["used_pages"] <= st["pool"]["num_pages"]
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    st = srv.plugin_state()
+    assert st["fallbacks"] == {}, st["fallbacks"]
+    assert st["admission"]["waits"] >= n - 2, st["admission"]
+    assert 1 <= peak_compressed <= 2, peak_compressed
+    wrong = {i: answers[i] for i in range(n) if needles[i].answer not in answers[i]}
+    assert len(wrong) <= 1, wrong  # headkv at 128 tokens/head is not lossless; 5/6 is the bar
+    assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok", st
+    assert st["admission"]["reserved_pages"] == 0, st["admission"]

@@ -59,7 +59,7 @@ class Prompt:
 def prefill(mgr: CompressionManager, idx: int, cfg: KVPolicyConfig, p: Prompt, chunks: list[int] | None = None,
             start: int = 0) -> None:
     """Capture queries chunk by chunk from position ``start`` (a prefix hit skips ``[0, start)``)."""
-    mgr.begin_extend(idx, f"rid{idx}", cfg.window)
+    mgr.begin_extend(idx, f"rid{idx}", cfg.obs_window)
     bounds = [start]
     for c in chunks or [p.T - start]:
         bounds.append(min(bounds[-1] + c, p.T))
@@ -474,7 +474,7 @@ def test_pages_upper_bound_covers_actual_pages(policy, page_size):
         prefill(mgr, 0, cfg, p)
         used = len(mgr.compress(0, cfg, T, p.get_kv).page_ids)
         bound = pages_upper_bound(cfg, shape, T, page_size)
-        msg = f"{policy} T={T} B={budget} w={cfg.window} ps={page_size}: used {used}, bound {bound}"
+        msg = f"{policy} T={T} B={budget} w={cfg.obs_window} ps={page_size}: used {used}, bound {bound}"
         assert used <= bound, msg
         rows = shape.num_layers * shape.num_kv_heads
         if policy in ("full", "snapkv", "streamingllm"):  # every row is the same length: exact

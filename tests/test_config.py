@@ -43,8 +43,8 @@ INVALID = [
     (dict(budget=True), "--kv-budget", "True", "expected an integer"),
     (dict(budget=64.0), "--kv-budget", "64.0", "expected an integer"),
     (dict(budget="64"), "--kv-budget", "'64'", "expected an integer"),
-    (dict(window=0), "--kv-window", "0", "expected an integer in [1, 4096]"),
-    (dict(window=4097, budget=5000), "--kv-window", "4097", "expected an integer in [1, 4096]"),
+    (dict(window=-1), "--kv-window", "-1", "expected an integer in [0, 4096]"),
+    (dict(window=4097, budget=5000), "--kv-window", "4097", "expected an integer in [0, 4096]"),
     (dict(min_prompt=-1), "--kv-min-prompt", "-1", "expected an integer in [0,"),
     (dict(sink_size=-1), "--kv-sink-size", "-1", "expected an integer in [0, 4096]"),
     (dict(sink_size=4097), "--kv-sink-size", "4097", "expected an integer in [0, 4096]"),
@@ -147,8 +147,8 @@ def test_with_request_unknown_kv_key_is_named():
     assert msg.startswith("custom_params.kv_bugdet: unknown key; allowed: "), msg
     for key in REQUEST_KEYS:
         assert key in msg, msg
-    with pytest.raises(ConfigError, match=re.escape("custom_params.kv_kernel_size: unknown key")):
-        SERVER.with_request({"kv_kernel_size": 5})  # a server-only setting
+    with pytest.raises(ConfigError, match=re.escape("custom_params.kv_page_size: unknown key")):
+        SERVER.with_request({"kv_page_size": 5})  # a server-only setting
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,9 @@ def test_with_request_bad_budget_names_the_key(value, shown, allowed):
     [
         ("kv_policy", "nope", "'nope'"),
         ("kv_policy", 3, "3"),
-        ("kv_window", 0, "0"),
+        ("kv_window", -1, "-1"),
+        ("kv_kernel_size", 4, "4"),
+        ("kv_pooling", "median", "'median'"),
         ("kv_window", 129, "129"),  # > the server's budget for snapkv
         ("kv_min_prompt", -1, "-1"),
         ("kv_sink_size", "4", "'4'"),
@@ -288,3 +290,18 @@ def test_build_policy_without_a_matching_profile_says_how_to_make_one():
     msg = str(err.value)
     assert msg.startswith("--kv-head-profile: no shipped 'r2' profile matches this model"), msg
     assert "3 layers, 6 query / 2 KV heads" in msg and "--kv-head-profile FILE" in msg, msg
+
+
+@pytest.mark.parametrize("budget,expected", [(1, 1), (3, 1), (8, 2), (64, 16), (127, 31), (128, 32), (4096, 32)])
+def test_auto_observation_window_is_a_quarter_of_the_budget_up_to_32(budget, expected):
+    cfg = KVPolicyConfig(policy="snapkv", budget=budget).validate()  # window 0 = auto: always valid
+    assert cfg.window == 0 and cfg.obs_window == expected
+    assert KVPolicyConfig(policy="snapkv", budget=budget, window=1).obs_window == 1  # explicit wins
+    assert cfg.with_request({"kv_window": 1}).obs_window == 1
+
+
+def test_policy_objects_use_the_effective_window():
+    shape = ModelShape(architecture="LlamaForCausalLM", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8,
+                       hf_config={})
+    assert build_policy(KVPolicyConfig(policy="snapkv", budget=40), shape).window_size == 10
+    assert build_policy(KVPolicyConfig(policy="snapkv", budget=40, window=3), shape).window_size == 3
