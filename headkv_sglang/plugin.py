@@ -33,6 +33,7 @@ _PREFILL_RESULT = (
 )
 _FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
 _ADMIT = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
+_PREFIX_CAP = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 SERVING_TARGETS = (
     f"{_POOL_CONF}.calculate_pool_sizes",
     f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens",
@@ -40,6 +41,7 @@ SERVING_TARGETS = (
     _PREFILL_RESULT,
     _FREE_ROWS,
     _ADMIT,
+    _PREFIX_CAP,
 )
 
 # flag -> (KVPolicyConfig field, argparse kwargs)
@@ -212,6 +214,7 @@ def _register_serving(cfg: KVPolicyConfig) -> None:
     HookRegistry.register(_FREE_ROWS, sb.before_free_rows, HookType.BEFORE)
     HookRegistry.register(_ADMIT, sb.before_get_new_batch_prefill, HookType.BEFORE)
     HookRegistry.register(_ADMIT, sb.after_get_new_batch_prefill, HookType.AFTER)
+    HookRegistry.register(_PREFIX_CAP, sb.cap_prefix_len, HookType.AFTER)
 
     def create_backend(model_runner):
         missing = [t for t in SERVING_TARGETS if t not in HookRegistry._patched]

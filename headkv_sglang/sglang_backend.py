@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -57,6 +58,11 @@ class _State:
     held: list[Any] = []  # waiting requests held back during one get_new_batch_prefill call
     admission_waits: int = 0  # requests that had to wait for compressed-pool pages
     held_last_pass: int = 0  # requests held back by the last admission pass
+    # rid -> what compression did to it (the newest RECENT_REQUESTS; for clients' reports)
+    recent: "OrderedDict[str, dict]" = OrderedDict()
+
+
+RECENT_REQUESTS = 512
 
 
 STATE = _State()
@@ -159,6 +165,30 @@ def before_run_batch(scheduler, batch, *args, **kwargs):
             manager.begin_extend(idx, req.rid, cfg.obs_window)
             STATE.reserved.setdefault(idx, _pages_bound(req, cfg))
     return None
+
+
+# ---------------------------------------------------------------------------- prefix cap
+# Policies that score tokens with the observation window's queries; the others select by
+# position only and need no recomputed window.
+_QUERY_POLICIES = ("headkv", "snapkv", "pyramidkv", "adakv")
+
+
+def cap_prefix_len(result, req, input_len, *args, **kwargs):
+    """AFTER Req._compute_max_prefix_len: leave the observation window to be recomputed.
+
+    A radix hit on (nearly) the whole prompt would recompute only its last token, and the
+    window's queries — what SnapKV-style policies score with — would be one token. Capping
+    the match (the way SGLang itself caps it for ``logprob_start_len``) makes every
+    compressed request recompute at least its last ``window`` tokens: ~32 tokens of
+    prefill for a full-quality selection.
+    """
+    try:
+        cfg = request_config(req)
+    except Exception:  # never break scheduling over this
+        return result
+    if cfg is None or cfg.policy not in _QUERY_POLICIES or not wants_compression(cfg, input_len):
+        return result
+    return max(0, min(result, input_len - cfg.obs_window))
 
 
 # ---------------------------------------------------------------------------- admission
@@ -413,6 +443,13 @@ def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> bool:
         100.0 * rec.kept_tokens / (seq_len * manager.shape.num_layers * manager.shape.num_kv_heads),
         held / 2**20, full / 2**20, full / max(held, 1), 1000 * (time.perf_counter() - t0),
     )
+    STATE.recent[str(req.rid)] = {
+        "policy": cfg.policy, "budget": cfg.budget, "prompt_tokens": seq_len,
+        "kept_head_tokens": int(rec.kept_tokens), "held_bytes": int(held), "full_bytes": int(full),
+        "ratio": round(full / max(held, 1), 2), "compress_ms": round(1000 * (time.perf_counter() - t0), 1),
+    }
+    while len(STATE.recent) > RECENT_REQUESTS:
+        STATE.recent.popitem(last=False)
     update_metrics(cfg.policy)
     return True
 
@@ -443,6 +480,7 @@ def plugin_state() -> dict:
         "token_pool_tokens": STATE.token_pool_tokens,
         "compressed_pool_token_equivalents": STATE.pool_tokens,
         "fallbacks": dict(STATE.fallbacks),
+        "recent_requests": dict(STATE.recent),
         "admission": {"waits": STATE.admission_waits, "held_last_pass": STATE.held_last_pass,
                       "reserved_pages": sum(STATE.reserved.values())},
     }

@@ -1,0 +1,27 @@
+"""The short soak (benchmarks/soak.py) in CI: mixed load on a small pool, then no leaks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_short_soak_leaves_no_leaks_and_no_unexpected_errors(start_server):
+    import soak
+
+    srv = start_server(soak.SERVER_ARGS, name="soak")
+    s = soak.soak(srv.url, n=200, concurrency=8, seed=1, progress=False)
+    assert s["unexpected_errors"] == 0, s["unexpected_samples"]
+    assert s["kinds"]["abort"] >= 10 and s["kinds"]["invalid"] >= 5, s["kinds"]
+    assert s["status"].get("400", 0) == s["kinds"]["invalid"], s["status"]
+    assert s["integrity"] == "ok" and s["pool_used_pages"] == 0 and s["reserved_pages"] == 0, s
+    assert s["token_slots_leaked"] == 0, s["token_pool"]
+    assert s["compressed_requests_total"] >= 100, s
+    assert s["full_answers_checked"] >= 3 and s["full_answers_correct"] >= 0.9 * s["full_answers_checked"], s
+    assert s["healthy"] and s["ok"], s
