@@ -21,6 +21,15 @@ from headkv_sglang.server import SGLangServer, log_tail
 TEST_SERVER_ARGS = ["--max-total-tokens", "65536", "--sleep-on-idle"]
 
 _servers: list[SGLangServer] = []
+_module_servers: list[SGLangServer] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_module_servers():
+    """Stop the servers a test module started (other than session ones) when it ends."""
+    yield
+    while _module_servers:
+        _module_servers.pop().stop()
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +45,16 @@ def start_server(model_path, tmp_path_factory):
     """Factory: ``start_server(args=[...], name="x")`` -> a started SGLangServer, stopped at session end."""
     started: list[SGLangServer] = []
 
-    def _start(args: list[str] = (), *, name: str = "server", env: dict | None = None) -> SGLangServer:
+    def _start(args: list[str] = (), *, name: str = "server", env: dict | None = None,
+               keep: bool = False) -> SGLangServer:
+        """``keep=False``: stopped when the test module that started it ends (each server
+        holds GBs of KV pool; the 24 GiB CI machine cannot keep every module's alive)."""
         log = tmp_path_factory.mktemp("logs") / f"{name}.log"
         srv = SGLangServer(model_path, [*TEST_SERVER_ARGS, *args], log_path=log, env=env)
         started.append(srv)
         _servers.append(srv)
+        if not keep:
+            _module_servers.append(srv)
         return srv.start()
 
     yield _start
@@ -51,7 +65,7 @@ def start_server(model_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(start_server) -> SGLangServer:
     """The plain server: no flags beyond the test sizing (CPU defaults come from the plugin)."""
-    return start_server(name="plain")
+    return start_server(name="plain", keep=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.server
 L, H_KV, HEAD_DIM, F32 = 30, 3, 64, 4  # SmolLM2-135M, served in float32 on CPU
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kv_server(start_server):
     # Small prefill chunks so the ~1.4k and ~3k-token prompts below are prefilled in several
     # chunks: compression must happen once, after the last one, over the whole prompt.
@@ -29,7 +29,7 @@ def kv_server(start_server):
                          "--chunked-prefill-size", "1024"], name="kv-full")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kv_client(kv_server):
     from openai import OpenAI
 
