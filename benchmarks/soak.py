@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import threading
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from headkv_sglang import models  # noqa: E402
 from headkv_sglang.haystack import haystack, needle_prompt  # noqa: E402
 from headkv_sglang.server import SGLangServer  # noqa: E402
+from benchmarks.niah import machine  # noqa: E402
 
 POLICIES = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor"]
 BAD_PARAMS = [{"kv_policy": "nope"}, {"kv_budget": -1}, {"kv_budget": "x"}, {"kv_bogus": 1}, {"kv_window": 1 << 30}]
@@ -197,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
     summary["command"] = "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary["server_args"] = SERVER_ARGS if a.server is None else "external"
-    import torch
-
-    summary["machine"] = (f"{platform.machine()} CPU x{os.cpu_count()}, {platform.system()} {platform.release()}, "
-                          f"torch {torch.__version__}, no GPU")
+    summary["machine"] = machine()
     print(json.dumps({k: v for k, v in summary.items() if k != "unexpected_samples"}, indent=2))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -436,17 +436,18 @@ def _compress_and_release(req, idx, cfg, seq_len, tree_cache, manager) -> bool:
     req.skip_radix_cache_insert = True
     full = manager.full_bytes(seq_len)
     held = rec.held_bytes(manager.pool.bytes_per_page)
+    ratio, ms = full / max(held, 1), 1000 * (time.perf_counter() - t0)
     logger.info(
         "headkv_sglang: compressed rid=%s policy=%s budget=%d prompt=%d tokens kept=%.1f%% "
         "held=%.2f MB full=%.2f MB ratio=%.1fx in %.0f ms",
         req.rid, cfg.policy, cfg.budget, seq_len,
         100.0 * rec.kept_tokens / (seq_len * manager.shape.num_layers * manager.shape.num_kv_heads),
-        held / 2**20, full / 2**20, full / max(held, 1), 1000 * (time.perf_counter() - t0),
+        held / 2**20, full / 2**20, ratio, ms,
     )
     STATE.recent[str(req.rid)] = {
         "policy": cfg.policy, "budget": cfg.budget, "prompt_tokens": seq_len,
         "kept_head_tokens": int(rec.kept_tokens), "held_bytes": int(held), "full_bytes": int(full),
-        "ratio": round(full / max(held, 1), 2), "compress_ms": round(1000 * (time.perf_counter() - t0), 1),
+        "ratio": round(ratio, 2), "compress_ms": round(ms, 1),
     }
     while len(STATE.recent) > RECENT_REQUESTS:
         STATE.recent.popitem(last=False)

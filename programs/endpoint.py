@@ -63,7 +63,7 @@ class KVEndpoint(RuntimeEndpoint):
 
     def __init__(self, base_url: str = DEFAULT_URL, *, api_key: str | None = None,
                  chat_template_name: str | None = None, **kv_params: Any) -> None:
-        self.kv_params = _check_keys({k: v for k, v in kv_params.items()})
+        self.kv_params = _check_keys(kv_params)
         super().__init__(base_url.rstrip("/"), api_key=api_key, chat_template_name=chat_template_name)
         if chat_template_name is None and self.chat_template.name == "default":
             name = _chat_template_for(self.model_info.get("model_path", ""))
@@ -115,7 +115,12 @@ def server_state(base_url: str) -> dict:
 
 
 def kv_report(base_url: str, rids: list[str]) -> dict[str, dict | None]:
-    recent = server_state(base_url).get("recent_requests", {})
+    return report_from_state(server_state(base_url), rids)
+
+
+def report_from_state(state: dict, rids: list[str]) -> dict[str, dict | None]:
+    """Per request id, the server's record of its compression (None: not compressed or too old)."""
+    recent = state.get("recent_requests", {})
     return {rid: recent.get(str(rid)) for rid in rids}
 
 
@@ -208,8 +213,7 @@ class EngineBackend:
         return (states[0] if states else {}).get("headkv_sglang", {}) or {}
 
     def kv_report(self, rids: list[str]) -> dict[str, dict | None]:
-        recent = self.server_state().get("recent_requests", {})
-        return {rid: recent.get(str(rid)) for rid in rids}
+        return report_from_state(self.server_state(), rids)
 
     def shutdown(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

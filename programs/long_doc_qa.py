@@ -67,31 +67,36 @@ def ask(endpoint: KVEndpoint, document: str, questions: list[str], max_tokens: i
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--doc", required=True, type=Path, help="the document (a text file)")
     p.add_argument("--server", default=DEFAULT_URL, help="SGLang server URL (default %(default)s)")
     p.add_argument("--kv-policy", default=None,
                    help="per-request policy (full, headkv, snapkv, ...); default: the server's --kv-policy")
     p.add_argument("--kv-budget", type=int, default=None, help="per-request budget, tokens per KV head")
 
 
+def doc_and_endpoint(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[str, KVEndpoint]:
+    """The ``--doc`` text (a parser error if unreadable) and the endpoint for the server flags."""
+    try:
+        text = a.doc.read_text()
+    except OSError as e:
+        p.error(f"--doc: cannot read {a.doc}: {e.strerror}")
+    return text, KVEndpoint(a.server, kv_policy=a.kv_policy, kv_budget=a.kv_budget)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m programs.long_doc_qa", description=__doc__.split("\n\n")[0])
-    p.add_argument("--doc", required=True, type=Path, help="the document (a text file)")
     p.add_argument("--question", action="append", default=[], help="a question (repeat for several)")
     p.add_argument("--questions-file", type=Path, help="one question per line")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the answers as JSON")
     add_server_args(p)
     a = p.parse_args(argv)
-    try:
-        document = a.doc.read_text()
-    except OSError as e:
-        p.error(f"--doc: cannot read {a.doc}: {e.strerror}")
     questions = list(a.question)
     if a.questions_file:
         questions += [q.strip() for q in a.questions_file.read_text().splitlines() if q.strip()]
     if not questions:
         p.error("give --question (repeatable) or --questions-file")
-    ep = KVEndpoint(a.server, kv_policy=a.kv_policy, kv_budget=a.kv_budget)
+    document, ep = doc_and_endpoint(p, a)
     answers = ask(ep, document, questions, a.max_tokens)
     if a.json:
         print(json.dumps([asdict(x) for x in answers], indent=2))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sglang as sgl
 
-from programs.endpoint import DEFAULT_URL, KVEndpoint, fmt_bytes
+from programs.endpoint import KVEndpoint, fmt_bytes
 
 # Measured with the test model: asking for the title keeps the summary on the document's
 # subject under compression ("Summarize the text above" drifted off-topic at 5% of the KV).
@@ -188,24 +188,20 @@ class Summarizer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from programs.long_doc_qa import add_server_args
+    from programs.long_doc_qa import add_server_args, doc_and_endpoint
 
     p = argparse.ArgumentParser(prog="python -m programs.summarize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--doc", required=True, type=Path, help="the document (a text file)")
     p.add_argument("--mode", default="auto", choices=["auto", "single", "map-reduce", "refine"])
     p.add_argument("--max-tokens", type=int, default=160, help="tokens per summary call")
     p.add_argument("--context", type=int, default=None,
-                   help="tokens one call may hold (default: the server's context length)")
-    p.add_argument("--chunk-tokens", type=int, default=None, help="map-reduce/refine chunk size in tokens (default 2048: under a fixed per-head KV budget "
-                        "a smaller chunk keeps a larger share of its KV)")
+                   help="tokens one call may hold (default: the model's max_position_embeddings)")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="map-reduce/refine chunk size in tokens (default 2048: under a fixed per-head KV "
+                        "budget a smaller chunk keeps a larger share of its KV)")
     p.add_argument("--json", action="store_true")
     add_server_args(p)
     a = p.parse_args(argv)
-    try:
-        text = a.doc.read_text()
-    except OSError as e:
-        p.error(f"--doc: cannot read {a.doc}: {e.strerror}")
-    ep = KVEndpoint(a.server, kv_policy=a.kv_policy, kv_budget=a.kv_budget)
+    text, ep = doc_and_endpoint(p, a)
     s = Summarizer(ep, context=a.context, chunk_tokens=a.chunk_tokens, max_tokens=a.max_tokens).summarize(text, a.mode)
     if a.json:
         print(json.dumps(asdict(s), indent=2))
