@@ -1,0 +1,158 @@
+"""One command for every committed result: the fidelity grid, capacity at headkv's 97% budget,
+and the README's results section (between its ``results:begin``/``results:end`` markers).
+
+    python benchmarks/regenerate.py                 # run everything (CPU: ~1-2 h), then the README
+    python benchmarks/regenerate.py --report-only   # rebuild the README section from benchmarks/results/
+
+The capacity run uses the smallest budget at which headkv keeps >= 97% of full KV's
+short-answer score in the fidelity results (or the largest budget measured, said so, if
+none does). Every number the README section shows is read from the JSON files here.
+The soak (``benchmarks/soak.py``) is a reliability run, not part of this; its summary is
+quoted when ``soak_cpu.json`` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- results:begin (benchmarks/regenerate.py) -->", "<!-- results:end -->"
+TARGET = 0.97
+
+
+def headkv_budget(fid: dict, target: float = TARGET) -> tuple[str, bool]:
+    """Smallest budget where headkv's relative score >= target; (largest, False) if none."""
+    rel = fid["summary"]["relative_to_full"]["headkv"]
+    budgets = fid["meta"]["budgets"]
+    for b in budgets:  # in the order measured: increasing
+        if rel[b] is not None and rel[b] >= target:
+            return b, True
+    return budgets[-1], False
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
+    meta, s = fid["meta"], fid["summary"]
+    budgets, policies = meta["budgets"], meta["policies"]
+    b97, met = headkv_budget(fid)
+    rel = s["relative_to_full"]
+    lines = [
+        BEGIN,
+        "",
+        f"Measured on {meta['machine']} with the test model (SmolLM2-135M-Instruct); regenerate with "
+        "`python benchmarks/regenerate.py`. Details, per-task tables and plots: "
+        "[fidelity](benchmarks/results/fidelity_cpu.md)"
+        + (", [capacity](benchmarks/results/capacity_cpu.md)" if cap else "")
+        + (", [soak](benchmarks/results/soak_cpu.md)" if soak else "") + ".",
+        "",
+        f"**Quality kept** — short-answer tasks (needles over length x depth, multi-key with distractors, "
+        f"multi-value, variable tracking, common words; {meta['cases']} cases of "
+        f"{meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens), score relative to full KV on the same "
+        f"cases (full KV scores {s['full_short_answer_total']:.1f} points in total), at a budget of tokens per "
+        "KV head given as a share of the prompt:",
+        "",
+        "| policy | " + " | ".join(budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for p in policies:
+        cells = []
+        for b in budgets:
+            v = _pct(rel[p][b])
+            cells.append(f"**{v}**" if p == "headkv" and b == b97 and met else v)
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if met:
+        lines.append(f"\nheadkv keeps >= {TARGET:.0%} of full KV's score from **{b97}** of the prompt's KV up.")
+    else:
+        lines.append(f"\nheadkv stays below {TARGET:.0%} of full KV at every budget measured (best: "
+                     f"{_pct(max(v for v in rel['headkv'].values() if v is not None))}).")
+    ranks = []
+    for b in budgets:
+        order = sorted(policies, key=lambda p: -(rel[p][b] or 0))
+        ranks.append(f"{b}: headkv ranks {order.index('headkv') + 1} of {len(policies)} (best: {order[0]})")
+    lines.append("Ranking by this score — " + "; ".join(ranks) + ".")
+    if "summary" in meta["tasks"]:
+        r = s["summary_rouge_l"]["headkv"]
+        lines.append("Summaries, ROUGE-L of headkv's against full KV's: "
+                     + ", ".join(f"{b} {r[b]:.2f}" for b in budgets if r[b] is not None) + ".")
+    lines += ["", f"![accuracy vs budget](benchmarks/results/fidelity_cpu_accuracy.png)", ""]
+    if cap:
+        cm = cap["meta"]
+        lines += [
+            f"**Capacity** — the same KV memory ({cm['kv_memory_tokens']} tokens of this model) for full KV and "
+            f"for headkv at {cm['budget']} of the prompt (`sglang.bench_serving`, {cm['output_len']} output "
+            "tokens per request, highest concurrency measured):",
+            "",
+            "| prompt | server | peak running requests | output tok/s | TTFT p50 |",
+            "|---|---|---|---|---|",
+        ]
+        top = max(r["max_concurrency"] for r in cap["runs"])
+        for length in sorted({r["prompt_tokens"] for r in cap["runs"]}):
+            for r in cap["runs"]:
+                if r["prompt_tokens"] == length and r["max_concurrency"] == top:
+                    lines.append(f"| {length} | {r['server']} | {r['peak_running']} | {r['output_throughput']:.1f} "
+                                 f"| {r['median_ttft_ms'] / 1000:.1f} s |")
+        ov = cap.get("overhead") or []
+        if ov:
+            parts = []
+            for length in sorted({o["prompt_tokens"] for o in ov}):
+                f = {o["request_policy"]: o["median_ttft_ms"] for o in ov if o["prompt_tokens"] == length}
+                comp = [v for k, v in f.items() if k != "full"][0]
+                parts.append(f"{length} tokens {100 * (comp / f['full'] - 1):+.0f}%")
+            lines.append("\nCompression overhead on TTFT (concurrency 1, same server): " + ", ".join(parts) + ".")
+        lines += ["", "![capacity](benchmarks/results/capacity_cpu.png)", ""]
+    if soak:
+        lines.append(f"**Soak** — {soak['requests']} mixed requests on a deliberately small pool in "
+                     f"{soak['wall_s'] / 60:.0f} min: {soak['unexpected_errors']} unexpected errors, "
+                     f"{soak['pool_used_pages']} leaked pages, {soak['token_slots_leaked']} leaked token slots, "
+                     f"integrity {soak['integrity']}; full-KV answers {soak['full_answers_correct']}/"
+                     f"{soak['full_answers_checked']} right (`{soak['command']}`).")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_readme(text: str, readme: Path = ROOT / "README.md") -> None:
+    body = readme.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(body):
+        raise SystemExit(f"{readme}: no results markers ({BEGIN} ... {END})")
+    readme.write_text(pattern.sub(lambda _: text, body))
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--report-only", action="store_true", help="only rebuild the README section")
+    p.add_argument("--skip-fidelity", action="store_true", help="reuse fidelity_cpu.json")
+    a = p.parse_args(argv)
+    if not a.report_only:
+        from benchmarks import capacity, fidelity
+
+        if not a.skip_fidelity:
+            fidelity.main(["--out", str(RESULTS / "fidelity_cpu")])
+        b97, _ = headkv_budget(load("fidelity_cpu"))
+        capacity.main(["--budget", b97, "--out", str(RESULTS / "capacity_cpu")])
+    fid = load("fidelity_cpu")
+    if fid is None:
+        raise SystemExit(f"no {RESULTS / 'fidelity_cpu.json'}: run without --report-only first")
+    update_readme(section(fid, load("capacity_cpu"), load("soak_cpu")))
+    print(f"README results section rebuilt from {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The benchmark scripts keep working: task generators and scorers alone, then a tiny
+fidelity grid and capacity sweep through a real server."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.tasks import TASKS, build, rouge_l, score  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def count_tokens():
+    from transformers import AutoTokenizer
+
+    from headkv_sglang import models
+
+    tok = AutoTokenizer.from_pretrained(str(models.model_dir()))
+    return lambda s: len(tok(s).input_ids)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("target", [333, 1777])
+def test_cases_hit_their_length_and_plant_their_answers(task, target, count_tokens):
+    case = build(task, target, seed=target % 7, depth=0.37, count_tokens=count_tokens)
+    # whole sentences (~30 tokens) are the unit of a haystack
+    assert abs(case.meta["prompt_tokens"] - target) <= max(0.03 * target, 40), case.meta
+    assert case.task == task and case.max_tokens > 0
+    for a in case.answers:
+        assert a in case.prompt, (task, a)
+    # deterministic from the seed
+    again = build(task, target, seed=target % 7, depth=0.37, count_tokens=count_tokens)
+    assert again.prompt == case.prompt and again.answers == case.answers
+
+
+def test_niah_needle_sits_at_its_depth():
+    for depth in (0.0, 0.5, 1.0):
+        c = build("niah", 900, seed=4, depth=depth)
+        pos = c.prompt.index(f"The secret number is {c.answers[0]}.") / len(c.prompt)
+        assert abs(pos - depth) < 0.08, (depth, pos)
+
+
+def test_multikey_distractors_share_the_needle_shape():
+    c = build("multikey", 800, seed=9)
+    facts = re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.", c.prompt)
+    assert len(facts) == 4 and len({k for k, _ in facts}) == 4
+    assert (c.meta["key"], c.answers[0]) in facts
+    assert c.meta["key"] in c.prompt.rsplit("\n", 1)[-1]
+
+
+def test_vartrack_chain_resolves_to_the_value_and_decoy_does_not():
+    c = build("vartrack", 900, seed=5)
+    assign = dict(re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)\.", c.prompt))
+    assert len(assign) == 8
+
+    def resolve(v):
+        while assign[v].startswith("VAR "):
+            v = assign[v][4:]
+        return assign[v]
+
+    assert sorted(v for v in assign if resolve(v) == c.meta["value"]) == sorted(c.answers)
+    assert all(resolve(v) != c.meta["value"] for v in c.meta["decoy"])
+
+
+def test_cwe_common_words_are_the_most_frequent():
+    c = build("cwe", 1200, seed=2)
+    items = re.findall(r"\d+\. ([a-z]+)", c.prompt)
+    counts = sorted(((items.count(w), w) for w in set(items)), reverse=True)
+    top = {w for _, w in counts[:10]}
+    assert top == set(c.answers)
+    assert counts[9][0] > counts[10][0]  # strictly more frequent than any other word
+
+
+def test_score_counts_whole_tokens_case_insensitively():
+    c = build("multivalue", 300, seed=1)
+    a, b, *_ = c.answers
+    assert score(c, f"The numbers are {a} and {b}.") == 0.5
+    assert score(c, f"{a}0 {b}1") == 0.0  # a longer number is not the answer
+    v = build("vartrack", 300, seed=1)
+    assert score(v, " ".join(x.lower() for x in v.answers)) == 1.0
+    with pytest.raises(ValueError):
+        score(build("summary", 300, seed=1), "x")
+
+
+def _naive_lcs(a, b):
+    # exponential-free reference: classic full DP table
+    t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a)):
+        for j in range(len(b)):
+            t[i + 1][j + 1] = t[i][j] + 1 if a[i] == b[j] else max(t[i][j + 1], t[i + 1][j])
+    return t[-1][-1]
+
+
+def test_rouge_l_matches_a_dense_lcs_reference_on_random_texts():
+    rng = random.Random(0)
+    vocab = "a b c d e f g".split()
+    for _ in range(200):
+        c = [rng.choice(vocab) for _ in range(rng.randint(1, 23))]
+        r = [rng.choice(vocab) for _ in range(rng.randint(1, 19))]
+        lcs = _naive_lcs(c, r)
+        want = 0.0 if lcs == 0 else 2 * (lcs / len(c)) * (lcs / len(r)) / (lcs / len(c) + lcs / len(r))
+        assert rouge_l(" ".join(c), " ".join(r)) == pytest.approx(want)
+    assert rouge_l("Same words.", "same WORDS") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("", "x") == 0.0
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="unknown task 'ruler'"):
+        build("ruler", 500, seed=0)
+    with pytest.raises(ValueError, match="target_tokens must be >= 64"):
+        build("niah", 10, seed=0)
+    r = subprocess.run([sys.executable, "benchmarks/fidelity.py", "--budgets", "0%"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--budgets: invalid budget '0%'" in r.stderr, r.stderr
+
+
+# -- through a real server ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bench_server(start_server):
+    return start_server(["--kv-policy", "full", "--enable-cache-report"], name="bench-fidelity")
+
+
+@pytest.mark.server
+def test_fidelity_cli_writes_results_tables_and_plots(bench_server, tmp_path):
+    out = tmp_path / "fid"
+    r = subprocess.run(
+        [sys.executable, "benchmarks/fidelity.py", "--server", bench_server.url, "--tasks", "niah", "multikey",
+         "summary", "--lengths", "400", "--niah-lengths", "300", "500", "--depths", "0.2", "0.8", "--seeds", "1",
+         "--policies", "headkv", "streamingllm", "--budgets", "10%", "200", "--out", str(out), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    assert data["meta"]["cases"] == 6 and len(rows) == 6 * (1 + 2 * 2)
+    for row in rows:
+        if row["policy"] == "full":
+            continue
+        # the full request left the prompt in the radix cache; the window is recomputed
+        assert row["cached_tokens"] and row["prompt_tokens"] - row["cached_tokens"] >= 1, row
+        if row["budget_tokens"] < row["prompt_tokens"]:
+            kv = row["kv"]
+            assert kv and kv["policy"] == row["policy"] and kv["budget"] == row["budget_tokens"], row
+            assert 0 < row["kept_fraction"] < 1
+        if row["budget"] == "10%":
+            assert row["budget_tokens"] == max(8, round(0.1 * row["prompt_tokens"]))
+    full_summary = [r for r in rows if r["task"] == "summary" and r["policy"] == "full"][0]
+    assert full_summary["score"] == 1.0 and full_summary["output"]
+    # full KV finds these short needles; the table is derived from the rows
+    s = data["summary"]
+    assert s["tasks"]["niah"]["full"] == pytest.approx(
+        sum(r["score"] for r in rows if r["task"] == "niah" and r["policy"] == "full") / 4)
+    md = out.with_suffix(".md").read_text()
+    assert "| headkv |" in md and "relative to full" in md.lower()
+    for png in ("fid_accuracy.png", "fid_niah_headkv.png", "fid_niah_full.png"):
+        assert (tmp_path / png).stat().st_size > 5000, png
+    st = bench_server.plugin_state()
+    assert st["integrity"] == "ok"
