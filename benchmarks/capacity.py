@@ -1,6 +1,6 @@
 """Capacity at a fixed KV memory: concurrent requests, output tokens/s and TTFT, full KV vs a policy.
 
-    python benchmarks/capacity.py --out benchmarks/results/capacity_cpu            # full vs headkv 5%
+    python benchmarks/capacity.py --budget 5% --out benchmarks/results/capacity_cpu   # full vs headkv
     python benchmarks/capacity.py --policies headkv snapkv --budget 10% --lengths 2048 --concurrency 1 8 32
 
 Two servers with the same ``--max-total-tokens`` (the KV memory, in tokens of this model):
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--max-total-tokens for both servers: the fixed KV memory, in tokens (16384)")
     p.add_argument("--policies", nargs="+", default=["headkv"])
     p.add_argument("--budget", default="5%", help="per KV head: share of the prompt (5%%) or tokens (128)")
-    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="prompt tokens")
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048], help="prompt tokens")
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 24])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     p.add_argument("--requests", type=int, default=0,
                    help="requests per run (default: max(concurrency, 4))")
     p.add_argument("--overhead-requests", type=int, default=3)

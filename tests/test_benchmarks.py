@@ -165,3 +165,29 @@ def test_fidelity_cli_writes_results_tables_and_plots(bench_server, tmp_path):
         assert (tmp_path / png).stat().st_size > 5000, png
     st = bench_server.plugin_state()
     assert st["integrity"] == "ok"
+
+
+@pytest.mark.server
+def test_capacity_cli_measures_both_servers_through_bench_serving(tmp_path):
+    out = tmp_path / "cap"
+    r = subprocess.run(
+        [sys.executable, "benchmarks/capacity.py", "--kv-memory", "4096", "--lengths", "300", "--concurrency", "1",
+         "3", "--requests", "3", "--output-len", "4", "--overhead-requests", "1", "--budget", "10%",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    runs = data["runs"]
+    assert [(x["server"], x["max_concurrency"]) for x in runs] == [("full", 1), ("full", 3), ("headkv", 1), ("headkv", 3)]
+    for x in runs:
+        assert x["completed"] == 3 and x["total_output_tokens"] == 12 and x["output_throughput"] > 0, x
+        assert 1 <= x["peak_running"] <= 3 and x["median_ttft_ms"] > 0
+    full, head = runs[0], runs[2]
+    # the same KV memory: all of it SGLang's for full; split in half with the policy
+    assert full["token_pool"] == 4096 and full["compressed_pool_token_equivalents"] == 0
+    assert head["token_pool"] + head["compressed_pool_token_equivalents"] == 4096
+    assert head["budget_tokens"] == 30 and runs[3]["peak_compressed"] >= 1
+    assert {o["request_policy"] for o in data["overhead"]} == {"full", "headkv"}
+    md = out.with_suffix(".md").read_text()
+    assert "| full | 300 | 3 | 3 |" in md and "Compression overhead" in md
+    assert (tmp_path / "cap.png").stat().st_size > 5000
