@@ -40,7 +40,11 @@ from headkv_sglang.server import SGLangServer  # noqa: E402
 
 
 class Peak(threading.Thread):
-    """Polls ``/server_info`` and keeps the peak running (and compressed) request counts."""
+    """Polls ``/server_info`` and keeps the peak running (and compressed) request counts.
+
+    Both peaks are exact however short the requests: the plugin keeps the largest batch run
+    and the most compressed requests held since the previous read.
+    """
 
     def __init__(self, srv: SGLangServer, period: float = 0.25):
         super().__init__(daemon=True)
@@ -48,23 +52,31 @@ class Peak(threading.Thread):
         self.running = self.compressed = 0
         self.stop_event = threading.Event()
 
+    def poll(self) -> None:
+        try:
+            st = self.srv.plugin_state()
+        except Exception:  # noqa: BLE001 - a slow poll under load is not a failure
+            return
+        pool = st["token_pool"]
+        self.running = max(self.running, pool["running_requests"],
+                           pool.get("peak_running_requests_since_last_read", 0))
+        self.compressed = max(self.compressed, st.get("running_compressed_requests", 0),
+                              st.get("peak_running_compressed_requests_since_last_read", 0))
+
     def run(self):
         while not self.stop_event.is_set():
-            try:
-                st = self.srv.plugin_state()
-                self.running = max(self.running, st["token_pool"]["running_requests"])
-                self.compressed = max(self.compressed, st.get("running_compressed_requests", 0))
-            except Exception:  # noqa: BLE001 - a slow poll under load is not a failure
-                pass
+            self.poll()
             self.stop_event.wait(self.period)
 
     def __enter__(self):
+        self.srv.plugin_state()  # resets the server's peaks: what came before is not this run's
         self.start()
         return self
 
     def __exit__(self, *exc):
         self.stop_event.set()
         self.join(5)
+        self.poll()  # whatever ran after the thread's last poll
 
 
 def bench(srv: SGLangServer, mdir: Path, length: int, out_len: int, concurrency: int, n: int,

@@ -60,6 +60,8 @@ class CompressionManager:
         self.pool = RaggedHeadKVPool(num_pages, page_size, shape.head_dim, dtype, device)
         self.allocator = PageAllocator(num_pages)
         self.records: dict[int, RequestPages] = {}
+        # High-water mark of len(records); the server reports and resets it per read.
+        self.peak_records = 0
         self._captures: dict[int, _Capture] = {}
         self._lock = threading.Lock()
         self.total_compressed: dict[str, int] = defaultdict(int)
@@ -148,6 +150,7 @@ class CompressionManager:
             rec.layers.append(lp)
             rec.kept_tokens += int(lengths.sum())
         self.records[req_pool_idx] = rec
+        self.peak_records = max(self.peak_records, len(self.records))
         self.drop_capture(req_pool_idx)
         self.total_compressed[cfg.policy] += 1
         c = self.cumulative[cfg.policy]

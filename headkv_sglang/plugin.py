@@ -25,6 +25,7 @@ _INTERNAL_STATE = (
     "SchedulerInternalStateController.get_internal_state"
 )
 _SAMPLING_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
+_VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 _POOL_CONF = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator"
 _RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
 _PREFILL_RESULT = (
@@ -155,16 +156,62 @@ def _resolve_once(server_args, *args, **kwargs):
 def _verify_sampling_params(result, sampling_params, *args, **kwargs):
     """AFTER SamplingParams.verify: per-request kv_* overrides (ValueError -> HTTP 400)."""
     params = getattr(sampling_params, "custom_params", None)
-    if not params or not isinstance(params, dict) or not any(str(k).startswith("kv_") for k in params):
+    if not params:
         return result
     cfg = active_config()
+    if not isinstance(params, dict):
+        # /generate passes custom_params through unchecked (the OpenAI endpoints require an
+        # object); the scheduler would otherwise meet it and fall back to server defaults.
+        if cfg is not None:
+            cfg.with_request(params)  # raises: custom_params must be a JSON object
+        return result
+    if not any(str(k).startswith("kv_") for k in params):
+        return result
     if cfg is None:
         raise ValueError("custom_params kv_*: this server was started without --kv-policy")
     cfg.with_request(params)  # raises ConfigError (a ValueError) with the key and value
     return result
 
 
+EMPTY_PROMPT_ERROR = "The input is empty (0 tokens); a prompt needs at least one token."
+
+
+def _reject_empty_prompt(manager, obj, input_ids=None, *args, **kwargs):
+    """BEFORE TokenizerManager._validate_one_request: an empty prompt is a 400, not a crash.
+
+    SGLang 0.5.23 rejects ``"input_ids": []`` but not a text that tokenizes to nothing
+    (``"text": ""`` or a completions ``"prompt": ""`` with a tokenizer that adds no BOS):
+    the scheduler then runs a 0-token prefill, fails in the rotary embedding and the
+    whole server exits, with or without --kv-policy. Session continuations (whose history
+    supplies the prompt) and embedding / multimodal inputs are left to SGLang.
+    """
+    if input_ids is None or len(input_ids) != 0:
+        return None
+    if type(obj).__name__ != "GenerateReqInput" or getattr(obj, "input_embeds", None) is not None:
+        return None
+    if getattr(obj, "session_params", None) or getattr(obj, "session_id", None):
+        return None
+    if any(getattr(obj, f, None) for f in ("image_data", "video_data", "audio_data")):
+        return None
+    raise ValueError(EMPTY_PROMPT_ERROR)
+
+
 # ------------------------------------------------------------------------- scheduler side
+# Largest batch run since the last /server_info read (reset by that read), so a poller
+# sees the true peak of concurrently running requests however short the requests are.
+_PEAK = {"running": 0}
+
+
+def _track_batch(scheduler, batch, *args, **kwargs):
+    """BEFORE Scheduler.run_batch (with or without --kv-policy): the batch-size high-water mark."""
+    if batch is not None:
+        running = len(batch.reqs)
+        if batch.forward_mode.is_extend() and scheduler.running_batch is not None:
+            running += len(scheduler.running_batch.reqs)
+        _PEAK["running"] = max(_PEAK["running"], running)
+    return None
+
+
 def plugin_state(scheduler=None) -> dict[str, Any]:
     """What this process reports under ``internal_states[i]["headkv_sglang"]`` of /server_info."""
     from headkv_sglang import __version__
@@ -188,7 +235,9 @@ def plugin_state(scheduler=None) -> dict[str, Any]:
             "evictable": int(tree.evictable_size()),
             "protected": int(tree.protected_size()),
             "running_requests": len(scheduler.running_batch.reqs) if scheduler.running_batch else 0,
+            "peak_running_requests_since_last_read": _PEAK["running"],
         }
+        _PEAK["running"] = 0
     return state
 
 
@@ -237,7 +286,9 @@ def register() -> None:
         HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", _from_cli_args, HookType.BEFORE)
         HookRegistry.register(f"{_SERVER_ARGS}.resolve_once", _resolve_once, HookType.BEFORE)
         HookRegistry.register(_SAMPLING_VERIFY, _verify_sampling_params, HookType.AFTER)
+        HookRegistry.register(_VALIDATE_REQUEST, _reject_empty_prompt, HookType.BEFORE)
         HookRegistry.register(_INTERNAL_STATE, _add_internal_state, HookType.AFTER)
+        HookRegistry.register(_RUN_BATCH, _track_batch, HookType.BEFORE)
         cfg = active_config()
         if cfg is not None:
             _register_serving(cfg)

@@ -487,6 +487,8 @@ def plugin_state() -> dict:
     }
     if m is not None:
         out.update(m.stats())
+        out["peak_running_compressed_requests_since_last_read"] = max(m.peak_records, len(m.records))
+        m.peak_records = len(m.records)
         try:
             m.check_integrity()
             out["integrity"] = "ok"

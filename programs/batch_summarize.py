@@ -4,8 +4,11 @@
         [--server URL | --engine --model-path DIR] --concurrency 4 \\
         [--kv-policy headkv --kv-budget 128]
 
-Input lines: ``{"id": ..., "text": ...}`` (``id`` optional: ``line-N`` is used). Output
-lines: ``{"id", "summary", "mode", "document_tokens", "prompt_tokens",
+Input lines: ``{"id": ..., "text": ...}`` (``id`` optional: ``line-N`` is used). Each
+document is summarized by :class:`programs.summarize.Summarizer` (single pass, or
+map-reduce past the model's context), with its key names (``--key-names``, see
+``programs.summarize``) given to the model. Output lines: ``{"id", "summary", "mode",
+"document_tokens", "key_names", "prompt_tokens",
 "completion_tokens", "kv_held_bytes", "kv_full_bytes", "seconds"}``, or ``{"id", "error"}``
 for a document that failed (a malformed line, a server error): it is recorded and the job
 goes on. Resumable: ids already in the output are skipped (``--retry-failed`` redoes the
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from programs.endpoint import DEFAULT_URL, KVEndpoint, fmt_bytes
-from programs.summarize import Summarizer
+from programs.summarize import DEFAULT_KEY_NAMES, Summarizer
 
 
 @dataclass
@@ -104,6 +107,7 @@ def run(jobs: list[Job], out_path: Path, summarizer: Summarizer, *, concurrency:
         except Exception as e:  # noqa: BLE001 - recorded, and the job goes on
             return {"id": job.id, "error": f"{type(e).__name__}: {e}"}
         return {"id": job.id, "summary": s.summary, "mode": s.mode, "document_tokens": s.document_tokens,
+                "key_names": s.key_names,
                 "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                 "kv_held_bytes": s.kv.get("held_bytes", 0), "kv_full_bytes": s.kv.get("full_bytes", 0),
                 "seconds": round(time.perf_counter() - t0, 2)}
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4, help="documents in flight (default %(default)s)")
     p.add_argument("--mode", default="auto", choices=["auto", "single", "map-reduce", "refine"])
     p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--key-names", type=int, default=DEFAULT_KEY_NAMES, metavar="N",
+                   help="give the model each document's N most frequent proper names to mention "
+                        "(see programs.summarize; 0: off; default %(default)s)")
     p.add_argument("--retry-failed", action="store_true", help="redo documents recorded with an error")
     p.add_argument("--server", default=DEFAULT_URL, help="SGLang server URL (default %(default)s)")
     p.add_argument("--engine", action="store_true", help="run in-process on SGLang's offline Engine instead")
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.concurrency < 1:
         p.error(f"--concurrency must be >= 1, got {a.concurrency}")
+    if a.key_names < 0:
+        p.error(f"--key-names must be >= 0, got {a.key_names}")
     if not a.input.is_file():
         p.error(f"--input: no such file {a.input}")
 
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             backend = EngineBackend(kv_engine(model_path, **kv, **extra))
         else:
             backend = KVEndpoint(a.server, kv_policy=a.kv_policy, kv_budget=a.kv_budget)
-        summarizer = Summarizer(backend, max_tokens=a.max_tokens, num_threads=1)
+        summarizer = Summarizer(backend, max_tokens=a.max_tokens, num_threads=1, key_names=a.key_names)
         stats = run(jobs, a.output, summarizer, concurrency=a.concurrency, mode=a.mode,
                     retry_failed=a.retry_failed, progress=not a.no_progress)
     finally:

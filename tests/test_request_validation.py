@@ -1,0 +1,382 @@
+"""Per-request ``kv_*`` validation over HTTP: exact 400 messages on every endpoint, and fuzzing.
+
+One ``--kv-policy full`` server. Every bad ``custom_params`` case is sent to the native
+``/generate``, ``/v1/chat/completions`` and ``/v1/completions``; each must answer 400 with
+the whole message line the plugin produces (``KVPolicyConfig.with_request``, see
+``headkv_sglang/config.py``), and none may reach the scheduler: afterwards the compressed
+pool is empty, its integrity holds and the server still answers. A hypothesis fuzzer then
+sends random ``custom_params`` dicts and checks the server agrees with ``with_request``
+computed in this process: valid <-> 200, invalid <-> 400 with exactly its message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPolicyConfig
+
+pytestmark = pytest.mark.server
+
+ALLOWED = ", ".join(sorted(REQUEST_KEYS))
+assert ALLOWED == ("kv_beta, kv_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, kv_policy, "
+                   "kv_pooling, kv_razor_fraction, kv_sink_size, kv_window")
+POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor"
+
+# (custom_params, the exact error message). The server default is --kv-policy full with
+# budget 128, window 0 (auto), sink size 4.
+INVALID = [
+    # kv_budget: types
+    ({"kv_budget": "64"}, "custom_params.kv_budget: invalid value '64'; expected int"),
+    ({"kv_budget": 64.5}, "custom_params.kv_budget: invalid value 64.5; expected int"),
+    ({"kv_budget": True}, "custom_params.kv_budget: invalid value True; expected int"),
+    ({"kv_budget": False}, "custom_params.kv_budget: invalid value False; expected int"),
+    ({"kv_budget": None}, "custom_params.kv_budget: invalid value None; expected int"),
+    ({"kv_budget": [64]}, "custom_params.kv_budget: invalid value [64]; expected int"),
+    ({"kv_budget": {"value": 64}}, "custom_params.kv_budget: invalid value {'value': 64}; expected int"),
+    # kv_budget: range
+    ({"kv_budget": 0}, "custom_params.kv_budget: invalid value 0; expected an integer in [1, 1048576]"),
+    ({"kv_budget": -5}, "custom_params.kv_budget: invalid value -5; expected an integer in [1, 1048576]"),
+    ({"kv_budget": -5.0}, "custom_params.kv_budget: invalid value -5; expected an integer in [1, 1048576]"),
+    ({"kv_budget": 1 << 20 | 1}, "custom_params.kv_budget: invalid value 1048577; expected an integer in [1, 1048576]"),
+    ({"kv_budget": 1 << 40}, "custom_params.kv_budget: invalid value 1099511627776; expected an integer in [1, 1048576]"),
+    # beyond 64 bits SGLang's JSON parser reads the integer as a float: the message shows
+    # int(1e30), not 10**30 (SGLang's parsing, not the plugin's)
+    ({"kv_budget": 10 ** 30},
+     "custom_params.kv_budget: invalid value 1000000000000000019884624838656; expected an integer in [1, 1048576]"),
+    # kv_policy
+    ({"kv_policy": "nope"}, f"custom_params.kv_policy: invalid value 'nope'; choose one of {POLICIES}"),
+    ({"kv_policy": "SnapKV"}, f"custom_params.kv_policy: invalid value 'SnapKV'; choose one of {POLICIES}"),
+    ({"kv_policy": "snapkv "}, f"custom_params.kv_policy: invalid value 'snapkv '; choose one of {POLICIES}"),
+    ({"kv_policy": ""}, f"custom_params.kv_policy: invalid value ''; choose one of {POLICIES}"),
+    ({"kv_policy": 3}, "custom_params.kv_policy: invalid value 3; expected str"),
+    ({"kv_policy": None}, "custom_params.kv_policy: invalid value None; expected str"),
+    ({"kv_policy": ["snapkv"]}, "custom_params.kv_policy: invalid value ['snapkv']; expected str"),
+    # kv_window
+    ({"kv_window": -1}, "custom_params.kv_window: invalid value -1; expected an integer in [0, 4096]"),
+    ({"kv_window": 4097}, "custom_params.kv_window: invalid value 4097; expected an integer in [0, 4096]"),
+    ({"kv_window": 8.5}, "custom_params.kv_window: invalid value 8.5; expected int"),
+    ({"kv_policy": "snapkv", "kv_budget": 64, "kv_window": 65},
+     "custom_params.kv_window: invalid value 65; the observation window must not exceed --kv-budget (64)"),
+    ({"kv_policy": "headkv", "kv_window": 129},  # the server's budget (128)
+     "custom_params.kv_window: invalid value 129; the observation window must not exceed --kv-budget (128)"),
+    ({"kv_policy": "adakv", "kv_budget": 1, "kv_window": 2},
+     "custom_params.kv_window: invalid value 2; the observation window must not exceed --kv-budget (1)"),
+    # kv_min_prompt
+    ({"kv_min_prompt": -1}, "custom_params.kv_min_prompt: invalid value -1; expected an integer in [0, 1048576]"),
+    ({"kv_min_prompt": "10"}, "custom_params.kv_min_prompt: invalid value '10'; expected int"),
+    # kv_sink_size
+    ({"kv_sink_size": -1}, "custom_params.kv_sink_size: invalid value -1; expected an integer in [0, 4096]"),
+    ({"kv_sink_size": 4097}, "custom_params.kv_sink_size: invalid value 4097; expected an integer in [0, 4096]"),
+    ({"kv_policy": "streamingllm", "kv_budget": 8, "kv_sink_size": 8},
+     "custom_params.kv_sink_size: invalid value 8; sinks must leave room for recent tokens: < --kv-budget (8)"),
+    ({"kv_policy": "razor", "kv_budget": 4},  # the server's sink size (4): the budget is to blame
+     "custom_params.kv_budget: invalid value 4; must exceed the attention sinks (4)"),
+    # kv_beta
+    ({"kv_beta": 0.5}, "custom_params.kv_beta: invalid value 0.5; expected a number in [1.0, 1000000.0]"),
+    ({"kv_beta": 1e7}, "custom_params.kv_beta: invalid value 10000000.0; expected a number in [1.0, 1000000.0]"),
+    ({"kv_beta": "2"}, "custom_params.kv_beta: invalid value '2'; expected float"),
+    ({"kv_beta": True}, "custom_params.kv_beta: invalid value True; expected float"),
+    # kv_floor_alpha
+    ({"kv_floor_alpha": 1.5}, "custom_params.kv_floor_alpha: invalid value 1.5; expected a number in [0.0, 1.0]"),
+    ({"kv_floor_alpha": -1}, "custom_params.kv_floor_alpha: invalid value -1.0; expected a number in [0.0, 1.0]"),
+    ({"kv_floor_alpha": [0.2]}, "custom_params.kv_floor_alpha: invalid value [0.2]; expected float"),
+    # kv_kernel_size
+    ({"kv_kernel_size": 4}, "custom_params.kv_kernel_size: invalid value 4; expected an odd integer"),
+    ({"kv_kernel_size": 0}, "custom_params.kv_kernel_size: invalid value 0; expected an integer in [1, 63]"),
+    ({"kv_kernel_size": 65}, "custom_params.kv_kernel_size: invalid value 65; expected an integer in [1, 63]"),
+    ({"kv_kernel_size": "7"}, "custom_params.kv_kernel_size: invalid value '7'; expected int"),
+    # kv_pooling
+    ({"kv_pooling": "median"}, "custom_params.kv_pooling: invalid value 'median'; choose one of maxpool, avgpool"),
+    ({"kv_pooling": "MaxPool"}, "custom_params.kv_pooling: invalid value 'MaxPool'; choose one of maxpool, avgpool"),
+    ({"kv_pooling": 1}, "custom_params.kv_pooling: invalid value 1; expected str"),
+    # kv_razor_fraction
+    ({"kv_razor_fraction": 1.5}, "custom_params.kv_razor_fraction: invalid value 1.5; expected a number in [0.0, 1.0]"),
+    ({"kv_razor_fraction": -0.01},
+     "custom_params.kv_razor_fraction: invalid value -0.01; expected a number in [0.0, 1.0]"),
+    ({"kv_razor_fraction": "0.2"}, "custom_params.kv_razor_fraction: invalid value '0.2'; expected float"),
+    # unknown kv_* keys (server-only settings included), named exactly
+    ({"kv_bogus": 1}, f"custom_params.kv_bogus: unknown key; allowed: {ALLOWED}"),
+    ({"kv_bugdet": 64}, f"custom_params.kv_bugdet: unknown key; allowed: {ALLOWED}"),
+    ({"kv_Budget": 64}, f"custom_params.kv_Budget: unknown key; allowed: {ALLOWED}"),
+    ({"kv_": 64}, f"custom_params.kv_: unknown key; allowed: {ALLOWED}"),
+    ({"kv_bügdet": 64}, f"custom_params.kv_bügdet: unknown key; allowed: {ALLOWED}"),
+    ({"kv_page_size": 16}, f"custom_params.kv_page_size: unknown key; allowed: {ALLOWED}"),
+    ({"kv_pool_fraction": 0.5}, f"custom_params.kv_pool_fraction: unknown key; allowed: {ALLOWED}"),
+    ({"kv_head_profile": "/tmp/x.json"}, f"custom_params.kv_head_profile: unknown key; allowed: {ALLOWED}"),
+    ({"kv_pyramid_beta": 20.0}, f"custom_params.kv_pyramid_beta: unknown key; allowed: {ALLOWED}"),
+    # the first bad key in the request's order is the one reported
+    ({"kv_budget": 64, "kv_bogus": 1, "kv_policy": "nope"}, f"custom_params.kv_bogus: unknown key; allowed: {ALLOWED}"),
+    ({"kv_policy": 7, "kv_budget": "x"}, "custom_params.kv_policy: invalid value 7; expected str"),
+    ({"other_feature": [1, 2], "kv_kernel_size": 2},
+     "custom_params.kv_kernel_size: invalid value 2; expected an odd integer"),
+]
+
+# Accepted: each must answer 200 on every endpoint.
+VALID = [
+    {"kv_budget": 64.0},  # an integral JSON float is an integer
+    {"kv_policy": "streamingllm", "kv_budget": 16, "kv_window": 64},  # window > budget is fine without scoring
+    {"kv_policy": "snapkv", "kv_budget": 1},  # auto window: max(1, 1 // 4) = 1
+    {"kv_policy": "razor", "kv_budget": 5, "kv_razor_fraction": 0.0, "kv_sink_size": 0},
+    {"kv_policy": "adakv", "kv_budget": 32, "kv_window": 32, "kv_floor_alpha": 1, "kv_pooling": "avgpool",
+     "kv_kernel_size": 1},
+    {"kv_policy": "headkv", "kv_budget": 8, "kv_beta": 1, "kv_min_prompt": 0},
+    {"KV_BUDGET": "junk", "kvbudget": -1, "temperature_like": None},  # not kv_*: not ours, ignored
+]
+
+PROMPT = "What is the capital of France?"
+GEN_PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def kv_server(start_server):
+    return start_server(["--kv-policy", "full", "--max-total-tokens", "20000"], name="kv-validation")
+
+
+@pytest.fixture(scope="module")
+def client(kv_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=kv_server.openai_base_url, api_key="none", timeout=300, max_retries=0)
+
+
+def post_generate(server, body: dict, timeout: float = 300) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{server.url}/generate", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def generate(server, custom_params, max_new_tokens: int = 2) -> tuple[int, dict]:
+    return post_generate(server, {"text": GEN_PROMPT, "sampling_params": {
+        "max_new_tokens": max_new_tokens, "temperature": 0, "custom_params": custom_params}})
+
+
+def chat(client, custom_params, content: str = PROMPT, max_tokens: int = 2):
+    return client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+        temperature=0, extra_body={"custom_params": custom_params})
+
+
+def complete(client, custom_params, max_tokens: int = 2):
+    return client.completions.create(model="default", prompt=GEN_PROMPT, max_tokens=max_tokens, temperature=0,
+                                     extra_body={"custom_params": custom_params})
+
+
+def endpoint_errors(server, client, custom_params) -> dict[str, tuple[int, str | None]]:
+    """(status, error message or None) of the same custom_params on the three endpoints."""
+    import openai
+
+    out = {}
+    status, body = generate(server, custom_params)
+    out["generate"] = (status, body["error"]["message"] if status != 200 else None)
+    for name, call in (("chat", chat), ("completions", complete)):
+        try:
+            call(client, custom_params)
+            out[name] = (200, None)
+        except openai.BadRequestError as e:
+            out[name] = (e.status_code, e.body.get("message") if isinstance(e.body, dict) else str(e.body))
+        except openai.APIStatusError as e:
+            out[name] = (e.status_code, str(e.body))
+    return out
+
+
+def assert_clean(server, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = server.plugin_state()
+        if st["token_pool"]["running_requests"] == 0 and st["running_compressed_requests"] == 0:
+            break
+        assert time.monotonic() < deadline, f"not idle after {timeout} s: {json.dumps(st)[:2000]}"
+        time.sleep(0.5)
+    assert st["pool"]["used_pages"] == 0, st["pool"]
+    assert st["integrity"] == "ok", st["integrity"]
+    assert st["admission"]["reserved_pages"] == 0, st["admission"]
+    assert st["fallbacks"] == {}, st["fallbacks"]  # no compression failed for an accepted config
+    return st
+
+
+def _id(x) -> str:
+    return json.dumps(x, ensure_ascii=True)[:60]
+
+
+@pytest.mark.parametrize("custom_params, message", INVALID, ids=[_id(c) for c, _ in INVALID])
+def test_invalid_custom_params_are_400_with_exact_message(kv_server, client, custom_params, message):
+    got = endpoint_errors(kv_server, client, custom_params)
+    assert got == {"generate": (400, message), "chat": (400, message), "completions": (400, message)}, got
+
+
+@pytest.mark.parametrize("custom_params", VALID, ids=[_id(c) for c in VALID])
+def test_valid_custom_params_are_served(kv_server, client, custom_params):
+    assert endpoint_errors(kv_server, client, custom_params) == {
+        "generate": (200, None), "chat": (200, None), "completions": (200, None)}
+
+
+def test_custom_params_not_an_object(kv_server, client):
+    import openai
+
+    for value, type_name in (("kv_budget", "str"), (["kv_budget", 64], "list"), (64, "int"), (True, "bool")):
+        # /generate takes custom_params as any JSON value; the plugin rejects a non-object
+        # (the scheduler could not read kv_* settings from it)
+        status, body = generate(kv_server, value)
+        assert (status, body["error"]["message"]) == (400, f"custom_params must be a JSON object, got {type_name}")
+        # the OpenAI endpoints declare it a dict: SGLang's own request validation answers
+        # (its message goes on with a server-side traceback location, not asserted)
+        for call in (chat, complete):
+            with pytest.raises(openai.BadRequestError) as err:
+                call(client, value)
+            lines = err.value.body["message"].splitlines()
+            assert lines[:2] == ["1 validation error:", "  {'type': 'dict_type', 'loc': ('body', 'custom_params'), "
+                                 f"'msg': 'Input should be a valid dictionary', 'input': {value!r}}}"], lines
+    # empty / null custom_params mean "no overrides" everywhere
+    for value in (None, {}, []):
+        assert generate(kv_server, value)[0] == 200
+    for value in (None, {}):
+        assert chat(client, value).choices[0].message.content
+        assert complete(client, value).choices[0].text
+
+
+def test_one_bad_item_fails_a_native_batch(kv_server):
+    status, body = post_generate(kv_server, {
+        "text": [GEN_PROMPT, PROMPT],
+        "sampling_params": [{"max_new_tokens": 2, "custom_params": {"kv_policy": "snapkv", "kv_budget": 16}},
+                            {"max_new_tokens": 2, "custom_params": {"kv_pooling": "median"}}],
+    })
+    assert (status, body["error"]["message"]) == (
+        400, "custom_params.kv_pooling: invalid value 'median'; choose one of maxpool, avgpool")
+
+
+def test_server_unaffected_after_invalid_requests(kv_server, client):
+    assert kv_server.healthy()
+    assert_clean(kv_server)
+    answer = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0)
+    assert "Paris" in answer.choices[0].message.content
+    # and with a compressing policy whose budget covers the prompt
+    assert "Paris" in chat(client, {"kv_policy": "snapkv", "kv_budget": 256}, max_tokens=16).choices[0].message.content
+    assert_clean(kv_server)
+
+
+# ---------------------------------------------------------------------------- fuzzing
+_JSON_LEAF = (st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 63 - 1)  # beyond: SGLang parses floats
+              | st.floats(allow_nan=False, allow_infinity=False)  # NaN/Infinity are not JSON
+              | st.text(max_size=8))
+_JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+# Values near the valid ranges: mostly accepted, so that compression runs with odd but
+# legal settings (budget 1, window = budget, sinks 0, ...).
+_NEAR = {
+    "kv_policy": st.sampled_from(POLICY_CHOICES),
+    "kv_budget": st.integers(1, 80) | st.sampled_from([1, 2, 4, 5, 16, 1 << 20]),
+    "kv_window": st.integers(0, 24),
+    "kv_min_prompt": st.integers(0, 40),
+    "kv_sink_size": st.integers(0, 8),
+    "kv_beta": st.floats(1, 20) | st.integers(1, 3),
+    "kv_floor_alpha": st.floats(0, 1),
+    "kv_kernel_size": st.sampled_from([1, 3, 5, 13, 63]),
+    "kv_pooling": st.sampled_from(["maxpool", "avgpool"]),
+    "kv_razor_fraction": st.floats(0, 1),
+}
+# ... and just outside them
+_EDGE = {
+    "kv_policy": st.text(max_size=8),
+    "kv_budget": st.sampled_from([-1, 0, (1 << 20) + 1]),
+    "kv_window": st.sampled_from([-1, 81, 4097]),
+    "kv_min_prompt": st.sampled_from([-1, (1 << 20) + 1]),
+    "kv_sink_size": st.sampled_from([-1, 80, 4097]),
+    "kv_beta": st.floats(-1, 0.999) | st.floats(1e6, 1e300, exclude_min=True),
+    "kv_floor_alpha": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
+    "kv_kernel_size": st.sampled_from([-1, 0, 2, 4, 64, 65]),
+    "kv_pooling": st.sampled_from(["minpool", "MAXPOOL", ""]),
+    "kv_razor_fraction": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
+}
+_KEYS = (st.sampled_from(sorted(REQUEST_KEYS)) | st.sampled_from(["kv_page_size", "kv_head_profile", "kv_", "kv_Policy"])
+         | st.text(max_size=6).map(lambda s: "kv_" + s)  # unknown kv_* keys
+         | st.text(max_size=6))  # other features' keys: ignored unless they start with kv_
+
+
+@st.composite
+def custom_params_dicts(draw) -> dict:
+    out: dict = {}
+    if draw(st.booleans()):  # known keys, values near the valid ranges: mostly accepted
+        out["kv_policy"] = draw(_NEAR["kv_policy"])
+        out["kv_budget"] = draw(_NEAR["kv_budget"])  # mostly below the prompt: real compression
+        for key in draw(st.lists(st.sampled_from(sorted(REQUEST_KEYS)), max_size=3, unique=True)):
+            out[key] = draw(_NEAR[key])
+        if draw(st.booleans()):
+            out[draw(st.text(max_size=6))] = draw(_JSON)  # another feature's key: ignored unless kv_*
+        return out
+    for _ in range(draw(st.integers(0, 5))):  # anything: mostly rejected
+        key = draw(_KEYS)
+        choice = draw(st.integers(0, 2)) if key in REQUEST_KEYS else 2
+        out[key] = draw((_NEAR, _EDGE)[choice][key]) if choice < 2 else draw(_JSON)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server_config(kv_server) -> KVPolicyConfig:
+    cfg = KVPolicyConfig(**kv_server.plugin_state()["config"])
+    assert cfg.policy == "full" and cfg.budget == 128
+    return cfg
+
+
+_fuzz_seen = {"valid": 0, "invalid": 0, "compressing": 0}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(custom_params=custom_params_dicts(), endpoint=st.sampled_from(["generate", "chat", "completions"]))
+def test_fuzz_custom_params_agree_with_the_reference(kv_server, client, server_config, custom_params, endpoint):
+    import openai
+
+    try:
+        server_config.with_request(custom_params)
+        expected = None
+    except ConfigError as e:
+        expected = str(e)
+    if endpoint == "generate":
+        status, body = generate(kv_server, custom_params, max_new_tokens=2)
+        if status == 200:
+            assert isinstance(body["text"], str) and 1 <= body["meta_info"]["completion_tokens"] <= 2, body
+        message = body["error"]["message"] if status != 200 else None
+    else:
+        try:
+            if endpoint == "chat":
+                out = chat(client, custom_params, max_tokens=2)
+                text, n = out.choices[0].message.content, out.usage.completion_tokens
+            else:
+                out = complete(client, custom_params, max_tokens=2)
+                text, n = out.choices[0].text, out.usage.completion_tokens
+            assert isinstance(text, str) and 1 <= n <= 2, out
+            status, message = 200, None
+        except openai.APIStatusError as e:  # a 5xx would land here too, and fail below
+            status, message = e.status_code, (e.body or {}).get("message") if isinstance(e.body, dict) else str(e.body)
+    if expected is None:
+        _fuzz_seen["valid"] += 1
+        _fuzz_seen["compressing"] += server_config.with_request(custom_params).policy != "full"
+        assert (status, message) == (200, None), (custom_params, endpoint)
+    else:
+        _fuzz_seen["invalid"] += 1
+        assert (status, message) == (400, expected), (custom_params, endpoint)
+        assert message.startswith("custom_params.")
+        key = message.split(":", 1)[0].removeprefix("custom_params.")
+        assert key in custom_params, (key, custom_params)
+
+
+def test_server_clean_after_fuzzing(kv_server, client):
+    # the fuzzer exercised both outcomes (derandomized: the same inputs every run)
+    assert _fuzz_seen["valid"] >= 10 and _fuzz_seen["invalid"] >= 10 and _fuzz_seen["compressing"] >= 8, _fuzz_seen
+    assert kv_server.healthy()
+    assert_clean(kv_server)
+    st_ = kv_server.plugin_state()
+    assert sum(p["compressed_requests_total"] for p in st_["policies"].values()) > 0  # accepted configs compressed
+    assert "Paris" in chat(client, None, max_tokens=16).choices[0].message.content
