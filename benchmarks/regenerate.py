@@ -109,10 +109,15 @@ def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
         if ov:
             parts = []
             for length in sorted({o["prompt_tokens"] for o in ov}):
-                f = {o["request_policy"]: o["median_ttft_ms"] for o in ov if o["prompt_tokens"] == length}
+                f = {o["request_policy"]: o for o in ov if o["prompt_tokens"] == length}
                 comp = [v for k, v in f.items() if k != "full"][0]
-                parts.append(f"{length} tokens {100 * (comp / f['full'] - 1):+.0f}%")
-            lines.append("\nCompression overhead on TTFT (concurrency 1, same server): " + ", ".join(parts) + ".")
+                part = f"{length} tokens: TTFT {100 * (comp['median_ttft_ms'] / f['full']['median_ttft_ms'] - 1):+.0f}%"
+                if comp.get("median_e2e_latency_ms") and f["full"].get("median_e2e_latency_ms"):
+                    e2e = comp["median_e2e_latency_ms"] / f["full"]["median_e2e_latency_ms"] - 1
+                    part += f", end-to-end {100 * e2e:+.0f}% ({cm['output_len']} tokens out)"
+                parts.append(part)
+            lines.append("\nCompression overhead at concurrency 1, same server and prompts: " + "; ".join(parts)
+                         + ". The first token comes from the prefill; compression runs before the second.")
         lines += ["", "![capacity](benchmarks/results/capacity_cpu.png)", ""]
     if soak:
         lines.append(f"**Soak** — {soak['requests']} mixed requests on a deliberately small pool in "
