@@ -113,17 +113,6 @@ def bench(srv: SGLangServer, mdir: Path, length: int, out_len: int, concurrency:
     return row
 
 
-def wait_idle(srv: SGLangServer, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = srv.plugin_state()
-        if st["token_pool"]["running_requests"] == 0 and st.get("running_compressed_requests", 0) == 0:
-            return st
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server not idle after {timeout} s")
-        time.sleep(0.5)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kv-memory", type=int, default=16384,
@@ -177,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(server=server, prompt_tokens=length, max_concurrency=c, requests=n,
                                budget_tokens=params["kv_budget"] if params else None, **mem)
                     runs.append(row)
-                    wait_idle(srv)
+                    srv.wait_idle()
                 if server != "full":
                     for kind, cp in (("full", {"kv_policy": "full"}), (server, params)):
                         row = bench(srv, mdir, length, a.output_len, 1, a.overhead_requests, cp, result_file,
@@ -186,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "median_ttft_ms": row["median_ttft_ms"], "mean_ttft_ms": row["mean_ttft_ms"],
                                          "median_e2e_latency_ms": row["median_e2e_latency_ms"],
                                          "median_tpot_ms": row["median_tpot_ms"]})
-                        wait_idle(srv)
-            st = wait_idle(srv)
+                        srv.wait_idle()
+            st = srv.wait_idle()
             if server != "full":
                 assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok", st
     wall = time.time() - t0

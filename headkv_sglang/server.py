@@ -138,9 +138,34 @@ class SGLangServer:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=timeout) as r:
             return json.loads(r.read())
 
+    def post_json(self, path: str, body: dict, timeout: float = 600.0) -> tuple[int, dict]:
+        """POST ``body`` as JSON; (HTTP status, decoded answer), error statuses included."""
+        import json
+
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
     def plugin_state(self) -> dict:
         """``/server_info`` -> the scheduler's ``headkv_sglang`` state (pool occupancy, integrity)."""
         return self.get_json("/server_info")["internal_states"][0]["headkv_sglang"]
+
+    def wait_idle(self, timeout: float = 120.0) -> dict:
+        """The plugin state once no request runs (compressed or not); TimeoutError after ``timeout`` s."""
+        import json
+
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.plugin_state()
+            if st["token_pool"]["running_requests"] == 0 and st.get("running_compressed_requests", 0) == 0:
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not idle after {timeout} s: {json.dumps(st)[:2000]}")
+            time.sleep(0.5)
 
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM the whole process group, SIGKILL after ``grace`` seconds."""

@@ -21,7 +21,6 @@ evictable.
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -79,22 +78,12 @@ def kv(policy: str, budget: int = BUDGET, **extra) -> dict:
     return {"kv_policy": policy, "kv_budget": budget, **extra}
 
 
-def post(server, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{server.url}{path}", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def generate(server, prompt, max_new_tokens: int, custom_params=None, **sampling) -> tuple[int, dict]:
     """Native /generate; ``prompt``: text or token ids."""
     body = {"text": prompt} if isinstance(prompt, str) else {"input_ids": prompt}
     body["sampling_params"] = {"max_new_tokens": max_new_tokens, "temperature": 0,
                                "custom_params": custom_params, **sampling}
-    return post(server, "/generate", body)
+    return server.post_json("/generate", body)
 
 
 def generate_ok(server, prompt, max_new_tokens: int, custom_params=None, **sampling) -> dict:
@@ -144,13 +133,7 @@ def parallel(fn, jobs: list[tuple]) -> list:
 
 def assert_clean(server, timeout: float = 120.0) -> dict:
     """Idle, and nothing leaked: compressed pages, reservations, SGLang token slots."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = server.plugin_state()
-        if st["token_pool"]["running_requests"] == 0 and st["running_compressed_requests"] == 0:
-            break
-        assert time.monotonic() < deadline, f"not idle after {timeout} s: {json.dumps(st)[:2000]}"
-        time.sleep(0.5)
+    st = server.wait_idle(timeout)
     assert st["pool"]["used_pages"] == 0, st["pool"]
     assert st["integrity"] == "ok", st["integrity"]
     assert st["admission"]["reserved_pages"] == 0, st["admission"]
@@ -174,7 +157,7 @@ def test_empty_prompt(kv_server, client):
     # plugin turns it into a 400 (plugin._reject_empty_prompt).
     for policy in POLICIES:
         assert generate(kv_server, "", 4, kv(policy)) == (400, {"error": {"message": EMPTY_PROMPT_ERROR}})
-    status, body = post(kv_server, "/generate", {"text": ["", FRANCE], "sampling_params": {"max_new_tokens": 2}})
+    status, body = kv_server.post_json("/generate", {"text": ["", FRANCE], "sampling_params": {"max_new_tokens": 2}})
     assert (status, body["error"]["message"]) == (400, EMPTY_PROMPT_ERROR)  # one empty item fails the batch
     # SGLang's own checks
     assert generate(kv_server, [], 4, kv("snapkv")) == (400, {"error": {"message": "input_ids cannot be empty."}})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -44,17 +43,6 @@ def chat(client, content: str, max_tokens: int = 24, **kv):
     )
 
 
-def wait_idle(server, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = server.plugin_state()
-        if st["token_pool"]["running_requests"] == 0 and st["running_compressed_requests"] == 0:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server not idle after {timeout} s: {json.dumps(st)[:2000]}")
-        time.sleep(0.5)
-
-
 PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -86,7 +74,7 @@ def test_full_and_uncut_budgets_are_token_identical_to_plain(openai_client, kv_c
             if got != ref:
                 mismatches.append((p[:40], kv, ref, got))
     assert not mismatches, mismatches
-    st = wait_idle(kv_server)
+    st = kv_server.wait_idle(60.0)
     assert st["policies"]["snapkv"]["compressed_requests_total"] >= len(PROMPTS)
     assert st["policies"]["headkv"]["compressed_requests_total"] >= len(PROMPTS)
     assert st["integrity"] == "ok" and st["pool"]["used_pages"] == 0
@@ -94,7 +82,7 @@ def test_full_and_uncut_budgets_are_token_identical_to_plain(openai_client, kv_c
 
 def test_compressed_prompt_frees_token_pool_and_holds_20x_less(kv_server, kv_client):
     """Budget 64 on a ~3k-token prompt: >=20x less KV held, and the prompt's slots come back."""
-    before = wait_idle(kv_server)
+    before = kv_server.wait_idle(60.0)
     tp0 = before["token_pool"]
     needle = needle_prompt(2200, depth=0.5, seed=21)
     body = {
@@ -127,7 +115,7 @@ def test_compressed_prompt_frees_token_pool_and_holds_20x_less(kv_server, kv_cli
     tp = during["token_pool"]
     assert tp["protected"] == 0, tp
     assert tp["available"] + tp["evictable"] >= tp0["available"] + tp0["evictable"] - 110, (tp0, tp)
-    after = wait_idle(kv_server)
+    after = kv_server.wait_idle(60.0)
     assert after["pool"]["used_pages"] == 0 and after["integrity"] == "ok"
     assert after["token_pool"]["protected"] == 0
 
@@ -174,14 +162,14 @@ def test_32_concurrent_mixed_policies_then_pools_empty(kv_server, kv_client):
     assert not errors, errors
     wrong = [(jobs[i][2], jobs[i][1], results.get(i)) for i in range(len(jobs)) if jobs[i][1] not in (results.get(i) or "")]
     assert not wrong, wrong
-    st = wait_idle(kv_server)
+    st = kv_server.wait_idle(60.0)
     assert st["integrity"] == "ok", st["integrity"]
     assert st["pool"]["used_pages"] == 0 and st["running_compressed_requests"] == 0
     assert st["token_pool"]["protected"] == 0
 
 
 def test_aborted_stream_frees_its_pages(kv_server):
-    wait_idle(kv_server)
+    kv_server.wait_idle(60.0)
     n = needle_prompt(600, depth=0.5, seed=51)
     body = {"model": "default", "messages": [{"role": "user", "content": n.prompt}], "max_tokens": 2000,
             "temperature": 0, "stream": True, "ignore_eos": True,
@@ -197,7 +185,7 @@ def test_aborted_stream_frees_its_pages(kv_server):
                 break
     assert kv_server.plugin_state()["running_compressed_requests"] == 1
     resp.close()  # client disconnect: SGLang aborts the request
-    st = wait_idle(kv_server, timeout=120)
+    st = kv_server.wait_idle(timeout=120)
     assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
 
 
@@ -230,7 +218,7 @@ def _metric(text: str, name: str, policy: str | None = None) -> float:
 def test_prometheus_metrics_report_compression(kv_server, kv_client):
     n = needle_prompt(700, depth=0.5, seed=61)
     chat(kv_client, n.prompt, kv_policy="pyramidkv", kv_budget=64)
-    wait_idle(kv_server)
+    kv_server.wait_idle(60.0)
     text = urllib.request.urlopen(f"{kv_server.url}/metrics", timeout=60).read().decode()
     assert _metric(text, "sglang:headkv_compressed_requests_total", "pyramidkv") >= 1
     assert _metric(text, "sglang:headkv_held_bytes", "pyramidkv") == 0  # finished: nothing held

@@ -12,9 +12,6 @@ computed in this process: valid <-> 200, invalid <-> 400 with exactly its messag
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -146,19 +143,9 @@ def client(kv_server):
     return OpenAI(base_url=kv_server.openai_base_url, api_key="none", timeout=300, max_retries=0)
 
 
-def post_generate(server, body: dict, timeout: float = 300) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{server.url}/generate", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def generate(server, custom_params, max_new_tokens: int = 2) -> tuple[int, dict]:
-    return post_generate(server, {"text": GEN_PROMPT, "sampling_params": {
-        "max_new_tokens": max_new_tokens, "temperature": 0, "custom_params": custom_params}})
+    return server.post_json("/generate", {"text": GEN_PROMPT, "sampling_params": {
+        "max_new_tokens": max_new_tokens, "temperature": 0, "custom_params": custom_params}}, timeout=300)
 
 
 def chat(client, custom_params, content: str = PROMPT, max_tokens: int = 2):
@@ -191,13 +178,7 @@ def endpoint_errors(server, client, custom_params) -> dict[str, tuple[int, str |
 
 
 def assert_clean(server, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = server.plugin_state()
-        if st["token_pool"]["running_requests"] == 0 and st["running_compressed_requests"] == 0:
-            break
-        assert time.monotonic() < deadline, f"not idle after {timeout} s: {json.dumps(st)[:2000]}"
-        time.sleep(0.5)
+    st = server.wait_idle(timeout)
     assert st["pool"]["used_pages"] == 0, st["pool"]
     assert st["integrity"] == "ok", st["integrity"]
     assert st["admission"]["reserved_pages"] == 0, st["admission"]
@@ -246,11 +227,11 @@ def test_custom_params_not_an_object(kv_server, client):
 
 
 def test_one_bad_item_fails_a_native_batch(kv_server):
-    status, body = post_generate(kv_server, {
+    status, body = kv_server.post_json("/generate", {
         "text": [GEN_PROMPT, PROMPT],
         "sampling_params": [{"max_new_tokens": 2, "custom_params": {"kv_policy": "snapkv", "kv_budget": 16}},
                             {"max_new_tokens": 2, "custom_params": {"kv_pooling": "median"}}],
-    })
+    }, timeout=300)
     assert (status, body["error"]["message"]) == (
         400, "custom_params.kv_pooling: invalid value 'median'; choose one of maxpool, avgpool")
 
