@@ -12,8 +12,9 @@ asserted (>= 90%) for the ``full`` policy; reported, not asserted, for the compr
 (lossy policies may miss). At the end, with the server idle: the compressed pool's
 ``check_integrity()`` passes, it holds zero pages, the admission reservations are zero,
 SGLang's token pool has every slot back (available + evictable cache == total), and the
-server is healthy. Exit code 0 only if all of that holds and no request got an
-unexpected error.
+server is healthy. Exit code 0 only if all of that holds, no request got an
+unexpected error, and none fell back to uncompressed KV (every request here fits the pool,
+so admission must have queued it until its pages were free).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def soak(url: str, n: int, concurrency: int, seed: int, progress: bool = True, m
     }
     summary["ok"] = bool(
         healthy and not unexpected and st["integrity"] == "ok" and st["pool"]["used_pages"] == 0
-        and summary["reserved_pages"] == 0 and summary["token_slots_leaked"] == 0
+        and summary["reserved_pages"] == 0 and summary["token_slots_leaked"] == 0 and not summary["fallbacks"]
         and summary["full_answers_correct"] >= 0.9 * max(1, len(checked_full))
     )
     return summary

@@ -264,7 +264,15 @@ def pages_upper_bound(cfg: KVPolicyConfig, shape: ModelShape, seq_len: int, page
     if cfg.policy in ("snapkv", "streamingllm"):
         per_head_max = min(seq_len, cfg.budget)
         return L * H * math.ceil(per_head_max / page_size)
+    if cfg.policy == "razor":
+        # Position-only plan (retrieval heads keep T, the others min(B, T)), and selection
+        # keeps exactly the plan: the exact count. The worst case (every head keeps T)
+        # over-reserved several-fold (5x for T = 1200, B = 64, 15% retrieval heads), and a
+        # long prompt's worst case could exceed the whole pool, so it was admitted
+        # unreserved and could find the pool full (the soak saw 2 such fallbacks).
+        planned = build_policy(cfg, shape).plan_budgets(seq_len, cfg.budget, L, H).clamp(max=seq_len)
+        return int(((planned + page_size - 1) // page_size).sum())
     if cfg.policy in ("headkv", "pyramidkv", "adakv"):
         total = min(L * H * cfg.budget, L * H * seq_len)
         return math.ceil(total / page_size) + L * H  # each row wastes < one page
-    return L * H * math.ceil(seq_len / page_size)  # full, razor: worst case keeps everything
+    return L * H * math.ceil(seq_len / page_size)  # full keeps everything

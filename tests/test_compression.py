@@ -481,3 +481,29 @@ def test_pages_upper_bound_covers_actual_pages(policy, page_size):
             assert used == bound, msg
         else:
             assert bound <= math.ceil(rows * min(budget, T) / page_size) + rows, msg
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_pages_upper_bound_is_exact_for_razor(tmp_path, page_size):
+    """Razor's plan is known before prefill, so admission reserves exactly what it uses."""
+    from headkv_sglang.profiles import HeadProfile
+
+    rng = random.Random(f"razor{page_size}")
+    L, Hq, H = SHAPE.num_layers, SHAPE.num_q_heads, SHAPE.num_kv_heads
+    table = lambda: [[rng.random() for _ in range(Hq)] for _ in range(L)]  # noqa: E731
+    path = HeadProfile(architecture="", model_name="random", num_layers=L, num_q_heads=Hq, num_kv_heads=H,
+                       head_dim=SHAPE.head_dim, method="razor", parameters={}, scores=table(), echo=table(),
+                       induction=table()).save(tmp_path / "razor.json", heatmap=False)
+    for trial, T in enumerate([1, 7, 54, 97, 301]):
+        budget = rng.randint(2, 120)
+        cfg = make_cfg("razor", budget, window=rng.randint(1, min(budget, 12)), head_profile=str(path),
+                       razor_fraction=rng.choice([0.0, 0.15, 0.5, 1.0]))
+        p = Prompt(SHAPE, T, seed=trial)
+        mgr = CompressionManager(SHAPE, num_pages=5000, page_size=page_size, dtype=torch.float32, device="cpu")
+        prefill(mgr, 0, cfg, p)
+        used = len(mgr.compress(0, cfg, T, p.get_kv).page_ids)
+        bound = pages_upper_bound(cfg, SHAPE, T, page_size)
+        assert used == bound, f"T={T} B={budget} fraction={cfg.razor_fraction} ps={page_size}: used {used}, bound {bound}"
+        # and below the every-head-keeps-T worst case as soon as some head drops tokens
+        if cfg.razor_fraction < 1.0 and budget < T:
+            assert bound < L * H * math.ceil(T / page_size)

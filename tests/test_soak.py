@@ -22,6 +22,7 @@ def test_short_soak_leaves_no_leaks_and_no_unexpected_errors(start_server):
     assert s["status"].get("400", 0) == s["kinds"]["invalid"], s["status"]
     assert s["integrity"] == "ok" and s["pool_used_pages"] == 0 and s["reserved_pages"] == 0, s
     assert s["token_slots_leaked"] == 0, s["token_pool"]
+    assert not s["fallbacks"], s["fallbacks"]  # admission queued every request until its pages were free
     assert s["compressed_requests_total"] >= 100, s
     assert s["full_answers_checked"] >= 3 and s["full_answers_correct"] >= 0.9 * s["full_answers_checked"], s
     assert s["healthy"] and s["ok"], s
