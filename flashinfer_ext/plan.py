@@ -14,6 +14,7 @@ kernel runs per layer. Pure torch; the FlashInfer call itself lives in ``decode.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +87,87 @@ def ragged_decode_torch(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.T
     flat_k, tok_indptr = paged_to_flat(k_pages, plan.kv_indptr.long(), plan.kv_indices.long(), plan.kv_last_page_len.long())
     flat_v, _ = paged_to_flat(v_pages, plan.kv_indptr.long(), plan.kv_indices.long(), plan.kv_last_page_len.long())
     return ragged_decode(q, flat_k, flat_v, tok_indptr, scale)
+
+
+@dataclass
+class ChunkPlan:
+    """Rows cut into chunks of at most ``chunk_pages`` pages, each chunk one kernel row.
+
+    A long row on one thread block is a straggler: HeadKV gives a few heads most of the
+    budget, and with thousands of rows FlashInfer does not split the KV itself. The chunks
+    of a row are merged afterwards (:func:`merge_chunks`). ``chunk_row`` int64 ``[C]``: the
+    row of each chunk, ``num_rows`` for padding chunks (one token of page 0, dropped);
+    ``q_index``: the query row each chunk reads (0 for padding). Empty rows get no chunk.
+    """
+
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    chunk_row: torch.Tensor
+    q_index: torch.Tensor
+    num_rows: int
+    page_size: int
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunk_row.numel()
+
+
+def split_rows(plan: DecodePlan, chunk_pages: int, pad_to: int | None = None) -> ChunkPlan:
+    """Cut each row of ``plan`` into chunks of ``chunk_pages`` pages (the last may be shorter).
+
+    ``pad_to``: total chunks after padding (a CUDA graph needs a fixed count); an error when
+    the rows need more.
+    """
+    if chunk_pages <= 0:
+        raise ValueError(f"chunk_pages must be > 0, got {chunk_pages}")
+    rows = plan.num_rows
+    counts = (plan.kv_indptr[1:] - plan.kv_indptr[:-1]).long()
+    nchunks = (counts + chunk_pages - 1) // chunk_pages
+    chunk_row = torch.repeat_interleave(torch.arange(rows), nchunks)
+    first = torch.zeros(rows, dtype=torch.int64)
+    if rows > 1:
+        torch.cumsum(nchunks[:-1], 0, out=first[1:])
+    j = torch.arange(chunk_row.numel()) - first[chunk_row]  # chunk number within its row
+    pages = torch.minimum(counts[chunk_row] - j * chunk_pages, torch.full_like(j, chunk_pages))
+    final = j == nchunks[chunk_row] - 1
+    last = torch.where(final, plan.kv_last_page_len.long()[chunk_row], torch.full_like(j, plan.page_size))
+    # chunks are consecutive slices of each row's page list, rows in order: the page list is unchanged
+    indices = plan.kv_indices.to(torch.int32)
+    q_index = chunk_row.clone()
+    if pad_to is not None:
+        pad = pad_to - chunk_row.numel()
+        if pad < 0:
+            raise ValueError(f"the rows need {chunk_row.numel()} chunks of {chunk_pages} pages, more than the "
+                             f"{pad_to} this plan is padded to")
+        chunk_row = torch.cat([chunk_row, torch.full((pad,), rows, dtype=torch.int64)])
+        q_index = torch.cat([q_index, torch.zeros(pad, dtype=torch.int64)])
+        pages = torch.cat([pages, torch.ones(pad, dtype=torch.int64)])
+        last = torch.cat([last, torch.ones(pad, dtype=torch.int64)])
+        indices = torch.cat([indices, torch.zeros(pad, dtype=torch.int32)])
+    kv_indptr = torch.zeros(pages.numel() + 1, dtype=torch.int32)
+    torch.cumsum(pages, 0, out=kv_indptr[1:])
+    return ChunkPlan(kv_indptr, indices, last.to(torch.int32), chunk_row, q_index, rows, plan.page_size)
+
+
+def merge_chunks(o: torch.Tensor, lse: torch.Tensor, chunk_row: torch.Tensor, num_rows: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-chunk attention states into per-row states (log-sum-exp weighting).
+
+    ``o`` ``[C, G, D]``, ``lse`` ``[C, G]`` natural log, ``chunk_row`` int64 ``[C]`` (values up to
+    ``num_rows``, the padding row, which is dropped). Returns float32 ``o [num_rows, G, D]`` and
+    ``lse [num_rows, G]``; a row with no chunk gets ``o = 0``, ``lse = -inf``. Fixed shapes and no
+    host sync, so it can be captured in a CUDA graph.
+    """
+    C, G, D = o.shape
+    idx = chunk_row.to(o.device)
+    lse = lse.float()
+    m = torch.full((num_rows + 1, G), -math.inf, dtype=torch.float32, device=o.device)
+    m.scatter_reduce_(0, idx[:, None].expand(C, G), lse, reduce="amax")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m.index_select(0, idx))
+    den = torch.zeros(num_rows + 1, G, dtype=torch.float32, device=o.device).index_add_(0, idx, w)
+    num = torch.zeros(num_rows + 1, G, D, dtype=torch.float32, device=o.device).index_add_(
+        0, idx, w[..., None] * o.float())
+    out = num[:num_rows] / den[:num_rows, :, None].clamp_min(torch.finfo(torch.float32).tiny)
+    return out, m[:num_rows] + torch.log(den[:num_rows])

@@ -48,3 +48,49 @@ def test_plan_rejects_inconsistent_tables():
     lp = LayerPages(kv_indptr=torch.tensor([0, 1, 2]), kv_indices=torch.tensor([4, 5]), lengths=torch.tensor([3, 20]))
     with pytest.raises(ValueError, match=r"pages per row \[1, 1\] do not hold lengths \[3, 20\] at page_size 16"):
         build_decode_plan([lp], 16)
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("chunk_pages", [1, 2, 5])
+@pytest.mark.parametrize("pad", [None, 3])
+def test_chunked_rows_merge_to_the_unchunked_attention(page_size, chunk_pages, pad):
+    """split_rows + kernel per chunk + merge_chunks == attention per row (torch kernel)."""
+    from flashinfer_ext.plan import DecodePlan, merge_chunks, split_rows
+    from headkv_sglang.reference import flat_to_paged
+
+    gen = torch.Generator().manual_seed(page_size * 100 + chunk_pages * 10 + (pad or 0))
+    R, H, G, D = 3, 3, 4, 16
+    lengths = torch.randint(1, 90, (R * H,), generator=gen)
+    lengths[2] = 0
+    lengths[5] = page_size * chunk_pages  # exactly one full chunk
+    flat = torch.randn(int(lengths.sum()), 2 * D, generator=gen)
+    tok = torch.zeros(R * H + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=tok[1:])
+    pages, kv_indptr, kv_indices, last = flat_to_paged(flat, tok, page_size, generator=gen)
+    kp, vp = pages[..., :D].contiguous(), pages[..., D:].contiguous()
+    plan = DecodePlan(kv_indptr.to(torch.int32), kv_indices.to(torch.int32), last.to(torch.int32), lengths, H,
+                      page_size)
+    q = torch.randn(R, H, G, D, generator=gen)
+    o_ref, lse_ref = ragged_decode_torch(q, kp, vp, plan, 0.3)
+
+    need = int(((lengths + page_size - 1) // page_size + chunk_pages - 1).div(chunk_pages, rounding_mode="floor").sum())
+    cp = split_rows(plan, chunk_pages, pad_to=None if pad is None else need + pad)
+    assert cp.num_chunks == need + (pad or 0)
+    assert ((cp.kv_indptr[1:] - cp.kv_indptr[:-1]) <= chunk_pages).all()
+    assert ((cp.kv_last_page_len >= 1) & (cp.kv_last_page_len <= page_size)).all()
+    chunk_plan = DecodePlan(cp.kv_indptr, cp.kv_indices, cp.kv_last_page_len, torch.zeros(cp.num_chunks), 1,
+                            page_size)
+    q_c = q.reshape(R * H, G, D)[cp.q_index].reshape(cp.num_chunks, 1, G, D)
+    o_c, lse_c = ragged_decode_torch(q_c, kp, vp, chunk_plan, 0.3)
+    o, lse = merge_chunks(o_c.reshape(-1, G, D), lse_c.reshape(-1, G), cp.chunk_row, R * H)
+    torch.testing.assert_close(o.view(R, H, G, D), o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.view(R, H, G), lse_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_split_rows_refuses_more_chunks_than_padded_for():
+    from flashinfer_ext.plan import DecodePlan, split_rows
+
+    plan = DecodePlan(torch.tensor([0, 5, 6], dtype=torch.int32), torch.arange(6, dtype=torch.int32),
+                      torch.tensor([16, 3], dtype=torch.int32), torch.tensor([80, 3]), 2, 16)
+    with pytest.raises(ValueError, match=r"the rows need 4 chunks of 2 pages, more than the 3 this plan is padded to"):
+        split_rows(plan, 2, pad_to=3)
