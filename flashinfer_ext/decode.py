@@ -8,9 +8,11 @@ uncompressed cache: the decode tail of a compressed request, and the full-KV
 baseline of ``benchmarks/kernels.py``. :func:`merge` combines the two states
 (attention over the union of the compressed prompt and the tail).
 
-Both wrappers follow SGLang's FlashInfer backend: ``plan`` once per step (host work,
-tables copied to the device), ``run`` per layer; with ``cuda_graph=True`` the tables,
-output and log-sum-exp live in fixed buffers so ``run`` can be captured in a CUDA
+Both wrappers follow SGLang's FlashInfer backend: ``plan`` (host work, tables copied to
+the device), then ``run`` per layer. The compressed rows do not grow while a request
+decodes, so a RaggedDecode plan (one wrapper per layer) holds until the batch changes;
+the tail's DenseDecode plans every step, as SGLang's does. With ``cuda_graph=True`` the
+tables, output and log-sum-exp live in fixed buffers so ``run`` can be captured in a CUDA
 graph and replayed after a new ``plan`` with the same number of rows.
 
 Log-sum-exp values returned here are natural logarithms, like
