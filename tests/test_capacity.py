@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -131,3 +132,52 @@ def test_requests_wait_for_a_full_compressed_pool_instead_of_falling_back(start_
     assert len(wrong) <= 1, wrong  # headkv at 128 tokens/head is not lossless; 5/6 is the bar
     assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok", st
     assert st["admission"]["reserved_pages"] == 0, st["admission"]
+
+
+def test_retracted_compressed_requests_resume_and_free_their_pages(start_server):
+    """Retraction: SGLang's own test switch retracts running decodes every third step.
+
+    A retracted compressed request gives its pages back, is prefilled again (prompt plus
+    the tokens it had generated), compressed again and resumes; it must still answer, and
+    when the server is idle nothing may be left: no pages, no reservations, every token slot
+    back, integrity ok.
+    """
+    n = 4
+    needles = [needle_prompt(PROMPT_WORDS, depth=0.2 + 0.2 * i, seed=300 + i) for i in range(n)]
+    srv = start_server(["--kv-policy", "headkv", "--kv-budget", "256"], name="retract",
+                       env={"SGLANG_TEST_RETRACT": "1"})
+    from openai import OpenAI
+
+    client = OpenAI(base_url=srv.openai_base_url, api_key="none", timeout=1800, max_retries=0)
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            r = client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": needles[i].prompt}],
+                max_tokens=24, temperature=0,
+            )
+            answers[i] = r.choices[0].message.content
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    st = srv.wait_idle()
+    retracted = sum(int(m) for m in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)",
+                                                srv.log_path.read_text()))
+    assert retracted >= 2, f"SGLang retracted {retracted} requests; the switch did not take"
+    compressed = st["policies"]["headkv"]["compressed_requests_total"]
+    assert compressed > n, f"{compressed} compressions for {n} requests: no retracted request was compressed again"
+    wrong = {i: answers[i] for i in range(n) if needles[i].answer not in answers[i]}
+    assert len(wrong) <= 1, wrong
+    assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok", st
+    assert st["admission"]["reserved_pages"] == 0, st["admission"]
+    tp = st["token_pool"]
+    assert tp["available"] + tp["evictable"] == tp["total"], tp
+    assert st["fallbacks"] == {}, st["fallbacks"]
