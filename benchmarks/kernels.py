@@ -1,7 +1,8 @@
 """GPU kernels: ragged per-head decode attention vs dense FlashInfer decode, and compression cost.
 
 One decode layer of a Llama-3-8B-shaped model (32 query heads, 8 KV heads, head_dim 128,
-bf16, 16-token pages), timed with CUDA events, side by side in one run:
+bf16, 16-token pages), side by side in one run; both sides are captured in CUDA graphs (as
+SGLang decodes) and timed with CUDA events, eager calls reported beside them:
 
 * dense: FlashInfer GQA decode over the full KV (every request keeps all ``context`` tokens);
 * ragged: :class:`flashinfer_ext.decode.RaggedDecode`, one row per (request, KV head) keeping
@@ -9,8 +10,11 @@ bf16, 16-token pages), timed with CUDA events, side by side in one run:
   spread like HeadKV's budgets ("skewed": log-normal over heads, a few heads keep much more);
 * achieved bandwidth = KV bytes read / time, against a measured device-to-device copy
   (bytes read + written / time);
-* plan overhead per layer-step (building the CSR tables from the pool's page tables on the
-  host + FlashInfer's plan), and a CUDA-graph replay of the ragged run vs eager;
+* plan overhead (building the CSR tables from the pool's page tables on the host +
+  FlashInfer's plan), and kernel variants for the ragged rows (split-KV off, 64-token pages,
+  rows cut into chunks, tensor cores);
+* attention-only capacity at a fixed KV memory: requests that fit with full KV vs headkv and
+  one decode step's attention over all of them (ragged rows + dense tail + merge);
 * compression of a whole 32-layer prompt on the device (torch path: window scores,
   pooling, per-head top-k, page writes).
 
