@@ -16,6 +16,35 @@ PROMPT_WORDS = 800  # ~1.2k tokens
 N_REQUESTS = 16
 
 
+def ask_concurrently(client, needles, max_tokens: int, poll=None) -> dict[int, str]:
+    """Send every needle prompt at once (greedy chat), calling ``poll()`` every 0.5 s while
+    any runs; fails on any request error; returns the answers by index."""
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            r = client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": needles[i].prompt}],
+                max_tokens=max_tokens, temperature=0,
+            )
+            answers[i] = r.choices[0].message.content
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(needles))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        if poll is not None:
+            poll()
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return answers
+
+
 def test_16_compressed_requests_run_in_a_token_pool_for_4(start_server):
     prompts = [needle_prompt(PROMPT_WORDS, depth=0.5, seed=100 + i) for i in range(N_REQUESTS)]
     # 6250 tokens of KV capacity, 20% moved to the compressed pool: SGLang's token pool keeps
@@ -99,31 +128,15 @@ def test_requests_wait_for_a_full_compressed_pool_instead_of_falling_back(start_
     st0 = srv.plugin_state()
     assert st0["pool"]["num_pages"] == 2109, st0["pool"]
 
-    answers: dict[int, str] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            r = client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": needles[i].prompt}],
-                max_tokens=16, temperature=0,
-            )
-            answers[i] = r.choices[0].message.content
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
     peak_compressed = 0
-    while any(t.is_alive() for t in threads):
+
+    def poll() -> None:
+        nonlocal peak_compressed
         st = srv.plugin_state()
         peak_compressed = max(peak_compressed, st["running_compressed_requests"])
         assert st["pool"]["used_pages"] <= st["pool"]["num_pages"]
-        time.sleep(0.5)
-    for t in threads:
-        t.join()
-    assert not errors, errors
+
+    answers = ask_concurrently(client, needles, max_tokens=16, poll=poll)
     st = srv.plugin_state()
     assert st["fallbacks"] == {}, st["fallbacks"]
     assert st["admission"]["waits"] >= n - 2, st["admission"]
@@ -149,25 +162,7 @@ def test_retracted_compressed_requests_resume_and_free_their_pages(start_server)
     from openai import OpenAI
 
     client = OpenAI(base_url=srv.openai_base_url, api_key="none", timeout=1800, max_retries=0)
-    answers: dict[int, str] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            r = client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": needles[i].prompt}],
-                max_tokens=24, temperature=0,
-            )
-            answers[i] = r.choices[0].message.content
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    answers = ask_concurrently(client, needles, max_tokens=24)
     st = srv.wait_idle()
     retracted = sum(int(m) for m in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)",
                                                 srv.log_path.read_text()))
