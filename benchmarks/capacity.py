@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.fidelity import budget_tokens, parse_budget  # noqa: E402
 from benchmarks.niah import machine  # noqa: E402
-from headkv_sglang import models  # noqa: E402
-from headkv_sglang.server import SGLangServer  # noqa: E402
+from headkv_sglang.dev import models  # noqa: E402
+from headkv_sglang.dev.server import SGLangServer  # noqa: E402
 
 
 class Peak(threading.Thread):

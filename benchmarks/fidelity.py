@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.niah import machine  # noqa: E402
 from benchmarks.tasks import TASKS, Case, build, rouge_l, score  # noqa: E402
-from headkv_sglang import models  # noqa: E402
-from headkv_sglang.server import SGLangServer  # noqa: E402
+from headkv_sglang.dev import models  # noqa: E402
+from headkv_sglang.dev.server import SGLangServer  # noqa: E402
 
 POLICIES = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor"]
 SERVER_ARGS = ["--kv-policy", "full", "--max-total-tokens", "65536", "--enable-cache-report", "--sleep-on-idle"]

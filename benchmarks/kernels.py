@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from flashinfer_ext.decode import DenseDecode, RaggedDecode  # noqa: E402
 from flashinfer_ext.plan import build_decode_plan, split_rows  # noqa: E402
-from headkv_sglang.pool import LayerPages  # noqa: E402
+from headkv_sglang.kv.pool import LayerPages  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 G = HQ // HKV
@@ -284,7 +284,7 @@ def bench_capacity(kv_gib: float, context: int, budget: int, tail: int, gen: tor
 
 
 def bench_compression(context: int, budget: int, policy: str) -> dict:
-    from headkv_sglang.compression import CompressionManager
+    from headkv_sglang.kv.manager import CompressionManager
     from headkv_sglang.config import KVPolicyConfig, ModelShape
 
     layers = 32

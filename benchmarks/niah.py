@@ -25,9 +25,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from headkv_sglang import models  # noqa: E402
-from headkv_sglang.haystack import needle_prompt  # noqa: E402
-from headkv_sglang.server import SGLangServer  # noqa: E402
+from headkv_sglang.dev import models  # noqa: E402
+from headkv_sglang.dev.haystack import needle_prompt  # noqa: E402
+from headkv_sglang.dev.server import SGLangServer  # noqa: E402
 
 POLICIES = ["full", "headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor"]
 

@@ -34,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from headkv_sglang import models  # noqa: E402
-from headkv_sglang.haystack import haystack, needle_prompt  # noqa: E402
-from headkv_sglang.server import SGLangServer  # noqa: E402
+from headkv_sglang.dev import models  # noqa: E402
+from headkv_sglang.dev.haystack import haystack, needle_prompt  # noqa: E402
+from headkv_sglang.dev.server import SGLangServer  # noqa: E402
 from benchmarks.niah import machine  # noqa: E402
 
 POLICIES = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor"]

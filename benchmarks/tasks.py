@@ -1,7 +1,7 @@
 """Generated long-context tasks (RULER-style) and their scorers; no downloads.
 
 Haystacks are prose from the Python reference manual that ships with Python
-(``headkv_sglang.haystack``), so every prompt is reproducible from its seed. Each task
+(``headkv_sglang.dev.haystack``), so every prompt is reproducible from its seed. Each task
 builds a ``Case`` of about ``target_tokens`` tokens (measured with the served model's
 tokenizer, which the caller passes as a ``count_tokens`` function):
 
@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from headkv_sglang.haystack import haystack
+from headkv_sglang.dev.haystack import haystack
 
 TASKS = ["niah", "multikey", "multivalue", "vartrack", "cwe", "summary"]
 

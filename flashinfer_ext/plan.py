@@ -43,7 +43,7 @@ def build_decode_plan(layers, page_size: int) -> DecodePlan:
 
     Parameters
     ----------
-    layers : sequence of ``headkv_sglang.pool.LayerPages``
+    layers : sequence of ``headkv_sglang.kv.pool.LayerPages``
         One per request, in batch order: ``kv_indptr`` int64 ``[H+1]`` over ``kv_indices``
         int64 and ``lengths`` int64 ``[H]``.
     page_size : int

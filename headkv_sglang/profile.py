@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 import torch
 
-from headkv_sglang.haystack import haystack
+from headkv_sglang.dev.haystack import haystack
 from headkv_sglang.profiles import METHODS, HeadProfile, top_heads
 
 # Defaults sized for a 2-core CPU and a 135M model (see each method's parameters in the

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from headkv_sglang.compression import CompressionManager, pages_upper_bound
+from headkv_sglang.kv.manager import CompressionManager, pages_upper_bound
 from headkv_sglang.config import ConfigError, KVPolicyConfig, ModelShape
-from headkv_sglang.pool import PoolFullError
+from headkv_sglang.kv.pool import PoolFullError
 
 logger = logging.getLogger("headkv_sglang")
 

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = None
     try:
         if a.engine:
-            from headkv_sglang import models
+            from headkv_sglang.dev import models
             from headkv_sglang.engine import kv_engine
             from programs.endpoint import EngineBackend
 

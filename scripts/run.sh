@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-exec python -m headkv_sglang.demo "$@"
+exec python -m headkv_sglang.dev.demo "$@"

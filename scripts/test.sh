@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-python -m headkv_sglang.models fetch >/dev/null
+python -m headkv_sglang.dev.models fetch >/dev/null
 exec python -m pytest "$@"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from headkv_sglang import models
-from headkv_sglang.server import SGLangServer, log_tail
+from headkv_sglang.dev import models
+from headkv_sglang.dev.server import SGLangServer, log_tail
 
 # --sleep-on-idle: an idle SGLang scheduler otherwise busy-polls a whole core, and the
 # suite keeps two servers up on a 2-core machine. Smaller than SGLang's default (which sizes the pool from free RAM: ~15 GB, ~20 s to
@@ -36,7 +36,7 @@ def _stop_module_servers():
 def model_path() -> Path:
     path = models.model_dir()
     if not (path / models.MANIFEST).exists():
-        pytest.fail(f"test model missing at {path}: run `python -m headkv_sglang.models fetch` (scripts/test.sh does)")
+        pytest.fail(f"test model missing at {path}: run `python -m headkv_sglang.dev.models fetch` (scripts/test.sh does)")
     return path
 
 

@@ -22,7 +22,7 @@ from benchmarks.tasks import TASKS, build, rouge_l, score  # noqa: E402
 def count_tokens():
     from transformers import AutoTokenizer
 
-    from headkv_sglang import models
+    from headkv_sglang.dev import models
 
     tok = AutoTokenizer.from_pretrained(str(models.model_dir()))
     return lambda s: len(tok(s).input_ids)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from headkv_sglang.haystack import needle_prompt
+from headkv_sglang.dev.haystack import needle_prompt
 
 pytestmark = pytest.mark.server
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from headkv_sglang.haystack import haystack, needle_prompt
+from headkv_sglang.dev.haystack import haystack, needle_prompt
 from headkv_sglang.plugin import EMPTY_PROMPT_ERROR
 
 pytestmark = pytest.mark.server

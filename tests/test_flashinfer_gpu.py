@@ -200,7 +200,7 @@ def test_graphed_wrapper_rejects_a_plan_of_another_size():
 
 @pytest.mark.parametrize("policy", ["snapkv", "adakv", "pyramidkv", "streamingllm"])
 def test_compression_on_the_gpu_keeps_what_the_cpu_keeps(policy):
-    from headkv_sglang.compression import CompressionManager
+    from headkv_sglang.kv.manager import CompressionManager
     from headkv_sglang.config import KVPolicyConfig, ModelShape
 
     gen = torch.Generator().manual_seed(sum(map(ord, policy)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashinfer_ext.plan import build_decode_plan, ragged_decode_torch
-from headkv_sglang.compression import CompressionManager
+from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
@@ -43,7 +43,7 @@ def test_plan_over_compressed_pages_matches_manager_attention(page_size, group):
 
 
 def test_plan_rejects_inconsistent_tables():
-    from headkv_sglang.pool import LayerPages
+    from headkv_sglang.kv.pool import LayerPages
 
     lp = LayerPages(kv_indptr=torch.tensor([0, 1, 2]), kv_indices=torch.tensor([4, 5]), lengths=torch.tensor([3, 20]))
     with pytest.raises(ValueError, match=r"pages per row \[1, 1\] do not hold lengths \[3, 20\] at page_size 16"):

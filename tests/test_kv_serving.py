@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from headkv_sglang.haystack import needle_prompt
+from headkv_sglang.dev.haystack import needle_prompt
 
 pytestmark = pytest.mark.server
 

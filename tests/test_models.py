@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from headkv_sglang import models
+from headkv_sglang.dev import models
 
 
 def test_fetched_model_has_expected_shape_and_manifest(model_path):

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from headkv_sglang.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
+from headkv_sglang.kv.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
 from headkv_sglang.reference import paged_to_flat
 
 

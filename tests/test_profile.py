@@ -30,11 +30,11 @@ SMOL = dict(architectures=["LlamaForCausalLM"], num_hidden_layers=30, num_attent
 
 @pytest.fixture(scope="module")
 def test_model() -> Path:
-    from headkv_sglang import models
+    from headkv_sglang.dev import models
 
     path = models.model_dir()
     if not (path / "config.json").is_file():
-        pytest.skip(f"test model not found at {path}: run `python -m headkv_sglang.models fetch`")
+        pytest.skip(f"test model not found at {path}: run `python -m headkv_sglang.dev.models fetch`")
     return path
 
 

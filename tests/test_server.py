@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from headkv_sglang.haystack import needle_prompt
-from headkv_sglang.server import ServerError, SGLangServer
+from headkv_sglang.dev.haystack import needle_prompt
+from headkv_sglang.dev.server import ServerError, SGLangServer
 
 pytestmark = pytest.mark.server
 
@@ -78,7 +78,7 @@ def test_bad_model_path_fails_fast_with_sglang_error(model_path, tmp_path):
 
 def test_run_command_fails_fast_on_bad_model_path(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "headkv_sglang.demo", "--model-path", str(tmp_path / "missing")],
+        [sys.executable, "-m", "headkv_sglang.dev.demo", "--model-path", str(tmp_path / "missing")],
         capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 1

@@ -1,6 +1,6 @@
 """Start, wait for, and stop a real ``python -m sglang.launch_server`` process.
 
-Used by the test suite, the demo (`python -m headkv_sglang.demo`) and the benchmarks, so
+Used by the test suite, the demo (`python -m headkv_sglang.dev.demo`) and the benchmarks, so
 all of them start servers the same way: in their own process group (so SGLang's
 scheduler and detokenizer die with it), logging to a file, with a readiness poll that
 fails with the log's tail as soon as the process exits or the timeout passes.

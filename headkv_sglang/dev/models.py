@@ -7,9 +7,9 @@ SGLang loads like any Hugging Face model directory.
 
 Usage::
 
-    python -m headkv_sglang.models fetch      # convert + verify (idempotent), print the dir
-    python -m headkv_sglang.models path       # print the dir (fails if not fetched)
-    python -m headkv_sglang.models verify     # re-verify an existing conversion
+    python -m headkv_sglang.dev.models fetch      # convert + verify (idempotent), print the dir
+    python -m headkv_sglang.dev.models path       # print the dir (fails if not fetched)
+    python -m headkv_sglang.dev.models verify     # re-verify an existing conversion
 
 The cache lives in ``$HEADKV_SGLANG_HOME/models/`` (default ``~/.cache/headkv_sglang``).
 A conversion is built in a temporary sibling directory and renamed into place only after
@@ -68,7 +68,7 @@ def _sha256(path: Path) -> str:
 
 
 def _log(msg: str) -> None:
-    print(f"[headkv_sglang.models] {msg}", file=sys.stderr, flush=True)
+    print(f"[headkv_sglang.dev.models] {msg}", file=sys.stderr, flush=True)
 
 
 def _download_gguf(workdir: Path) -> Path:
@@ -194,7 +194,7 @@ def fetch(force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m headkv_sglang.models", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m headkv_sglang.dev.models", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="convert (once) and verify the test model; prints its directory")
     f.add_argument("--force", action="store_true", help="convert again even if a valid conversion exists")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print(fetch(force=args.force))
         elif args.cmd == "path":
             if not (model_dir() / MANIFEST).exists():
-                raise ModelError(f"{model_dir()} is not fetched; run `python -m headkv_sglang.models fetch`")
+                raise ModelError(f"{model_dir()} is not fetched; run `python -m headkv_sglang.dev.models fetch`")
             print(model_dir())
         else:
             v = verify(model_dir())

@@ -30,7 +30,7 @@ import torch
 
 from headkv_sglang.config import KVPolicyConfig, ModelShape, build_policy
 from headkv_sglang.policies.base import compress_layer
-from headkv_sglang.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
+from headkv_sglang.kv.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
 
 logger = logging.getLogger("headkv_sglang")
 

@@ -1,6 +1,6 @@
 """The README's run command: serve the test model with head-level KV compression, ask it, stop it.
 
-    python -m headkv_sglang.demo [--model-path DIR] [--plain] [-- extra launch_server flags]
+    python -m headkv_sglang.dev.demo [--model-path DIR] [--plain] [-- extra launch_server flags]
 
 Starts ``python -m sglang.launch_server --model-path M --kv-policy headkv --kv-budget 128``,
 asks a short question and a ~2k-token needle-in-a-haystack question, prints the answers
@@ -13,11 +13,11 @@ import argparse
 import sys
 import time
 
-from headkv_sglang.server import ServerError, SGLangServer
+from headkv_sglang.dev.server import ServerError, SGLangServer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m headkv_sglang.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m headkv_sglang.dev.demo", description=__doc__.split("\n")[0])
     p.add_argument("--model-path", help="model directory (default: the test model, fetched if needed)")
     p.add_argument("--plain", action="store_true", help="serve without --kv-policy (plain SGLang)")
     p.add_argument("--log", default=None, help="server log file (default: a temporary file)")
@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--kv-policy", "headkv", "--kv-budget", "128", *extra]
 
     if args.model_path is None:
-        from headkv_sglang import models
+        from headkv_sglang.dev import models
 
         args.model_path = str(models.fetch())
 
     from openai import OpenAI
 
-    from headkv_sglang.haystack import needle_prompt
+    from headkv_sglang.dev.haystack import needle_prompt
 
     server = SGLangServer(args.model_path, extra, log_path=args.log)
     print(f"$ {' '.join(server.command())}", flush=True)

@@ -1,0 +1,1 @@
+"""Developer tooling, not the product: the test model fetch, the server harness, haystacks, the demo."""
