@@ -45,13 +45,17 @@ class _PagedDecode:
 
     def __init__(self, device: str | torch.device = "cuda", *, workspace_bytes: int = 256 << 20,
                  cuda_graph: bool = False, max_rows: int = 0, max_pages: int = 0, backend: str = "fa2",
-                 use_tensor_cores: bool = False):
+                 use_tensor_cores: bool = False, workspace: torch.Tensor | None = None):
+        """``workspace``: a uint8 float-workspace buffer to share with other wrappers whose runs
+        never overlap (each wrapper still keeps its own plan); default: a new one of
+        ``workspace_bytes``."""
         if cuda_graph and (max_rows <= 0 or max_pages <= 0):
             raise ValueError(f"cuda_graph needs max_rows > 0 and max_pages > 0, got {max_rows}, {max_pages}")
         fi = _flashinfer()
         self.device = torch.device(device)
         self.cuda_graph = cuda_graph
-        self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)
+        self.workspace = workspace if workspace is not None else torch.empty(
+            workspace_bytes, dtype=torch.uint8, device=self.device)
         kw = {}
         if cuda_graph:
             self.max_rows, self.max_pages = max_rows, max_pages

@@ -14,13 +14,18 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+# Torch-free: the registry imports the policy classes only on lookup.
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.registry import POLICIES, policy_class
+
 ENV_VAR = "HEADKV_SGLANG_CONFIG"
-POLICY_CHOICES = ("full", "headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor")
-POOLING_CHOICES = ("maxpool", "avgpool")
+#: The --kv-policy choices: the policies registered when this module was imported
+#: (validate() asks the live registry, so one registered later is accepted too).
+POLICY_CHOICES = tuple(POLICIES)
+POOLING_CHOICES = defaults.POOLINGS
 
 # Per-request keys accepted in sampling_params.custom_params, and the config field each sets.
 REQUEST_KEYS = {
@@ -51,7 +56,8 @@ class KVPolicyConfig:
     (see ``policies/base.py``); ``window``: observation window, ``0`` = automatic
     (:attr:`obs_window`); ``min_prompt``: prompts with fewer tokens stay
     uncompressed; ``pool_fraction``: share of SGLang's KV token capacity moved to the
-    compressed pool; ``page_size``: tokens per page of the compressed pool.
+    compressed pool; ``page_size``: tokens per page of the compressed pool. The
+    policies' hyperparameters default to ``policies/defaults.py``, as the classes do.
     """
 
     policy: str = "full"
@@ -59,13 +65,13 @@ class KVPolicyConfig:
     window: int = 0  # 0: automatic, see obs_window
     min_prompt: int = 0
     head_profile: str | None = None
-    beta: float = 2.0  # HeadKV (the paper uses 1.005; measured better here, see README)
-    pyramid_beta: float = 20.0  # PyramidKV
-    sink_size: int = 4  # StreamingLLM, RazorAttention
-    floor_alpha: float = 0.2  # AdaKV
-    kernel_size: int = 13
-    pooling: str = "maxpool"
-    razor_fraction: float = 0.15  # RazorAttention: share of heads kept whole (14% induction + 1% echo)
+    beta: float = defaults.HEADKV_BETA  # HeadKV
+    pyramid_beta: float = defaults.PYRAMID_BETA  # PyramidKV
+    sink_size: int = defaults.SINK_SIZE  # StreamingLLM, RazorAttention
+    floor_alpha: float = defaults.FLOOR_ALPHA  # AdaKV
+    kernel_size: int = defaults.KERNEL_SIZE
+    pooling: str = defaults.POOLING
+    razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
     pool_fraction: float = 0.5
     page_size: int = 16
 
@@ -102,8 +108,8 @@ class KVPolicyConfig:
             if not ok:
                 raise bad(name, v, f"expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
 
-        if self.policy not in POLICY_CHOICES:
-            raise bad("policy", self.policy, f"choose one of {', '.join(POLICY_CHOICES)}")
+        if self.policy not in POLICIES:
+            raise bad("policy", self.policy, f"choose one of {', '.join(POLICIES)}")
         intval("budget", 1)
         intval("window", 0, 4096)
         intval("min_prompt", 0)
@@ -119,15 +125,7 @@ class KVPolicyConfig:
         floatval("razor_fraction", 0.0, 1.0)
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)
-        budget_first = "budget" in changed and "window" not in changed
-        if self.policy in ("snapkv", "headkv", "pyramidkv", "adakv") and self.window > self.budget:  # 0 = auto fits
-            if budget_first:
-                raise bad("budget", self.budget, f"must be at least the observation window ({self.window})")
-            raise bad("window", self.window, f"the observation window must not exceed --kv-budget ({self.budget})")
-        if self.policy in ("streamingllm", "razor") and self.sink_size >= self.budget:
-            if "budget" in changed and "sink_size" not in changed:
-                raise bad("budget", self.budget, f"must exceed the attention sinks ({self.sink_size})")
-            raise bad("sink_size", self.sink_size, f"sinks must leave room for recent tokens: < --kv-budget ({self.budget})")
+        policy_class(self.policy).check_config(self, bad, changed)  # its cross-field rules
         if self.head_profile is not None and not Path(self.head_profile).is_file():
             raise bad("head_profile", self.head_profile, "no such file")
         return self
@@ -213,71 +211,3 @@ class ModelShape:
             architecture=(cfg.get("architectures") or [""])[0],
             hf_config=cfg,
         )
-
-
-# ---------------------------------------------------------------------- policies
-def _profile_method(policy: str) -> str:
-    return "razor" if policy == "razor" else "r2"
-
-
-def resolve_profile(cfg: KVPolicyConfig, shape: ModelShape):
-    """Load the head profile the policy needs (None for policies that need none).
-
-    Raises ConfigError when no shipped profile matches the model or a given file does
-    not match its shape.
-    """
-    if cfg.policy not in ("headkv", "razor"):
-        return None
-    from headkv_sglang import profiles
-
-    method = _profile_method(cfg.policy)
-    path = cfg.head_profile
-    if path is None:
-        found = profiles.shipped_profile(shape.hf_config, method)
-        if found is None:
-            raise ConfigError(
-                f"--kv-head-profile: no shipped '{method}' profile matches this model "
-                f"({shape.architecture}, {shape.num_layers} layers, {shape.num_q_heads} query / "
-                f"{shape.num_kv_heads} KV heads); make one with `python -m headkv_sglang.profile "
-                f"--model DIR --method {method} --out FILE` and pass --kv-head-profile FILE"
-            )
-        path = str(found)
-    try:
-        prof = profiles.load_profile(path)
-        prof.check_model(shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim)
-    except ValueError as e:
-        raise ConfigError(f"--kv-head-profile: {e}") from e
-    return prof
-
-
-@lru_cache(maxsize=64)
-def build_policy(cfg: KVPolicyConfig, shape: ModelShape):
-    """The policy object for a (validated) config; cached because configs are frozen."""
-    import torch
-
-    from headkv_sglang import policies
-
-    obs = dict(window_size=cfg.obs_window, kernel_size=cfg.kernel_size, pooling=cfg.pooling)
-    name = cfg.policy
-    if name == "full":
-        return policies.FullKV()
-    if name == "snapkv":
-        return policies.SnapKV(**obs)
-    if name == "pyramidkv":
-        return policies.PyramidKV(beta=cfg.pyramid_beta, **obs)
-    if name == "adakv":
-        return policies.AdaKV(floor_alpha=cfg.floor_alpha, **obs)
-    if name == "streamingllm":
-        return policies.StreamingLLM(sink_size=cfg.sink_size, window_size=cfg.obs_window)
-    prof = resolve_profile(cfg, shape)
-    if name == "headkv":
-        return policies.HeadKV(importance=torch.as_tensor(prof.kv_scores, dtype=torch.float64), beta=cfg.beta, **obs)
-    if name == "razor":
-        echo = torch.as_tensor(prof.kv_echo, dtype=torch.float64)
-        induction = torch.as_tensor(prof.kv_induction, dtype=torch.float64)
-        frac = cfg.razor_fraction
-        return policies.RazorAttention.from_scores(
-            echo, induction, echo_fraction=min(0.01, frac), induction_fraction=max(0.0, frac - 0.01),
-            sink_size=cfg.sink_size, window_size=cfg.obs_window,
-        )
-    raise ConfigError(f"--kv-policy: unknown policy {name!r}")

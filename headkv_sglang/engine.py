@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, ModelShape, resolve_profile
+from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, ModelShape
+from headkv_sglang.policies.registry import resolve_profile
 
 
 def kv_config(model_path: str, **kv: Any) -> KVPolicyConfig:

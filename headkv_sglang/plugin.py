@@ -10,6 +10,7 @@ serve silently uncompressed.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -35,6 +36,9 @@ _PREFILL_RESULT = (
 _FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
 _ADMIT = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 _PREFIX_CAP = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
+_DECODE_GRAPH = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph"
+_PREFILL_GRAPH = "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph"
+_CPU_GRAPH = "sglang.srt.model_executor.cpu_graph_runner.CPUGraphRunner.can_run_graph"
 SERVING_TARGETS = (
     f"{_POOL_CONF}.calculate_pool_sizes",
     f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens",
@@ -43,6 +47,9 @@ SERVING_TARGETS = (
     _FREE_ROWS,
     _ADMIT,
     _PREFIX_CAP,
+    _DECODE_GRAPH,
+    _PREFILL_GRAPH,
+    _CPU_GRAPH,
 )
 
 # flag -> (KVPolicyConfig field, argparse kwargs)
@@ -98,7 +105,8 @@ def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
         return None
     values = {dest: getattr(ns, f"headkv_{dest}") for dest, _ in FLAGS.values()}
     cfg = KVPolicyConfig(**values).validate()
-    from headkv_sglang.config import ModelShape, resolve_profile
+    from headkv_sglang.config import ModelShape
+    from headkv_sglang.policies.registry import resolve_profile
 
     shape = ModelShape.from_model_path(ns.model_path)
     resolve_profile(cfg, shape)  # a missing or mismatched profile fails here, before weights load
@@ -134,15 +142,20 @@ def _resolve_once(server_args, *args, **kwargs):
         if getattr(server_args, "dtype", None) == "auto":
             server_args.dtype = "float32"
     if active_config() is not None:
+        from headkv_sglang.serving.backend import SUPPORTED_BACKENDS
+
         backend = getattr(server_args, "attention_backend", None)
-        if backend not in (None, "torch_native"):
-            print(f"error: --kv-policy needs --attention-backend torch_native (got {backend!r}); "
-                  "the FlashInfer ragged path is not available yet", file=sys.stderr)
+        if backend is None:  # SGLang's own choice on CUDA can be fa3; the wrapper wraps flashinfer there
+            backend = "torch_native" if getattr(server_args, "device", None) == "cpu" or cpu_auto() else "flashinfer"
+        if backend not in SUPPORTED_BACKENDS:
+            print(f"error: --kv-policy works with --attention-backend {' or '.join(SUPPORTED_BACKENDS)} "
+                  f"(got {backend!r}); leave it unset for flashinfer on CUDA, torch_native on CPU", file=sys.stderr)
             raise SystemExit(2)
-        server_args.attention_backend = "torch_native"
+        server_args.attention_backend = backend
         for flag in ("decode_attention_backend", "prefill_attention_backend"):
-            if getattr(server_args, flag, None) not in (None, "torch_native"):
-                print(f"error: --kv-policy needs --{flag.replace('_', '-')} unset or torch_native", file=sys.stderr)
+            if getattr(server_args, flag, None) not in (None, backend):
+                print(f"error: --kv-policy needs --{flag.replace('_', '-')} unset or equal to --attention-backend "
+                      f"({backend})", file=sys.stderr)
                 raise SystemExit(2)
         if getattr(server_args, "speculative_algorithm", None):
             print("error: --kv-policy does not support speculative decoding", file=sys.stderr)
@@ -212,8 +225,11 @@ def _track_batch(scheduler, batch, *args, **kwargs):
     return None
 
 
-def plugin_state(scheduler=None) -> dict[str, Any]:
-    """What this process reports under ``internal_states[i]["headkv_sglang"]`` of /server_info."""
+def plugin_state(serving=None, scheduler=None) -> dict[str, Any]:
+    """What this process reports under ``internal_states[i]["headkv_sglang"]`` of /server_info.
+
+    ``serving``: the process's ServingState when --kv-policy is active.
+    """
     from headkv_sglang import __version__
 
     state: dict[str, Any] = {
@@ -222,10 +238,10 @@ def plugin_state(scheduler=None) -> dict[str, Any]:
         "ppid": os.getppid(),
         "cpu_auto": cpu_auto(),
     }
-    if active_config() is not None:
-        from headkv_sglang.sglang_backend import plugin_state as serving_state
+    if serving is not None:
+        from headkv_sglang.serving.metrics import report
 
-        state.update(serving_state())
+        state.update(report(serving))
     if scheduler is not None:
         # SGLang's own token-pool accounting, so callers can see memory coming back.
         tree = scheduler.tree_cache
@@ -241,40 +257,52 @@ def plugin_state(scheduler=None) -> dict[str, Any]:
     return state
 
 
-def _add_internal_state(result, *args, **kwargs):
+def _add_internal_state(serving, result, *args, **kwargs):
     """AFTER the scheduler's get_internal_state: proves (and shows) the plugin runs there."""
     controller = args[0] if args else None
-    result.internal_state["headkv_sglang"] = plugin_state(getattr(controller, "scheduler", None))
+    result.internal_state["headkv_sglang"] = plugin_state(serving, getattr(controller, "scheduler", None))
     return result
 
 
-def _register_serving(cfg: KVPolicyConfig) -> None:
+def _register_serving(cfg: KVPolicyConfig):
+    """Install the serving layer's hooks, each bound to one per-process ServingState."""
     from sglang.srt.layers.attention import attention_registry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from headkv_sglang import sglang_backend as sb
+    from headkv_sglang.serving import admission, backend, lifecycle, pool_sizing
+    from headkv_sglang.serving.state import ServingState
 
-    sb.STATE.cfg = cfg
-    HookRegistry.register(f"{_POOL_CONF}.calculate_pool_sizes", sb.scale_pool_sizes, HookType.AFTER)
-    HookRegistry.register(f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens", sb.scale_pool_sizes, HookType.AFTER)
-    HookRegistry.register(_RUN_BATCH, sb.before_run_batch, HookType.BEFORE)
-    HookRegistry.register(_PREFILL_RESULT, sb.before_prefill, HookType.BEFORE)
-    HookRegistry.register(_PREFILL_RESULT, sb.after_prefill, HookType.AFTER)
-    HookRegistry.register(_FREE_ROWS, sb.before_free_rows, HookType.BEFORE)
-    HookRegistry.register(_ADMIT, sb.before_get_new_batch_prefill, HookType.BEFORE)
-    HookRegistry.register(_ADMIT, sb.after_get_new_batch_prefill, HookType.AFTER)
-    HookRegistry.register(_PREFIX_CAP, sb.cap_prefix_len, HookType.AFTER)
+    state = ServingState(cfg)
 
-    def create_backend(model_runner):
-        missing = [t for t in SERVING_TARGETS if t not in HookRegistry._patched]
-        if missing:
-            raise SystemExit(f"headkv_sglang: --kv-policy given but hooks failed to install: {missing}")
-        from headkv_sglang.config import ModelShape
+    def hook(target: str, fn, kind: HookType) -> None:
+        HookRegistry.register(target, functools.partial(fn, state), kind)
 
-        sb.STATE.shape = ModelShape.from_model_path(model_runner.model_config.model_path)
-        return sb.create_backend(model_runner)
+    hook(f"{_POOL_CONF}.calculate_pool_sizes", pool_sizing.scale_pool_sizes, HookType.AFTER)
+    hook(f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens", pool_sizing.scale_pool_sizes, HookType.AFTER)
+    hook(_RUN_BATCH, admission.before_run_batch, HookType.BEFORE)
+    hook(_ADMIT, admission.before_get_new_batch_prefill, HookType.BEFORE)
+    hook(_ADMIT, admission.after_get_new_batch_prefill, HookType.AFTER)
+    hook(_PREFIX_CAP, admission.cap_prefix_len, HookType.AFTER)
+    hook(_PREFILL_RESULT, lifecycle.before_prefill, HookType.BEFORE)
+    hook(_PREFILL_RESULT, lifecycle.after_prefill, HookType.AFTER)
+    hook(_FREE_ROWS, lifecycle.before_free_rows, HookType.BEFORE)
+    for target in (_DECODE_GRAPH, _PREFILL_GRAPH, _CPU_GRAPH):
+        hook(target, backend.graph_allowed, HookType.AFTER)
 
-    attention_registry.ATTENTION_BACKENDS["torch_native"] = create_backend
+    for name in backend.SUPPORTED_BACKENDS:
+        factory = backend.backend_factory(state, name, attention_registry.ATTENTION_BACKENDS[name])
+
+        def create(model_runner, factory=factory):
+            missing = [t for t in SERVING_TARGETS if t not in HookRegistry._patched]
+            if missing:
+                raise SystemExit(f"headkv_sglang: --kv-policy given but hooks failed to install: {missing}")
+            from headkv_sglang.config import ModelShape
+
+            state.shape = ModelShape.from_model_path(model_runner.model_config.model_path)
+            return factory(model_runner)
+
+        attention_registry.ATTENTION_BACKENDS[name] = create
+    return state
 
 
 def register() -> None:
@@ -287,11 +315,10 @@ def register() -> None:
         HookRegistry.register(f"{_SERVER_ARGS}.resolve_once", _resolve_once, HookType.BEFORE)
         HookRegistry.register(_SAMPLING_VERIFY, _verify_sampling_params, HookType.AFTER)
         HookRegistry.register(_VALIDATE_REQUEST, _reject_empty_prompt, HookType.BEFORE)
-        HookRegistry.register(_INTERNAL_STATE, _add_internal_state, HookType.AFTER)
         HookRegistry.register(_RUN_BATCH, _track_batch, HookType.BEFORE)
         cfg = active_config()
-        if cfg is not None:
-            _register_serving(cfg)
+        serving = _register_serving(cfg) if cfg is not None else None
+        HookRegistry.register(_INTERNAL_STATE, functools.partial(_add_internal_state, serving), HookType.AFTER)
     except SystemExit:
         raise
     except Exception as e:

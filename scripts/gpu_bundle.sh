@@ -2,7 +2,8 @@
 # Pack what the GPU machine lacks into .whl/ (git-ignored): a pruned copy of this venv's
 # flashinfer-python (Python files, headers and the top-level CUDA sources its JIT compiles;
 # no prebuilt kernels, no MoE/GEMM sources) and the cp312 apache-tvm-ffi wheel it imports.
-# The device tool carries .whl/ (64 MiB limit; this is ~15 MB); scripts/gpu_check.sh unpacks it.
+# Also SGLang's Python layer (../shared/gpu-sglang/sglang_bundle.sh, ~14 MB) into .whl/sglang.
+# The device tool carries .whl/ (64 MiB limit; this is ~30 MB); scripts/gpu_check.sh unpacks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh >/dev/null
@@ -21,4 +22,6 @@ tar -C "$SP" -cJf .whl/flashinfer_min.tar.xz -T "$list"
 rm -f "$list"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl "apache-tvm-ffi==$TVM"
-echo "flashinfer $FI, apache-tvm-ffi $TVM:"; ls -la .whl
+# SGLang's Python layer (attention backends, pools, its attention test kit) + stubs: .whl/sglang
+[[ -f .whl/sglang/sglang_min.tar.xz ]] || bash "${SGLANG_BUNDLE_SH:-../shared/gpu-sglang/sglang_bundle.sh}" .whl/sglang
+echo "flashinfer $FI, apache-tvm-ffi $TVM:"; ls -la .whl .whl/sglang

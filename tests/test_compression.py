@@ -12,9 +12,10 @@ import re
 import pytest
 import torch
 
-from headkv_sglang.kv.manager import CompressionManager, pages_upper_bound
+from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.policies import AdaKV, FullKV, PyramidKV, SnapKV, StreamingLLM, compress_layer
+from headkv_sglang.policies.registry import pages_upper_bound
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.reference import dense_decode, paged_to_flat
 

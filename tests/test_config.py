@@ -9,15 +9,9 @@ import re
 
 import pytest
 
-from headkv_sglang.config import (
-    MAX_BUDGET,
-    REQUEST_KEYS,
-    ConfigError,
-    KVPolicyConfig,
-    ModelShape,
-    build_policy,
-)
+from headkv_sglang.config import MAX_BUDGET, REQUEST_KEYS, ConfigError, KVPolicyConfig, ModelShape
 from headkv_sglang.policies import AdaKV, FullKV, PyramidKV, SnapKV, StreamingLLM
+from headkv_sglang.policies.registry import build_policy
 
 SHAPE = ModelShape(num_layers=3, num_q_heads=6, num_kv_heads=2, head_dim=8)
 

@@ -398,7 +398,7 @@ def test_headkv_redistributes_clamped_excess():
     imp[1, 2] = 10.0
     imp[3, 0] = 5.0
     t, b, w = 60, 30, 8
-    pol = HeadKV(importance=imp, window_size=w)
+    pol = HeadKV(importance=imp, beta=1.005, window_size=w)
     plan = pol.plan_budgets(t, b, L, H)
     assert plan[1, 2] == t and plan[3, 0] == t
     assert int(plan.sum()) == L * H * b

@@ -1,15 +1,16 @@
 """CompressionManager: owns the ragged pool and every compressed request's pages.
 
-The serving layer (``sglang_backend.py``) calls it at three moments:
+The serving layer (``headkv_sglang.serving``) calls it at three moments:
 
 1. during each prefill forward, :meth:`capture_queries` keeps the last ``window`` queries
    of each request per layer (the observation window);
 2. once a request's prompt is complete, :meth:`compress` scores, selects and copies each
    (layer, KV head)'s kept tokens into pages, after which SGLang's token-pool slots of
    the prompt can be released;
-3. at decode, :meth:`attend` computes attention over [compressed prompt pages] ⊕ [the
-   request's decode tail in SGLang's pool] (⊕ Razor's compensation state with logit
-   ``+ log n_dropped``), one softmax over the union = the log-sum-exp merge.
+3. when the request's row is released (finish, abort, retraction), :meth:`free`.
+
+Decode attention over the pages is :mod:`headkv_sglang.kv.ragged` (it reads
+:attr:`records`).
 
 Requests are keyed by SGLang's ``req_pool_idx`` (the request's row in ``req_to_token``);
 :meth:`free` must run whenever that row is released (finish, abort, retraction).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,8 +28,9 @@ from typing import Callable
 
 import torch
 
-from headkv_sglang.config import KVPolicyConfig, ModelShape, build_policy
+from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.policies.base import compress_layer
+from headkv_sglang.policies.registry import build_policy
 from headkv_sglang.kv.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
 
 logger = logging.getLogger("headkv_sglang")
@@ -40,6 +41,10 @@ class _Capture:
     rid: str
     window: int
     layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [w, Hq, D]
+
+
+class NotSmallerError(ValueError):
+    """Compressing this prompt would not take less memory than its full KV."""
 
 
 @dataclass
@@ -98,10 +103,16 @@ class CompressionManager:
         """Compress positions ``[0, seq_len)`` of request ``req_pool_idx``.
 
         ``get_kv(layer)`` returns the prompt's ``k, v`` as ``[seq_len, num_kv_heads, head_dim]``.
-        Raises PoolFullError (allocating nothing) when the pool cannot hold the result.
+        Raises PoolFullError (allocating nothing) when the pool cannot hold the result, and
+        NotSmallerError (allocating nothing) when the pages would not be smaller than the
+        prompt's full KV (page rounding: every (layer, KV head) takes whole pages). If
+        writing the pages fails, they are freed before the error propagates.
         """
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
         s = self.shape
+        if seq_len <= self.pool.page_size:  # one page per (layer, head) already holds the whole prompt
+            raise NotSmallerError(f"a {seq_len}-token prompt fits one {self.pool.page_size}-token page per "
+                                  f"(layer, KV head): compressing cannot save memory")
         cap = self._captures.get(req_pool_idx)
         w = min(cfg.obs_window, seq_len)
         if cap is not None and cap.layers and getattr(build_policy(cfg, s), "needs_queries", True):
@@ -131,10 +142,33 @@ class CompressionManager:
             pages = self.pool.pages_for(lengths)
             need += int(pages.sum())
             layers.append((comp, lengths, pages))
+        if need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads:
+            raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens hold at least the "
+                                  f"{seq_len}-token prompt's full KV")
         with self._lock:
             if not self.allocator.can_allocate(need):
                 raise PoolFullError(f"request needs {need} pages, {self.allocator.free_pages} free")
             ids = self.allocator.allocate(need, owner=req_pool_idx)
+        try:
+            rec = self._write(req_pool_idx, cfg, seq_len, layers, ids)
+        except BaseException:
+            with self._lock:  # the pages were never recorded: give them back, not leak them
+                self.allocator.free(ids, owner=req_pool_idx)
+            raise
+        self.records[req_pool_idx] = rec
+        self.peak_records = max(self.peak_records, len(self.records))
+        self.drop_capture(req_pool_idx)
+        self.total_compressed[cfg.policy] += 1
+        c = self.cumulative[cfg.policy]
+        c[0] += rec.kept_tokens
+        c[1] += seq_len * s.num_layers * s.num_kv_heads
+        c[2] += rec.held_bytes(self.pool.bytes_per_page)
+        c[3] += self.full_bytes(seq_len)
+        return rec
+
+    def _write(self, req_pool_idx: int, cfg: KVPolicyConfig, seq_len: int, layers: list[tuple],
+               ids: list[int]) -> RequestPages:
+        """Copy each layer's kept tokens into its pages ``ids``; the request's page tables."""
         rec = RequestPages(prompt_len=seq_len, policy=cfg.policy, budget=cfg.budget, page_ids=ids)
         cursor = 0
         for comp, lengths, pages in layers:
@@ -149,15 +183,6 @@ class CompressionManager:
             lp._page_size = self.pool.page_size
             rec.layers.append(lp)
             rec.kept_tokens += int(lengths.sum())
-        self.records[req_pool_idx] = rec
-        self.peak_records = max(self.peak_records, len(self.records))
-        self.drop_capture(req_pool_idx)
-        self.total_compressed[cfg.policy] += 1
-        c = self.cumulative[cfg.policy]
-        c[0] += rec.kept_tokens
-        c[1] += seq_len * s.num_layers * s.num_kv_heads
-        c[2] += rec.held_bytes(self.pool.bytes_per_page)
-        c[3] += self.full_bytes(seq_len)
         return rec
 
     # ------------------------------------------------------------------ ownership
@@ -174,46 +199,6 @@ class CompressionManager:
     def check_integrity(self) -> None:
         with self._lock:
             self.allocator.check_integrity({idx: rec.page_ids for idx, rec in self.records.items()})
-
-    # ------------------------------------------------------------------ decode
-    def attend(self, layer: int, req_pool_idx: int, q: torch.Tensor, k_tail: torch.Tensor,
-               v_tail: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of ``q`` ``[n, Hq, D]`` over the compressed prompt and the tail.
-
-        ``k_tail``/``v_tail``: ``[m, H, D]`` positions ``prompt_len .. prompt_len+m-1``;
-        ``q_pos``: int64 ``[n]`` absolute positions of the queries (a query sees tail
-        positions ``<= q_pos``). Returns ``[n, Hq, D]`` in ``q``'s dtype.
-        """
-        rec = self.records[req_pool_idx]
-        lp = rec.layers[layer]
-        H, D = self.shape.num_kv_heads, self.shape.head_dim
-        n, Hq, _ = q.shape
-        G = Hq // H
-        qf = q.float().view(n, H, G, D)
-        kp, vp, mask = self.pool.gather_padded(lp)  # [H, Lp, D], [H, Lp]
-        logits_p = torch.einsum("nhgd,hld->nhgl", qf, kp.float()) * scale
-        logits_p = logits_p.masked_fill(~mask[None, :, None, :], float("-inf"))
-        parts_l = [logits_p]
-        parts_v = [vp.float()[None].expand(n, -1, -1, -1)]  # [n, H, Lp, D]
-        if lp.comp_count is not None:
-            cnt = lp.comp_count.to(q.device)
-            bias = torch.where(cnt > 0, torch.log(cnt.clamp(min=1).float()), torch.full_like(cnt, float("-inf"), dtype=torch.float32))
-            logit_c = torch.einsum("nhgd,hd->nhg", qf, lp.comp_k.float()) * scale + bias[None, :, None]
-            parts_l.append(logit_c[..., None])
-            parts_v.append(lp.comp_v.float()[None, :, None, :].expand(n, -1, -1, -1))
-        m = k_tail.shape[0]
-        if m:
-            logits_t = torch.einsum("nhgd,mhd->nhgm", qf, k_tail.float()) * scale
-            tail_pos = rec.prompt_len + torch.arange(m, device=q.device)
-            visible = tail_pos[None, :] <= q_pos.to(q.device)[:, None]  # [n, m]
-            logits_t = logits_t.masked_fill(~visible[:, None, None, :], float("-inf"))
-            parts_l.append(logits_t)
-            parts_v.append(v_tail.float().permute(1, 0, 2)[None].expand(n, -1, -1, -1))
-        logits = torch.cat(parts_l, dim=-1)  # [n, H, G, Ltot]
-        vals = torch.cat(parts_v, dim=2)  # [n, H, Ltot, D]
-        probs = torch.softmax(logits, dim=-1)
-        out = torch.einsum("nhgl,nhld->nhgd", probs, vals)
-        return out.reshape(n, Hq, D).to(q.dtype)
 
     # ------------------------------------------------------------------ observability
     def stats(self) -> dict:
@@ -255,24 +240,3 @@ class CompressionManager:
             "running_compressed_requests": running,
             "policies": policies,
         }
-
-
-def pages_upper_bound(cfg: KVPolicyConfig, shape: ModelShape, seq_len: int, page_size: int) -> int:
-    """Pages a request of ``seq_len`` tokens may need at most (for admission)."""
-    L, H = shape.num_layers, shape.num_kv_heads
-    per_head_max = seq_len
-    if cfg.policy in ("snapkv", "streamingllm"):
-        per_head_max = min(seq_len, cfg.budget)
-        return L * H * math.ceil(per_head_max / page_size)
-    if cfg.policy == "razor":
-        # Position-only plan (retrieval heads keep T, the others min(B, T)), and selection
-        # keeps exactly the plan: the exact count. The worst case (every head keeps T)
-        # over-reserved several-fold (5x for T = 1200, B = 64, 15% retrieval heads), and a
-        # long prompt's worst case could exceed the whole pool, so it was admitted
-        # unreserved and could find the pool full (the soak saw 2 such fallbacks).
-        planned = build_policy(cfg, shape).plan_budgets(seq_len, cfg.budget, L, H).clamp(max=seq_len)
-        return int(((planned + page_size - 1) // page_size).sum())
-    if cfg.policy in ("headkv", "pyramidkv", "adakv"):
-        total = min(L * H * cfg.budget, L * H * seq_len)
-        return math.ceil(total / page_size) + L * H  # each row wastes < one page
-    return L * H * math.ceil(seq_len / page_size)  # full keeps everything

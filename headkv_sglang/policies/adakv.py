@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from headkv_sglang.policies.base import (
-    ObservationWindowPolicy,
-    check_float,
-    check_request,
-    effective_window,
-)
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.budgets import effective_window, total_bound_pages
+from headkv_sglang.policies.checks import check_float, check_request
+from headkv_sglang.policies.observation import ObservationWindowPolicy
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,22 +42,33 @@ class AdaKV(ObservationWindowPolicy):
         kvpress and the Ada-KV paper's GQA experiments; the FFY0/AdaKV README
         example uses 0.5).
     window_size, kernel_size, pooling, gqa_agg
-        See :class:`~headkv_sglang.policies.base.ObservationWindowPolicy`.
+        See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
     """
 
     name: ClassVar[str] = "adakv"
 
-    floor_alpha: float = 0.2
+    floor_alpha: float = defaults.FLOOR_ALPHA
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float(type(self).__name__, "floor_alpha", self.floor_alpha, low=0.0, high=1.0)
+
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> AdaKV:
+        return cls(floor_alpha=cfg.floor_alpha, **cls.observation_kwargs(cfg))
 
     def plan_budgets(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int
     ) -> None:
         check_request(seq_len, budget, num_layers, num_kv_heads)
         return None
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """At most ``min(B, T)`` tokens per row on average, rows of any length."""
+        rows = num_layers * num_kv_heads
+        return total_bound_pages(rows * min(budget, seq_len), rows, page_size)
 
     def layer_budgets(
         self,

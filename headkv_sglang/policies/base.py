@@ -40,360 +40,33 @@ Shared selection
 For a head with budget ``b`` and prompt length ``T``: ``b >= T`` keeps
 everything; otherwise the last ``min(w, b)`` tokens (the window) plus the
 ``b - min(w, b)`` highest-scored positions of ``[0, T - w)``, ties broken
-towards the lower position so that selection is deterministic.
+towards the lower position so that selection is deterministic
+(:func:`~headkv_sglang.policies.scoring.select_tokens`).
+
+What the server needs to know about a policy
+--------------------------------------------
+Each class carries it, so that adding a policy is one file plus one line in
+``registry.py``: ``name``, ``needs_queries``, ``compresses``,
+``profile_method`` (class attributes), :meth:`KVPolicy.from_config` (built
+from the server/request config), :meth:`KVPolicy.check_config` (its
+cross-field rules on that config) and :meth:`KVPolicy.max_pages` (its
+worst-case pages, for admission).
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-PoolingKind = Literal["avgpool", "maxpool"]
-GqaAggregation = Literal["mean", "max"]
+from headkv_sglang.policies.budgets import uniform_pages
+from headkv_sglang.policies.checks import BadValue, check_request
+from headkv_sglang.policies.scoring import select_tokens
 
-POOLINGS: tuple[str, ...] = ("avgpool", "maxpool")
-GQA_AGGREGATIONS: tuple[str, ...] = ("mean", "max")
-
-
-# --------------------------------------------------------------------------- #
-# Validation helpers (used by the policies' __post_init__)
-# --------------------------------------------------------------------------- #
-def check_int(cls_name: str, field: str, value: object, minimum: int) -> None:
-    """Raise ValueError unless ``value`` is an int (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{cls_name}.{field} must be an int >= {minimum}, got {value!r}"
-        )
-
-
-def check_float(
-    cls_name: str,
-    field: str,
-    value: object,
-    *,
-    low: float,
-    high: float = math.inf,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> None:
-    """Raise ValueError unless ``value`` is a real number in the given range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)  # type: ignore[arg-type]
-        ok = math.isfinite(v) or v == high == math.inf
-        ok = ok and (v >= low if low_inclusive else v > low)
-        ok = ok and (v <= high if high_inclusive else v < high)
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = "]" if high_inclusive else ")"
-        raise ValueError(
-            f"{cls_name}.{field} must be a number in {lo}{low}, {high}{hi}, got {value!r}"
-        )
-
-
-def check_choice(cls_name: str, field: str, value: object, allowed: tuple[str, ...]) -> None:
-    """Raise ValueError unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
-
-
-def check_head_table(
-    cls_name: str, field: str, value: object, *, dtype_kind: Literal["float", "bool"]
-) -> torch.Tensor:
-    """Validate a per-(layer, KV head) table and return a private CPU copy.
-
-    The copy keeps a frozen policy immune to the caller mutating its tensor.
-    """
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(
-            f"{cls_name}.{field} must be a torch.Tensor of shape [num_layers, num_kv_heads], "
-            f"got {type(value).__name__}"
-        )
-    if value.dim() != 2 or value.shape[0] < 1 or value.shape[1] < 1:
-        raise ValueError(
-            f"{cls_name}.{field} must have shape [num_layers, num_kv_heads], "
-            f"got {list(value.shape)}"
-        )
-    if dtype_kind == "bool":
-        if value.dtype != torch.bool:
-            raise ValueError(f"{cls_name}.{field} must be a bool tensor, got {value.dtype}")
-        return value.detach().to("cpu").clone()
-    if value.dtype == torch.bool or value.is_complex():
-        raise ValueError(f"{cls_name}.{field} must be a real tensor, got {value.dtype}")
-    t = value.detach().to("cpu", torch.float64).clone()
-    if not torch.isfinite(t).all() or (t < 0).any() or t.sum() <= 0:
-        raise ValueError(
-            f"{cls_name}.{field} must be finite, >= 0 and not all zero; "
-            f"got min={t.min().item()}, max={t.max().item()}, sum={t.sum().item()}"
-        )
-    return t
-
-
-def check_model_shape(
-    cls_name: str, field: str, table: torch.Tensor, num_layers: int, num_kv_heads: int
-) -> None:
-    """A head profile must have been measured on a model of the same shape."""
-    if tuple(table.shape) != (num_layers, num_kv_heads):
-        raise ValueError(
-            f"{cls_name}.{field} has shape {list(table.shape)} but the model has "
-            f"[num_layers={num_layers}, num_kv_heads={num_kv_heads}]; use a profile "
-            f"measured on this model (per KV head, query heads of a group aggregated)"
-        )
-
-
-def check_request(seq_len: int, budget: int, num_layers: int = 1, num_kv_heads: int = 1) -> None:
-    """Validate the per-request arguments of the planners."""
-    for name, value in (
-        ("seq_len", seq_len),
-        ("budget", budget),
-        ("num_layers", num_layers),
-        ("num_kv_heads", num_kv_heads),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-# --------------------------------------------------------------------------- #
-# Budget helpers
-# --------------------------------------------------------------------------- #
-def largest_remainder(ideal: torch.Tensor, total: int, caps: torch.Tensor) -> torch.Tensor:
-    """Round real allocations to integers summing to exactly ``total``.
-
-    Parameters
-    ----------
-    ideal : torch.Tensor
-        float64 ``[n]``, ``0 <= ideal <= caps``, summing to ``total`` up to
-        float error.
-    total : int
-        The integer sum the result must have.
-    caps : torch.Tensor
-        int64 ``[n]`` upper bounds.
-
-    Returns
-    -------
-    torch.Tensor
-        int64 ``[n]``: ``floor(ideal)`` plus one for the ``total - sum(floor)``
-        entries with the largest fractional parts (ties: lower index first).
-    """
-    ideal = ideal.to(torch.float64)
-    # An ideal of 5 computed as 4.999999999 must floor to 5, not lose a unit.
-    base = torch.minimum(torch.floor(ideal + 1e-9).to(torch.int64), caps)
-    base = torch.clamp(base, min=0)
-    missing = int(total - base.sum().item())
-    if missing == 0:
-        return base
-    frac = ideal - base.to(torch.float64)
-    eligible = base < caps
-    assert missing > 0, f"rounding overshoot: floors sum to {base.sum().item()} > total {total}"
-    assert int(eligible.sum()) >= missing, (
-        f"cannot place {missing} units: only {int(eligible.sum())} entries below cap; "
-        f"ideal={ideal.tolist()} caps={caps.tolist()}"
-    )
-    frac = torch.where(eligible, frac, torch.full_like(frac, -math.inf))
-    order = torch.sort(frac, descending=True, stable=True).indices[:missing]
-    base[order] += 1
-    return base
-
-
-def waterfill(
-    ideal: torch.Tensor, caps: torch.Tensor, weights: torch.Tensor, total: int
-) -> torch.Tensor:
-    """Cap real allocations and hand the excess to uncapped entries, by weight.
-
-    Parameters
-    ----------
-    ideal : torch.Tensor
-        float64 ``[n]`` non-negative allocations (e.g. one per head).
-    caps : torch.Tensor
-        int64 ``[n]`` upper bounds (e.g. the prompt length).
-    weights : torch.Tensor
-        float64 ``[n]`` non-negative shares for redistribution; entries whose
-        weights are all zero share equally.
-    total : int
-        ``min(total, caps.sum())`` units are allocated.
-
-    Returns
-    -------
-    torch.Tensor
-        int64 ``[n]``, each ``<= caps``, summing to ``min(total, caps.sum())``.
-        Repeats "clamp, then spread the overflow over the entries still below
-        their cap in proportion to ``weights``" until nothing overflows; HeadKV's
-        reference code clamps to ``T`` and silently drops the overflow.
-    """
-    alloc = ideal.to(torch.float64).clone()
-    cap_f = caps.to(torch.float64)
-    weights = weights.to(torch.float64)
-    target = min(int(total), int(caps.sum().item()))
-    for _ in range(alloc.numel() + 1):
-        over = alloc > cap_f
-        excess = float((alloc[over] - cap_f[over]).sum())
-        alloc = torch.minimum(alloc, cap_f)
-        if excess <= 1e-9:
-            break
-        free = alloc < cap_f
-        if not free.any():
-            break
-        w = torch.where(free, weights, torch.zeros_like(weights))
-        if float(w.sum()) <= 0.0:
-            w = free.to(torch.float64)
-        alloc = alloc + excess * w / w.sum()
-    return largest_remainder(alloc, target, caps)
-
-
-def effective_window(window_size: int, budget: int, seq_len: int) -> int:
-    """Tokens of the observation window that are actually kept."""
-    return min(window_size, budget, seq_len)
-
-
-# --------------------------------------------------------------------------- #
-# Scoring
-# --------------------------------------------------------------------------- #
-def check_scoring_inputs(q_win: torch.Tensor, k: torch.Tensor, window_size: int) -> int:
-    """Validate ``q_win`` / ``k`` and return the GQA group size."""
-    if q_win.dim() != 3 or k.dim() != 3:
-        raise ValueError(
-            f"q_win must be [num_q_heads, w, head_dim] and k [num_kv_heads, T, head_dim]; "
-            f"got q_win {list(q_win.shape)}, k {list(k.shape)}"
-        )
-    num_q_heads, w, d = q_win.shape
-    num_kv_heads, seq_len, dk = k.shape
-    if d != dk:
-        raise ValueError(f"head_dim differs: q_win has {d}, k has {dk}")
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
-        )
-    if w != min(window_size, seq_len):
-        raise ValueError(
-            f"q_win holds {w} queries; expected the last min(window_size={window_size}, "
-            f"T={seq_len}) = {min(window_size, seq_len)} prompt queries"
-        )
-    return num_q_heads // num_kv_heads
-
-
-def observation_window_scores(
-    q_win: torch.Tensor,
-    k: torch.Tensor,
-    window_size: int,
-    kernel_size: int,
-    pooling: str,
-    gqa_agg: str,
-) -> torch.Tensor:
-    """SnapKV token scores (arXiv 2404.14469), aggregated per KV head.
-
-    Parameters
-    ----------
-    q_win : torch.Tensor
-        ``[num_q_heads, w, head_dim]`` (any float dtype): the last
-        ``w = min(window_size, T)`` prompt queries, after RoPE.
-    k : torch.Tensor
-        ``[num_kv_heads, T, head_dim]``, same dtype family: the prompt keys.
-    window_size, kernel_size, pooling, gqa_agg
-        See :class:`ObservationWindowPolicy`.
-
-    Returns
-    -------
-    torch.Tensor
-        float32 ``[num_kv_heads, T]``: for positions ``< T - w`` the attention
-        mass the window queries put on the key (causal inside the window,
-        softmax over all keys in float32, summed over the window), smoothed by
-        a stride-1 pooling of width ``kernel_size``, then averaged (or maxed)
-        over the query heads of the KV head's group; ``+inf`` on the window.
-    """
-    group = check_scoring_inputs(q_win, k, window_size)
-    num_kv_heads, seq_len, head_dim = k.shape
-    w = q_win.shape[1]
-    prefix = seq_len - w
-    out = torch.full((num_kv_heads, seq_len), math.inf, dtype=torch.float32, device=k.device)
-    if prefix == 0:
-        return out
-    q = q_win.to(torch.float32).reshape(num_kv_heads, group, w, head_dim)
-    logits = torch.einsum("hgwd,htd->hgwt", q, k.to(torch.float32)) / math.sqrt(head_dim)
-    # Window query i sits at absolute position prefix + i and sees keys <= it.
-    key_pos = torch.arange(seq_len, device=k.device)
-    query_pos = prefix + torch.arange(w, device=k.device)
-    future = key_pos[None, :] > query_pos[:, None]
-    logits = logits.masked_fill(future, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    mass = probs.sum(dim=2)[..., :prefix]  # [H, G, prefix]
-    flat = mass.reshape(num_kv_heads * group, 1, prefix)
-    pad = kernel_size // 2
-    if pooling == "avgpool":
-        pooled = F.avg_pool1d(flat, kernel_size=kernel_size, stride=1, padding=pad)
-    else:
-        pooled = F.max_pool1d(flat, kernel_size=kernel_size, stride=1, padding=pad)
-    pooled = pooled.reshape(num_kv_heads, group, prefix)
-    agg = pooled.mean(dim=1) if gqa_agg == "mean" else pooled.amax(dim=1)
-    out[:, :prefix] = agg
-    return out
-
-
-def sink_recency_scores(num_kv_heads: int, seq_len: int, window_size: int, sink_size: int,
-                        device: torch.device | str = "cpu") -> torch.Tensor:
-    """Position-based scores for sink + recent-window policies.
-
-    Returns float32 ``[num_kv_heads, seq_len]``: ``+inf`` on the observation
-    window, then the first ``sink_size`` tokens above every other position,
-    then more recent tokens above older ones, so the shared top-k selection
-    keeps sinks + the most recent tokens.
-    """
-    pos = torch.arange(seq_len, dtype=torch.float32, device=device)
-    scores = pos.clone()
-    scores[: min(sink_size, seq_len)] = float(2 * seq_len)
-    w = min(window_size, seq_len)
-    if w > 0:
-        scores[seq_len - w :] = math.inf
-    return scores.expand(num_kv_heads, seq_len).contiguous()
-
-
-# --------------------------------------------------------------------------- #
-# Selection
-# --------------------------------------------------------------------------- #
-def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window_size: int) -> list[torch.Tensor]:
-    """The shared per-head selection step.
-
-    Parameters
-    ----------
-    scores : torch.Tensor
-        float ``[num_kv_heads, T]``; only positions ``< T - min(window_size, T)``
-        are compared.
-    budgets : torch.Tensor
-        int64 ``[num_kv_heads]``; clamped to ``[0, T]``.
-    window_size : int
-        Observation window ``w``: the last ``min(w, b)`` tokens are always kept.
-
-    Returns
-    -------
-    list[torch.Tensor]
-        Per KV head, sorted int64 indices (on ``scores.device``) of the kept
-        tokens, ``len == clamp(budgets[h], 0, T)``: the window plus the top
-        ``b - min(w, b)`` prefix positions by score, ties to the lower index.
-    """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be [num_kv_heads, T], got {list(scores.shape)}")
-    num_heads, seq_len = scores.shape
-    if budgets.shape != (num_heads,):
-        raise ValueError(f"budgets must be [{num_heads}], got {list(budgets.shape)}")
-    device = scores.device
-    w = min(window_size, seq_len)
-    prefix = seq_len - w
-    # A stable descending sort puts equal scores in index order: deterministic ties.
-    order = torch.sort(scores[:, :prefix], dim=1, descending=True, stable=True).indices
-    kept: list[torch.Tensor] = []
-    for h, b in enumerate(budgets.clamp(0, seq_len).tolist()):
-        if b >= seq_len:
-            kept.append(torch.arange(seq_len, dtype=torch.int64, device=device))
-            continue
-        n_win = min(w, b)
-        window = torch.arange(seq_len - n_win, seq_len, dtype=torch.int64, device=device)
-        top = order[h, : b - n_win]
-        kept.append(torch.cat([torch.sort(top).values, window]))
-    return kept
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 # --------------------------------------------------------------------------- #
@@ -414,8 +87,53 @@ class KVPolicy(ABC):
     #: False when the scores ignore the queries (position-based policies): the
     #: backend may then skip capturing ``q_win`` and pass an empty tensor.
     needs_queries: ClassVar[bool] = True
+    #: False only for FullKV: the server then leaves the request in SGLang's own pool.
+    compresses: ClassVar[bool] = True
+    #: The head-profile method the policy is built from (``profiles.METHODS``), or
+    #: None when it needs no profile.
+    profile_method: ClassVar[str | None] = None
 
     window_size: int
+
+    # ------------------------------------------------------------------ server hooks
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> KVPolicy:
+        """The policy a (validated) server or request config asks for.
+
+        Parameters
+        ----------
+        cfg : KVPolicyConfig
+            Its ``policy`` names this class.
+        shape : ModelShape
+            The served model.
+        profile : headkv_sglang.profiles.HeadProfile | None
+            The head profile loaded for :attr:`profile_method` (None when that is None).
+        """
+
+    @classmethod
+    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
+        """Raise ``bad(field, value, allowed)`` if ``cfg`` breaks a rule between its fields.
+
+        Called by ``KVPolicyConfig.validate`` after every field was checked alone.
+        ``changed``: the fields a request overrode; of two conflicting fields, blame
+        the overridden one. Default: no rule.
+        """
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """Pages a prompt of ``seq_len`` tokens may need at most once compressed.
+
+        Admission reserves this many pages before prefill, so it must never be
+        below what :func:`compress_layer` keeps over all layers, each (layer, KV
+        head) row padded to whole pages of ``page_size`` tokens. Default: every
+        head keeps the whole prompt (safe for any policy; override it with the
+        policy's own bound).
+        """
+        return uniform_pages(num_layers * num_kv_heads, seq_len, page_size)
+
+    # ------------------------------------------------------------------ per request
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         """Raise ValueError if this policy cannot serve a model of this shape.
@@ -588,48 +306,3 @@ def compress_layer(
         out.comp_v = (torch.einsum("ht,htd->hd", dropped, v.to(torch.float32)) / denom).to(v.dtype)
         out.comp_count = count.to(torch.int64)
     return out
-
-
-# --------------------------------------------------------------------------- #
-# Shared base of the observation-window (SnapKV-scored) policies
-# --------------------------------------------------------------------------- #
-@dataclass(frozen=True, kw_only=True)
-class ObservationWindowPolicy(KVPolicy):
-    """Base of the policies that rank tokens with SnapKV's observation window.
-
-    Parameters
-    ----------
-    window_size : int
-        Observation window ``w``: the last ``w`` prompt tokens score the
-        others and are always kept. PyramidKV's LongBench scripts use 8 (and
-        so did this project's best SmolLM2 measurements); SnapKV/AdaKV's code
-        default is 32.
-    kernel_size : int
-        Odd width of the stride-1 pooling that smooths the scores (7 in
-        SnapKV, PyramidKV, AdaKV and HeadKV).
-    pooling : {"maxpool", "avgpool"}
-        Pooling kind ("maxpool" in all four projects' scripts).
-    gqa_agg : {"mean", "max"}
-        How the query heads of a KV head's group are combined.
-    """
-
-    window_size: int = 8
-    kernel_size: int = 7
-    pooling: PoolingKind = "maxpool"
-    gqa_agg: GqaAggregation = "mean"
-
-    def __post_init__(self) -> None:
-        cls = type(self).__name__
-        check_int(cls, "window_size", self.window_size, 1)
-        check_int(cls, "kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(
-                f"{cls}.kernel_size must be odd (the pooling is centred), got {self.kernel_size}"
-            )
-        check_choice(cls, "pooling", self.pooling, POOLINGS)
-        check_choice(cls, "gqa_agg", self.gqa_agg, GQA_AGGREGATIONS)
-
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
-        return observation_window_scores(
-            q_win, k, self.window_size, self.kernel_size, self.pooling, self.gqa_agg
-        )

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from headkv_sglang.policies.base import (
-    ObservationWindowPolicy,
-    check_float,
-    check_head_table,
-    check_model_shape,
-    check_request,
-    effective_window,
-    waterfill,
-)
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.budgets import effective_window, total_bound_pages, waterfill
+from headkv_sglang.policies.checks import check_float, check_head_table, check_model_shape, check_request
+from headkv_sglang.policies.observation import ObservationWindowPolicy
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,18 +51,20 @@ class HeadKV(ObservationWindowPolicy):
         pool. Close to 1 means nearly all of the budget is shared (the HeadKV
         README sweeps 1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10 with no single
         default; 1.005 is the first value of its sweep for budgets 128-512).
+        The default, 2, half the budget shared, measured best here (README).
     temp : float
         Exponent sharpening (> 1) or flattening (< 1) the normalised scores
         (``temp`` in the reference code, 1 in every published run).
     window_size, kernel_size, pooling, gqa_agg
-        See :class:`~headkv_sglang.policies.base.ObservationWindowPolicy`.
+        See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
     """
 
     name: ClassVar[str] = "headkv"
+    profile_method: ClassVar[str | None] = "r2"
 
     importance: torch.Tensor = field(compare=False, repr=False)
-    beta: float = 1.005
-    temp: float = 1.0
+    beta: float = defaults.HEADKV_BETA
+    temp: float = defaults.HEADKV_TEMP
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +73,13 @@ class HeadKV(ObservationWindowPolicy):
         object.__setattr__(self, "importance", table)
         check_float(cls, "beta", self.beta, low=1.0)
         check_float(cls, "temp", self.temp, low=0.0, low_inclusive=False)
+
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> HeadKV:
+        """Importance: the profile's per-KV-head Retrieval-Reasoning (``r2``) scores."""
+        assert profile is not None, "HeadKV needs its 'r2' head profile (registry.resolve_profile)"
+        importance = torch.as_tensor(profile.kv_scores, dtype=torch.float64)
+        return cls(importance=importance, beta=cfg.beta, **cls.observation_kwargs(cfg))
 
     @classmethod
     def from_profile(
@@ -132,3 +139,10 @@ class HeadKV(ObservationWindowPolicy):
         # overflow this is exactly HeadKV's plan rounded by largest remainder.
         rounded = waterfill(ideal, caps, shares, base * n)
         return (rounded + w).reshape(num_layers, num_kv_heads)
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """At most ``min(B, T)`` tokens per row on average, rows of any length."""
+        rows = num_layers * num_kv_heads
+        return total_bound_pages(rows * min(budget, seq_len), rows, page_size)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from headkv_sglang.policies.base import (
-    ObservationWindowPolicy,
-    check_float,
-    check_request,
-    effective_window,
-    waterfill,
-)
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.budgets import effective_window, total_bound_pages, waterfill
+from headkv_sglang.policies.checks import check_float, check_request
+from headkv_sglang.policies.observation import ObservationWindowPolicy
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,16 +39,20 @@ class PyramidKV(ObservationWindowPolicy):
         Steepness: the last layer gets about ``base / beta`` (20 in the
         PyramidKV code and in kvpress's ``PyramidKVPress``).
     window_size, kernel_size, pooling, gqa_agg
-        See :class:`~headkv_sglang.policies.base.ObservationWindowPolicy`.
+        See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
     """
 
     name: ClassVar[str] = "pyramidkv"
 
-    beta: float = 20
+    beta: float = defaults.PYRAMID_BETA
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float(type(self).__name__, "beta", self.beta, low=1.0)
+
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> PyramidKV:
+        return cls(beta=cfg.pyramid_beta, **cls.observation_kwargs(cfg))
 
     def layer_prefix_budgets(self, seq_len: int, budget: int, num_layers: int) -> torch.Tensor:
         """float64 ``[num_layers]`` real prefix budgets before rounding (``B < T``)."""
@@ -77,3 +81,10 @@ class PyramidKV(ObservationWindowPolicy):
         prefix = waterfill(ideal, caps, ideal, num_layers * (budget - w))
         per_layer = prefix + w
         return per_layer[:, None].expand(num_layers, num_kv_heads).contiguous()
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """At most ``min(B, T)`` tokens per row on average, rows of any length."""
+        rows = num_layers * num_kv_heads
+        return total_bound_pages(rows * min(budget, seq_len), rows, page_size)

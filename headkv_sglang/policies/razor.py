@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from headkv_sglang.policies.base import (
-    KVPolicy,
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.base import KVPolicy
+from headkv_sglang.policies.budgets import planned_pages
+from headkv_sglang.policies.checks import (
+    BadValue,
     check_float,
     check_head_table,
     check_int,
     check_model_shape,
     check_request,
-    sink_recency_scores,
+    check_sinks_fit,
 )
+from headkv_sglang.policies.scoring import sink_recency_scores
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,10 +57,11 @@ class RazorAttention(KVPolicy):
     name: ClassVar[str] = "razor"
     uses_compensation: ClassVar[bool] = True
     needs_queries: ClassVar[bool] = False
+    profile_method: ClassVar[str | None] = "razor"
 
     retrieval_heads: torch.Tensor = field(compare=False, repr=False)
-    sink_size: int = 4
-    window_size: int = 8
+    sink_size: int = defaults.SINK_SIZE
+    window_size: int = defaults.WINDOW_SIZE
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
@@ -68,8 +76,8 @@ class RazorAttention(KVPolicy):
         echo: torch.Tensor,
         induction: torch.Tensor,
         *,
-        echo_fraction: float = 0.01,
-        induction_fraction: float = 0.14,
+        echo_fraction: float = defaults.RAZOR_ECHO_FRACTION,
+        induction_fraction: float = defaults.RAZOR_INDUCTION_FRACTION,
         **hyperparams: Any,
     ) -> "RazorAttention":
         """Protect the top echo and induction heads.
@@ -106,6 +114,25 @@ class RazorAttention(KVPolicy):
                 mask[order[:top]] = True
         return cls(retrieval_heads=mask.reshape(echo_t.shape), **hyperparams)
 
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> RazorAttention:
+        """Retrieval heads from the ``razor`` profile: ``razor_fraction`` of the heads,
+        its first 1% by echo score and the rest by induction score."""
+        assert profile is not None, "RazorAttention needs its 'razor' head profile (registry.resolve_profile)"
+        echo = torch.as_tensor(profile.kv_echo, dtype=torch.float64)
+        induction = torch.as_tensor(profile.kv_induction, dtype=torch.float64)
+        frac = cfg.razor_fraction
+        return cls.from_scores(
+            echo, induction,
+            echo_fraction=min(defaults.RAZOR_ECHO_FRACTION, frac),
+            induction_fraction=max(0.0, frac - defaults.RAZOR_ECHO_FRACTION),
+            sink_size=cfg.sink_size, window_size=cfg.obs_window,
+        )
+
+    @classmethod
+    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
+        check_sinks_fit(cfg, bad, changed)
+
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
         check_model_shape(
@@ -120,6 +147,18 @@ class RazorAttention(KVPolicy):
         full = torch.full((num_layers, num_kv_heads), seq_len, dtype=torch.int64)
         local = torch.full_like(full, min(budget, seq_len))
         return torch.where(self.retrieval_heads, full, local)
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """Exact: the plan depends on positions only, and selection keeps exactly the plan.
+
+        The every-head-keeps-``T`` bound over-reserved several-fold (5x for T = 1200,
+        B = 64, 15% retrieval heads), and a long prompt's could exceed the whole pool,
+        so such a request was admitted unreserved and could find the pool full.
+        """
+        planned = self.plan_budgets(seq_len, budget, num_layers, num_kv_heads)
+        return planned_pages(planned.clamp(max=seq_len), page_size)
 
     def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
         """float32 ``[num_kv_heads, T]``: sinks above recent above old; ``q_win`` unused."""

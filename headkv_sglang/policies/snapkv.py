@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from headkv_sglang.policies.base import ObservationWindowPolicy, check_request
+from headkv_sglang.policies.budgets import uniform_pages
+from headkv_sglang.policies.checks import check_request
+from headkv_sglang.policies.observation import ObservationWindowPolicy
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,18 +23,28 @@ class SnapKV(ObservationWindowPolicy):
 
     Every head keeps ``min(B, T)`` tokens: the observation window plus the
     prefix positions the window's queries attend to most (see
-    :func:`~headkv_sglang.policies.base.observation_window_scores`).
+    :func:`~headkv_sglang.policies.scoring.observation_window_scores`).
 
     Parameters
     ----------
     window_size, kernel_size, pooling, gqa_agg
-        See :class:`~headkv_sglang.policies.base.ObservationWindowPolicy`.
+        See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
     """
 
     name: ClassVar[str] = "snapkv"
+
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> SnapKV:
+        return cls(**cls.observation_kwargs(cfg))
 
     def plan_budgets(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int
     ) -> torch.Tensor:
         check_request(seq_len, budget, num_layers, num_kv_heads)
         return torch.full((num_layers, num_kv_heads), min(budget, seq_len), dtype=torch.int64)
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """Exact: every row keeps ``min(B, T)`` tokens."""
+        return uniform_pages(num_layers * num_kv_heads, min(seq_len, budget), page_size)

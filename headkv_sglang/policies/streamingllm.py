@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from headkv_sglang.policies.base import KVPolicy, check_int, check_request, sink_recency_scores
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.base import KVPolicy
+from headkv_sglang.policies.budgets import uniform_pages
+from headkv_sglang.policies.checks import BadValue, check_int, check_request, check_sinks_fit
+from headkv_sglang.policies.scoring import sink_recency_scores
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,19 +39,33 @@ class StreamingLLM(KVPolicy):
     name: ClassVar[str] = "streamingllm"
     needs_queries: ClassVar[bool] = False
 
-    sink_size: int = 4
-    window_size: int = 8
+    sink_size: int = defaults.SINK_SIZE
+    window_size: int = defaults.WINDOW_SIZE
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
         check_int(cls, "sink_size", self.sink_size, 0)
         check_int(cls, "window_size", self.window_size, 1)
 
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> StreamingLLM:
+        return cls(sink_size=cfg.sink_size, window_size=cfg.obs_window)
+
+    @classmethod
+    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
+        check_sinks_fit(cfg, bad, changed)
+
     def plan_budgets(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int
     ) -> torch.Tensor:
         check_request(seq_len, budget, num_layers, num_kv_heads)
         return torch.full((num_layers, num_kv_heads), min(budget, seq_len), dtype=torch.int64)
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """Exact: every row keeps ``min(B, T)`` tokens."""
+        return uniform_pages(num_layers * num_kv_heads, min(seq_len, budget), page_size)
 
     def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
         """float32 ``[num_kv_heads, T]``: sinks above recent above old; ``q_win`` unused."""

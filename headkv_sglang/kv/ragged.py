@@ -1,0 +1,265 @@
+"""RaggedAttention: attention of compressed rows, one interface, one kernel per device.
+
+A *compressed row* is one query token of a compressed request. It attends over
+
+* its request's prompt pages in the ragged pool, a different set of tokens per
+  (layer, KV head) (:class:`~headkv_sglang.kv.pool.LayerPages`),
+* ⊕ its *tail*: the positions from ``prompt_len`` on that live in SGLang's token pool
+  (decoded tokens; for an extend row only those up to its own position), and
+* ⊕ for RazorAttention, one compensation state per (layer, KV head) whose logit gets
+  ``+log(n_dropped)``,
+
+as one softmax over the union (equivalently, three states merged by log-sum-exp).
+
+The serving layer calls :meth:`RaggedAttention.plan` once per forward batch (the kernel
+keeps the prompt part of its plan while the batch's compressed requests stay the same:
+their pages do not change while they decode) and :meth:`RaggedAttention.run` once per
+layer. Two kernels implement it:
+
+* :class:`TorchRaggedAttention` (here): batched torch — one gather and one softmax per
+  layer for all rows and heads, no Python loop over rows. The CPU serving kernel.
+* ``flashinfer_ext.ragged.FlashInferRaggedAttention``: FlashInfer decode over the pages
+  (``num_kv_heads=1`` rows) and over the tail, merged. The GPU serving kernel.
+
+Both are tested against :func:`headkv_sglang.reference.ragged_decode` (the naive
+per-row oracle). Pure torch; nothing here imports SGLang.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from headkv_sglang.kv.pool import RaggedHeadKVPool, RequestPages
+
+
+@dataclass
+class RaggedRows:
+    """The compressed rows of one forward batch (host-side description).
+
+    Attributes
+    ----------
+    records : list[RequestPages]
+        One per row (several rows may share a record: the query tokens of one request in
+        an extend batch).
+    tail_slots : torch.Tensor
+        int64 ``[N]``: token-pool slots of every row's visible tail, rows concatenated,
+        in position order (row ``r``'s tail is positions ``prompt_len ..
+        prompt_len + n_r - 1``).
+    tail_indptr : torch.Tensor
+        int64 ``[R + 1]`` on the CPU: row ``r``'s slots are
+        ``tail_slots[tail_indptr[r]:tail_indptr[r + 1]]``.
+    """
+
+    records: list[RequestPages]
+    tail_slots: torch.Tensor
+    tail_indptr: torch.Tensor
+
+    def __post_init__(self) -> None:
+        R = len(self.records)
+        if tuple(self.tail_indptr.shape) != (R + 1,):
+            raise ValueError(f"tail_indptr must be [R + 1] = [{R + 1}], got {list(self.tail_indptr.shape)}")
+        if int(self.tail_indptr[-1]) != self.tail_slots.numel():
+            raise ValueError(f"tail_indptr ends at {int(self.tail_indptr[-1])} but there are "
+                             f"{self.tail_slots.numel()} tail slots")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.records)
+
+    @property
+    def tail_lengths(self) -> torch.Tensor:
+        return self.tail_indptr[1:] - self.tail_indptr[:-1]
+
+    def prompt_key(self) -> tuple[int, ...]:
+        """Identity of the prompt part: the same records in the same order keep a plan valid."""
+        return tuple(id(r) for r in self.records)
+
+
+class RaggedAttention(ABC):
+    """``plan(rows)`` once per batch, then ``run(layer, q, k_buffer, v_buffer, scale)`` per layer."""
+
+    def __init__(self, pool: RaggedHeadKVPool, num_layers: int, num_kv_heads: int) -> None:
+        self.pool = pool
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.rows: RaggedRows | None = None
+
+    @abstractmethod
+    def plan(self, rows: RaggedRows) -> None:
+        """Prepare the tables of ``rows`` (host work and copies to the device)."""
+
+    @abstractmethod
+    def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+            scale: float) -> torch.Tensor:
+        """Attention of the planned rows for one layer.
+
+        Parameters
+        ----------
+        layer : int
+        q : torch.Tensor
+            ``[R, Hq, D]`` one query per planned row; query head ``h * G + g`` belongs to
+            KV head ``h`` (``G = Hq / Hkv``).
+        k_buffer, v_buffer : torch.Tensor
+            ``[slots, Hkv, D]``: SGLang's token pool of this layer (the tails live there).
+        scale : float
+            Logit scale.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[R, Hq, D]`` in ``q``'s dtype.
+        """
+
+    def _check_run(self, layer: int, q: torch.Tensor) -> RaggedRows:
+        rows = self.rows
+        if rows is None:
+            raise RuntimeError("RaggedAttention.run() before plan()")
+        if q.dim() != 3 or q.shape[0] != rows.num_rows or q.shape[1] % self.num_kv_heads:
+            raise ValueError(f"q must be [R={rows.num_rows}, Hq (a multiple of {self.num_kv_heads}), D], "
+                             f"got {list(q.shape)}")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} outside [0, {self.num_layers})")
+        return rows
+
+
+def _padded_rows(counts: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[rows, max(counts)]`` of ``starts[r] + j`` with a validity mask (``j < counts[r]``)."""
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    j = torch.arange(width)
+    mask = j[None, :] < counts[:, None]
+    return torch.where(mask, starts[:, None] + j[None, :], torch.zeros_like(j)[None, :]), mask
+
+
+@dataclass
+class _LayerPlan:
+    tok: torch.Tensor  # int64 [R*H, Lmax] token ids into the pool's [num_pages*page_size, D] view
+    mask: torch.Tensor  # bool [R*H, Lmax]
+    comp_k: torch.Tensor | None  # [R, H, D]
+    comp_v: torch.Tensor | None
+    comp_bias: torch.Tensor | None  # float32 [R, H]: log(count), -inf where nothing was dropped
+
+
+class TorchRaggedAttention(RaggedAttention):
+    """Batched torch kernel: padded gathers, one softmax over [pages ⊕ tail ⊕ compensation].
+
+    Work per layer is ``R * Hkv * (max row length + max tail)``, no Python loop over rows
+    or heads. The prompt tables are rebuilt only when the batch's records change.
+    """
+
+    def __init__(self, pool: RaggedHeadKVPool, num_layers: int, num_kv_heads: int) -> None:
+        super().__init__(pool, num_layers, num_kv_heads)
+        self._prompt_key: tuple[int, ...] | None = None
+        self._layers: list[_LayerPlan] = []
+        self._tail_idx = self._tail_mask = None
+
+    def plan(self, rows: RaggedRows) -> None:
+        device = self.pool.k_pages.device
+        if rows.prompt_key() != self._prompt_key:
+            self._layers = [self._plan_layer(rows.records, layer, device) for layer in range(self.num_layers)]
+            self._prompt_key = rows.prompt_key()
+        idx, mask = _padded_rows(rows.tail_lengths, rows.tail_indptr[:-1])
+        slots = rows.tail_slots.to(torch.int64).cpu()
+        self._tail_idx = (slots[idx] if slots.numel() else torch.zeros_like(idx)).to(device)
+        self._tail_mask = mask.to(device)
+        self.rows = rows
+
+    def _plan_layer(self, records: list[RequestPages], layer: int, device) -> _LayerPlan:
+        ps = self.pool.page_size
+        lps = [rec.layers[layer] for rec in records]
+        lengths = torch.cat([lp.lengths for lp in lps]).to(torch.int64)  # [R*H]
+        # token t of row r sits in page kv_indices[page_start[r] + t // ps], slot t % ps
+        pages = torch.cat([lp.kv_indices for lp in lps]).to(torch.int64)
+        counts = torch.cat([lp.kv_indptr[1:] - lp.kv_indptr[:-1] for lp in lps]).to(torch.int64)
+        page_start = torch.zeros_like(counts)
+        if counts.numel() > 1:
+            page_start[1:] = torch.cumsum(counts, 0)[:-1]
+        t, mask = _padded_rows(lengths, torch.zeros_like(lengths))
+        page = page_start[:, None] + torch.div(t, ps, rounding_mode="floor")
+        tok = torch.where(mask, pages[page.clamp(max=max(pages.numel() - 1, 0))] * ps + t % ps if pages.numel()
+                          else torch.zeros_like(t), torch.zeros_like(t))
+        comp = stack_compensation(lps, self.num_kv_heads, self.pool.head_dim, self.pool.dtype, device)
+        comp_k, comp_v, bias = comp if comp is not None else (None, None, None)
+        return _LayerPlan(tok.to(device), mask.to(device), comp_k, comp_v, bias)
+
+    def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+            scale: float) -> torch.Tensor:
+        rows = self._check_run(layer, q)
+        R, Hq, D = q.shape
+        H = self.num_kv_heads
+        G = Hq // H
+        lp = self._layers[layer]
+        qf = q.float().view(R, H, G, D)
+        kflat = self.pool.k_pages.view(-1, D)
+        vflat = self.pool.v_pages.view(-1, D)
+        L = lp.tok.shape[1]
+        kp = kflat[lp.tok].float().view(R, H, L, D)
+        vp = vflat[lp.tok].float().view(R, H, L, D)
+        logits = [torch.einsum("rhgd,rhld->rhgl", qf, kp).mul_(scale)
+                  .masked_fill_(~lp.mask.view(R, H, 1, L), -math.inf)]
+        vals = [vp]
+        T = self._tail_idx.shape[1]
+        kt = k_buffer[self._tail_idx].float()  # [R, T, H, D]
+        vt = v_buffer[self._tail_idx].float()
+        logits.append(torch.einsum("rhgd,rthd->rhgt", qf, kt).mul_(scale)
+                      .masked_fill_(~self._tail_mask.view(R, 1, 1, T), -math.inf))
+        vals.append(vt.permute(0, 2, 1, 3))
+        if lp.comp_k is not None:
+            lc = torch.einsum("rhgd,rhd->rhg", qf, lp.comp_k.float()) * scale + lp.comp_bias[:, :, None]
+            logits.append(lc[..., None])
+            vals.append(lp.comp_v.float()[:, :, None, :])
+        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).nan_to_num_(0.0)  # a row with nothing: 0
+        out = torch.einsum("rhgl,rhld->rhgd", probs, torch.cat(vals, dim=2))
+        return out.reshape(R, Hq, D).to(q.dtype)
+
+
+def stack_compensation(lps, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Razor's compensation states of one layer for a batch of rows, or None if no row has one.
+
+    ``lps``: the rows' :class:`~headkv_sglang.kv.pool.LayerPages`. Returns ``k, v``
+    ``[R, Hkv, D]`` (zeros for rows without compensation) and float32 ``bias`` ``[R, Hkv]``
+    = ``log(n_dropped)``, ``-inf`` where nothing was dropped (the state then weighs 0).
+    """
+    if all(lp.comp_count is None for lp in lps):
+        return None
+    ck, cv, cnt = [], [], []
+    for lp in lps:
+        if lp.comp_count is None:
+            ck.append(torch.zeros(num_kv_heads, head_dim, dtype=dtype, device=device))
+            cv.append(torch.zeros(num_kv_heads, head_dim, dtype=dtype, device=device))
+            cnt.append(torch.zeros(num_kv_heads, dtype=torch.int64))
+        else:
+            ck.append(lp.comp_k.to(device, dtype))
+            cv.append(lp.comp_v.to(device, dtype))
+            cnt.append(lp.comp_count.cpu().to(torch.int64))
+    c = torch.stack(cnt).float()
+    bias = torch.where(c > 0, torch.log(c.clamp(min=1)), torch.full_like(c, -math.inf)).to(device)
+    return torch.stack(ck), torch.stack(cv), bias
+
+
+def rows_for_queries(records: list[RequestPages], req_to_token: torch.Tensor, req_pool_indices: list[int],
+                     tail_starts: list[int], tail_ends: list[int]) -> RaggedRows:
+    """Rows whose tails are ``req_to_token[idx, start:end]``, one gather for all of them.
+
+    ``tail_starts``: each row's ``prompt_len``; ``tail_ends``: one past the newest position
+    the row's query sees (``seq_len`` for a decode query). ``req_to_token``: SGLang's
+    ``[rows, max_context]`` int32 slot table (any device).
+    """
+    lengths = torch.tensor([e - s for s, e in zip(tail_starts, tail_ends)], dtype=torch.int64)
+    if bool((lengths < 0).any()):
+        raise ValueError(f"a row ends before its prompt: starts {tail_starts}, ends {tail_ends}")
+    indptr = torch.zeros(len(records) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=indptr[1:])
+    if len(records) == 0 or int(indptr[-1]) == 0:
+        slots = torch.zeros(0, dtype=torch.int64, device=req_to_token.device)
+    else:
+        # one gather: the (row, position) pairs of every tail, flattened
+        row = torch.repeat_interleave(torch.tensor(req_pool_indices, dtype=torch.int64), lengths)
+        pos = torch.arange(int(indptr[-1])) - torch.repeat_interleave(indptr[:-1], lengths) \
+            + torch.repeat_interleave(torch.tensor(tail_starts, dtype=torch.int64), lengths)
+        slots = req_to_token[row.to(req_to_token.device), pos.to(req_to_token.device)].to(torch.int64)
+    return RaggedRows(list(records), slots, indptr)

@@ -1,0 +1,39 @@
+"""The default of every policy hyperparameter, defined once.
+
+The policy classes use these as their field defaults and ``KVPolicyConfig`` (the
+server's ``--kv-*`` flags) as its own, so a policy built by hand and one built by the
+server agree. Where a value differs from the paper's, the paper's is given beside it;
+the values here are the ones measured best on this project's benchmarks (README).
+
+No torch here: ``config.py`` reads this module at import time.
+"""
+
+from __future__ import annotations
+
+#: Pooling kinds of the observation-window score smoothing (``--kv-pooling`` choices).
+POOLINGS: tuple[str, ...] = ("maxpool", "avgpool")
+#: How the query heads of a KV head's group are combined.
+GQA_AGGREGATIONS: tuple[str, ...] = ("mean", "max")
+
+#: Observation window of a policy built by hand. The server's window is automatic
+#: (``KVPolicyConfig.obs_window``: ``min(32, budget // 4)``) because it depends on the budget.
+WINDOW_SIZE = 8
+#: Width of the score pooling (7 in the SnapKV, PyramidKV, AdaKV and HeadKV scripts).
+KERNEL_SIZE = 13
+POOLING = "maxpool"
+GQA_AGG = "mean"
+#: HeadKV's pool size ``base // beta`` (1.005 is the first value of the HeadKV sweep).
+HEADKV_BETA = 2.0
+#: HeadKV's score exponent (1 in every published run).
+HEADKV_TEMP = 1.0
+#: PyramidKV's steepness (20 in the PyramidKV code and kvpress).
+PYRAMID_BETA = 20.0
+#: Ada-KV's safeguard fraction (0.2 in kvpress and the paper's GQA experiments).
+FLOOR_ALPHA = 0.2
+#: Attention sinks of StreamingLLM and RazorAttention (4 in both papers).
+SINK_SIZE = 4
+#: RazorAttention: share of heads kept whole, as the paper: the top 1% by echo score and
+#: the top 14% by induction score (``--kv-razor-fraction`` = their sum).
+RAZOR_ECHO_FRACTION = 0.01
+RAZOR_INDUCTION_FRACTION = 0.14
+RAZOR_FRACTION = 0.15  # not 0.01 + 0.14, which is 0.15000000000000002 in floating point

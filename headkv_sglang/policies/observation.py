@@ -1,0 +1,71 @@
+"""The shared base of the policies that rank tokens with SnapKV's observation window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.base import KVPolicy
+from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_window_fits
+from headkv_sglang.policies.scoring import observation_window_scores
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig
+
+PoolingKind = Literal["maxpool", "avgpool"]
+GqaAggregation = Literal["mean", "max"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObservationWindowPolicy(KVPolicy):
+    """Base of the policies that rank tokens with SnapKV's observation window.
+
+    Parameters
+    ----------
+    window_size : int
+        Observation window ``w``: the last ``w`` prompt tokens score the
+        others and are always kept. PyramidKV's LongBench scripts use 8 (and
+        so did this project's best SmolLM2 measurements); SnapKV/AdaKV's code
+        default is 32. The server sets it from the budget
+        (``KVPolicyConfig.obs_window``).
+    kernel_size : int
+        Odd width of the stride-1 pooling that smooths the scores (13,
+        measured here; 7 in SnapKV, PyramidKV, AdaKV and HeadKV).
+    pooling : {"maxpool", "avgpool"}
+        Pooling kind ("maxpool" in all four projects' scripts).
+    gqa_agg : {"mean", "max"}
+        How the query heads of a KV head's group are combined.
+    """
+
+    window_size: int = defaults.WINDOW_SIZE
+    kernel_size: int = defaults.KERNEL_SIZE
+    pooling: PoolingKind = defaults.POOLING  # type: ignore[assignment]
+    gqa_agg: GqaAggregation = defaults.GQA_AGG  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        check_int(cls, "window_size", self.window_size, 1)
+        check_int(cls, "kernel_size", self.kernel_size, 1)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"{cls}.kernel_size must be odd (the pooling is centred), got {self.kernel_size}"
+            )
+        check_choice(cls, "pooling", self.pooling, defaults.POOLINGS)
+        check_choice(cls, "gqa_agg", self.gqa_agg, defaults.GQA_AGGREGATIONS)
+
+    @staticmethod
+    def observation_kwargs(cfg: KVPolicyConfig) -> dict[str, Any]:
+        """The scoring fields as the server config sets them (window: ``cfg.obs_window``)."""
+        return dict(window_size=cfg.obs_window, kernel_size=cfg.kernel_size, pooling=cfg.pooling)
+
+    @classmethod
+    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
+        check_window_fits(cfg, bad, changed)
+
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
+        return observation_window_scores(
+            q_win, k, self.window_size, self.kernel_size, self.pooling, self.gqa_agg
+        )

@@ -1,0 +1,209 @@
+"""The policy registry: name -> policy class, and building a policy from the server config.
+
+Everything the server knows about a policy lives on its class (``needs_queries``,
+``compresses``, ``profile_method``, ``from_config``, ``check_config``, ``max_pages``;
+see :class:`~headkv_sglang.policies.base.KVPolicy`), so adding one is a file in this
+package plus a line in ``_BUILTIN`` below (or one :func:`register` call from outside).
+
+Built-in classes are imported on first lookup: ``config.py`` lists the names (the
+``--kv-policy`` choices) at import time without importing torch.
+
+>>> policy_class("snapkv").needs_queries, policy_class("full").compresses
+(True, False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
+    from headkv_sglang.policies.base import KVPolicy
+    from headkv_sglang.profiles import HeadProfile
+
+# name -> "module:Class", in the order the --kv-policy choices are listed.
+_BUILTIN: tuple[tuple[str, str], ...] = (
+    ("full", "headkv_sglang.policies.full:FullKV"),
+    ("headkv", "headkv_sglang.policies.headkv:HeadKV"),
+    ("snapkv", "headkv_sglang.policies.snapkv:SnapKV"),
+    ("pyramidkv", "headkv_sglang.policies.pyramidkv:PyramidKV"),
+    ("adakv", "headkv_sglang.policies.adakv:AdaKV"),
+    ("streamingllm", "headkv_sglang.policies.streamingllm:StreamingLLM"),
+    ("razor", "headkv_sglang.policies.razor:RazorAttention"),
+)
+
+
+class PolicyRegistry(Mapping[str, "type[KVPolicy]"]):
+    """Policy classes by name, in registration order; ``"module:Class"`` entries load on first use."""
+
+    def __init__(self, lazy: tuple[tuple[str, str], ...] = ()) -> None:
+        self._entries: dict[str, type[KVPolicy] | str] = dict(lazy)
+
+    def __getitem__(self, name: str) -> type[KVPolicy]:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            entry = getattr(importlib.import_module(module), attr)
+            assert entry.name == name, f"{entry.__name__}.name is {entry.name!r}, registered as {name!r}"
+            self._entries[name] = entry
+        return entry
+
+    def __contains__(self, name: object) -> bool:  # without importing the class
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, cls: type[KVPolicy]) -> None:
+        from headkv_sglang.policies.base import KVPolicy
+
+        if not (isinstance(cls, type) and issubclass(cls, KVPolicy)):
+            raise TypeError(f"register() takes a KVPolicy subclass, got {cls!r}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name or name != name.strip():
+            raise ValueError(f"{cls.__name__}.name must be a non-empty name, got {name!r}")
+        if name in self._entries:
+            raise ValueError(
+                f"a policy named {name!r} is already registered ({self._entries[name]}); "
+                f"unregister it first or pick another name"
+            )
+        self._entries[name] = cls
+
+    def remove(self, name: str) -> type[KVPolicy]:
+        cls = self[name]
+        del self._entries[name]
+        return cls
+
+
+#: The registry; a read-only mapping for callers (use :func:`register` / :func:`unregister`).
+POLICIES = PolicyRegistry(_BUILTIN)
+
+
+def register(cls: type[KVPolicy]) -> type[KVPolicy]:
+    """Make ``cls`` available as ``--kv-policy cls.name`` (usable as a class decorator).
+
+    Raises ValueError if the name is taken, TypeError if ``cls`` is not a KVPolicy.
+    """
+    POLICIES.add(cls)
+    build_policy.cache_clear()
+    return cls
+
+
+def unregister(name: str) -> type[KVPolicy]:
+    """Remove the policy registered as ``name`` and return its class (KeyError if none)."""
+    cls = POLICIES.remove(name)
+    build_policy.cache_clear()
+    return cls
+
+
+@contextmanager
+def registered(cls: type[KVPolicy]) -> Iterator[type[KVPolicy]]:
+    """Register ``cls`` for the duration of a ``with`` block (tests, experiments)."""
+    register(cls)
+    try:
+        yield cls
+    finally:
+        unregister(cls.name)
+
+
+def policy_names() -> list[str]:
+    """The registered policy names, sorted."""
+    return sorted(POLICIES)
+
+
+def policy_class(name: str) -> type[KVPolicy]:
+    """The class registered as ``name`` (exact). Raises ConfigError for an unknown name."""
+    if name not in POLICIES:
+        from headkv_sglang.config import ConfigError
+
+        raise ConfigError(f"--kv-policy: unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+def get_policy(name: str, **hyperparams: Any) -> KVPolicy:
+    """Instantiate the policy registered as ``name`` (case-insensitive) from its fields.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, an unknown or missing hyperparameter (the message
+        lists the allowed ones), or an invalid value.
+    """
+    key = name.lower() if isinstance(name, str) else None
+    if key not in POLICIES:
+        raise ValueError(f"unknown KV policy {name!r}; choose one of {policy_names()}")
+    cls = POLICIES[key]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(hyperparams) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} ({name!r}) has no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"allowed: {sorted(fields)}"
+        )
+    missing = sorted(
+        n
+        for n, f in fields.items()
+        if n not in hyperparams
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ValueError(
+            f"{cls.__name__} ({name!r}) needs {', '.join(map(repr, missing))} "
+            f"(a per-(layer, KV head) tensor; see {cls.__name__}'s docstring); "
+            f"allowed: {sorted(fields)}"
+        )
+    return cls(**hyperparams)
+
+
+# ---------------------------------------------------------------------- from the server config
+def resolve_profile(cfg: KVPolicyConfig, shape: ModelShape) -> HeadProfile | None:
+    """Load the head profile the policy needs (None for policies that need none).
+
+    Raises ConfigError when no shipped profile matches the model or a given file does
+    not match its shape.
+    """
+    method = policy_class(cfg.policy).profile_method
+    if method is None:
+        return None
+    from headkv_sglang import profiles
+    from headkv_sglang.config import ConfigError
+
+    path = cfg.head_profile
+    if path is None:
+        found = profiles.shipped_profile(shape.hf_config, method)
+        if found is None:
+            raise ConfigError(
+                f"--kv-head-profile: no shipped '{method}' profile matches this model "
+                f"({shape.architecture}, {shape.num_layers} layers, {shape.num_q_heads} query / "
+                f"{shape.num_kv_heads} KV heads); make one with `python -m headkv_sglang.profile "
+                f"--model DIR --method {method} --out FILE` and pass --kv-head-profile FILE"
+            )
+        path = str(found)
+    try:
+        prof = profiles.load_profile(path)
+        prof.check_model(shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim)
+    except ValueError as e:
+        raise ConfigError(f"--kv-head-profile: {e}") from e
+    return prof
+
+
+@lru_cache(maxsize=64)
+def build_policy(cfg: KVPolicyConfig, shape: ModelShape) -> KVPolicy:
+    """The policy object for a (validated) config; cached because configs are frozen."""
+    cls = policy_class(cfg.policy)
+    return cls.from_config(cfg, shape, resolve_profile(cfg, shape))
+
+
+def pages_upper_bound(cfg: KVPolicyConfig, shape: ModelShape, seq_len: int, page_size: int) -> int:
+    """Pages a request of ``seq_len`` tokens may need at most (for admission)."""
+    policy = build_policy(cfg, shape)
+    return policy.max_pages(seq_len, cfg.budget, shape.num_layers, shape.num_kv_heads, page_size)

@@ -1,0 +1,154 @@
+"""Token scores and the shared per-head selection.
+
+Two ways to score a prompt token for a KV head: the attention the observation window
+puts on it (SnapKV and the policies built on it) or its position alone (sinks + recent
+tokens: StreamingLLM, RazorAttention). Either way :func:`select_tokens` keeps, per head,
+the window plus the top-scored prefix positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def check_scoring_inputs(q_win: torch.Tensor, k: torch.Tensor, window_size: int) -> int:
+    """Validate ``q_win`` / ``k`` and return the GQA group size."""
+    if q_win.dim() != 3 or k.dim() != 3:
+        raise ValueError(
+            f"q_win must be [num_q_heads, w, head_dim] and k [num_kv_heads, T, head_dim]; "
+            f"got q_win {list(q_win.shape)}, k {list(k.shape)}"
+        )
+    num_q_heads, w, d = q_win.shape
+    num_kv_heads, seq_len, dk = k.shape
+    if d != dk:
+        raise ValueError(f"head_dim differs: q_win has {d}, k has {dk}")
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
+    if w != min(window_size, seq_len):
+        raise ValueError(
+            f"q_win holds {w} queries; expected the last min(window_size={window_size}, "
+            f"T={seq_len}) = {min(window_size, seq_len)} prompt queries"
+        )
+    return num_q_heads // num_kv_heads
+
+
+def observation_window_scores(
+    q_win: torch.Tensor,
+    k: torch.Tensor,
+    window_size: int,
+    kernel_size: int,
+    pooling: str,
+    gqa_agg: str,
+) -> torch.Tensor:
+    """SnapKV token scores (arXiv 2404.14469), aggregated per KV head.
+
+    Parameters
+    ----------
+    q_win : torch.Tensor
+        ``[num_q_heads, w, head_dim]`` (any float dtype): the last
+        ``w = min(window_size, T)`` prompt queries, after RoPE.
+    k : torch.Tensor
+        ``[num_kv_heads, T, head_dim]``, same dtype family: the prompt keys.
+    window_size, kernel_size, pooling, gqa_agg
+        See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``[num_kv_heads, T]``: for positions ``< T - w`` the attention
+        mass the window queries put on the key (causal inside the window,
+        softmax over all keys in float32, summed over the window), smoothed by
+        a stride-1 pooling of width ``kernel_size``, then averaged (or maxed)
+        over the query heads of the KV head's group; ``+inf`` on the window.
+    """
+    group = check_scoring_inputs(q_win, k, window_size)
+    num_kv_heads, seq_len, head_dim = k.shape
+    w = q_win.shape[1]
+    prefix = seq_len - w
+    out = torch.full((num_kv_heads, seq_len), math.inf, dtype=torch.float32, device=k.device)
+    if prefix == 0:
+        return out
+    q = q_win.to(torch.float32).reshape(num_kv_heads, group, w, head_dim)
+    logits = torch.einsum("hgwd,htd->hgwt", q, k.to(torch.float32)) / math.sqrt(head_dim)
+    # Window query i sits at absolute position prefix + i and sees keys <= it.
+    key_pos = torch.arange(seq_len, device=k.device)
+    query_pos = prefix + torch.arange(w, device=k.device)
+    future = key_pos[None, :] > query_pos[:, None]
+    logits = logits.masked_fill(future, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    mass = probs.sum(dim=2)[..., :prefix]  # [H, G, prefix]
+    flat = mass.reshape(num_kv_heads * group, 1, prefix)
+    pad = kernel_size // 2
+    if pooling == "avgpool":
+        pooled = F.avg_pool1d(flat, kernel_size=kernel_size, stride=1, padding=pad)
+    else:
+        pooled = F.max_pool1d(flat, kernel_size=kernel_size, stride=1, padding=pad)
+    pooled = pooled.reshape(num_kv_heads, group, prefix)
+    agg = pooled.mean(dim=1) if gqa_agg == "mean" else pooled.amax(dim=1)
+    out[:, :prefix] = agg
+    return out
+
+
+def sink_recency_scores(num_kv_heads: int, seq_len: int, window_size: int, sink_size: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Position-based scores for sink + recent-window policies.
+
+    Returns float32 ``[num_kv_heads, seq_len]``: ``+inf`` on the observation
+    window, then the first ``sink_size`` tokens above every other position,
+    then more recent tokens above older ones, so the shared top-k selection
+    keeps sinks + the most recent tokens.
+    """
+    pos = torch.arange(seq_len, dtype=torch.float32, device=device)
+    scores = pos.clone()
+    scores[: min(sink_size, seq_len)] = float(2 * seq_len)
+    w = min(window_size, seq_len)
+    if w > 0:
+        scores[seq_len - w :] = math.inf
+    return scores.expand(num_kv_heads, seq_len).contiguous()
+
+
+def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window_size: int) -> list[torch.Tensor]:
+    """The shared per-head selection step.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        float ``[num_kv_heads, T]``; only positions ``< T - min(window_size, T)``
+        are compared.
+    budgets : torch.Tensor
+        int64 ``[num_kv_heads]``; clamped to ``[0, T]``.
+    window_size : int
+        Observation window ``w``: the last ``min(w, b)`` tokens are always kept.
+
+    Returns
+    -------
+    list[torch.Tensor]
+        Per KV head, sorted int64 indices (on ``scores.device``) of the kept
+        tokens, ``len == clamp(budgets[h], 0, T)``: the window plus the top
+        ``b - min(w, b)`` prefix positions by score, ties to the lower index.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [num_kv_heads, T], got {list(scores.shape)}")
+    num_heads, seq_len = scores.shape
+    if budgets.shape != (num_heads,):
+        raise ValueError(f"budgets must be [{num_heads}], got {list(budgets.shape)}")
+    device = scores.device
+    w = min(window_size, seq_len)
+    prefix = seq_len - w
+    # A stable descending sort puts equal scores in index order: deterministic ties.
+    order = torch.sort(scores[:, :prefix], dim=1, descending=True, stable=True).indices
+    kept: list[torch.Tensor] = []
+    for h, b in enumerate(budgets.clamp(0, seq_len).tolist()):
+        if b >= seq_len:
+            kept.append(torch.arange(seq_len, dtype=torch.int64, device=device))
+            continue
+        n_win = min(w, b)
+        window = torch.arange(seq_len - n_win, seq_len, dtype=torch.int64, device=device)
+        top = order[h, : b - n_win]
+        kept.append(torch.cat([torch.sort(top).values, window]))
+    return kept

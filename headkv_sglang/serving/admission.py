@@ -1,0 +1,104 @@
+"""Admission: a request that will be compressed waits until the compressed pool can take it.
+
+* ``Scheduler.run_batch`` (BEFORE): rows of a prefill batch that will be compressed start
+  capturing their observation-window queries and reserve their worst-case pages.
+* ``Scheduler.get_new_batch_prefill`` (BEFORE/AFTER): a waiting request that will be
+  compressed is admitted only while the pool's free pages, minus the reservations of
+  requests admitted but not yet compressed, cover its own worst case
+  (:func:`~headkv_sglang.policies.registry.pages_upper_bound`); otherwise it stays in the
+  waiting queue (FIFO among compressed requests) until finishing requests return pages.
+* ``Req._compute_max_prefix_len`` (AFTER): a radix hit leaves the observation window to
+  be recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from headkv_sglang.config import KVPolicyConfig
+from headkv_sglang.policies.registry import pages_upper_bound, policy_class
+from headkv_sglang.serving.requests import needs_queries, prompt_len, request_config, wants_compression
+from headkv_sglang.serving.state import ServingState
+
+logger = logging.getLogger("headkv_sglang")
+
+
+def pages_bound(state: ServingState, req, cfg: KVPolicyConfig) -> int:
+    """Worst-case pages of ``req`` in the compressed pool (0: it will not be compressed)."""
+    m = state.manager
+    seq_len = prompt_len(req)
+    if m is None or not wants_compression(cfg, seq_len):
+        return 0
+    return pages_upper_bound(cfg, m.shape, seq_len, m.pool.page_size)
+
+
+def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
+    """BEFORE Scheduler.run_batch: rows that will be compressed capture window queries."""
+    state.scheduler = scheduler
+    manager = state.manager
+    if manager is None or batch is None or not batch.forward_mode.is_extend():
+        return None
+    for req in batch.reqs:
+        idx = req.kv.req_pool_idx
+        if idx is None or idx in manager.records:
+            continue
+        cfg = request_config(state, req)
+        if policy_class(cfg.policy).compresses:
+            manager.begin_extend(idx, req.rid, cfg.obs_window)
+            state.reserved.setdefault(idx, pages_bound(state, req, cfg))
+    return None
+
+
+def cap_prefix_len(state: ServingState, result, req, input_len, *args, **kwargs):
+    """AFTER Req._compute_max_prefix_len: leave the observation window to be recomputed.
+
+    A radix hit on (nearly) the whole prompt would recompute only its last token, and the
+    window's queries — what SnapKV-style policies score with — would be one token. Capping
+    the match (the way SGLang itself caps it for ``logprob_start_len``) makes every
+    compressed request recompute at least its last ``window`` tokens.
+    """
+    try:
+        cfg = request_config(state, req)
+    except Exception:  # never break scheduling over this
+        return result
+    if cfg is None or not needs_queries(cfg) or not wants_compression(cfg, input_len):
+        return result
+    return max(0, min(result, input_len - cfg.obs_window))
+
+
+def before_get_new_batch_prefill(state: ServingState, scheduler, *args, **kwargs):
+    """BEFORE Scheduler.get_new_batch_prefill: hold back what the compressed pool cannot take."""
+    m = state.manager
+    if state.held:  # never lose a request, even if the last call raised before the AFTER hook
+        scheduler.waiting_queue[:0] = state.held
+        state.held = []
+    if m is None or not scheduler.waiting_queue:
+        return None
+    available = m.allocator.free_pages - sum(state.reserved.values())
+    keep, held = [], []
+    for req in scheduler.waiting_queue:
+        need = pages_bound(state, req, request_config(state, req))
+        if need == 0 or need > m.allocator.num_pages:
+            keep.append(req)  # uncompressed, or can never fit: served uncompressed (a fallback)
+        elif held or need > available:
+            held.append(req)  # FIFO among compressed requests: a big one is not starved
+            if not getattr(req, "_headkv_waited", False):
+                req._headkv_waited = True
+                state.admission_waits += 1
+                logger.info("headkv_sglang: rid=%s waits for the compressed pool (needs <= %d pages, %d available)",
+                            req.rid, need, available)
+        else:
+            keep.append(req)
+            available -= need
+    state.held_last_pass = len(held)
+    if held:
+        scheduler.waiting_queue = keep
+        state.held = held
+    return None
+
+
+def after_get_new_batch_prefill(state: ServingState, result, scheduler, *args, **kwargs):
+    if state.held:
+        scheduler.waiting_queue[:0] = state.held
+        state.held = []
+    return result

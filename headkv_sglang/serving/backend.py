@@ -1,0 +1,262 @@
+"""HeadKVAttnBackend: SGLang's own attention backend, plus the compressed rows.
+
+The headkv backend *wraps* the backend SGLang would have used — ``flashinfer`` on CUDA,
+``torch_native`` on CPU — and delegates to it everything that is not a compressed row:
+all of prefill (chunked prefill, radix prefix hits) and every uncompressed row of a
+decode or mixed batch, including writing every new token's K/V into SGLang's pool. It
+adds only:
+
+* capturing the observation-window queries of requests that will be compressed, during
+  their extend; and
+* attention for compressed rows (:class:`~headkv_sglang.kv.ragged.RaggedAttention`:
+  prompt pages ⊕ decode tail ⊕ Razor's compensation), written over the inner backend's
+  output for those rows.
+
+In a decode batch the inner backend sees each compressed row as a 1-token row (its
+newest token; its prompt slots have been released), so it spends no time on the prompt
+the ragged kernel attends. Batches holding compressed rows or capturing queries run
+eagerly: the CUDA-graph runners' ``can_run_graph`` is hooked to say no for them
+(:func:`graph_allowed`), counted in ``/server_info`` — per batch, not per server.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from headkv_sglang.kv.manager import CompressionManager
+from headkv_sglang.kv.ragged import RaggedAttention, TorchRaggedAttention, rows_for_queries
+from headkv_sglang.serving.pool_sizing import compressed_pool_pages
+from headkv_sglang.serving.state import ServingState
+
+logger = logging.getLogger("headkv_sglang")
+
+# The SGLang backends the headkv backend can wrap, per device.
+SUPPORTED_BACKENDS = ("flashinfer", "torch_native")
+
+
+@dataclass
+class _Batch:
+    """What one forward batch needs beyond the inner backend's metadata."""
+
+    fb: Any  # the ForwardBatch it was planned for
+    inner_fb: Any  # what the inner backend sees (compressed decode rows shortened to 1 token)
+    q_index: torch.Tensor  # int64 [R] on the device: token rows of q attended by the kernel
+
+
+def stand_in_batch(fb, positions: list[int]):
+    """A shallow copy of ``fb`` whose compressed rows (``positions``) are 1 token long.
+
+    The inner backend then plans and attends one key for each of them instead of the whole
+    prompt (whose slots are released); their output is overwritten by the ragged kernel.
+    """
+    inner = copy.copy(fb)
+    seq_lens = fb.seq_lens.clone()
+    seq_lens[torch.tensor(positions, dtype=torch.int64, device=seq_lens.device)] = 1
+    inner.seq_lens = seq_lens
+    if getattr(fb, "seq_lens_cpu", None) is not None:
+        cpu = fb.seq_lens_cpu.clone()
+        cpu[torch.tensor(positions, dtype=torch.int64)] = 1
+        inner.seq_lens_cpu = cpu
+        inner.seq_lens_sum = int(cpu.sum())
+    else:
+        inner.seq_lens_sum = int(seq_lens.sum())
+    return inner
+
+
+class HeadKVAttnBackend:
+    """SGLang attention backend = ``inner`` + compressed rows through ``kernel``.
+
+    Attributes not defined here (CUDA-graph state, ``forward_metadata``, …) are the inner
+    backend's, so SGLang's runners drive it as they would drive ``inner``.
+    """
+
+    def __init__(self, inner, manager: CompressionManager, kernel: RaggedAttention, req_to_token_pool,
+                 token_to_kv_pool) -> None:
+        self.inner = inner
+        self.manager = manager
+        self.kernel = kernel
+        self.req_to_token_pool = req_to_token_pool  # SGLang's ReqToTokenPool: req_to_token [rows, context] int32
+        self.token_to_kv_pool = token_to_kv_pool  # SGLang's KV pool: get_key_buffer(layer) [slots, Hkv, D]
+        self._batch: _Batch | None = None
+        self._seen_fb: Any = None
+
+    def __getattr__(self, name: str):
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    # ------------------------------------------------------------------ planning
+    def _compressed_positions(self, fb) -> list[int]:
+        recs = self.manager.records
+        if not recs or fb.req_pool_indices is None:
+            return []
+        return [i for i, idx in enumerate(fb.req_pool_indices.tolist()) if idx in recs]
+
+    def init_forward_metadata(self, fb) -> None:
+        self._seen_fb = fb
+        self._batch = None
+        positions = self._compressed_positions(fb)
+        if not positions:
+            self.inner.init_forward_metadata(fb)
+            return
+        inner_fb = stand_in_batch(fb, positions) if fb.forward_mode.is_decode() else fb
+        self.inner.init_forward_metadata(inner_fb)
+        self._batch = self._plan(fb, inner_fb, positions)
+
+    def _plan(self, fb, inner_fb, positions: list[int]) -> _Batch:
+        mode = fb.forward_mode
+        idxs = fb.req_pool_indices.tolist()
+        records = [self.manager.records[idxs[i]] for i in positions]
+        req_to_token = self.req_to_token_pool.req_to_token
+        device = fb.req_pool_indices.device
+        if mode.is_decode():
+            seq_lens = fb.seq_lens_cpu.tolist() if getattr(fb, "seq_lens_cpu", None) is not None \
+                else fb.seq_lens.tolist()
+            rows = rows_for_queries(records, req_to_token, [idxs[i] for i in positions],
+                                    [r.prompt_len for r in records], [seq_lens[i] for i in positions])
+            q_index = positions
+        elif mode.is_extend() and not mode.is_target_verify():
+            # every query token of a compressed row (a decode request merged into a prefill
+            # batch: --enable-mixed-chunk) sees the tail up to its own position
+            prefix = [int(x) for x in fb.extend_prefix_lens_cpu]
+            ext = [int(x) for x in fb.extend_seq_lens_cpu]
+            starts = [0]
+            for n in ext:
+                starts.append(starts[-1] + n)
+            recs, rows_idx, tail_start, tail_end, q_index = [], [], [], [], []
+            for rec, i in zip(records, positions):
+                for j in range(ext[i]):
+                    recs.append(rec)
+                    rows_idx.append(idxs[i])
+                    tail_start.append(rec.prompt_len)
+                    tail_end.append(prefix[i] + j + 1)
+                    q_index.append(starts[i] + j)
+            rows = rows_for_queries(recs, req_to_token, rows_idx, tail_start, tail_end)
+        else:
+            raise NotImplementedError(f"headkv_sglang: compressed requests in a {mode.name} batch "
+                                      "(speculative decoding is not supported with --kv-policy)")
+        self.kernel.plan(rows)
+        return _Batch(fb, inner_fb, torch.tensor(q_index, dtype=torch.int64, device=device))
+
+    def _batch_for(self, fb) -> _Batch | None:
+        if self._seen_fb is fb:
+            return self._batch
+        # A path that initialised the inner backend without us (a CUDA-graph runner):
+        # graphs never run batches with compressed rows (graph_allowed), so when capturing
+        # there is nothing to do; otherwise plan now, the inner backend having seen all rows.
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None
+        self._seen_fb = fb
+        positions = self._compressed_positions(fb)
+        self._batch = self._plan(fb, fb, positions) if positions else None
+        return self._batch
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            return self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if mode.is_decode():
+            return self.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        return self.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        b = self._batch_for(forward_batch)
+        if b is None:
+            return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        o = self.inner.forward_decode(q, k, v, layer, b.inner_fb, save_kv_cache=save_kv_cache, **kwargs)
+        return self._attend_compressed(o, q, layer, forward_batch, b)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        b = self._batch_for(forward_batch)
+        o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if b is not None:
+            o = self._attend_compressed(o, q, layer, forward_batch, b)
+        if self.manager._captures:
+            self._capture_window(q, layer, forward_batch)
+        return o
+
+    def _attend_compressed(self, o, q, layer, fb, b: _Batch):
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).index_select(0, b.q_index)
+        pool = self.token_to_kv_pool
+        out = self.kernel.run(layer.layer_id, q_, pool.get_key_buffer(layer.layer_id),
+                              pool.get_value_buffer(layer.layer_id), layer.scaling)
+        o.view(-1, layer.tp_q_head_num, layer.v_head_dim).index_copy_(0, b.q_index, out.to(o.dtype))
+        return o
+
+    def _capture_window(self, q, layer, fb) -> None:
+        """Keep each capturing row's last queries of this chunk (the observation window)."""
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        start = 0
+        captures = self.manager._captures
+        for idx, n in zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens_cpu):
+            n = int(n)
+            if idx in captures:
+                self.manager.capture_queries(layer.layer_id, idx, q_[start:start + n])
+            start += n
+
+
+# ---------------------------------------------------------------------------- construction
+def make_kernel(pool, shape, device: torch.device, scale: float) -> tuple[str, RaggedAttention]:
+    """The RaggedAttention kernel for ``device``: FlashInfer on CUDA, batched torch elsewhere.
+
+    ``HEADKV_SGLANG_RAGGED_KERNEL=torch`` forces the torch kernel (for comparisons).
+    """
+    import os
+
+    choice = os.environ.get("HEADKV_SGLANG_RAGGED_KERNEL", "auto")
+    if choice not in ("auto", "torch", "flashinfer"):
+        raise SystemExit(f"HEADKV_SGLANG_RAGGED_KERNEL={choice!r}: choose auto, torch or flashinfer")
+    if choice == "flashinfer" or (choice == "auto" and device.type == "cuda"):
+        from flashinfer_ext.ragged import FlashInferRaggedAttention
+
+        return "flashinfer", FlashInferRaggedAttention(pool, shape.num_layers, shape.num_kv_heads,
+                                                       shape.num_q_heads, scale)
+    return "torch", TorchRaggedAttention(pool, shape.num_layers, shape.num_kv_heads)
+
+
+def backend_factory(state: ServingState, name: str, original: Callable) -> Callable:
+    """The attention-registry factory for ``name``: SGLang's backend, wrapped."""
+
+    def create(runner):
+        inner = original(runner)
+        kv_pool = runner.token_to_kv_pool
+        dtype = kv_pool.get_key_buffer(0).dtype
+        device = torch.device(runner.device)
+        num_pages = compressed_pool_pages(state)
+        manager = CompressionManager(state.shape, num_pages, state.cfg.page_size, dtype, device)
+        kernel_name, kernel = make_kernel(manager.pool, state.shape, device, state.shape.head_dim ** -0.5)
+        state.manager, state.inner_backend, state.kernel = manager, name, kernel_name
+        logger.info(
+            "headkv_sglang: %s attention wrapped (compressed rows: %s kernel); compressed pool %d pages x %d "
+            "tokens (%.1f MB), policy %s, budget %d", name, kernel_name, num_pages, state.cfg.page_size,
+            num_pages * manager.pool.bytes_per_page / 2**20, state.cfg.policy, state.cfg.budget,
+        )
+        return HeadKVAttnBackend(inner, manager, kernel, runner.req_to_token_pool, kv_pool)
+
+    return create
+
+
+def graph_allowed(state: ServingState, result, runner, forward_batch, *args, **kwargs):
+    """AFTER a graph runner's ``can_run_graph``: no graph for compressed or capturing rows.
+
+    A captured graph replays the inner backend alone; a batch that needs the ragged
+    kernel or window capture runs eagerly instead (this batch only).
+    """
+    m = state.manager
+    if not result or m is None or not (m.records or m._captures) or forward_batch.req_pool_indices is None:
+        return result
+    idxs = forward_batch.req_pool_indices.tolist()
+    if not any(i in m.records or i in m._captures for i in idxs):
+        return result
+    if state.graph_fallback_batches == 0:
+        logger.info("headkv_sglang: batches with compressed or capturing rows run eagerly, not as CUDA graphs "
+                    "(counted in /server_info attention_backend.graph_fallback_batches)")
+    state.graph_fallback_batches += 1
+    return False

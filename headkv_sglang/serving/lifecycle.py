@@ -1,0 +1,153 @@
+"""A compressed request's life: compressed once its prompt is complete, freed with its row.
+
+* ``process_batch_result_prefill`` (BEFORE): note which requests complete their prompt
+  in this batch (SGLang decrements ``inflight_middle_chunks`` while processing).
+* ``process_batch_result_prefill`` (AFTER): compress them, then give the prompt's token
+  slots back: the radix tree keeps them as *evictable* cache (prefix hits still work) and
+  the request stops pinning them.
+* ``ReqToTokenPool.free_rows`` (BEFORE): finish, abort and retraction free the pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
+from headkv_sglang.kv.pool import PoolFullError
+from headkv_sglang.serving import metrics
+from headkv_sglang.serving.requests import request_config, wants_compression
+from headkv_sglang.serving.state import ServingState
+
+logger = logging.getLogger("headkv_sglang")
+
+
+def before_prefill(state: ServingState, processor, batch, *args, **kwargs):
+    """BEFORE process_batch_result_prefill: note which requests complete their prompt now."""
+    if state.manager is None or batch is None:
+        return None
+    for req in batch.reqs:
+        req._headkv_prefill_done = req.inflight_middle_chunks <= 0
+    return None
+
+
+def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs):
+    """AFTER process_batch_result_prefill: compress requests whose prompt is now complete."""
+    manager = state.manager
+    if manager is None:
+        return result
+    tree_cache = processor.tree_cache
+    decoding = set(id(r) for r in (getattr(batch, "decoding_reqs", None) or []))
+    released = False
+    for req in batch.reqs:
+        idx = req.kv.req_pool_idx
+        done = getattr(req, "_headkv_prefill_done", False)
+        req._headkv_prefill_done = False
+        if idx is not None and done:
+            state.reserved.pop(idx, None)
+        if (idx is None or not done or id(req) in decoding or req.finished() or req.is_retracted
+                or idx in manager.records):
+            continue
+        cfg = request_config(state, req)
+        seq_len = int(req.extend_end or 0)
+        if not wants_compression(cfg, seq_len):
+            manager.drop_capture(idx)
+            continue
+        if compress_and_release(state, req, idx, cfg, seq_len, tree_cache, manager):
+            released = True
+    if released and state.scheduler is not None:
+        # SGLang marks the running batch full when a prefill did not fit and only clears
+        # the mark when a request finishes; compression just returned memory, so let the
+        # scheduler try to admit waiting requests again.
+        state.scheduler.running_batch.batch_is_full = False
+    return result
+
+
+def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache,
+                         manager: CompressionManager) -> bool:
+    """Compress ``req``'s prompt into pages and release its token slots. False: it stays whole."""
+    req_to_token = tree_cache.req_to_token_pool.req_to_token
+    kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
+    slots = req_to_token[idx, :seq_len].to(torch.int64)
+    t0 = time.perf_counter()
+
+    def get_kv(layer: int):
+        return kv_pool.get_key_buffer(layer)[slots], kv_pool.get_value_buffer(layer)[slots]
+
+    try:
+        rec = manager.compress(idx, cfg, seq_len, get_kv)
+    except NotSmallerError as e:
+        # By design, not a fallback: page rounding would make the "compressed" copy at
+        # least as large as the prompt's full KV (a short prompt).
+        state.count(state.not_compressed, "not_smaller")
+        manager.drop_capture(idx)
+        logger.info("headkv_sglang: rid=%s stays uncompressed: %s", req.rid, e)
+        return False
+    except PoolFullError as e:
+        # Correct but uncompressed: the request keeps its full KV in SGLang's pool.
+        state.count(state.fallbacks, "pool_full")
+        manager.drop_capture(idx)
+        logger.warning("headkv_sglang: rid=%s stays uncompressed: compressed pool full (%s)", req.rid, e)
+        return False
+    except Exception:  # never take the server down: serve this request uncompressed
+        state.count(state.fallbacks, "error")
+        manager.drop_capture(idx)
+        logger.exception("headkv_sglang: rid=%s stays uncompressed: compression failed", req.rid)
+        return False
+    # Give the prompt's token-pool slots back: hand the whole prompt to the radix tree (a
+    # later request sharing it gets a prefix hit), then drop this request's lock so it is
+    # evictable cache. Anything the request still owns beyond the tree's part (a partial
+    # page, or everything when the radix cache is off) is freed now and marked protected so
+    # that the release at finish frees only the decode tail.
+    if not req.skip_radix_cache_insert:
+        try:
+            tree_cache.checkpoint(req, up_to=seq_len)
+        except Exception:  # the prompt is then freed below instead of cached
+            logger.exception("headkv_sglang: rid=%s: inserting the prompt into the radix tree failed", req.rid)
+    protected = req.kv.cache_protected_len
+    if protected < seq_len:
+        tree_cache.token_to_kv_pool_allocator.free(req_to_token[idx, protected:seq_len])
+        req.kv.cache_protected_len = seq_len
+    tree_cache.unlock(req.lock)
+    req.lock = None
+    state.compressed_reqs[idx] = (req, bool(req.skip_radix_cache_insert))
+    # The prompt slots may be evicted and reused from now on: nothing may insert this
+    # request's stale row into the tree.
+    req.skip_radix_cache_insert = True
+    full = manager.full_bytes(seq_len)
+    held = rec.held_bytes(manager.pool.bytes_per_page)
+    ratio, ms = full / max(held, 1), 1000 * (time.perf_counter() - t0)
+    logger.info(
+        "headkv_sglang: compressed rid=%s policy=%s budget=%d prompt=%d tokens kept=%.1f%% "
+        "held=%.2f MB full=%.2f MB ratio=%.1fx in %.0f ms",
+        req.rid, cfg.policy, cfg.budget, seq_len,
+        100.0 * rec.kept_tokens / (seq_len * manager.shape.num_layers * manager.shape.num_kv_heads),
+        held / 2**20, full / 2**20, ratio, ms,
+    )
+    state.remember(str(req.rid), {
+        "policy": cfg.policy, "budget": cfg.budget, "prompt_tokens": seq_len,
+        "kept_head_tokens": int(rec.kept_tokens), "held_bytes": int(held), "full_bytes": int(full),
+        "ratio": round(ratio, 2), "compress_ms": round(ms, 1),
+    })
+    metrics.update(state, cfg.policy)
+    return True
+
+
+def before_free_rows(state: ServingState, pool, indices, *args, **kwargs):
+    """BEFORE ReqToTokenPool.free_rows: a finished, aborted or retracted row frees its pages."""
+    manager = state.manager
+    if manager is None:
+        return None
+    freed = False
+    for idx in list(indices):
+        state.reserved.pop(int(idx), None)
+        freed |= manager.free(int(idx))
+        entry = state.compressed_reqs.pop(int(idx), None)
+        if entry is not None:  # a retracted request re-enters the radix tree normally
+            req, orig_skip = entry
+            req.skip_radix_cache_insert = orig_skip
+    if freed:
+        metrics.update(state)
+    return None

@@ -1,0 +1,83 @@
+"""What the serving layer reports: Prometheus gauges and the ``/server_info`` section."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from headkv_sglang.kv.manager import CompressionManager
+from headkv_sglang.serving.state import ServingState
+
+logger = logging.getLogger("headkv_sglang")
+
+
+class Metrics:
+    """Prometheus gauges (only with SGLang's --enable-metrics, which sets PROMETHEUS_MULTIPROC_DIR)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        labels = ["policy"]
+        self.compressed = Counter("sglang:headkv_compressed_requests", "Requests whose prompt KV was compressed", labels)
+        self.held = Gauge("sglang:headkv_held_bytes", "KV bytes held in the compressed pool by running requests",
+                          labels, multiprocess_mode="mostrecent")
+        self.full = Gauge("sglang:headkv_full_kv_bytes", "KV bytes the same prompts take uncompressed",
+                          labels, multiprocess_mode="mostrecent")
+        self.ratio = Gauge("sglang:headkv_compression_ratio", "full_kv_bytes / held_bytes of running requests",
+                           labels, multiprocess_mode="mostrecent")
+        self.used_pages = Gauge("sglang:headkv_pool_used_pages", "Pages in use in the compressed pool",
+                                multiprocess_mode="mostrecent")
+        self.policies: set[str] = set()
+
+    def update(self, manager: CompressionManager, compressed_policy: str | None = None) -> None:
+        if compressed_policy:
+            self.compressed.labels(policy=compressed_policy).inc()
+        st = manager.stats()
+        self.used_pages.set(st["pool"]["used_pages"])
+        self.policies |= set(st["policies"])
+        for pol in self.policies:
+            d = st["policies"].get(pol, {})
+            self.held.labels(policy=pol).set(d.get("held_bytes", 0))
+            self.full.labels(policy=pol).set(d.get("full_kv_bytes", 0))
+            self.ratio.labels(policy=pol).set(d.get("ratio") or 0)
+
+
+def update(state: ServingState, compressed_policy: str | None = None) -> None:
+    if state.manager is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    try:
+        if state.metrics is None:
+            state.metrics = Metrics()
+        state.metrics.update(state.manager, compressed_policy)
+    except Exception:  # metrics must never break serving
+        logger.exception("headkv_sglang: metrics update failed")
+
+
+def report(state: ServingState) -> dict[str, Any]:
+    """The serving part of ``internal_states[i]["headkv_sglang"]`` in ``/server_info``."""
+    m = state.manager
+    out: dict[str, Any] = {
+        "policy": state.cfg.policy,
+        "config": state.cfg.__dict__,
+        "backend_installed": state.inner_backend is not None,
+        "attention_backend": {"wraps": state.inner_backend, "ragged_kernel": state.kernel,
+                              "graph_fallback_batches": state.graph_fallback_batches},
+        "token_pool_tokens": state.token_pool_tokens,
+        "compressed_pool_token_equivalents": state.pool_tokens,
+        "fallbacks": dict(state.fallbacks),
+        "not_compressed": dict(state.not_compressed),
+        "recent_requests": dict(state.recent),
+        "admission": {"waits": state.admission_waits, "held_last_pass": state.held_last_pass,
+                      "reserved_pages": sum(state.reserved.values())},
+    }
+    if m is not None:
+        out.update(m.stats())
+        out["peak_running_compressed_requests_since_last_read"] = max(m.peak_records, len(m.records))
+        m.peak_records = len(m.records)
+        try:
+            m.check_integrity()
+            out["integrity"] = "ok"
+        except AssertionError as e:
+            out["integrity"] = f"FAILED: {e}"
+    return out

@@ -1,0 +1,32 @@
+"""Sizing: a share of SGLang's KV token capacity becomes the compressed pool (same bytes)."""
+
+from __future__ import annotations
+
+import logging
+
+from headkv_sglang.serving.state import ServingState
+
+logger = logging.getLogger("headkv_sglang")
+
+
+def scale_pool_sizes(state: ServingState, result, *args, **kwargs):
+    """AFTER ``DefaultPoolConfigurator.calculate_pool_sizes*``: move ``--kv-pool-fraction``.
+
+    One token slot holds ``layers × kv_heads`` head-tokens, so ``moved`` slots become
+    ``moved × layers × kv_heads / page_size`` pages of the compressed pool.
+    """
+    total = result.max_total_num_tokens
+    moved = int(total * state.cfg.pool_fraction)
+    result.max_total_num_tokens = total - moved
+    state.pool_tokens = moved
+    state.token_pool_tokens = total - moved
+    logger.info(
+        "headkv_sglang: KV capacity %d tokens -> SGLang token pool %d + compressed pool %d token-equivalents "
+        "(--kv-pool-fraction %.2f)", total, total - moved, moved, state.cfg.pool_fraction,
+    )
+    return result
+
+
+def compressed_pool_pages(state: ServingState) -> int:
+    shape = state.shape
+    return max(1, state.pool_tokens * shape.num_layers * shape.num_kv_heads // state.cfg.page_size)

@@ -1,0 +1,56 @@
+"""ServingState: everything the serving layer knows in one scheduler process.
+
+One object per process, made by :func:`headkv_sglang.serving.install` and handed to
+every hook (``functools.partial``), so no module keeps mutable globals. One scheduler =
+one model = one compressed pool.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from headkv_sglang.config import KVPolicyConfig, ModelShape
+from headkv_sglang.kv.manager import CompressionManager
+
+# Per-request compression reports kept for clients (the newest ones).
+RECENT_REQUESTS = 512
+
+
+@dataclass
+class ServingState:
+    cfg: KVPolicyConfig
+    shape: ModelShape | None = None
+    # token slots moved from SGLang's pool to ours, and what SGLang's pool keeps
+    pool_tokens: int = 0
+    token_pool_tokens: int = 0
+    manager: CompressionManager | None = None
+    # name of the SGLang backend the headkv backend wraps ("flashinfer", "torch_native")
+    inner_backend: str | None = None
+    kernel: str | None = None  # the RaggedAttention kernel: "torch" or "flashinfer"
+    scheduler: Any = None
+    # req_pool_idx -> (req, its original skip_radix_cache_insert)
+    compressed_reqs: dict[int, tuple[Any, bool]] = field(default_factory=dict)
+    # requests served uncompressed against their config: reason -> count
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    # requests left uncompressed by design (compressing would not save memory): reason -> count
+    not_compressed: dict[str, int] = field(default_factory=dict)
+    # decode batches that ran eagerly instead of replaying a CUDA graph (compressed rows)
+    graph_fallback_batches: int = 0
+    # admission: req_pool_idx -> worst-case pages of a request admitted but not yet compressed
+    reserved: dict[int, int] = field(default_factory=dict)
+    held: list[Any] = field(default_factory=list)  # held back during one get_new_batch_prefill call
+    admission_waits: int = 0
+    held_last_pass: int = 0
+    # rid -> what compression did to it (the newest RECENT_REQUESTS)
+    recent: "OrderedDict[str, dict]" = field(default_factory=OrderedDict)
+    metrics: Any = None  # serving.metrics.Metrics, made on first use with --enable-metrics
+
+    def count(self, table: dict[str, int], reason: str) -> None:
+        table[reason] = table.get(reason, 0) + 1
+
+    def remember(self, rid: str, report: dict) -> None:
+        self.recent[rid] = report
+        while len(self.recent) > RECENT_REQUESTS:
+            self.recent.popitem(last=False)

@@ -1,0 +1,96 @@
+"""FlashInferRaggedAttention (GPU) against the batched torch kernel and the naive oracle.
+
+SGLang-shaped inputs: a bf16 token pool ``[slots, Hkv, D]`` holding the tails (page size 1,
+slots shuffled), ragged prompt rows in the compressed pool (pages in random order, some
+heads empty), Razor compensation on some rows, GQA groups 4 and 8, page sizes 1 and 16,
+and re-plans (other requests, then the first ones again, then one more decode step).
+Skipped on a machine without CUDA + flashinfer (the CPU CI); ``scripts/gpu_check.sh``
+runs it on an H100/H200.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from ragged_oracle import oracle_row, random_request
+
+from headkv_sglang.kv.pool import RaggedHeadKVPool
+from headkv_sglang.kv.ragged import TorchRaggedAttention, rows_for_queries
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("flashinfer") is None,
+    reason="no CUDA device with flashinfer on this machine (scripts/gpu_check.sh runs it on an H100/H200)")
+
+D, DT = 128, torch.bfloat16
+
+
+def batch(pool, free, L, H, R, gen, slots_total, max_ctx, req_to_token):
+    records, idxs, seq_lens = [], [], []
+    perm = torch.randperm(slots_total, generator=gen)
+    for r in range(R):
+        prompt_len = int(torch.randint(1, 700, (1,), generator=gen))
+        tail = int(torch.randint(1, 60, (1,), generator=gen))
+        req_to_token[r, prompt_len:prompt_len + tail] = perm[r * 64:r * 64 + tail].to(req_to_token)
+        records.append(random_request(pool, free, L, H, prompt_len, gen, comp=r % 3 == 1))
+        idxs.append(r)
+        seq_lens.append(prompt_len + tail)
+    return records, idxs, seq_lens
+
+
+@pytest.mark.parametrize("group", [4, 8])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_flashinfer_kernel_matches_torch_kernel_and_oracle(group, page_size):
+    from flashinfer_ext.ragged import FlashInferRaggedAttention
+
+    gen = torch.Generator().manual_seed(10 * group + page_size)
+    L, H, R = 3, 2, 7
+    num_pages = 60000 // page_size + 400
+    pool = RaggedHeadKVPool(num_pages, page_size, D, DT, "cuda")
+    pool.k_pages.normal_()
+    pool.v_pages.normal_()
+    free = torch.randperm(num_pages, generator=gen).tolist()
+    slots_total, max_ctx = 64 * R + 5, 800
+    k_buf = torch.randn(slots_total, H, D, device="cuda").to(DT)
+    v_buf = torch.randn(slots_total, H, D, device="cuda").to(DT)
+    req_to_token = torch.zeros(R, max_ctx, dtype=torch.int32, device="cuda")
+    scale = D ** -0.5
+    fi = FlashInferRaggedAttention(pool, L, H, H * group, scale)
+    ref = TorchRaggedAttention(pool, L, H)
+    first = batch(pool, free, L, H, R, gen, slots_total, max_ctx, req_to_token)
+    second = batch(pool, free, L, H, R - 3, gen, slots_total, max_ctx, req_to_token)
+    for n, (records, idxs, seq_lens) in enumerate([first, second, first]):
+        if n == 2:  # the next decode step of the first batch: tails one token longer
+            seq_lens = [s + 1 for s in seq_lens]
+            for r, s in zip(idxs, seq_lens):
+                req_to_token[r, s - 1] = (r * 64 + 63) % slots_total
+        rows = rows_for_queries(records, req_to_token, idxs, [rec.prompt_len for rec in records], seq_lens)
+        fi.plan(rows)
+        ref.plan(rows)
+        for layer in range(L):
+            q = torch.randn(len(records), H * group, D, device="cuda").to(DT)
+            got = fi.run(layer, q, k_buf, v_buf, scale)
+            assert got.dtype == DT and got.shape == q.shape
+            want = ref.run(layer, q, k_buf, v_buf, scale)
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=3e-2)
+            for i in (0, len(records) - 1):  # and the oracle, for two rows
+                tail = req_to_token[idxs[i], records[i].prompt_len:seq_lens[i]].long()
+                o = oracle_row(pool, records[i].layers[layer], q[i].float(), k_buf[tail].float(),
+                               v_buf[tail].float(), scale)
+                torch.testing.assert_close(got[i].float().cpu(), o, atol=2e-2, rtol=3e-2)
+
+
+def test_flashinfer_kernel_rejects_a_scale_it_was_not_planned_for():
+    from flashinfer_ext.ragged import FlashInferRaggedAttention
+
+    gen = torch.Generator().manual_seed(0)
+    pool = RaggedHeadKVPool(64, 16, D, DT, "cuda")
+    fi = FlashInferRaggedAttention(pool, 1, 1, 4, D ** -0.5)
+    rec = random_request(pool, list(range(64)), 1, 1, 20, gen, comp=False)
+    req_to_token = torch.arange(40, dtype=torch.int32, device="cuda").view(1, 40)
+    fi.plan(rows_for_queries([rec], req_to_token, [0], [20], [22]))
+    kv = torch.zeros(40, 1, D, dtype=DT, device="cuda")
+    with pytest.raises(ValueError, match="the plan was made for"):
+        fi.run(0, torch.zeros(1, 4, D, dtype=DT, device="cuda"), kv, kv, 0.5)
