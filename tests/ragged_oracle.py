@@ -62,3 +62,28 @@ def random_request(pool: RaggedHeadKVPool, free: list[int], num_layers: int, H: 
         lp._page_size = ps
         rec.layers.append(lp)
     return rec
+
+
+def kernel_attend(mgr, layer: int, idx: int, q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor,
+                  q_pos, scale: float) -> torch.Tensor:
+    """The serving kernel (:class:`~headkv_sglang.kv.ragged.TorchRaggedAttention`) for one request.
+
+    ``q`` ``[n, Hq, D]`` at absolute positions ``q_pos``; ``k_tail``/``v_tail`` ``[m, Hkv, D]``
+    are positions ``prompt_len ..`` (laid into a token pool of their own); a query sees the
+    tail up to its own position.
+    """
+    from headkv_sglang.kv.ragged import TorchRaggedAttention, rows_for_queries
+
+    rec = mgr.records[idx]
+    m, n = k_tail.shape[0], q.shape[0]
+    H = mgr.shape.num_kv_heads
+    req_to_token = torch.zeros(1, rec.prompt_len + m + 1, dtype=torch.int32)
+    req_to_token[0, rec.prompt_len:rec.prompt_len + m] = torch.arange(m, dtype=torch.int32)
+    k_buf = k_tail if m else k_tail.new_zeros(1, H, k_tail.shape[-1])
+    v_buf = v_tail if m else v_tail.new_zeros(1, H, v_tail.shape[-1])
+    ends = [min(int(p) + 1, rec.prompt_len + m) for p in q_pos]  # the tail holds m positions
+    rows = rows_for_queries([rec] * n, req_to_token, [0] * n, [rec.prompt_len] * n, ends)
+    kernel = TorchRaggedAttention(mgr.pool, len(rec.layers), H)
+    kernel.plan(rows)
+    return kernel.run(layer, q.to(k_buf.device), k_buf.to(mgr.pool.k_pages.device),
+                      v_buf.to(mgr.pool.k_pages.device), scale)

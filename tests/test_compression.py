@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from ragged_oracle import kernel_attend
 
 from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -141,7 +142,7 @@ def test_compress_then_attend_equals_dense_over_kept_tokens(shape, policy, T, bu
     torch.manual_seed(T * 31 + budget)
     cfg = make_cfg(policy, budget, window)
     p = Prompt(shape, T, seed=T + budget + shape.head_dim)
-    mgr = CompressionManager(shape, num_pages=2000, page_size=page_size, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(shape, num_pages=2000, page_size=page_size, dtype=torch.float32, device="cpu", only_if_smaller=False)
     prefill(mgr, 5, cfg, p, chunks)
     rec = mgr.compress(5, cfg, T, p.get_kv)
     kept = expected_kept(cfg, shape, p, window)
@@ -188,7 +189,7 @@ def test_compress_then_attend_equals_dense_over_kept_tokens(shape, policy, T, bu
         # decode (n=1): the query is the newest token; extend: one query per new tail token
         q_pos = torch.arange(T + m - n, T + m, dtype=torch.int64) if m else torch.full((n,), T - 1)
         for layer in range(L):
-            got = mgr.attend(layer, 5, q, k_tail, v_tail, q_pos, scale)
+            got = kernel_attend(mgr, layer, 5, q, k_tail, v_tail, q_pos, scale)
             k_rows = [p.k[layer][kept[layer][h], h] for h in range(H)]
             v_rows = [p.v[layer][kept[layer][h], h] for h in range(H)]
             want = naive_attention(q, k_rows, v_rows, k_tail, v_tail, q_pos, T, scale)
@@ -207,7 +208,7 @@ def test_budget_at_least_prompt_equals_dense_decode(policy, T, page_size, shape)
     budget = T + (T % 5) + (5 if policy == "streamingllm" else 0)
     cfg = make_cfg(policy, budget, window=min(8, budget))
     p = Prompt(shape, T, seed=3 * T + len(policy))
-    mgr = CompressionManager(shape, num_pages=4000, page_size=page_size, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(shape, num_pages=4000, page_size=page_size, dtype=torch.float32, device="cpu", only_if_smaller=False)
     prefill(mgr, 0, cfg, p, chunks=[max(1, T // 2), T])
     rec = mgr.compress(0, cfg, T, p.get_kv)
     assert rec.kept_tokens == T * shape.num_layers * shape.num_kv_heads
@@ -217,7 +218,7 @@ def test_budget_at_least_prompt_equals_dense_decode(policy, T, page_size, shape)
         v_tail = torch.randn(m, shape.num_kv_heads, shape.head_dim)
         q = torch.randn(1, shape.num_q_heads, shape.head_dim)
         for layer in range(shape.num_layers):
-            got = mgr.attend(layer, 0, q, k_tail, v_tail, torch.tensor([T + max(m, 1) - 1]), scale)
+            got = kernel_attend(mgr, layer, 0, q, k_tail, v_tail, torch.tensor([T + max(m, 1) - 1]), scale)
             want, _ = dense_decode(q[0], torch.cat([p.k[layer], k_tail]), torch.cat([p.v[layer], v_tail]), scale)
             torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
 
@@ -226,11 +227,11 @@ def test_attend_bfloat16_pool_returns_query_dtype():
     torch.manual_seed(0)
     cfg = make_cfg("snapkv", 12, 4)
     p = Prompt(SHAPE, 54, seed=1, dtype=torch.bfloat16)
-    mgr = CompressionManager(SHAPE, num_pages=200, page_size=3, dtype=torch.bfloat16, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=200, page_size=3, dtype=torch.bfloat16, device="cpu", only_if_smaller=False)
     prefill(mgr, 1, cfg, p)
     mgr.compress(1, cfg, 54, p.get_kv)
     q = torch.randn(1, 6, 8).to(torch.bfloat16)
-    got = mgr.attend(0, 1, q, p.k[0][:0], p.v[0][:0], torch.tensor([53]), 8 ** -0.5)
+    got = kernel_attend(mgr, 0, 1, q, p.k[0][:0], p.v[0][:0], torch.tensor([53]), 8 ** -0.5)
     assert got.dtype == torch.bfloat16
     kept = expected_kept(cfg, SHAPE, p, 4)
     want = naive_attention(q, [p.k[0][kept[0][h], h] for h in range(2)], [p.v[0][kept[0][h], h] for h in range(2)],
@@ -247,7 +248,7 @@ def test_capture_keeps_exactly_the_last_window_queries(window, chunks):
     torch.manual_seed(window)
     T = sum(chunks)
     p = Prompt(SHAPE, T, seed=window + T)
-    mgr = CompressionManager(SHAPE, num_pages=10, page_size=3, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=10, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
     mgr.begin_extend(2, "rid", window)
     seen = 0
     for c in chunks:
@@ -274,7 +275,7 @@ def test_chunked_capture_selects_like_one_chunk(policy):
     p = Prompt(SHAPE, T, seed=11)
     kept = []
     for chunks in ([T], [45, 45, 3, 4], [90, 1, 1, 1, 1, 1, 1, 1]):
-        mgr = CompressionManager(SHAPE, num_pages=500, page_size=3, dtype=torch.float32, device="cpu")
+        mgr = CompressionManager(SHAPE, num_pages=500, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
         prefill(mgr, 0, cfg, p, chunks)
         mgr.compress(0, cfg, T, p.get_kv)
         kept.append([rebuild_rows(mgr, 0, layer)[0] for layer in range(SHAPE.num_layers)])
@@ -293,7 +294,7 @@ def test_prefix_hit_with_fewer_queries_than_window_still_compresses(policy, comp
     T, budget, window = 54, 12, 8
     cfg = make_cfg(policy, budget, window)
     p = Prompt(SHAPE, T, seed=5)
-    mgr = CompressionManager(SHAPE, num_pages=300, page_size=3, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=300, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
     prefill(mgr, 4, cfg, p, start=T - computed)
     rec = mgr.compress(4, cfg, T, p.get_kv)
     # the query policies see a `computed`-query window; full/streamingllm select by position only
@@ -314,7 +315,7 @@ def test_prefix_hit_does_not_change_a_position_only_policy():
     p = Prompt(SHAPE, T, seed=8)
     kept = []
     for start in (0, T - 1):  # whole prompt computed / prefix hit: only the last token computed
-        mgr = CompressionManager(SHAPE, num_pages=300, page_size=3, dtype=torch.float32, device="cpu")
+        mgr = CompressionManager(SHAPE, num_pages=300, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
         prefill(mgr, 0, cfg, p, start=start)
         mgr.compress(0, cfg, T, p.get_kv)
         kept.append(rebuild_rows(mgr, 0, 0)[0])
@@ -326,11 +327,83 @@ def test_prefix_hit_does_not_change_a_position_only_policy():
 def test_compress_without_captured_queries_raises_and_allocates_nothing():
     cfg = make_cfg("snapkv", 8, 4)
     p = Prompt(SHAPE, 20, seed=0)
-    mgr = CompressionManager(SHAPE, num_pages=100, page_size=3, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=100, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
     with pytest.raises(RuntimeError, match="no observation-window queries captured for row 9, layer 0"):
         mgr.compress(9, cfg, 20, p.get_kv)
     assert mgr.allocator.free_pages == 100 and not mgr.records
     mgr.check_integrity()
+
+
+def test_a_failed_page_write_frees_its_pages_and_the_request_stays_whole(monkeypatch):
+    """Pages allocated for a request whose copy fails are given back (before: lost for good,
+    check_integrity "untracked"); the serving layer then leaves the request uncompressed."""
+    import types
+
+    from headkv_sglang.serving.lifecycle import compress_and_release
+    from headkv_sglang.serving.state import ServingState
+
+    cfg = make_cfg("snapkv", 8, 4)
+    p = Prompt(SHAPE, 40, seed=2)
+    mgr = CompressionManager(SHAPE, num_pages=300, page_size=3, dtype=torch.float32, device="cpu")
+    prefill(mgr, 1, cfg, p)
+    mgr.compress(1, cfg, 40, p.get_kv)  # another request holds pages
+    free_before = mgr.allocator.free_pages
+    write = mgr.pool.write
+    calls = []
+
+    def failing_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # layer 2
+            raise RuntimeError("injected write failure")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(mgr.pool, "write", failing_write)
+    prefill(mgr, 2, cfg, p)
+    with pytest.raises(RuntimeError, match="injected write failure"):
+        mgr.compress(2, cfg, 40, p.get_kv)
+    assert mgr.allocator.free_pages == free_before and 2 not in mgr.records
+    mgr.check_integrity()
+
+    # the serving layer: counted as an error fallback, nothing released, request unchanged
+    calls.clear()
+    prefill(mgr, 2, cfg, p)
+    state = ServingState(cfg, manager=mgr)
+    req_to_token = torch.arange(64, dtype=torch.int32).view(1, 64).expand(3, 64).contiguous()
+    kv = types.SimpleNamespace(get_key_buffer=lambda layer: p.k[layer].repeat(2, 1, 1),
+                               get_value_buffer=lambda layer: p.v[layer].repeat(2, 1, 1))
+    freed = []
+    tree = types.SimpleNamespace(req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token),
+                                 token_to_kv_pool_allocator=types.SimpleNamespace(get_kvcache=lambda: kv,
+                                                                                  free=freed.append))
+    req = types.SimpleNamespace(rid="r2", skip_radix_cache_insert=False, lock="held")
+    assert compress_and_release(state, req, 2, cfg, 40, tree, mgr) is False
+    assert state.fallbacks == {"error": 1} and not freed and req.lock == "held"
+    assert mgr.allocator.free_pages == free_before and 2 not in mgr._captures
+    mgr.check_integrity()
+
+
+@pytest.mark.parametrize("T, budget, page_size", [(1, 8, 16), (16, 8, 16), (12, 12, 3), (40, 38, 16)])
+def test_a_prompt_whose_pages_would_not_be_smaller_stays_uncompressed(T, budget, page_size):
+    """Page rounding gives every (layer, KV head) whole pages: never hold more than the full KV."""
+    from headkv_sglang.kv.manager import NotSmallerError
+
+    cfg = make_cfg("snapkv", budget, min(4, budget))
+    p = Prompt(SHAPE, T, seed=T)
+    mgr = CompressionManager(SHAPE, num_pages=400, page_size=page_size, dtype=torch.float32, device="cpu")
+    prefill(mgr, 0, cfg, p)
+    with pytest.raises(NotSmallerError):
+        mgr.compress(0, cfg, T, p.get_kv)
+    assert mgr.allocator.free_pages == 400 and not mgr.records
+    mgr.check_integrity()
+
+
+def test_a_prompt_whose_pages_are_smaller_is_compressed():
+    cfg = make_cfg("snapkv", 8, 4)
+    p = Prompt(SHAPE, 17, seed=1)  # 17 tokens -> 8 kept = 3 pages of 3 per head: 9 < 17
+    mgr = CompressionManager(SHAPE, num_pages=400, page_size=3, dtype=torch.float32, device="cpu")
+    prefill(mgr, 0, cfg, p)
+    rec = mgr.compress(0, cfg, 17, p.get_kv)
+    assert rec.held_bytes(mgr.pool.bytes_per_page) < mgr.full_bytes(17)
 
 
 # --------------------------------------------------------------------------- #
@@ -338,7 +411,7 @@ def test_compress_without_captured_queries_raises_and_allocates_nothing():
 # --------------------------------------------------------------------------- #
 def test_free_returns_every_page():
     torch.manual_seed(1)
-    mgr = CompressionManager(SHAPE, num_pages=1500, page_size=3, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=1500, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
     rng = random.Random(1)
     rows = []
     for idx, policy in enumerate(POLICIES * 2):
@@ -364,7 +437,7 @@ def test_free_returns_every_page():
 
 
 def test_free_drops_a_pending_capture():
-    mgr = CompressionManager(SHAPE, num_pages=10, page_size=3, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=10, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
     p = Prompt(SHAPE, 9, seed=0)
     prefill(mgr, 3, make_cfg("snapkv", 8, 4), p)
     assert mgr.free(3) is False
@@ -377,11 +450,11 @@ def test_pool_full_allocates_nothing_and_retry_succeeds(policy):
     torch.manual_seed(2)
     T, cfg = 54, make_cfg(policy, budget=13, window=4)
     p = Prompt(SHAPE, T, seed=2)
-    probe = CompressionManager(SHAPE, num_pages=1000, page_size=3, dtype=torch.float32, device="cpu")
+    probe = CompressionManager(SHAPE, num_pages=1000, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
     prefill(probe, 0, cfg, p)
     need = len(probe.compress(0, cfg, T, p.get_kv).page_ids)
 
-    mgr = CompressionManager(SHAPE, num_pages=need + 4, page_size=3, dtype=torch.float32, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=need + 4, page_size=3, dtype=torch.float32, device="cpu", only_if_smaller=False)
     blocker = mgr.allocator.allocate(5, owner="blocker")  # leaves need - 1 free
     prefill(mgr, 0, cfg, p)
     with pytest.raises(PoolFullError, match=re.escape(f"request needs {need} pages, {need - 1} free")):
@@ -402,7 +475,7 @@ def test_pool_full_allocates_nothing_and_retry_succeeds(policy):
 def test_stats_bytes_ratio_and_per_policy_counts():
     torch.manual_seed(3)
     L, H, D = SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim
-    mgr = CompressionManager(SHAPE, num_pages=900, page_size=3, dtype=torch.float16, device="cpu")
+    mgr = CompressionManager(SHAPE, num_pages=900, page_size=3, dtype=torch.float16, device="cpu", only_if_smaller=False)
     bpp = 2 * 3 * D * 2
     reqs = {0: ("snapkv", 97), 1: ("snapkv", 54), 2: ("full", 7), 3: ("streamingllm", 54)}
     for idx, (policy, T) in reqs.items():
@@ -471,7 +544,7 @@ def test_pages_upper_bound_covers_actual_pages(policy, page_size):
         budget = rng.randint(2, 120)
         cfg = make_cfg(policy, budget, window=rng.randint(1, min(budget, 12)))
         p = Prompt(shape, T, seed=trial)
-        mgr = CompressionManager(shape, num_pages=5000, page_size=page_size, dtype=torch.float32, device="cpu")
+        mgr = CompressionManager(shape, num_pages=5000, page_size=page_size, dtype=torch.float32, device="cpu", only_if_smaller=False)
         prefill(mgr, 0, cfg, p)
         used = len(mgr.compress(0, cfg, T, p.get_kv).page_ids)
         bound = pages_upper_bound(cfg, shape, T, page_size)
@@ -500,7 +573,7 @@ def test_pages_upper_bound_is_exact_for_razor(tmp_path, page_size):
         cfg = make_cfg("razor", budget, window=rng.randint(1, min(budget, 12)), head_profile=str(path),
                        razor_fraction=rng.choice([0.0, 0.15, 0.5, 1.0]))
         p = Prompt(SHAPE, T, seed=trial)
-        mgr = CompressionManager(SHAPE, num_pages=5000, page_size=page_size, dtype=torch.float32, device="cpu")
+        mgr = CompressionManager(SHAPE, num_pages=5000, page_size=page_size, dtype=torch.float32, device="cpu", only_if_smaller=False)
         prefill(mgr, 0, cfg, p)
         used = len(mgr.compress(0, cfg, T, p.get_kv).page_ids)
         bound = pages_upper_bound(cfg, SHAPE, T, page_size)

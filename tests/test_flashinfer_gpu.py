@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from ragged_oracle import kernel_attend
 
 from flashinfer_ext.plan import DecodePlan, ragged_decode_torch
 from headkv_sglang.reference import attend, flat_to_paged
@@ -214,14 +215,14 @@ def test_compression_on_the_gpu_keeps_what_the_cpu_keeps(policy):
     q_dec = torch.randn(1, H * G, Dh, generator=gen)
     outs = {}
     for dev in ("cpu", "cuda"):
-        mgr = CompressionManager(shape, num_pages=2048, page_size=P, dtype=torch.float32, device=dev)
+        mgr = CompressionManager(shape, num_pages=2048, page_size=P, dtype=torch.float32, device=dev, only_if_smaller=False)
         mgr.begin_extend(0, "r", window=8)
         for layer in range(Lyr):
             mgr.capture_queries(layer, 0, q[layer].to(dev))
         rec = mgr.compress(0, cfg, T, lambda l: (k[l].to(dev), v[l].to(dev)))
         outs[dev] = (
             [lp.lengths.cpu() for lp in rec.layers],
-            [mgr.attend(layer, 0, q_dec.to(dev), torch.zeros(0, H, Dh, device=dev),
+            [kernel_attend(mgr, layer, 0, q_dec.to(dev), torch.zeros(0, H, Dh, device=dev),
                         torch.zeros(0, H, Dh, device=dev), torch.tensor([T]), 1 / math.sqrt(Dh)).cpu()
              for layer in range(Lyr)],
         )

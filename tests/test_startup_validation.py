@@ -38,7 +38,11 @@ def wrong_shape_profile(tmp_path_factory):
          "error: --kv-sink-size: invalid value 4; sinks must leave room for recent tokens: < --kv-budget (4)"),
         (["--kv-policy", "headkv", "--kv-head-profile", "/no/such/profile.json"],
          "error: --kv-head-profile: invalid value '/no/such/profile.json'; no such file"),
-        (["--kv-policy", "snapkv", "--attention-backend", "triton"], "error: --kv-policy needs --attention-backend torch_native"),
+        (["--kv-policy", "snapkv", "--attention-backend", "triton"],
+         "error: --kv-policy works with --attention-backend flashinfer or torch_native (got 'triton'); leave it unset "
+         "for flashinfer on CUDA, torch_native on CPU"),
+        (["--kv-policy", "snapkv", "--decode-attention-backend", "triton"],
+         "error: --kv-policy needs --decode-attention-backend unset or equal to --attention-backend (torch_native)"),
     ],
 )
 def test_bad_flag_exits_before_weights_load(model_path, flags, message):

@@ -60,8 +60,12 @@ class CompressionManager:
     """Compressed-pool owner for one model (one scheduler process)."""
 
     def __init__(self, shape: ModelShape, num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: str | torch.device) -> None:
+                 device: str | torch.device, *, only_if_smaller: bool = True) -> None:
+        """``only_if_smaller``: :meth:`compress` refuses (NotSmallerError) a prompt whose pages
+        would not take less memory than its full KV (the server's rule; tests of the
+        selection math at budgets >= the prompt turn it off)."""
         self.shape = shape
+        self.only_if_smaller = only_if_smaller
         self.pool = RaggedHeadKVPool(num_pages, page_size, shape.head_dim, dtype, device)
         self.allocator = PageAllocator(num_pages)
         self.records: dict[int, RequestPages] = {}
@@ -110,7 +114,7 @@ class CompressionManager:
         """
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
         s = self.shape
-        if seq_len <= self.pool.page_size:  # one page per (layer, head) already holds the whole prompt
+        if self.only_if_smaller and seq_len <= self.pool.page_size:  # one page per (layer, head) holds it all
             raise NotSmallerError(f"a {seq_len}-token prompt fits one {self.pool.page_size}-token page per "
                                   f"(layer, KV head): compressing cannot save memory")
         cap = self._captures.get(req_pool_idx)
@@ -142,7 +146,7 @@ class CompressionManager:
             pages = self.pool.pages_for(lengths)
             need += int(pages.sum())
             layers.append((comp, lengths, pages))
-        if need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads:
+        if self.only_if_smaller and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads:
             raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens hold at least the "
                                   f"{seq_len}-token prompt's full KV")
         with self._lock:
