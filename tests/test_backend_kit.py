@@ -190,3 +190,17 @@ def test_graph_runners_are_told_no_for_compressed_or_capturing_batches():
     assert graph_allowed(state, True, None, types.SimpleNamespace(req_pool_indices=torch.tensor([4]))) is True
     assert graph_allowed(state, True, None, fb) is False
     assert state.graph_fallback_batches == 2
+
+
+def test_the_wrapper_is_the_inner_backend_for_everything_it_does_not_add():
+    inner = types.SimpleNamespace(forward_metadata="m0", get_cuda_graph_seq_len_fill_value=lambda: 1,
+                                  attn_backend_list=None)
+    shape = ModelShape(num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8)
+    manager = CompressionManager(shape, 8, 4, torch.float32, "cpu")
+    wrapper = HeadKVAttnBackend(inner, manager, make_kernel(manager.pool, shape, torch.device("cpu"), 0.35)[1],
+                                None, None)
+    assert wrapper.get_cuda_graph_seq_len_fill_value() == 1 and wrapper.attn_backend_list is None
+    wrapper.forward_metadata = "m1"  # what SGLang's graph glue and idle batches do
+    assert inner.forward_metadata == "m1" and wrapper.forward_metadata == "m1"
+    with pytest.raises(AttributeError):
+        wrapper.no_such_attribute

@@ -91,6 +91,16 @@ class HeadKVAttnBackend:
             raise AttributeError(name)
         return getattr(inner, name)
 
+    # SGLang's runners also *assign* the metadata (graph glue snapshot/restore, idle batches):
+    # it must land on the inner backend, which reads it.
+    @property
+    def forward_metadata(self):
+        return self.inner.forward_metadata
+
+    @forward_metadata.setter
+    def forward_metadata(self, value) -> None:
+        self.inner.forward_metadata = value
+
     # ------------------------------------------------------------------ planning
     def _compressed_positions(self, fb) -> list[int]:
         recs = self.manager.records
