@@ -8,8 +8,8 @@ pool. Two implementations of the same attention, timed side by side in one run:
 
 * **per-row loop (before)**: the serving path until the batched kernel replaced it: for
   every compressed row and every layer, gather the row's tail from the token pool and call
-  ``CompressionManager.attend`` (copied below from ``git show HEAD~1:headkv_sglang/kv/manager.py``,
-  with the per-row glue of ``HEAD~1:headkv_sglang/sglang_backend.py``).
+  ``CompressionManager.attend`` (copied below from ``git show 9bd95a2:headkv_sglang/compression.py``,
+  with the per-row glue of ``9bd95a2:headkv_sglang/sglang_backend.py``).
 * **batched torch kernel (now)**: :class:`~headkv_sglang.kv.ragged.TorchRaggedAttention`,
   as the serving backend drives it: ``rows_for_queries`` + ``plan`` once per step (a re-plan
   with the same records: the steady decode step), ``run`` once per layer.
@@ -50,7 +50,7 @@ from headkv_sglang.kv.ragged import TorchRaggedAttention, rows_for_queries  # no
 # ---------------------------------------------------------------------------- (a) before
 def old_attend(pool: RaggedHeadKVPool, rec: RequestPages, layer: int, q: torch.Tensor, k_tail: torch.Tensor,
                v_tail: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Copied from ``CompressionManager.attend`` (``git show HEAD~1:headkv_sglang/kv/manager.py``),
+    """Copied from ``CompressionManager.attend`` (``git show 9bd95a2:headkv_sglang/compression.py``),
     only ``self.records[req_pool_idx]`` / ``self.shape`` / ``self.pool`` turned into arguments.
 
     Attention of ``q`` ``[n, Hq, D]`` over the compressed prompt and the tail.
@@ -94,7 +94,7 @@ def old_decode_layer(pool, records, req_to_token, req_pool_indices, seq_lens, la
                      scale, o):
     """One layer of the old decode path for the compressed rows: the loop of
     ``HeadKVTorchNativeBackend.forward_decode`` + ``_attend_compressed``
-    (``git show HEAD~1:headkv_sglang/sglang_backend.py``), every row compressed."""
+    (``git show 9bd95a2:headkv_sglang/sglang_backend.py``), every row compressed."""
     for i in range(q.shape[0]):
         idx = int(req_pool_indices[i])
         rec = records[idx]
@@ -277,7 +277,7 @@ def write_md(doc: dict, out: Path) -> None:
     lines += [
         "",
         "*per-row loop*: for each row and layer, the row's tail gathered from the token pool and the old "
-        "`CompressionManager.attend` (copied into the benchmark from `HEAD~1`, using `pool.gather_padded`). "
+        "`CompressionManager.attend` (copied into the benchmark from commit 9bd95a2, using `pool.gather_padded`). "
         "*batched kernel*: `rows_for_queries` + `TorchRaggedAttention.plan` (a re-plan with the same records, "
         "as in every steady decode step; included in its ms/step) + one `run` per layer. *first plan*: the plan "
         "of a batch with new records (every layer's prompt tables, paid once when the batch's compressed "
