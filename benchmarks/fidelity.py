@@ -18,7 +18,9 @@ output) and exact agreement with the full-KV output; summaries by ROUGE-L F1 aga
 full-KV summary. "Relative to full" pools the short-answer tasks: the policy's total
 score over full's total score on the same cases. Greedy decoding throughout.
 
-Writes ``OUT.json`` (every request's output and score, the per-request KV the server
+Resumable: each finished case is appended to ``OUT.partial.jsonl``; a run killed part-way
+and started again with the same arguments asks only the cases not in it (``--fresh``
+starts over), so the grid can be run in parts. Writes ``OUT.json`` (every request's output and score, the per-request KV the server
 reports, the machine), ``OUT.md`` (tables), ``OUT_accuracy.png`` (accuracy vs budget per
 task) and ``OUT_niah_<policy>.png`` (length x depth heatmaps, one panel per budget).
 """
@@ -26,6 +28,7 @@ task) and ``OUT_niah_<policy>.png`` (length x depth heatmaps, one panel per budg
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -109,19 +112,52 @@ def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+def case_key(case: Case, policies: list[str], budgets: list[str], kv_params: dict | None) -> str:
+    """What identifies one case's rows in a journal: its prompt and everything asked of it."""
+    blob = json.dumps([case.task, case.prompt, case.max_tokens, policies, budgets, kv_params or {}], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def read_journal(path: Path | None) -> dict[str, list[dict]]:
+    """The rows of the cases a killed run finished (a torn last line is ignored)."""
+    done: dict[str, list[dict]] = {}
+    if path is None or not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            done[entry["key"]] = entry["rows"]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
 def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str], concurrency: int = 8,
-             progress: bool = True) -> list[dict]:
-    """Every case: full first, then every (policy, budget) concurrently. Returns one row per request."""
+             progress: bool = True, kv_params: dict | None = None, journal: Path | None = None) -> list[dict]:
+    """Every case: full first, then every (policy, budget) concurrently. Returns one row per request.
+
+    ``kv_params``: more ``kv_*`` keys sent with every compressed request (e.g. ``kv_scoring``).
+    ``journal``: a JSONL file each finished case's rows are appended to; cases already in it
+    (same prompt, policies, budgets and kv_params) are not asked again, so a killed run
+    continues where it stopped.
+    """
     from tqdm import tqdm
 
     from programs.endpoint import kv_report
 
     rows: list[dict] = []
     lock = threading.Lock()
+    done = read_journal(journal)
     bar = tqdm(total=len(cases) * (1 + len(policies) * len(budgets)), desc="fidelity", unit="req",
                disable=not progress)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for ci, case in enumerate(cases):
+            key = case_key(case, policies, budgets, kv_params)
+            if key in done:
+                rows += [{**r, "case": ci} for r in done[key]]
+                bar.update(1 + len(policies) * len(budgets))
+                continue
+            case_rows: list[dict] = []
             full = chat(url, case, {"kv_policy": "full"})
             bar.update(1)
             n_prompt = full["prompt_tokens"]
@@ -132,7 +168,7 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
 
             def one(cfg, case=case, base=base):
                 pol, b, bt = cfg
-                r = chat(url, case, {"kv_policy": pol, "kv_budget": bt})
+                r = chat(url, case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": bt})
                 with lock:
                     bar.update(1)
                 return {**base, "policy": pol, "budget": b, "budget_tokens": bt, **r}
@@ -149,7 +185,11 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
                 else:
                     g["score"] = score(case, g["output"])
                     g["agrees_with_full"] = _norm(g["output"]) == _norm(full["output"])
-                rows.append(g)
+                case_rows.append(g)
+            rows += case_rows
+            if journal is not None:
+                with journal.open("a") as f:
+                    f.write(json.dumps({"key": key, "rows": case_rows}) + "\n")
             bar.set_postfix(task=case.task, tokens=n_prompt)
     bar.close()
     return rows
@@ -317,9 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--server", default=None, help="an existing server started with --kv-policy (default: start one)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/fidelity_cpu"))
+    p.add_argument("--kv-params", type=json.loads, default={},
+                   help='more kv_* keys for every compressed request, as JSON: \'{"kv_scoring": "window"}\'')
+    p.add_argument("--fresh", action="store_true", help="ignore OUT.partial.jsonl left by an interrupted run")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if not isinstance(a.kv_params, dict) or any(not str(k).startswith("kv_") or k in ("kv_policy", "kv_budget")
+                                                 for k in a.kv_params):
+        p.error("--kv-params: a JSON object of kv_* keys other than kv_policy and kv_budget")
     try:
         for b in a.budgets:
             parse_budget(b)
@@ -343,7 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             url = srv.url
         else:
             url = a.server.rstrip("/")
-        rows = run_grid(url, cases, a.policies, a.budgets, a.concurrency, progress=not a.no_progress)
+        journal = Path(f"{a.out}.partial.jsonl")
+        if a.fresh:
+            journal.unlink(missing_ok=True)
+        elif journal.exists():
+            print(f"resuming: {len(read_journal(journal))} finished cases in {journal}", file=sys.stderr)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        rows = run_grid(url, cases, a.policies, a.budgets, a.concurrency, progress=not a.no_progress,
+                        kv_params=a.kv_params, journal=journal)
     finally:
         if srv is not None:
             srv.stop()
@@ -356,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_args": SERVER_ARGS if a.server is None else "external", "cases": len(cases),
         "cases_per_task": {t: sum(c.task == t for c in cases) for t in a.tasks}, "requests": len(rows),
         "prompt_tokens": [min(toks), max(toks)], "wall_s": round(wall), "policies": a.policies,
-        "budgets": a.budgets, "tasks": a.tasks,
+        "budgets": a.budgets, "tasks": a.tasks, "kv_params": a.kv_params,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
@@ -365,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         files = plots(rows, summary, a.policies, a.budgets, a.tasks, a.out)
         md += "\n" + "\n".join(f"![{Path(f).stem}]({Path(f).name})" for f in files) + "\n"
     Path(f"{a.out}.md").write_text(md)
+    Path(f"{a.out}.partial.jsonl").unlink(missing_ok=True)  # everything is in OUT.json now
     print(md)
     return 0
 

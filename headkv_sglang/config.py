@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ REQUEST_KEYS = {
     "kv_policy": "policy",
     "kv_budget": "budget",
     "kv_window": "window",
+    "kv_scoring": "scoring",
+    "kv_question": "question",
     "kv_min_prompt": "min_prompt",
     "kv_sink_size": "sink_size",
     "kv_beta": "beta",
@@ -39,9 +42,19 @@ REQUEST_KEYS = {
     "kv_kernel_size": "kernel_size",
     "kv_pooling": "pooling",
     "kv_razor_fraction": "razor_fraction",
+    "kv_razor_heads": "razor_heads",
 }
 MAX_BUDGET = 1 << 20
 AUTO_WINDOW = 32
+AUTO_QUESTION = 32
+#: What scores the prompt's tokens: its question (the last user turn, before the chat
+#: template's tail; see headkv_sglang/question.py) or SnapKV's window (the last tokens).
+SCORING_CHOICES = ("question", "window")
+#: How RazorAttention picks its retrieval heads: a fixed fraction of the heads (the
+#: paper's 15%), or as many as the budget pays for (held KV <= L * H * budget).
+RAZOR_HEADS_CHOICES = ("fraction", "budget")
+_RATIO = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
+BUDGET_FORMS = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
 
 
 class ConfigError(ValueError):
@@ -53,7 +66,12 @@ class KVPolicyConfig:
     """Resolved compression settings (server defaults or one request's).
 
     ``budget`` is tokens kept per KV head on average, window and sinks included
-    (see ``policies/base.py``); ``window``: observation window, ``0`` = automatic
+    (see ``policies/base.py``); ``scoring``: what ranks the prompt's tokens, its question
+(``"question"``: at most ``question`` queries, 0 = :data:`AUTO_QUESTION`, from the last user
+turn before the template's tail) or SnapKV's window (``"window"``: the last ``window``
+tokens); ``budget_ratio`` > 0 makes the budget a share of each
+    prompt instead (``--kv-budget 5%``: :meth:`for_prompt` resolves it per request, at
+    least :meth:`~headkv_sglang.policies.base.KVPolicy.min_budget`); ``window``: observation window, ``0`` = automatic
     (:attr:`obs_window`); ``min_prompt``: prompts with fewer tokens stay
     uncompressed; ``pool_fraction``: share of SGLang's KV token capacity moved to the
     compressed pool; ``page_size``: tokens per page of the compressed pool. The
@@ -62,7 +80,10 @@ class KVPolicyConfig:
 
     policy: str = "full"
     budget: int = 128
+    budget_ratio: float = 0.0  # > 0: the budget is this share of each prompt (see for_prompt)
     window: int = 0  # 0: automatic, see obs_window
+    scoring: str = "question"
+    question: int = 0  # 0: automatic, see question_len
     min_prompt: int = 0
     head_profile: str | None = None
     beta: float = defaults.HEADKV_BETA  # HeadKV
@@ -72,6 +93,7 @@ class KVPolicyConfig:
     kernel_size: int = defaults.KERNEL_SIZE
     pooling: str = defaults.POOLING
     razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
+    razor_heads: str = "fraction"  # RazorAttention: "fraction" (razor_fraction) or "budget" (matched)
     pool_fraction: float = 0.5
     page_size: int = 16
 
@@ -83,6 +105,29 @@ class KVPolicyConfig:
         a quarter of the budget at most leaves room to select at small budgets.
         """
         return self.window or min(AUTO_WINDOW, max(1, self.budget // 4))
+
+    @property
+    def question_len(self) -> int:
+        """Most scoring queries taken from the question: ``question`` or, when 0, 32."""
+        return self.question or AUTO_QUESTION
+
+    @property
+    def budget_label(self) -> str:
+        """The budget as the user gave it: ``"128"`` or ``"5%"``."""
+        return f"{self.budget_ratio * 100:g}%" if self.budget_ratio else str(self.budget)
+
+    def for_prompt(self, seq_len: int) -> "KVPolicyConfig":
+        """This config with a ratio budget resolved for a ``seq_len``-token prompt.
+
+        ``budget = max(ceil(budget_ratio * seq_len), policy.min_budget(cfg))``: the share of
+        the prompt, but never less than what the policy always keeps (the window / the
+        sinks + one recent token). Absolute budgets are returned unchanged.
+        """
+        if not self.budget_ratio:
+            return self
+        share = math.ceil(self.budget_ratio * max(int(seq_len), 1) - 1e-9)
+        budget = min(MAX_BUDGET, max(share, policy_class(self.policy).min_budget(self)))
+        return self if budget == self.budget else dataclasses.replace(self, budget=budget)
 
     # ------------------------------------------------------------------ validation
     def validate(self, flag: str = "--kv-{}", changed: frozenset[str] = frozenset()) -> "KVPolicyConfig":
@@ -111,7 +156,12 @@ class KVPolicyConfig:
         if self.policy not in POLICIES:
             raise bad("policy", self.policy, f"choose one of {', '.join(POLICIES)}")
         intval("budget", 1)
+        if not (isinstance(self.budget_ratio, float) and 0.0 <= self.budget_ratio <= 1.0):
+            raise bad("budget", f"{self.budget_ratio * 100:g}%", "expected a share in (0%, 100%]")
         intval("window", 0, 4096)
+        if self.scoring not in SCORING_CHOICES:
+            raise bad("scoring", self.scoring, f"choose one of {', '.join(SCORING_CHOICES)}")
+        intval("question", 0, 4096)
         intval("min_prompt", 0)
         intval("sink_size", 0, 4096)
         intval("kernel_size", 1, 63)
@@ -123,6 +173,8 @@ class KVPolicyConfig:
         floatval("pyramid_beta", 1.0, 1e6)
         floatval("floor_alpha", 0.0, 1.0)
         floatval("razor_fraction", 0.0, 1.0)
+        if self.razor_heads not in RAZOR_HEADS_CHOICES:
+            raise bad("razor_heads", self.razor_heads, f"choose one of {', '.join(RAZOR_HEADS_CHOICES)}")
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)
         policy_class(self.policy).check_config(self, bad, changed)  # its cross-field rules
@@ -150,6 +202,12 @@ class KVPolicyConfig:
                     f"custom_params.{key}: unknown key; allowed: {', '.join(sorted(REQUEST_KEYS))}"
                 )
             name = REQUEST_KEYS[key]
+            if name == "budget":
+                budget, ratio = parse_budget(value, f"custom_params.{key}")
+                changes["budget_ratio"] = ratio
+                if not ratio:
+                    changes["budget"] = budget
+                continue
             expected = _FIELD_TYPES[name]
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -162,7 +220,8 @@ class KVPolicyConfig:
             changes[name] = value
         if not changes:
             return self
-        return dataclasses.replace(self, **changes).validate(flag="custom_params.kv_{}", changed=frozenset(changes))
+        changed = frozenset("budget" if n == "budget_ratio" else n for n in changes)
+        return dataclasses.replace(self, **changes).validate(flag="custom_params.kv_{}", changed=changed)
 
     # ------------------------------------------------------------------ transport
     def to_json(self) -> str:
@@ -178,6 +237,31 @@ class KVPolicyConfig:
     def from_env(cls) -> "KVPolicyConfig | None":
         text = os.environ.get(ENV_VAR)
         return cls.from_json(text) if text else None
+
+
+def parse_budget(value: Any, where: str) -> tuple[int, float]:
+    """``(budget, budget_ratio)`` from a ``--kv-budget`` / ``kv_budget`` value.
+
+    Tokens per KV head (the integer ``128``) give ``(128, 0.0)``; a share of the prompt
+    (``"5%"``) gives ``(0, 0.05)`` (the token budget is then resolved per prompt).
+    Anything else raises ConfigError naming ``where``.
+    """
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: invalid value {value!r}; expected {BUDGET_FORMS}")
+
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= MAX_BUDGET:
+            raise bad()
+        return value, 0.0
+    m = _RATIO.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise bad()
+    share = float(m.group(1)) / 100.0
+    if not 0.0 < share <= 1.0:
+        raise bad()
+    return 0, share
 
 
 # Declared types of the config fields (a value built as ``beta=2`` is still a float field).

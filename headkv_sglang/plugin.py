@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Any
 
-from headkv_sglang.config import ENV_VAR, POLICY_CHOICES, POOLING_CHOICES, ConfigError, KVPolicyConfig
+from headkv_sglang.config import (ENV_VAR, POLICY_CHOICES, POOLING_CHOICES, RAZOR_HEADS_CHOICES, SCORING_CHOICES,
+                                  ConfigError, KVPolicyConfig, parse_budget)
 
 logger = logging.getLogger("headkv_sglang")
 
@@ -57,11 +58,18 @@ _DEFAULTS = KVPolicyConfig()
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-policy": ("policy", dict(type=str, choices=POLICY_CHOICES, default=None,
                                    help="Head-level KV compression policy (headkv_sglang). Unset: plain SGLang.")),
-    "--kv-budget": ("budget", dict(type=int, default=_DEFAULTS.budget,
-                                   help="Prompt tokens kept per KV head on average, window and sinks included.")),
+    "--kv-budget": ("budget", dict(type=str, default=str(_DEFAULTS.budget),
+                                   help="Prompt tokens kept per KV head on average, window and sinks included: "
+                                        "a number of tokens (128) or a share of each prompt (5%%).")),
     "--kv-window": ("window", dict(type=int, default=_DEFAULTS.window,
-                                   help="Observation window: the last W prompt tokens score the rest and are always kept "
-                                        "(0, the default: min(32, budget/4)).")),
+                                   help="Recent prompt tokens always kept (with --kv-scoring window they also score the "
+                                        "rest); 0, the default: min(32, budget/4).")),
+    "--kv-scoring": ("scoring", dict(type=str, default=_DEFAULTS.scoring, choices=SCORING_CHOICES,
+                                     help="What ranks prompt tokens: 'question' (the last user turn's last "
+                                          "--kv-question tokens, before the chat template's tail) or 'window' "
+                                          "(SnapKV: the last --kv-window tokens).")),
+    "--kv-question": ("question", dict(type=int, default=_DEFAULTS.question,
+                                       help="Most question tokens that score the prompt (0, the default: 32).")),
     "--kv-head-profile": ("head_profile", dict(type=str, default=None,
                                                help="Head-importance profile JSON (default: the shipped one matching the model).")),
     "--kv-min-prompt": ("min_prompt", dict(type=int, default=_DEFAULTS.min_prompt,
@@ -75,6 +83,10 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-pooling": ("pooling", dict(type=str, default=_DEFAULTS.pooling, choices=POOLING_CHOICES, help="SnapKV pooling.")),
     "--kv-razor-fraction": ("razor_fraction", dict(type=float, default=_DEFAULTS.razor_fraction,
                                                    help="RazorAttention: fraction of heads kept whole.")),
+    "--kv-razor-heads": ("razor_heads", dict(type=str, default=_DEFAULTS.razor_heads, choices=RAZOR_HEADS_CHOICES,
+                                             help="RazorAttention: 'fraction' (--kv-razor-fraction of the heads keep "
+                                                  "everything) or 'budget' (as many heads as the budget pays for: "
+                                                  "the KV held stays within L*H*budget).")),
     "--kv-pool-fraction": ("pool_fraction", dict(type=float, default=_DEFAULTS.pool_fraction,
                                                  help="Share of SGLang's KV token capacity moved to the compressed pool.")),
     "--kv-page-size": ("page_size", dict(type=int, default=_DEFAULTS.page_size,
@@ -104,6 +116,10 @@ def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
     if getattr(ns, "headkv_policy", None) is None:
         return None
     values = {dest: getattr(ns, f"headkv_{dest}") for dest, _ in FLAGS.values()}
+    raw = values["budget"].strip() if isinstance(values["budget"], str) else values["budget"]
+    values["budget"], values["budget_ratio"] = parse_budget(int(raw) if str(raw).isdigit() else raw, "--kv-budget")
+    if values["budget_ratio"]:
+        values["budget"] = _DEFAULTS.budget
     cfg = KVPolicyConfig(**values).validate()
     from headkv_sglang.config import ModelShape
     from headkv_sglang.policies.registry import resolve_profile

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from programs.endpoint import DEFAULT_URL, KVEndpoint, fmt_bytes
+from programs.endpoint import DEFAULT_URL, KVEndpoint, budget_arg, fmt_bytes
 from programs.summarize import DEFAULT_KEY_NAMES, Summarizer
 
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="with --engine: an extra ServerArgs keyword, e.g. max_total_tokens=65536")
     p.add_argument("--kv-policy", default=None, help="with --server: per request; with --engine: the engine's policy")
-    p.add_argument("--kv-budget", type=int, default=None)
+    p.add_argument("--kv-budget", type=budget_arg, default=None, help="tokens per KV head (128) or a share of each prompt (5%%)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.concurrency < 1:

@@ -219,3 +219,18 @@ class EngineBackend:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self.engine.shutdown()
+
+
+def budget_arg(text: str) -> int | str:
+    """argparse type of ``--kv-budget``: tokens per KV head (``128``) or a share of each prompt
+    (``5%``), sent as ``kv_budget`` as is (the server resolves a share per request)."""
+    import argparse
+
+    from headkv_sglang.config import ConfigError, parse_budget
+
+    value: int | str = int(text) if text.strip().isdigit() else text.strip()
+    try:
+        parse_budget(value, "--kv-budget")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return value

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sglang as sgl
 
-from programs.endpoint import DEFAULT_URL, KVEndpoint, fmt_bytes
+from programs.endpoint import DEFAULT_URL, KVEndpoint, budget_arg, fmt_bytes
 
 INSTRUCTION = "Answer the question using only the document above. Reply with the answer only."
 
@@ -71,7 +71,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_URL, help="SGLang server URL (default %(default)s)")
     p.add_argument("--kv-policy", default=None,
                    help="per-request policy (full, headkv, snapkv, ...); default: the server's --kv-policy")
-    p.add_argument("--kv-budget", type=int, default=None, help="per-request budget, tokens per KV head")
+    p.add_argument("--kv-budget", type=budget_arg, default=None,
+                   help="per-request budget: tokens per KV head (128) or a share of each prompt (5%%)")
 
 
 def doc_and_endpoint(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[str, KVEndpoint]:

@@ -126,8 +126,8 @@ def test_bad_inputs_are_named():
 # -- through a real server ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bench_server(start_server):
-    return start_server(["--kv-policy", "full", "--enable-cache-report"], name="bench-fidelity")
+def bench_server(kv_small_server):
+    return kv_small_server  # conftest: --kv-policy full, --enable-cache-report, shared
 
 
 @pytest.mark.server
@@ -168,25 +168,56 @@ def test_fidelity_cli_writes_results_tables_and_plots(bench_server, tmp_path):
 
 
 @pytest.mark.server
+def test_fidelity_grid_resumes_from_its_journal(bench_server, tmp_path, count_tokens, monkeypatch):
+    """A killed grid run continues: cases already in the journal are not asked again, and the
+    rows come back the same; other kv_params make it a different case."""
+    import benchmarks.fidelity as fid
+
+    cases = [build("niah", 300, seed=s, depth=0.5, count_tokens=count_tokens) for s in (1, 2)]
+    asked: list[str] = []
+    real_chat = fid.chat
+
+    def counting_chat(url, case, params):
+        asked.append(case.prompt)
+        return real_chat(url, case, params)
+
+    monkeypatch.setattr(fid, "chat", counting_chat)
+    journal = tmp_path / "grid.partial.jsonl"
+    first = fid.run_grid(bench_server.url, cases[:1], ["snapkv"], ["10%"], progress=False, journal=journal)
+    assert len(asked) == 2 and len(journal.read_text().splitlines()) == 1
+    with journal.open("a") as f:
+        f.write('{"key": "torn')  # a run killed mid-write leaves a torn line: ignored
+    asked.clear()
+    both = fid.run_grid(bench_server.url, cases, ["snapkv"], ["10%"], progress=False, journal=journal)
+    assert asked == [cases[1].prompt] * 2  # only the second case was asked
+    assert [r["output"] for r in both[:2]] == [r["output"] for r in first] and len(both) == 4
+    asked.clear()
+    fid.run_grid(bench_server.url, cases[:1], ["snapkv"], ["10%"], progress=False, journal=journal,
+                 kv_params={"kv_scoring": "window"})
+    assert len(asked) == 2
+
+
+@pytest.mark.server
 def test_capacity_cli_measures_both_servers_through_bench_serving(tmp_path):
     out = tmp_path / "cap"
     r = subprocess.run(
-        [sys.executable, "benchmarks/capacity.py", "--kv-memory", "4096", "--lengths", "300", "--concurrency", "1",
+        [sys.executable, "benchmarks/capacity.py", "--kv-memory", "4096", "--lengths", "300", "--concurrency",
          "3", "--requests", "3", "--output-len", "4", "--overhead-requests", "1", "--budget", "10%",
          "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
     runs = data["runs"]
-    assert [(x["server"], x["max_concurrency"]) for x in runs] == [("full", 1), ("full", 3), ("headkv", 1), ("headkv", 3)]
+    # one concurrency (each bench_serving run costs ~1-2 min here; the CLI loops over the list)
+    assert [(x["server"], x["max_concurrency"]) for x in runs] == [("full", 3), ("headkv", 3)]
     for x in runs:
         assert x["completed"] == 3 and x["total_output_tokens"] == 12 and x["output_throughput"] > 0, x
         assert 1 <= x["peak_running"] <= 3 and x["median_ttft_ms"] > 0
-    full, head = runs[0], runs[2]
+    full, head = runs
     # the same KV memory: all of it SGLang's for full; split in half with the policy
     assert full["token_pool"] == 4096 and full["compressed_pool_token_equivalents"] == 0
     assert head["token_pool"] + head["compressed_pool_token_equivalents"] == 4096
-    assert head["budget_tokens"] == 30 and runs[3]["peak_compressed"] >= 1
+    assert head["budget_tokens"] == 30 and head["peak_compressed"] >= 1
     assert {o["request_policy"] for o in data["overhead"]} == {"full", "headkv"}
     md = out.with_suffix(".md").read_text()
     assert "| full | 300 | 3 | 3 |" in md and "Compression overhead" in md

@@ -266,6 +266,54 @@ def test_capture_keeps_exactly_the_last_window_queries(window, chunks):
     assert not mgr._captures[2].layers
 
 
+@pytest.mark.parametrize("span, chunks, start", [
+    ((40, 52), [64], 0),                 # one chunk
+    ((40, 52), [10, 33, 1, 20], 0),      # the span split over three chunks
+    ((3, 4), [1, 1, 1, 1, 60], 0),       # a one-token span
+    ((40, 64), [5, 59], 0),              # the span runs to the prompt's end
+    ((40, 52), [20, 4], 40),             # a prefix hit recomputes from the span's start
+    ((40, 52), [12, 6], 46),             # a deeper hit: only [46, 52) is computed
+])
+@pytest.mark.parametrize("policy", ["snapkv", "adakv"])
+def test_question_span_capture_and_compression_equal_compress_layer(span, chunks, start, policy):
+    """A span capture keeps exactly the span's computed queries, whatever the chunking, and
+    compression scores with them at their positions (compress_layer with q_end)."""
+    T = 64
+    p = Prompt(SHAPE, T, seed=sum(span) + len(chunks) + start)
+    cfg = make_cfg(policy, budget=12, window=3)
+    mgr = CompressionManager(SHAPE, num_pages=400, page_size=4, dtype=torch.float32, device="cpu", only_if_smaller=False)
+    mgr.begin_extend(1, "rid", cfg.obs_window, span=span)
+    pos = start
+    for c in chunks:
+        for layer in range(SHAPE.num_layers):
+            mgr.capture_queries(layer, 1, p.q[layer][pos:pos + c], pos=pos)
+        pos += c
+    assert pos == T
+    first = max(span[0], start)
+    for layer in range(SHAPE.num_layers):
+        assert torch.equal(mgr._captures[1].layers[layer], p.q[layer][first:span[1]])
+    rec = mgr.compress(1, cfg, T, p.get_kv)
+    pol = oracle_policy(cfg, 3)
+    planned = pol.plan_budgets(T, cfg.budget, SHAPE.num_layers, SHAPE.num_kv_heads)
+    for layer in range(SHAPE.num_layers):
+        want = compress_layer(pol, layer, p.q[layer][first:span[1]].transpose(0, 1), p.k[layer].transpose(0, 1),
+                              p.v[layer].transpose(0, 1), cfg.budget, planned, q_end=span[1])
+        assert torch.equal(rec.layers[layer].lengths.cpu(), want.lengths.cpu()), layer
+        k_rows, v_rows = rebuild_rows(mgr, 1, layer)
+        torch.testing.assert_close(torch.cat(k_rows), want.k_flat)
+        torch.testing.assert_close(torch.cat(v_rows), want.v_flat)
+    # a span past the prompt is refused; a span capture without positions is an error
+    mgr.begin_extend(2, "r2", 3, span=(10, 70))
+    for layer in range(SHAPE.num_layers):
+        mgr.capture_queries(layer, 2, p.q[layer], pos=0)
+    with pytest.raises(ValueError, match="ends after the 64-token prompt"):
+        mgr.compress(2, cfg, T, p.get_kv)
+    with pytest.raises(ValueError, match="needs the chunk's start position"):
+        mgr.capture_queries(0, 2, p.q[0])
+    with pytest.raises(ValueError, match="0 <= start < end"):
+        mgr.begin_extend(3, "r3", 3, span=(5, 5))
+
+
 @pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv"])
 def test_chunked_capture_selects_like_one_chunk(policy):
     """The kept tokens depend on q_win; chunking the prefill must not change them."""

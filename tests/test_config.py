@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from headkv_sglang.config import MAX_BUDGET, REQUEST_KEYS, ConfigError, KVPolicyConfig, ModelShape
+from headkv_sglang.config import (BUDGET_FORMS, MAX_BUDGET, REQUEST_KEYS, ConfigError, KVPolicyConfig, ModelShape,
+                                  parse_budget)
 from headkv_sglang.policies import AdaKV, FullKV, PyramidKV, SnapKV, StreamingLLM
 from headkv_sglang.policies.registry import build_policy
 
@@ -148,14 +149,21 @@ def test_with_request_unknown_kv_key_is_named():
 @pytest.mark.parametrize(
     "value, shown, allowed",
     [
-        ("64", "'64'", "expected int"),
-        (True, "True", "expected int"),
-        (False, "False", "expected int"),
-        (5.5, "5.5", "expected int"),
-        (math.inf, "inf", "expected int"),
-        (math.nan, "nan", "expected int"),
-        (None, "None", "expected int"),
-        ([64], "[64]", "expected int"),
+        ("64", "'64'", BUDGET_FORMS),  # a JSON number, or a string with '%'
+        (True, "True", BUDGET_FORMS),
+        (False, "False", BUDGET_FORMS),
+        (5.5, "5.5", BUDGET_FORMS),
+        (math.inf, "inf", BUDGET_FORMS),
+        (math.nan, "nan", BUDGET_FORMS),
+        (None, "None", BUDGET_FORMS),
+        ([64], "[64]", BUDGET_FORMS),
+        ("0%", "'0%'", "0% < share <= 100%"),
+        ("100.5%", "'100.5%'", "0% < share <= 100%"),
+        ("-5%", "'-5%'", BUDGET_FORMS),
+        ("5", "'5'", BUDGET_FORMS),
+        ("%", "'%'", BUDGET_FORMS),
+        ("5%%", "'5%%'", BUDGET_FORMS),
+        ("nan%", "'nan%'", BUDGET_FORMS),
         (MAX_BUDGET + 1, str(MAX_BUDGET + 1), f"expected an integer in [1, {MAX_BUDGET}]"),
         (10 ** 30, str(10 ** 30), "expected an integer in [1,"),
         (1e300, str(int(1e300)), "expected an integer in [1,"),
@@ -196,6 +204,48 @@ def test_with_request_bad_value_names_its_key(key, value, shown):
     with pytest.raises(ConfigError) as err:
         SERVER.with_request({key: value})
     assert str(err.value).startswith(f"custom_params.{key}: invalid value {shown}; "), str(err.value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (128, (128, 0.0)), (1, (1, 0.0)), (64.0, (64, 0.0)), ("5%", (0, 0.05)), (" 1.5 % ", (0, 0.015)),
+    ("100%", (0, 1.0)), (".5%", (0, 0.005)),
+])
+def test_parse_budget_tokens_or_share(value, expected):
+    budget, ratio = parse_budget(value, "--kv-budget")
+    assert budget == expected[0] and ratio == pytest.approx(expected[1], abs=1e-12)
+
+
+@pytest.mark.parametrize("policy, window, sinks, prompt, ratio, expected", [
+    ("headkv", 0, 4, 1000, 0.05, 50),      # ceil(5% of 1000)
+    ("headkv", 0, 4, 1001, 0.05, 51),      # rounded up, never below the share
+    ("snapkv", 0, 4, 10, 0.01, 1),         # automatic window: at least one token
+    ("snapkv", 8, 4, 100, 0.01, 8),        # an explicit window is always kept
+    ("streamingllm", 0, 4, 100, 0.01, 5),  # sinks + one recent token
+    ("razor", 0, 4, 3000, 0.02, 60),
+    ("full", 0, 4, 77, 0.5, 39),
+])
+def test_ratio_budget_resolves_per_prompt_to_at_least_what_the_policy_keeps(policy, window, sinks, prompt,
+                                                                             ratio, expected):
+    cfg = KVPolicyConfig(policy=policy, budget_ratio=ratio, window=window, sink_size=sinks).validate()
+    got = cfg.for_prompt(prompt)
+    assert got.budget == expected and got.budget_ratio == ratio and got.budget_label == f"{ratio * 100:g}%"
+    assert got.validate() is got  # the resolved config is itself valid
+    # and the policy built from it keeps at most that many tokens per head on average
+    assert cfg.for_prompt(prompt).for_prompt(prompt) == got
+
+
+def test_ratio_and_token_budgets_override_each_other_per_request():
+    tokens = KVPolicyConfig(policy="headkv", budget=256).validate()
+    share = tokens.with_request({"kv_budget": "5%"})
+    assert (share.budget_ratio, share.budget_label, share.for_prompt(2000).budget) == (0.05, "5%", 100)
+    back = share.with_request({"kv_budget": 64})
+    assert (back.budget, back.budget_ratio, back.budget_label, back.for_prompt(2000).budget) == (64, 0.0, "64", 64)
+    # a ratio server, with a small window: a ratio needs no window check, a token budget does
+    server = KVPolicyConfig(policy="snapkv", budget_ratio=0.02, window=16).validate()
+    assert server.for_prompt(100).budget == 16
+    with pytest.raises(ConfigError, match=re.escape("custom_params.kv_budget: invalid value 8; must be at least")):
+        server.with_request({"kv_budget": 8})
+    assert KVPolicyConfig.from_json(share.to_json()) == share
 
 
 def test_with_request_rejects_non_object():

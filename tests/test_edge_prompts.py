@@ -41,10 +41,8 @@ FRANCE = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def kv_server(start_server):
-    # 20000 tokens: SGLang's token pool keeps 10000 (>= one 8k context), the compressed
-    # pool the other half.
-    return start_server(["--kv-policy", "full", "--max-total-tokens", "20000"], name="kv-edge")
+def kv_server(kv_small_server):
+    return kv_small_server  # conftest: --kv-policy full, --max-total-tokens 20000, shared
 
 
 @pytest.fixture(scope="module")

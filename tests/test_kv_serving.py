@@ -126,6 +126,30 @@ def test_compressed_prompt_frees_token_pool_and_holds_20x_less(kv_server, kv_cli
     assert after["token_pool"]["protected"] == 0
 
 
+def test_ratio_budget_keeps_that_share_of_each_prompt(kv_server, kv_client):
+    """``"kv_budget": "10%"``: each prompt keeps ceil(10% of its tokens) per KV head on average."""
+    import math
+
+    rids = []
+    for words, seed in ((600, 41), (1500, 42)):
+        status, out = kv_server.post_json("/generate", {
+            "text": needle_prompt(words, depth=0.5, seed=seed).prompt,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0,
+                                "custom_params": {"kv_policy": "headkv", "kv_budget": "10%"}}})
+        assert status == 200, out
+        rids.append(out["meta_info"]["id"])
+    st = kv_server.wait_idle(60.0)
+    reports = [st["recent_requests"][rid] for rid in rids]
+    for rep in reports:
+        n = rep["prompt_tokens"]
+        assert rep["budget_asked"] == "10%" and rep["budget"] == math.ceil(0.1 * n), rep
+        # kept head-tokens: at most the budget on average per (layer, KV head), and a real share
+        assert 0.09 * n * L * H_KV <= rep["kept_head_tokens"] <= rep["budget"] * L * H_KV, rep
+    assert reports[1]["prompt_tokens"] > 2 * reports[0]["prompt_tokens"]
+    assert reports[1]["budget"] > 2 * reports[0]["budget"]  # the budget follows the prompt
+    assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
+
+
 def test_prefix_hit_after_compression_answers_like_a_cold_cache(kv_server, kv_client):
     doc = needle_prompt(900, depth=0.3, seed=31).prompt.rsplit("\n\n", 1)[0]
     q1 = doc + "\n\nWhat is the secret number? Answer with the number only."
@@ -204,7 +228,9 @@ def test_aborted_stream_frees_its_pages(kv_server):
     [
         ({"kv_policy": "nope"}, "custom_params.kv_policy: invalid value 'nope'"),
         ({"kv_budget": -5}, "custom_params.kv_budget: invalid value -5"),
-        ({"kv_budget": "big"}, "custom_params.kv_budget: invalid value 'big'; expected int"),
+        ({"kv_budget": "big"}, "custom_params.kv_budget: invalid value 'big'; expected an integer in [1, 1048576] "
+                               "(tokens per KV head) or a share of the prompt like '5%'"),
+        ({"kv_budget": "0%"}, "custom_params.kv_budget: invalid value '0%'"),
         ({"kv_bogus": 1}, "custom_params.kv_bogus: unknown key"),
     ],
 )

@@ -41,12 +41,18 @@ def make_policy(name: str, num_layers: int = L, num_heads: int = H, **kw) -> KVP
 # --------------------------------------------------------------------------- #
 # naive references
 # --------------------------------------------------------------------------- #
-def naive_scores(q_win, k, window_size, kernel_size, pooling, gqa_agg):
-    """SnapKV scoring with explicit loops: one query head, one window query at a time."""
+def naive_scores(q_win, k, window_size, kernel_size, pooling, gqa_agg, q_end=None):
+    """SnapKV scoring with explicit loops: one query head, one scoring query at a time.
+
+    The queries sit at positions ``[q_end - n, q_end)`` (default: the last ``n`` of the
+    prompt); the last ``min(window_size, T)`` tokens are the kept window (``+inf``).
+    """
     hq, w, d = q_win.shape
     h, t, _ = k.shape
     g = hq // h
-    prefix = t - w
+    q_end = t if q_end is None else q_end
+    first = q_end - w  # position of the first scoring query
+    prefix = t - min(window_size, t)
     out = torch.full((h, t), math.inf)
     for kv in range(h):
         pooled_heads = []
@@ -54,7 +60,7 @@ def naive_scores(q_win, k, window_size, kernel_size, pooling, gqa_agg):
             qh = kv * g + j
             mass = [0.0] * t
             for i in range(w):
-                pos = prefix + i
+                pos = first + i
                 logits = [
                     float(q_win[qh, i].double() @ k[kv, s].double()) / math.sqrt(d) for s in range(pos + 1)
                 ]
@@ -257,6 +263,40 @@ def test_scores_match_naive_loops(seq_len, head_dim, group, pooling, gqa_agg):
     assert got.dtype == torch.float32 and got.shape == (n_kv, seq_len)
     assert torch.isinf(got[:, seq_len - w :]).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq_len, n, q_end, window", [
+    (54, 7, 49, 5),    # a question ending before a 5-token template tail, window 5
+    (54, 7, 49, 2),    # a kept window shorter than the tail: keys between them score 0
+    (97, 13, 97, 3),   # more scoring queries than kept tokens, ending at the prompt's end
+    (33, 1, 1, 4),     # one query at position 0
+    (61, 30, 40, 25),  # the window overlaps the question
+    (9, 9, 9, 9),      # everything is the window
+])
+@pytest.mark.parametrize("head_dim, group", [(7, 1), (5, 3)])
+def test_question_scores_match_naive_loops(seq_len, n, q_end, window, head_dim, group):
+    """Question-aware scoring: queries at positions [q_end - n, q_end), the window kept apart."""
+    torch.manual_seed(seq_len + n + q_end + window + head_dim)
+    n_kv = 2
+    q = torch.randn(n_kv * group, n, head_dim) * 2
+    k = torch.randn(n_kv, seq_len, head_dim) * 2
+    pol = SnapKV(window_size=window, kernel_size=3, pooling="maxpool", gqa_agg="mean")
+    got = pol.token_scores(q, k, 0, q_end=q_end)
+    want = naive_scores(q, k, window, 3, "maxpool", "mean", q_end=q_end)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.isinf(got[:, seq_len - min(window, seq_len):]).all()
+    # without q_end, the last-n queries score as SnapKV's window does when n == window
+    if q_end == seq_len and n == min(window, seq_len):
+        torch.testing.assert_close(pol.token_scores(q, k, 0), got)
+
+
+def test_question_scores_reject_a_span_outside_the_prompt():
+    k = torch.randn(2, 20, 8)
+    pol = SnapKV(window_size=4)
+    for q, q_end in ((torch.randn(2, 5, 8), 21), (torch.randn(2, 5, 8), 4), (torch.randn(2, 0, 8), 10),
+                     (torch.randn(2, 5, 8), True)):
+        with pytest.raises(ValueError, match="q_end"):
+            pol.token_scores(q, k, 0, q_end=q_end)
 
 
 def test_scores_accept_bf16_and_reject_bad_shapes():
@@ -513,6 +553,69 @@ def test_razor_from_scores_picks_top_heads():
         torch.rand(2, 3), torch.rand(2, 3), echo_fraction=0.0, induction_fraction=0.01
     )
     assert int(small.retrieval_heads.sum()) == 1
+
+
+def naive_ranking(echo, induction, echo_fraction):
+    n = echo.numel()
+    e = echo.flatten().tolist()
+    ind = induction.flatten().tolist()
+    top = math.ceil(echo_fraction * n - 1e-9)
+    first = sorted(range(n), key=lambda i: (-e[i], i))[:top]
+    rest = [i for i in sorted(range(n), key=lambda i: (-ind[i], i)) if i not in first]
+    return first + rest
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seq_len, budget", [(997, 10), (997, 20), (997, 50), (301, 150), (61, 7), (40, 40),
+                                             (2000, 1999)])
+def test_budget_matched_razor_holds_at_most_the_budget_with_the_most_retrieval_heads(seed, seq_len, budget):
+    """--kv-razor-heads budget: R = the most heads (in ranking order) the budget pays for; the
+    KV held, compensation states included, is <= L*H*B; R+1 heads would not fit."""
+    g = torch.Generator().manual_seed(seed)
+    n_l, n_h, sinks = 5, 3, 4
+    echo, induction = torch.rand(n_l, n_h, generator=g), torch.rand(n_l, n_h, generator=g)
+    order = RazorAttention.ranking(echo, induction, echo_fraction=0.07)
+    assert order.tolist() == naive_ranking(echo, induction, 0.07)
+    pol = RazorAttention(retrieval_heads=torch.zeros(n_l, n_h, dtype=torch.bool), sink_size=sinks,
+                         window_size=4, head_order=order)
+    planned = pol.plan_budgets(seq_len, budget, n_l, n_h)
+    n = n_l * n_h
+    full = planned.flatten() == seq_len
+    r = int(full.sum()) if budget < seq_len else n
+    assert set(order[:r].tolist()) == set(torch.nonzero(full).flatten().tolist()) or r == n
+    others = planned.flatten()[~full]
+    held = int(planned.sum()) + int((others < seq_len).sum())  # + one compensation state each
+    m = sinks + 1
+    if budget >= m + 1:
+        assert held <= n * budget, (held, n * budget)
+    assert (others >= min(m, seq_len)).all()
+    if r < n:  # maximal: one more retrieval head (others at their minimum) would not fit
+        assert (r + 1) * seq_len + (n - r - 1) * (m + 1) > n * budget
+        # and the others use what is left, up to one token each
+        assert held > n * budget - (n - r) - seq_len or budget < m + 1
+
+
+def test_razor_from_config_ranks_kv_heads_by_their_strongest_query_head():
+    """A KV head with one strong retrieval query head is a retrieval head (group max, not mean)."""
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
+    from headkv_sglang.profiles import HeadProfile
+
+    n_l, hq, hkv = 10, 4, 2  # groups of 2: 20 KV heads
+    echo = [[0.0] * hq for _ in range(n_l)]
+    induction = [[0.1] * hq for _ in range(n_l)]
+    echo[9][3] = 1.0         # KV head (9, 1) = 19: the echo head
+    induction[3][0] = 1.0    # KV head (3, 0): one strong query head, group mean 0.55
+    induction[5][2] = 0.6    # KV head (5, 1): both query heads fairly strong, mean 0.6
+    induction[5][3] = 0.6
+    prof = HeadProfile(architecture="LlamaForCausalLM", model_name="toy", num_layers=n_l, num_q_heads=hq,
+                       num_kv_heads=hkv, head_dim=8, method="razor", parameters={},
+                       scores=induction, echo=echo, induction=induction)
+    shape = ModelShape(num_layers=n_l, num_q_heads=hq, num_kv_heads=hkv, head_dim=8)
+    cfg = KVPolicyConfig(policy="razor", razor_fraction=0.06, budget=64).validate()  # 1 echo + 1 induction head of 20
+    pol = RazorAttention.from_config(cfg, shape, prof)
+    assert pol.retrieval_heads[9, 1] and pol.retrieval_heads[3, 0] and int(pol.retrieval_heads.sum()) == 2
+    matched = RazorAttention.from_config(KVPolicyConfig(policy="razor", razor_heads="budget").validate(), shape, prof)
+    assert matched.head_order[:3].tolist() == [19, 3 * hkv + 0, 5 * hkv + 1]
 
 
 @pytest.mark.parametrize("seq_len, budget", [(97, 20), (54, 54), (301, 9), (5, 3)])

@@ -23,30 +23,43 @@ pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
 assert ALLOWED == ("kv_beta, kv_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, kv_policy, "
-                   "kv_pooling, kv_razor_fraction, kv_sink_size, kv_window")
+                   "kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, kv_sink_size, kv_window")
+BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
 POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor"
 
 # (custom_params, the exact error message). The server default is --kv-policy full with
 # budget 128, window 0 (auto), sink size 4.
 INVALID = [
     # kv_budget: types
-    ({"kv_budget": "64"}, "custom_params.kv_budget: invalid value '64'; expected int"),
-    ({"kv_budget": 64.5}, "custom_params.kv_budget: invalid value 64.5; expected int"),
-    ({"kv_budget": True}, "custom_params.kv_budget: invalid value True; expected int"),
-    ({"kv_budget": False}, "custom_params.kv_budget: invalid value False; expected int"),
-    ({"kv_budget": None}, "custom_params.kv_budget: invalid value None; expected int"),
-    ({"kv_budget": [64]}, "custom_params.kv_budget: invalid value [64]; expected int"),
-    ({"kv_budget": {"value": 64}}, "custom_params.kv_budget: invalid value {'value': 64}; expected int"),
+    ({"kv_budget": "64"}, f"custom_params.kv_budget: invalid value '64'; expected {BUDGET}"),
+    ({"kv_budget": 64.5}, f"custom_params.kv_budget: invalid value 64.5; expected {BUDGET}"),
+    ({"kv_budget": True}, f"custom_params.kv_budget: invalid value True; expected {BUDGET}"),
+    ({"kv_budget": False}, f"custom_params.kv_budget: invalid value False; expected {BUDGET}"),
+    ({"kv_budget": None}, f"custom_params.kv_budget: invalid value None; expected {BUDGET}"),
+    ({"kv_budget": [64]}, f"custom_params.kv_budget: invalid value [64]; expected {BUDGET}"),
+    ({"kv_budget": {"value": 64}}, f"custom_params.kv_budget: invalid value {{'value': 64}}; expected {BUDGET}"),
     # kv_budget: range
-    ({"kv_budget": 0}, "custom_params.kv_budget: invalid value 0; expected an integer in [1, 1048576]"),
-    ({"kv_budget": -5}, "custom_params.kv_budget: invalid value -5; expected an integer in [1, 1048576]"),
-    ({"kv_budget": -5.0}, "custom_params.kv_budget: invalid value -5; expected an integer in [1, 1048576]"),
-    ({"kv_budget": 1 << 20 | 1}, "custom_params.kv_budget: invalid value 1048577; expected an integer in [1, 1048576]"),
-    ({"kv_budget": 1 << 40}, "custom_params.kv_budget: invalid value 1099511627776; expected an integer in [1, 1048576]"),
+    ({"kv_budget": 0}, f"custom_params.kv_budget: invalid value 0; expected {BUDGET}"),
+    ({"kv_budget": -5}, f"custom_params.kv_budget: invalid value -5; expected {BUDGET}"),
+    ({"kv_budget": -5.0}, f"custom_params.kv_budget: invalid value -5; expected {BUDGET}"),
+    ({"kv_budget": 1 << 20 | 1}, f"custom_params.kv_budget: invalid value 1048577; expected {BUDGET}"),
+    ({"kv_budget": 1 << 40}, f"custom_params.kv_budget: invalid value 1099511627776; expected {BUDGET}"),
     # beyond 64 bits SGLang's JSON parser reads the integer as a float: the message shows
     # int(1e30), not 10**30 (SGLang's parsing, not the plugin's)
     ({"kv_budget": 10 ** 30},
-     "custom_params.kv_budget: invalid value 1000000000000000019884624838656; expected an integer in [1, 1048576]"),
+     f"custom_params.kv_budget: invalid value 1000000000000000019884624838656; expected {BUDGET}"),
+    # kv_budget: shares of the prompt
+    ({"kv_budget": "0%"}, f"custom_params.kv_budget: invalid value '0%'; expected {BUDGET}"),
+    ({"kv_budget": "101%"}, f"custom_params.kv_budget: invalid value '101%'; expected {BUDGET}"),
+    ({"kv_budget": "5 percent"}, f"custom_params.kv_budget: invalid value '5 percent'; expected {BUDGET}"),
+    ({"kv_budget": "-5%"}, f"custom_params.kv_budget: invalid value '-5%'; expected {BUDGET}"),
+    # kv_scoring, kv_question, kv_razor_heads
+    ({"kv_scoring": "last"}, "custom_params.kv_scoring: invalid value 'last'; choose one of question, window"),
+    ({"kv_scoring": 1}, "custom_params.kv_scoring: invalid value 1; expected str"),
+    ({"kv_question": -1}, "custom_params.kv_question: invalid value -1; expected an integer in [0, 4096]"),
+    ({"kv_question": 4097}, "custom_params.kv_question: invalid value 4097; expected an integer in [0, 4096]"),
+    ({"kv_question": "32"}, "custom_params.kv_question: invalid value '32'; expected int"),
+    ({"kv_razor_heads": "all"}, "custom_params.kv_razor_heads: invalid value 'all'; choose one of fraction, budget"),
     # kv_policy
     ({"kv_policy": "nope"}, f"custom_params.kv_policy: invalid value 'nope'; choose one of {POLICIES}"),
     ({"kv_policy": "SnapKV"}, f"custom_params.kv_policy: invalid value 'SnapKV'; choose one of {POLICIES}"),
@@ -118,6 +131,11 @@ INVALID = [
 # Accepted: each must answer 200 on every endpoint.
 VALID = [
     {"kv_budget": 64.0},  # an integral JSON float is an integer
+    {"kv_policy": "headkv", "kv_budget": "5%"},  # a share of the prompt
+    {"kv_policy": "streamingllm", "kv_budget": "0.5%"},  # resolved to at least sinks + 1
+    {"kv_policy": "snapkv", "kv_budget": "100%", "kv_scoring": "window"},
+    {"kv_policy": "adakv", "kv_budget": 16, "kv_question": 1},
+    {"kv_policy": "razor", "kv_budget": "2%", "kv_razor_heads": "budget"},
     {"kv_policy": "streamingllm", "kv_budget": 16, "kv_window": 64},  # window > budget is fine without scoring
     {"kv_policy": "snapkv", "kv_budget": 1},  # auto window: max(1, 1 // 4) = 1
     {"kv_policy": "razor", "kv_budget": 5, "kv_razor_fraction": 0.0, "kv_sink_size": 0},
@@ -132,8 +150,8 @@ GEN_PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def kv_server(start_server):
-    return start_server(["--kv-policy", "full", "--max-total-tokens", "20000"], name="kv-validation")
+def kv_server(kv_small_server):
+    return kv_small_server  # conftest: --kv-policy full, --max-total-tokens 20000, shared
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +275,11 @@ _JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
 # legal settings (budget 1, window = budget, sinks 0, ...).
 _NEAR = {
     "kv_policy": st.sampled_from(POLICY_CHOICES),
-    "kv_budget": st.integers(1, 80) | st.sampled_from([1, 2, 4, 5, 16, 1 << 20]),
+    "kv_budget": st.integers(1, 80) | st.sampled_from([1, 2, 4, 5, 16, 1 << 20, "1%", "5%", "37.5%", "100%"]),
     "kv_window": st.integers(0, 24),
+    "kv_scoring": st.sampled_from(["question", "window"]),
+    "kv_question": st.integers(0, 64),
+    "kv_razor_heads": st.sampled_from(["fraction", "budget"]),
     "kv_min_prompt": st.integers(0, 40),
     "kv_sink_size": st.integers(0, 8),
     "kv_beta": st.floats(1, 20) | st.integers(1, 3),
@@ -270,8 +291,11 @@ _NEAR = {
 # ... and just outside them
 _EDGE = {
     "kv_policy": st.text(max_size=8),
-    "kv_budget": st.sampled_from([-1, 0, (1 << 20) + 1]),
+    "kv_budget": st.sampled_from([-1, 0, (1 << 20) + 1, "0%", "100.1%", "5", "%"]),
     "kv_window": st.sampled_from([-1, 81, 4097]),
+    "kv_scoring": st.sampled_from(["", "Question", "last"]),
+    "kv_question": st.sampled_from([-1, 4097]),
+    "kv_razor_heads": st.sampled_from(["", "all", "Budget"]),
     "kv_min_prompt": st.sampled_from([-1, (1 << 20) + 1]),
     "kv_sink_size": st.sampled_from([-1, 80, 4097]),
     "kv_beta": st.floats(-1, 0.999) | st.floats(1e6, 1e300, exclude_min=True),

@@ -30,8 +30,14 @@ def wrong_shape_profile(tmp_path_factory):
     "flags, message",
     [
         (["--kv-policy", "headkv", "--kv-budget", "0"], "error: --kv-budget: invalid value 0; expected an integer in [1, 1048576]"),
+        (["--kv-policy", "headkv", "--kv-budget", "150%"],
+         "error: --kv-budget: invalid value '150%'; expected an integer in [1, 1048576] (tokens per KV head) or a "
+         "share of the prompt like '5%'"),
         (["--kv-policy", "snapkv", "--kv-budget", "16", "--kv-window", "32"],
          "error: --kv-window: invalid value 32; the observation window must not exceed --kv-budget (16)"),
+        (["--kv-policy", "snapkv", "--kv-scoring", "last"], "--kv-scoring: invalid choice: 'last'"),
+        (["--kv-policy", "headkv", "--kv-question", "5000"],
+         "error: --kv-question: invalid value 5000; expected an integer in [0, 4096]"),
         (["--kv-policy", "headkv", "--kv-kernel-size", "4"], "error: --kv-kernel-size: invalid value 4; expected an odd integer"),
         (["--kv-policy", "headkv", "--kv-pool-fraction", "1.5"], "error: --kv-pool-fraction: invalid value 1.5; expected a number in (0.0, 0.95]"),
         (["--kv-policy", "streamingllm", "--kv-budget", "4", "--kv-sink-size", "4"],
@@ -74,6 +80,9 @@ def test_corrupt_profile_is_rejected(model_path, tmp_path):
 
 def test_flags_are_listed_in_help():
     r = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True, timeout=300)
-    for flag in ("--kv-policy", "--kv-budget", "--kv-window", "--kv-head-profile", "--kv-min-prompt",
-                 "--kv-pool-fraction", "--kv-beta", "--kv-sink-size", "--kv-floor-alpha"):
+    from headkv_sglang.plugin import FLAGS
+
+    assert len(FLAGS) >= 17
+    for flag in FLAGS:
         assert flag in r.stdout, flag
+    assert "share of each prompt (5%)" in " ".join(r.stdout.split())

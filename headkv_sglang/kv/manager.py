@@ -2,8 +2,8 @@
 
 The serving layer (``headkv_sglang.serving``) calls it at three moments:
 
-1. during each prefill forward, :meth:`capture_queries` keeps the last ``window`` queries
-   of each request per layer (the observation window);
+1. during each prefill forward, :meth:`capture_queries` keeps each request's scoring
+   queries per layer: its question's (a span of positions), or the last ``window`` ones;
 2. once a request's prompt is complete, :meth:`compress` scores, selects and copies each
    (layer, KV head)'s kept tokens into pages, after which SGLang's token-pool slots of
    the prompt can be released;
@@ -40,7 +40,10 @@ logger = logging.getLogger("headkv_sglang")
 class _Capture:
     rid: str
     window: int
-    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [w, Hq, D]
+    # Question-aware scoring: the scoring queries are prompt positions [span[0], span[1]);
+    # None: SnapKV's window, the last ``window`` queries of the prompt.
+    span: tuple[int, int] | None = None
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, Hq, D]
 
 
 class NotSmallerError(ValueError):
@@ -79,18 +82,37 @@ class CompressionManager:
         self.elt = torch.empty(0, dtype=dtype).element_size()
 
     # ------------------------------------------------------------------ prefill
-    def begin_extend(self, req_pool_idx: int, rid: str, window: int) -> None:
+    def begin_extend(self, req_pool_idx: int, rid: str, window: int,
+                     span: tuple[int, int] | None = None) -> None:
+        """Start (or continue, for the same request) capturing a request's scoring queries:
+        the last ``window`` of its prompt, or with ``span`` the positions ``[span[0], span[1])``
+        (its question, see ``headkv_sglang.question``)."""
+        span = None if span is None else (int(span[0]), int(span[1]))
+        if span is not None and not 0 <= span[0] < span[1]:
+            raise ValueError(f"span must be (start, end) with 0 <= start < end, got {span}")
         cap = self._captures.get(req_pool_idx)
-        if cap is None or cap.rid != rid or cap.window != window:
-            self._captures[req_pool_idx] = _Capture(rid, window)
+        if cap is None or cap.rid != rid or cap.window != window or cap.span != span:
+            self._captures[req_pool_idx] = _Capture(rid, window, span)
 
-    def capture_queries(self, layer: int, req_pool_idx: int, q: torch.Tensor) -> None:
-        """Keep the last ``window`` queries. ``q``: ``[n, num_q_heads, head_dim]`` of this chunk."""
+    def capture_queries(self, layer: int, req_pool_idx: int, q: torch.Tensor, pos: int | None = None) -> None:
+        """Keep this chunk's scoring queries. ``q``: ``[n, num_q_heads, head_dim]``, the queries of
+        prompt positions ``[pos, pos + n)`` (``pos`` is needed with a span only)."""
         cap = self._captures.get(req_pool_idx)
         if cap is None:
             return
         prev = cap.layers.get(layer)
         q = q.detach()
+        if cap.span is not None:
+            if pos is None:
+                raise ValueError("a span capture needs the chunk's start position (pos)")
+            lo, hi = max(cap.span[0], pos), min(cap.span[1], pos + q.shape[0])
+            if lo >= hi:
+                return
+            q = q[lo - pos:hi - pos]
+            if prev is not None and lo > cap.span[0]:  # a later chunk continues the span
+                q = torch.cat([prev, q])
+            cap.layers[layer] = q.clone()
+            return
         if prev is not None and q.shape[0] < cap.window:
             q = torch.cat([prev, q])
         cap.layers[layer] = q[-cap.window:].clone()
@@ -119,7 +141,12 @@ class CompressionManager:
                                   f"(layer, KV head): compressing cannot save memory")
         cap = self._captures.get(req_pool_idx)
         w = min(cfg.obs_window, seq_len)
-        if cap is not None and cap.layers and getattr(build_policy(cfg, s), "needs_queries", True):
+        q_end = None
+        if cap is not None and cap.span is not None:
+            if cap.span[1] > seq_len:
+                raise ValueError(f"scoring span {cap.span} ends after the {seq_len}-token prompt")
+            q_end = cap.span[1]
+        elif cap is not None and cap.layers and getattr(build_policy(cfg, s), "needs_queries", True):
             # A radix prefix hit recomputes only the uncached suffix: the window of a
             # query-scored policy shrinks to what was actually computed (at least the last
             # token). Position-only policies (StreamingLLM, Razor) keep their window.
@@ -135,13 +162,18 @@ class CompressionManager:
             k, v = get_kv(layer)
             k = k.transpose(0, 1)  # [H, T, D]
             v = v.transpose(0, 1)
-            if getattr(policy, "needs_queries", True):
+            qe = None
+            if not getattr(policy, "needs_queries", True):
+                q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)
+            elif q_end is not None:  # the question's queries (what a prefix hit left computed of them)
+                if cap is None or layer not in cap.layers:
+                    raise RuntimeError(f"no question queries captured for row {req_pool_idx}, layer {layer}")
+                q_win, qe = cap.layers[layer].transpose(0, 1).to(k.dtype), q_end  # [Hq, n, D]
+            else:
                 if cap is None or layer not in cap.layers or cap.layers[layer].shape[0] < w:
                     raise RuntimeError(f"no observation-window queries captured for row {req_pool_idx}, layer {layer}")
                 q_win = cap.layers[layer][-w:].transpose(0, 1).to(k.dtype)  # [Hq, w, D]
-            else:
-                q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)
-            comp = compress_layer(policy, layer, q_win, k, v, cfg.budget, planned)
+            comp = compress_layer(policy, layer, q_win, k, v, cfg.budget, planned, q_end=qe)
             lengths = comp.lengths.cpu()
             pages = self.pool.pages_for(lengths)
             need += int(pages.sum())

@@ -120,6 +120,13 @@ class KVPolicy(ABC):
         the overridden one. Default: no rule.
         """
 
+    @classmethod
+    def min_budget(cls, cfg: KVPolicyConfig) -> int:
+        """The smallest budget this policy can serve ``cfg`` with: a ratio budget
+        (``--kv-budget 5%``) is raised to it on short prompts. Default: the explicit
+        window (the tokens always kept), at least 1."""
+        return max(1, cfg.window)
+
     def max_pages(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
     ) -> int:
@@ -158,25 +165,30 @@ class KVPolicy(ABC):
         """
 
     @abstractmethod
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
+                     q_end: int | None = None) -> torch.Tensor:
         """Importance of every prompt token for every KV head of ``layer``.
 
         Parameters
         ----------
         q_win : torch.Tensor
-            ``[num_q_heads, w, head_dim]``, the last ``w = min(window_size, T)``
-            prompt queries after RoPE (may be empty when ``needs_queries`` is
-            False).
+            ``[num_q_heads, n, head_dim]``, scoring queries after RoPE (may be
+            empty when ``needs_queries`` is False): without ``q_end`` the last
+            ``n = min(window_size, T)`` prompt queries.
         k : torch.Tensor
             ``[num_kv_heads, T, head_dim]``, the prompt keys after RoPE.
         layer : int
             Layer index.
+        q_end : int | None
+            The queries sit at positions ``[q_end - n, q_end)`` (question-aware
+            scoring); only passed when not None, so a policy that ignores the
+            queries may leave it out of its signature.
 
         Returns
         -------
         torch.Tensor
             float32 ``[num_kv_heads, T]`` on ``k.device``; ``+inf`` on the
-            observation window.
+            observation window (the last ``min(window_size, T)`` tokens).
         """
 
     def layer_budgets(
@@ -257,6 +269,7 @@ def compress_layer(
     v: torch.Tensor,
     budget: int,
     planned: torch.Tensor | None,
+    q_end: int | None = None,
 ) -> CompressedLayer:
     """Score, budget, select and gather one layer's prompt KV.
 
@@ -265,14 +278,17 @@ def compress_layer(
     policy : KVPolicy
     layer : int
     q_win : torch.Tensor
-        ``[num_q_heads, w, head_dim]``: the last ``min(window_size, T)`` prompt
-        queries (post-RoPE).
+        ``[num_q_heads, n, head_dim]``: the scoring queries (post-RoPE), by default
+        the last ``min(window_size, T)`` prompt queries.
     k, v : torch.Tensor
         ``[num_kv_heads, T, head_dim]``: the layer's prompt keys / values.
     budget : int
         ``B``, see the module docstring.
     planned : torch.Tensor | None
         ``policy.plan_budgets(T, B, L, H)`` (int64 ``[L, H]``) or None.
+    q_end : int | None
+        Position after the last scoring query (question-aware scoring), see
+        :meth:`KVPolicy.token_scores`.
 
     Returns
     -------
@@ -283,7 +299,8 @@ def compress_layer(
             f"k and v must both be [num_kv_heads, T, head_dim], got {list(k.shape)} and {list(v.shape)}"
         )
     num_heads, seq_len, _ = k.shape
-    scores = policy.token_scores(q_win, k, layer)
+    scores = (policy.token_scores(q_win, k, layer) if q_end is None
+              else policy.token_scores(q_win, k, layer, q_end=q_end))
     budgets = policy.layer_budgets(layer, seq_len, budget, scores, planned)
     kept = policy.select(scores, budgets)
     assert len(kept) == num_heads, f"select returned {len(kept)} heads, expected {num_heads}"

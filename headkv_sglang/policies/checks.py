@@ -121,9 +121,10 @@ def check_window_fits(cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str
     """The observation window (always kept) must fit in the budget; ``window=0`` (auto) fits.
 
     ``changed``: the fields a request overrode; the overridden one of budget and window
-    is blamed, the window when both or neither were.
+    is blamed, the window when both or neither were. A ratio budget is resolved per prompt
+    to at least the window (``KVPolicyConfig.for_prompt``), so it always fits.
     """
-    if cfg.window <= cfg.budget:
+    if cfg.budget_ratio or cfg.window <= cfg.budget:
         return
     if "budget" in changed and "window" not in changed:
         raise bad("budget", cfg.budget, f"must be at least the observation window ({cfg.window})")
@@ -133,9 +134,10 @@ def check_window_fits(cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str
 def check_sinks_fit(cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
     """The attention sinks must leave room for recent tokens: ``sink_size < budget``.
 
-    Blames the budget when only it was overridden, otherwise the sinks.
+    Blames the budget when only it was overridden, otherwise the sinks. A ratio budget is
+    resolved per prompt to at least ``sink_size + 1``.
     """
-    if cfg.sink_size < cfg.budget:
+    if cfg.budget_ratio or cfg.sink_size < cfg.budget:
         return
     if "budget" in changed and "sink_size" not in changed:
         raise bad("budget", cfg.budget, f"must exceed the attention sinks ({cfg.sink_size})")

@@ -51,6 +51,7 @@ class FullKV(KVPolicy):
 
     # max_pages: the default (every row keeps the whole prompt) is exact here.
 
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
+                     q_end: int | None = None) -> torch.Tensor:
         """float32 ``[num_kv_heads, T]`` of ``+inf``: nothing is ever ranked."""
         return torch.full(k.shape[:2], math.inf, dtype=torch.float32, device=k.device)

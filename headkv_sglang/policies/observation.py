@@ -26,8 +26,9 @@ class ObservationWindowPolicy(KVPolicy):
     Parameters
     ----------
     window_size : int
-        Observation window ``w``: the last ``w`` prompt tokens score the
-        others and are always kept. PyramidKV's LongBench scripts use 8 (and
+        Observation window ``w``: the last ``w`` prompt tokens are always
+        kept, and score the others unless the caller passes other scoring
+        queries (``q_end``: the request's question, see ``headkv_sglang.question``). PyramidKV's LongBench scripts use 8 (and
         so did this project's best SmolLM2 measurements); SnapKV/AdaKV's code
         default is 32. The server sets it from the budget
         (``KVPolicyConfig.obs_window``).
@@ -65,7 +66,8 @@ class ObservationWindowPolicy(KVPolicy):
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
         check_window_fits(cfg, bad, changed)
 
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
+                     q_end: int | None = None) -> torch.Tensor:
         return observation_window_scores(
-            q_win, k, self.window_size, self.kernel_size, self.pooling, self.gqa_agg
+            q_win, k, self.window_size, self.kernel_size, self.pooling, self.gqa_agg, q_end
         )

@@ -41,7 +41,11 @@ class RazorAttention(KVPolicy):
 
     Budgets are **not** bounded by ``L * H * B``: retrieval heads keep the
     whole prompt, and the compensation state is one extra entry per
-    compressed head on top of ``B``.
+    compressed head on top of ``B``. **Budget-matched** (``head_order`` set,
+    ``--kv-razor-heads budget``, the HeadKV paper's comparison): the number of
+    retrieval heads follows from the prompt and the budget instead, see
+    :meth:`retrieval_mask`, so that everything held, compensation states
+    included, is at most ``L * H * B``.
 
     Parameters
     ----------
@@ -52,6 +56,11 @@ class RazorAttention(KVPolicy):
         Initial tokens kept by non-retrieval heads (4, as StreamingLLM).
     window_size : int
         Recent tokens kept even when ``B < sink_size + window_size``.
+    head_order : torch.Tensor | None
+        int64 ``[num_layers * num_kv_heads]``: every head, most retrieval-like
+        first (flattened ``layer * num_kv_heads + head``). When set, the policy
+        is budget-matched and ``retrieval_heads`` is only its fixed-fraction
+        fallback for :meth:`check_model`.
     """
 
     name: ClassVar[str] = "razor"
@@ -62,6 +71,7 @@ class RazorAttention(KVPolicy):
     retrieval_heads: torch.Tensor = field(compare=False, repr=False)
     sink_size: int = defaults.SINK_SIZE
     window_size: int = defaults.WINDOW_SIZE
+    head_order: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
@@ -69,6 +79,48 @@ class RazorAttention(KVPolicy):
         object.__setattr__(self, "retrieval_heads", table)
         check_int(cls, "sink_size", self.sink_size, 0)
         check_int(cls, "window_size", self.window_size, 1)
+        if self.head_order is not None:
+            order = torch.as_tensor(self.head_order, dtype=torch.int64).flatten()
+            if not torch.equal(torch.sort(order).values, torch.arange(table.numel())):
+                raise ValueError(f"{cls}.head_order must be a permutation of the {table.numel()} heads")
+            object.__setattr__(self, "head_order", order)
+
+    @staticmethod
+    def ranking(echo: torch.Tensor, induction: torch.Tensor,
+                echo_fraction: float = defaults.RAZOR_ECHO_FRACTION) -> torch.Tensor:
+        """Every head, most retrieval-like first: the top ``echo_fraction`` by echo score, then
+        the rest by induction score (the paper's two kinds, in its proportions). Ties go to
+        the lower index."""
+        n = echo.numel()
+        top_echo = math.ceil(echo_fraction * n - 1e-9)
+        by_echo = torch.sort(echo.flatten(), descending=True, stable=True).indices[:top_echo]
+        by_induction = torch.sort(induction.flatten(), descending=True, stable=True).indices
+        rest = by_induction[~torch.isin(by_induction, by_echo)]
+        return torch.cat([by_echo, rest])
+
+    def retrieval_mask(self, seq_len: int, budget: int) -> tuple[torch.Tensor, int]:
+        """``(mask, b)``: the heads that keep all ``seq_len`` tokens and what the others keep.
+
+        Fixed fraction: ``retrieval_heads`` and ``b = min(budget, seq_len)``. Budget-matched:
+        with ``N`` heads and ``m = sink_size + 1`` (sinks plus one recent token), the most
+        retrieval-like ``R`` heads of ``head_order``, ``R`` the largest with
+        ``R * T + (N - R) * (m + 1) <= N * B`` (each other head also holds one compensation
+        state), and the others share the rest: ``b = (N * B - R * T) // (N - R) - 1``, at
+        least ``min(m, T)``.
+        """
+        if self.head_order is None:
+            return self.retrieval_heads, min(budget, seq_len)
+        n = self.retrieval_heads.numel()
+        total, m = n * budget, min(self.sink_size + 1, seq_len)
+        r = 0
+        if seq_len > m + 1:
+            r = max(0, min(n, (total - n * (m + 1)) // (seq_len - m - 1)))
+        else:
+            r = n if total >= n * seq_len else 0
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[self.head_order[:r]] = True
+        b = seq_len if r == n else max(m, min(seq_len, (total - r * seq_len) // (n - r) - 1))
+        return mask.reshape(self.retrieval_heads.shape), b
 
     @classmethod
     def from_scores(
@@ -119,19 +171,26 @@ class RazorAttention(KVPolicy):
         """Retrieval heads from the ``razor`` profile: ``razor_fraction`` of the heads,
         its first 1% by echo score and the rest by induction score."""
         assert profile is not None, "RazorAttention needs its 'razor' head profile (registry.resolve_profile)"
-        echo = torch.as_tensor(profile.kv_echo, dtype=torch.float64)
-        induction = torch.as_tensor(profile.kv_induction, dtype=torch.float64)
+        echo, induction = (_group_max(profile, t) for t in ("echo", "induction"))
         frac = cfg.razor_fraction
-        return cls.from_scores(
+        policy = cls.from_scores(
             echo, induction,
             echo_fraction=min(defaults.RAZOR_ECHO_FRACTION, frac),
             induction_fraction=max(0.0, frac - defaults.RAZOR_ECHO_FRACTION),
             sink_size=cfg.sink_size, window_size=cfg.obs_window,
         )
+        if cfg.razor_heads == "budget":
+            object.__setattr__(policy, "head_order", cls.ranking(echo, induction))
+        return policy
 
     @classmethod
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
         check_sinks_fit(cfg, bad, changed)
+
+    @classmethod
+    def min_budget(cls, cfg: KVPolicyConfig) -> int:
+        """The sinks plus one recent token (and the explicit window)."""
+        return max(cfg.window, cfg.sink_size + 1)
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
@@ -144,9 +203,9 @@ class RazorAttention(KVPolicy):
     ) -> torch.Tensor:
         check_request(seq_len, budget, num_layers, num_kv_heads)
         self.check_model(num_layers, num_kv_heads)
+        mask, b = self.retrieval_mask(seq_len, budget)
         full = torch.full((num_layers, num_kv_heads), seq_len, dtype=torch.int64)
-        local = torch.full_like(full, min(budget, seq_len))
-        return torch.where(self.retrieval_heads, full, local)
+        return torch.where(mask, full, torch.full_like(full, b))
 
     def max_pages(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
@@ -160,6 +219,15 @@ class RazorAttention(KVPolicy):
         planned = self.plan_budgets(seq_len, budget, num_layers, num_kv_heads)
         return planned_pages(planned.clamp(max=seq_len), page_size)
 
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
+                     q_end: int | None = None) -> torch.Tensor:
         """float32 ``[num_kv_heads, T]``: sinks above recent above old; ``q_win`` unused."""
         return sink_recency_scores(k.shape[0], k.shape[1], self.window_size, self.sink_size, k.device)
+
+
+def _group_max(profile: Any, table: str) -> torch.Tensor:
+    """``[L, H_kv]``: the strongest query head of each GQA group (a KV head serves a retrieval
+    query head if any of its query heads is one; the group mean would dilute it)."""
+    per_q = torch.as_tensor(getattr(profile, table), dtype=torch.float64)
+    num_layers, num_q = per_q.shape
+    return per_q.reshape(num_layers, profile.num_kv_heads, num_q // profile.num_kv_heads).amax(dim=-1)

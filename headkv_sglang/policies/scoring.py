@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 
-def check_scoring_inputs(q_win: torch.Tensor, k: torch.Tensor, window_size: int) -> int:
-    """Validate ``q_win`` / ``k`` and return the GQA group size."""
+def check_scoring_inputs(q_win: torch.Tensor, k: torch.Tensor, window_size: int,
+                         q_end: int | None = None) -> int:
+    """Validate ``q_win`` / ``k`` (and ``q_end``) and return the GQA group size."""
     if q_win.dim() != 3 or k.dim() != 3:
         raise ValueError(
             f"q_win must be [num_q_heads, w, head_dim] and k [num_kv_heads, T, head_dim]; "
@@ -29,7 +30,13 @@ def check_scoring_inputs(q_win: torch.Tensor, k: torch.Tensor, window_size: int)
         raise ValueError(
             f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
         )
-    if w != min(window_size, seq_len):
+    if q_end is not None:
+        if isinstance(q_end, bool) or not isinstance(q_end, int) or not 1 <= w <= q_end <= seq_len:
+            raise ValueError(
+                f"q_win holds {w} queries ending at position q_end={q_end!r}; expected "
+                f"1 <= {w} <= q_end <= T={seq_len}"
+            )
+    elif w != min(window_size, seq_len):
         raise ValueError(
             f"q_win holds {w} queries; expected the last min(window_size={window_size}, "
             f"T={seq_len}) = {min(window_size, seq_len)} prompt queries"
@@ -44,44 +51,55 @@ def observation_window_scores(
     kernel_size: int,
     pooling: str,
     gqa_agg: str,
+    q_end: int | None = None,
 ) -> torch.Tensor:
     """SnapKV token scores (arXiv 2404.14469), aggregated per KV head.
 
     Parameters
     ----------
     q_win : torch.Tensor
-        ``[num_q_heads, w, head_dim]`` (any float dtype): the last
-        ``w = min(window_size, T)`` prompt queries, after RoPE.
+        ``[num_q_heads, n, head_dim]`` (any float dtype), after RoPE: the prompt
+        queries that score the tokens. Without ``q_end`` they are SnapKV's window,
+        the last ``n = min(window_size, T)`` prompt queries.
     k : torch.Tensor
         ``[num_kv_heads, T, head_dim]``, same dtype family: the prompt keys.
     window_size, kernel_size, pooling, gqa_agg
         See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
+    q_end : int | None
+        Question-aware scoring: the queries sit at positions ``[q_end - n, q_end)``
+        (the request's question, which may end before the chat template's tail);
+        the last ``w = min(window_size, T)`` tokens are still the kept window.
+        None: ``q_end = T`` and ``n = w`` (SnapKV).
 
     Returns
     -------
     torch.Tensor
         float32 ``[num_kv_heads, T]``: for positions ``< T - w`` the attention
-        mass the window queries put on the key (causal inside the window,
-        softmax over all keys in float32, summed over the window), smoothed by
-        a stride-1 pooling of width ``kernel_size``, then averaged (or maxed)
-        over the query heads of the KV head's group; ``+inf`` on the window.
+        mass the scoring queries put on the key (causal: a query at position p
+        sees keys <= p; softmax over them in float32, summed over the queries),
+        smoothed by a stride-1 pooling of width ``kernel_size``, then averaged (or
+        maxed) over the query heads of the KV head's group; ``+inf`` on the window.
     """
-    group = check_scoring_inputs(q_win, k, window_size)
+    group = check_scoring_inputs(q_win, k, window_size, q_end)
     num_kv_heads, seq_len, head_dim = k.shape
-    w = q_win.shape[1]
-    prefix = seq_len - w
+    n = q_win.shape[1]
+    q_end = seq_len if q_end is None else q_end
+    prefix = seq_len - min(window_size, seq_len)
     out = torch.full((num_kv_heads, seq_len), math.inf, dtype=torch.float32, device=k.device)
     if prefix == 0:
         return out
-    q = q_win.to(torch.float32).reshape(num_kv_heads, group, w, head_dim)
+    q = q_win.to(torch.float32).reshape(num_kv_heads, group, n, head_dim)
+    k = k[:, :q_end]  # no scoring query sees a key after q_end
     logits = torch.einsum("hgwd,htd->hgwt", q, k.to(torch.float32)) / math.sqrt(head_dim)
-    # Window query i sits at absolute position prefix + i and sees keys <= it.
-    key_pos = torch.arange(seq_len, device=k.device)
-    query_pos = prefix + torch.arange(w, device=k.device)
+    # Scoring query i sits at absolute position q_end - n + i and sees keys <= it.
+    key_pos = torch.arange(q_end, device=k.device)
+    query_pos = q_end - n + torch.arange(n, device=k.device)
     future = key_pos[None, :] > query_pos[:, None]
     logits = logits.masked_fill(future, -math.inf)
     probs = torch.softmax(logits, dim=-1)
-    mass = probs.sum(dim=2)[..., :prefix]  # [H, G, prefix]
+    mass = probs.sum(dim=2)[..., :prefix]  # [H, G, min(prefix, q_end)]
+    if mass.shape[-1] < prefix:  # keys between the question and the window: no query sees them
+        mass = F.pad(mass, (0, prefix - mass.shape[-1]))
     flat = mass.reshape(num_kv_heads * group, 1, prefix)
     pad = kernel_size // 2
     if pooling == "avgpool":

@@ -55,6 +55,11 @@ class StreamingLLM(KVPolicy):
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
         check_sinks_fit(cfg, bad, changed)
 
+    @classmethod
+    def min_budget(cls, cfg: KVPolicyConfig) -> int:
+        """The sinks plus one recent token (and the explicit window)."""
+        return max(cfg.window, cfg.sink_size + 1)
+
     def plan_budgets(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int
     ) -> torch.Tensor:
@@ -67,6 +72,7 @@ class StreamingLLM(KVPolicy):
         """Exact: every row keeps ``min(B, T)`` tokens."""
         return uniform_pages(num_layers * num_kv_heads, min(seq_len, budget), page_size)
 
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor:
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
+                     q_end: int | None = None) -> torch.Tensor:
         """float32 ``[num_kv_heads, T]``: sinks above recent above old; ``q_win`` unused."""
         return sink_recency_scores(k.shape[0], k.shape[1], self.window_size, self.sink_size, k.device)

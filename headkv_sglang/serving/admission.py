@@ -1,14 +1,14 @@
 """Admission: a request that will be compressed waits until the compressed pool can take it.
 
 * ``Scheduler.run_batch`` (BEFORE): rows of a prefill batch that will be compressed start
-  capturing their observation-window queries and reserve their worst-case pages.
+  capturing their scoring queries (the question's, or the observation window's) and reserve their worst-case pages.
 * ``Scheduler.get_new_batch_prefill`` (BEFORE/AFTER): a waiting request that will be
   compressed is admitted only while the pool's free pages, minus the reservations of
   requests admitted but not yet compressed, cover its own worst case
   (:func:`~headkv_sglang.policies.registry.pages_upper_bound`); otherwise it stays in the
   waiting queue (FIFO among compressed requests) until finishing requests return pages.
-* ``Req._compute_max_prefix_len`` (AFTER): a radix hit leaves the observation window to
-  be recomputed.
+* ``Req._compute_max_prefix_len`` (AFTER): a radix hit leaves the scoring queries to be
+  recomputed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import logging
 
 from headkv_sglang.config import KVPolicyConfig
 from headkv_sglang.policies.registry import pages_upper_bound, policy_class
-from headkv_sglang.serving.requests import needs_queries, prompt_len, request_config, wants_compression
+from headkv_sglang.serving.requests import (needs_queries, prompt_len, request_config, scoring_span,
+                                           wants_compression)
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
@@ -44,18 +45,19 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
             continue
         cfg = request_config(state, req)
         if policy_class(cfg.policy).compresses:
-            manager.begin_extend(idx, req.rid, cfg.obs_window)
+            span = scoring_span(state, req, cfg) if needs_queries(cfg) else None
+            manager.begin_extend(idx, req.rid, cfg.obs_window, span=span)
             state.reserved.setdefault(idx, pages_bound(state, req, cfg))
     return None
 
 
 def cap_prefix_len(state: ServingState, result, req, input_len, *args, **kwargs):
-    """AFTER Req._compute_max_prefix_len: leave the observation window to be recomputed.
+    """AFTER Req._compute_max_prefix_len: leave the scoring queries to be recomputed.
 
     A radix hit on (nearly) the whole prompt would recompute only its last token, and the
-    window's queries — what SnapKV-style policies score with — would be one token. Capping
-    the match (the way SGLang itself caps it for ``logprob_start_len``) makes every
-    compressed request recompute at least its last ``window`` tokens.
+    queries SnapKV-style policies score with (the question, or the window) would be lost.
+    Capping the match (the way SGLang itself caps it for ``logprob_start_len``) makes every
+    compressed request recompute its scoring span.
     """
     try:
         cfg = request_config(state, req)
@@ -63,7 +65,7 @@ def cap_prefix_len(state: ServingState, result, req, input_len, *args, **kwargs)
         return result
     if cfg is None or not needs_queries(cfg) or not wants_compression(cfg, input_len):
         return result
-    return max(0, min(result, input_len - cfg.obs_window))
+    return max(0, min(result, scoring_span(state, req, cfg)[0]))
 
 
 def before_get_new_batch_prefill(state: ServingState, scheduler, *args, **kwargs):

@@ -31,6 +31,7 @@ import torch
 from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.kv.ragged import RaggedAttention, TorchRaggedAttention, rows_for_queries
 from headkv_sglang.serving.pool_sizing import compressed_pool_pages
+from headkv_sglang.serving.requests import question_finder
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
@@ -201,14 +202,14 @@ class HeadKVAttnBackend:
         return o
 
     def _capture_window(self, q, layer, fb) -> None:
-        """Keep each capturing row's last queries of this chunk (the observation window)."""
+        """Keep each capturing row's scoring queries of this chunk (question or window)."""
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         start = 0
         captures = self.manager._captures
-        for idx, n in zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens_cpu):
+        for idx, n, pos in zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
             n = int(n)
             if idx in captures:
-                self.manager.capture_queries(layer.layer_id, idx, q_[start:start + n])
+                self.manager.capture_queries(layer.layer_id, idx, q_[start:start + n], pos=int(pos))
             start += n
 
 
@@ -243,10 +244,11 @@ def backend_factory(state: ServingState, name: str, original: Callable) -> Calla
         manager = CompressionManager(state.shape, num_pages, state.cfg.page_size, dtype, device)
         kernel_name, kernel = make_kernel(manager.pool, state.shape, device, state.shape.head_dim ** -0.5)
         state.manager, state.inner_backend, state.kernel = manager, name, kernel_name
+        state.questions = question_finder(runner.server_args)
         logger.info(
             "headkv_sglang: %s attention wrapped (compressed rows: %s kernel); compressed pool %d pages x %d "
-            "tokens (%.1f MB), policy %s, budget %d", name, kernel_name, num_pages, state.cfg.page_size,
-            num_pages * manager.pool.bytes_per_page / 2**20, state.cfg.policy, state.cfg.budget,
+            "tokens (%.1f MB), policy %s, budget %s", name, kernel_name, num_pages, state.cfg.page_size,
+            num_pages * manager.pool.bytes_per_page / 2**20, state.cfg.policy, state.cfg.budget_label,
         )
         return HeadKVAttnBackend(inner, manager, kernel, runner.req_to_token_pool, kv_pool)
 

@@ -18,7 +18,7 @@ import torch
 from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.serving import metrics
-from headkv_sglang.serving.requests import request_config, wants_compression
+from headkv_sglang.serving.requests import needs_queries, request_config, wants_compression
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
@@ -120,16 +120,19 @@ def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, 
     held = rec.held_bytes(manager.pool.bytes_per_page)
     ratio, ms = full / max(held, 1), 1000 * (time.perf_counter() - t0)
     logger.info(
-        "headkv_sglang: compressed rid=%s policy=%s budget=%d prompt=%d tokens kept=%.1f%% "
+        "headkv_sglang: compressed rid=%s policy=%s budget=%d%s prompt=%d tokens kept=%.1f%% "
         "held=%.2f MB full=%.2f MB ratio=%.1fx in %.0f ms",
-        req.rid, cfg.policy, cfg.budget, seq_len,
+        req.rid, cfg.policy, cfg.budget, f" ({cfg.budget_label} of the prompt)" if cfg.budget_ratio else "", seq_len,
         100.0 * rec.kept_tokens / (seq_len * manager.shape.num_layers * manager.shape.num_kv_heads),
         held / 2**20, full / 2**20, ratio, ms,
     )
     state.remember(str(req.rid), {
-        "policy": cfg.policy, "budget": cfg.budget, "prompt_tokens": seq_len,
+        "policy": cfg.policy, "budget": cfg.budget, "budget_asked": cfg.budget_label, "prompt_tokens": seq_len,
         "kept_head_tokens": int(rec.kept_tokens), "held_bytes": int(held), "full_bytes": int(full),
         "ratio": round(ratio, 2), "compress_ms": round(ms, 1),
+        # the prompt positions whose queries ranked its tokens (None: position-based policy)
+        "scoring": cfg.scoring if needs_queries(cfg) else None,
+        "scoring_span": list(req._headkv_span) if needs_queries(cfg) and getattr(req, "_headkv_span", None) else None,
     })
     metrics.update(state, cfg.policy)
     return True

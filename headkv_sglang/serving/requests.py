@@ -6,13 +6,15 @@ import logging
 
 from headkv_sglang.config import ConfigError, KVPolicyConfig
 from headkv_sglang.policies.registry import policy_class
+from headkv_sglang.question import QuestionFinder
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
 
 
 def request_config(state: ServingState, req) -> KVPolicyConfig:
-    """The server's config with the request's ``custom_params`` applied, cached on the request."""
+    """The server's config with the request's ``custom_params`` applied and a ratio budget
+    resolved for its prompt, cached on the request."""
     cached = getattr(req, "_headkv_cfg", None)
     if cached is not None:
         return cached
@@ -22,6 +24,7 @@ def request_config(state: ServingState, req) -> KVPolicyConfig:
         cfg = cfg.with_request(params)
     except ConfigError:  # validated at the HTTP layer already; be safe
         logger.exception("invalid kv_* custom_params reached the scheduler; using server defaults")
+    cfg = cfg.for_prompt(prompt_len(req))
     req._headkv_cfg = cfg
     return cfg
 
@@ -38,3 +41,41 @@ def needs_queries(cfg: KVPolicyConfig) -> bool:
 
 def prompt_len(req) -> int:
     return len(req.origin_input_ids) + len(req.output_ids or ())
+
+
+def scoring_span(state: ServingState, req, cfg: KVPolicyConfig) -> tuple[int, int]:
+    """The prompt positions whose queries score ``req``'s tokens, cached on the request.
+
+    ``scoring="question"``: the question (the last user turn's last ``question_len`` tokens
+    before the chat template's tail, :mod:`headkv_sglang.question`); ``"window"``: the last
+    ``obs_window`` tokens (SnapKV). The question is looked for in the original prompt (a
+    retracted request re-prefills its outputs too; its question does not move).
+    """
+    cached = getattr(req, "_headkv_span", None)
+    if cached is not None:
+        return cached
+    n = prompt_len(req)
+    if cfg.scoring == "window":
+        span = (n - min(cfg.obs_window, n), n)
+    else:
+        finder = state.questions if state.questions is not None else QuestionFinder()
+        span = finder.span(req.origin_input_ids, cfg.question_len)
+    req._headkv_span = span
+    return span
+
+
+def question_finder(server_args) -> QuestionFinder:
+    """The served tokenizer's chat-template markers (an empty finder, logged, if unavailable)."""
+    path = getattr(server_args, "tokenizer_path", None) or getattr(server_args, "model_path", None)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(getattr(server_args, "trust_remote_code", False)))
+        finder = QuestionFinder.from_tokenizer(tok)
+    except Exception as e:  # scoring then falls back to each prompt's last tokens
+        logger.warning("headkv_sglang: no tokenizer for question-aware scoring at %s (%s); "
+                       "questions are the prompts' last tokens", path, e)
+        return QuestionFinder()
+    logger.info("headkv_sglang: question-aware scoring: template tail %d tokens, user header %d tokens",
+                len(finder.tail), len(finder.header))
+    return finder

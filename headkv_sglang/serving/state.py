@@ -13,6 +13,7 @@ from typing import Any
 
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.kv.manager import CompressionManager
+from headkv_sglang.question import QuestionFinder
 
 # Per-request compression reports kept for clients (the newest ones).
 RECENT_REQUESTS = 512
@@ -30,6 +31,8 @@ class ServingState:
     inner_backend: str | None = None
     kernel: str | None = None  # the RaggedAttention kernel: "torch" or "flashinfer"
     scheduler: Any = None
+    # the chat template's markers, to find each prompt's question (None: not loaded yet)
+    questions: QuestionFinder | None = None
     # req_pool_idx -> (req, its original skip_radix_cache_insert)
     compressed_reqs: dict[int, tuple[Any, bool]] = field(default_factory=dict)
     # requests served uncompressed against their config: reason -> count
