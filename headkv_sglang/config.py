@@ -46,7 +46,7 @@ REQUEST_KEYS = {
 }
 MAX_BUDGET = 1 << 20
 AUTO_WINDOW = 32
-AUTO_QUESTION = 32
+AUTO_QUESTION = 16  # benchmarks/results/scoring_calibration.md
 #: What scores the prompt's tokens: its question (the last user turn, before the chat
 #: template's tail; see headkv_sglang/question.py) or SnapKV's window (the last tokens).
 SCORING_CHOICES = ("question", "window")
@@ -82,7 +82,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     budget: int = 128
     budget_ratio: float = 0.0  # > 0: the budget is this share of each prompt (see for_prompt)
     window: int = 0  # 0: automatic, see obs_window
-    scoring: str = "question"
+    scoring: str = "window"  # or "question": see headkv_sglang/question.py
     question: int = 0  # 0: automatic, see question_len
     min_prompt: int = 0
     head_profile: str | None = None
@@ -108,7 +108,8 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
 
     @property
     def question_len(self) -> int:
-        """Most scoring queries taken from the question: ``question`` or, when 0, 32."""
+        """Most scoring queries taken from the question: ``question`` or, when 0, 16
+        (the best of 16/32/64 in ``benchmarks/results/scoring_calibration.md``)."""
         return self.question or AUTO_QUESTION
 
     @property

@@ -65,11 +65,11 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                    help="Recent prompt tokens always kept (with --kv-scoring window they also score the "
                                         "rest); 0, the default: min(32, budget/4).")),
     "--kv-scoring": ("scoring", dict(type=str, default=_DEFAULTS.scoring, choices=SCORING_CHOICES,
-                                     help="What ranks prompt tokens: 'question' (the last user turn's last "
-                                          "--kv-question tokens, before the chat template's tail) or 'window' "
-                                          "(SnapKV: the last --kv-window tokens).")),
+                                     help="What ranks prompt tokens: 'window' (the default; SnapKV: the last "
+                                          "--kv-window tokens) or 'question' (the last user turn's last --kv-question "
+                                          "tokens, before the chat template's tail).")),
     "--kv-question": ("question", dict(type=int, default=_DEFAULTS.question,
-                                       help="Most question tokens that score the prompt (0, the default: 32).")),
+                                       help="Most question tokens that score the prompt (0, the default: 16).")),
     "--kv-head-profile": ("head_profile", dict(type=str, default=None,
                                                help="Head-importance profile JSON (default: the shipped one matching the model).")),
     "--kv-min-prompt": ("min_prompt", dict(type=int, default=_DEFAULTS.min_prompt,

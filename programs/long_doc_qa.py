@@ -73,6 +73,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="per-request policy (full, headkv, snapkv, ...); default: the server's --kv-policy")
     p.add_argument("--kv-budget", type=budget_arg, default=None,
                    help="per-request budget: tokens per KV head (128) or a share of each prompt (5%%)")
+    p.add_argument("--kv-scoring", choices=["question", "window"], default=None,
+                   help="what ranks the document's tokens: each branch's question, or the last tokens")
 
 
 def doc_and_endpoint(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[str, KVEndpoint]:
@@ -81,7 +83,8 @@ def doc_and_endpoint(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple
         text = a.doc.read_text()
     except OSError as e:
         p.error(f"--doc: cannot read {a.doc}: {e.strerror}")
-    return text, KVEndpoint(a.server, kv_policy=a.kv_policy, kv_budget=a.kv_budget)
+    return text, KVEndpoint(a.server, kv_policy=a.kv_policy, kv_budget=a.kv_budget,
+                            kv_scoring=getattr(a, "kv_scoring", None))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,8 @@ def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
     answers = json.loads((EXAMPLES / "orbital_answers.json").read_text())
     qs = [a for q in answers for a in ("--question", q)]
     r = _cli("programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), *qs,
-             "--kv-policy", "headkv", "--kv-budget", "5%", "--server", prog_server.url, "--json")
+             "--kv-policy", "headkv", "--kv-budget", "5%", "--kv-scoring", "question", "--server", prog_server.url,
+             "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout)
     assert [g["question"] for g in got] == list(answers)
@@ -76,9 +77,9 @@ def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
         assert kv["budget_asked"] == "5%" and kv["budget"] == math.ceil(0.05 * kv["prompt_tokens"]), kv
         assert 0 < kv["held_bytes"] < kv["full_bytes"] / 10, kv
         # each fork branch is scored by its own question: the span ends before the chat
-        # template's 6-token tail and holds at most 32 tokens of that branch's question...
+        # template's 6-token tail and holds at most 16 tokens of that branch's question...
         start, end = kv["scoring_span"]
-        assert kv["scoring"] == "question" and end == kv["prompt_tokens"] - 6 and 0 < end - start <= 32, kv
+        assert kv["scoring"] == "question" and end == kv["prompt_tokens"] - 6 and 0 < end - start <= 16, kv
         # ... which is recomputed for the compression (the radix match stops before it)
         assert g["prompt_tokens"] - g["cached_tokens"] >= g["prompt_tokens"] - start, g
     # the human-readable form prints the same answers and the KV memory
