@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -26,36 +28,89 @@ def wrong_shape_profile(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--kv-policy", "headkv", "--kv-budget", "0"], "error: --kv-budget: invalid value 0; expected an integer in [1, 1048576]"),
-        (["--kv-policy", "headkv", "--kv-budget", "150%"],
-         "error: --kv-budget: invalid value '150%'; expected an integer in [1, 1048576] (tokens per KV head) or a "
-         "share of the prompt like '5%'"),
-        (["--kv-policy", "snapkv", "--kv-budget", "16", "--kv-window", "32"],
-         "error: --kv-window: invalid value 32; the observation window must not exceed --kv-budget (16)"),
-        (["--kv-policy", "snapkv", "--kv-scoring", "last"], "--kv-scoring: invalid choice: 'last'"),
-        (["--kv-policy", "headkv", "--kv-question", "5000"],
-         "error: --kv-question: invalid value 5000; expected an integer in [0, 4096]"),
-        (["--kv-policy", "headkv", "--kv-kernel-size", "4"], "error: --kv-kernel-size: invalid value 4; expected an odd integer"),
-        (["--kv-policy", "headkv", "--kv-pool-fraction", "1.5"], "error: --kv-pool-fraction: invalid value 1.5; expected a number in (0.0, 0.95]"),
-        (["--kv-policy", "streamingllm", "--kv-budget", "4", "--kv-sink-size", "4"],
-         "error: --kv-sink-size: invalid value 4; sinks must leave room for recent tokens: < --kv-budget (4)"),
-        (["--kv-policy", "headkv", "--kv-head-profile", "/no/such/profile.json"],
-         "error: --kv-head-profile: invalid value '/no/such/profile.json'; no such file"),
-        (["--kv-policy", "snapkv", "--attention-backend", "triton"],
-         "error: --kv-policy works with --attention-backend flashinfer or torch_native (got 'triton'); leave it unset "
-         "for flashinfer on CUDA, torch_native on CPU"),
-        (["--kv-policy", "snapkv", "--decode-attention-backend", "triton"],
-         "error: --kv-policy needs --decode-attention-backend unset or equal to --attention-backend (torch_native)"),
-    ],
-)
+# (flags, the one-line message). Each is checked in-process, through SGLang's own argument
+# parser and the plugin's launcher hooks (importing SGLang once instead of a launcher per
+# case: ~30 s each on CI); the first two also through a real launcher, end to end.
+BAD_FLAGS = [
+    (["--kv-policy", "headkv", "--kv-budget", "0"], "error: --kv-budget: invalid value 0; expected an integer in [1, 1048576]"),
+    (["--kv-policy", "streamingllm", "--kv-budget", "4", "--kv-sink-size", "4"],
+     "error: --kv-sink-size: invalid value 4; sinks must leave room for recent tokens: < --kv-budget (4)"),
+    (["--kv-policy", "headkv", "--kv-budget", "150%"],
+     "error: --kv-budget: invalid value '150%'; expected an integer in [1, 1048576] (tokens per KV head) or a "
+     "share of the prompt like '5%'"),
+    (["--kv-policy", "snapkv", "--kv-budget", "16", "--kv-window", "32"],
+     "error: --kv-window: invalid value 32; the observation window must not exceed --kv-budget (16)"),
+    (["--kv-policy", "headkv", "--kv-question", "5000"],
+     "error: --kv-question: invalid value 5000; expected an integer in [0, 4096]"),
+    (["--kv-policy", "headkv", "--kv-kernel-size", "4"], "error: --kv-kernel-size: invalid value 4; expected an odd integer"),
+    (["--kv-policy", "headkv", "--kv-pool-fraction", "1.5"], "error: --kv-pool-fraction: invalid value 1.5; expected a number in (0.0, 0.95]"),
+    (["--kv-policy", "headkv", "--kv-head-profile", "/no/such/profile.json"],
+     "error: --kv-head-profile: invalid value '/no/such/profile.json'; no such file"),
+    (["--kv-policy", "snapkv", "--attention-backend", "triton"],
+     "error: --kv-policy works with --attention-backend flashinfer or torch_native (got 'triton'); leave it unset "
+     "for flashinfer on CUDA, torch_native on CPU"),
+    (["--kv-policy", "snapkv", "--decode-attention-backend", "triton"],
+     "error: --kv-policy needs --decode-attention-backend unset or equal to --attention-backend (torch_native)"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS[:2])
 def test_bad_flag_exits_before_weights_load(model_path, flags, message):
     r = launch(model_path, *flags)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-3000:]
     assert "Load weight begin" not in r.stderr + r.stdout
+
+
+@pytest.fixture(scope="module")
+def sglang_parser():
+    """SGLang's launch_server argument parser with the plugin's flags, as the launcher builds it."""
+    from sglang.srt.server_args import ServerArgs
+
+    from headkv_sglang.plugin import _add_cli_args
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    if not any("--kv-policy" in a.option_strings for a in parser._actions):  # the plugin's hook did not run here
+        _add_cli_args(None, parser)
+    return parser
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS)
+def test_bad_flag_is_one_line_naming_it(sglang_parser, model_path, flags, message, capsys, monkeypatch):
+    """The launcher's two hooks, in order: ServerArgs.from_cli_args (our flags), then resolve_once
+    (what --kv-policy needs of SGLang's flags), on the parsed command line; CPU as on CI."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR
+
+    monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", "1")
+    monkeypatch.setenv(ENV_VAR, "")  # restored after the test; the hook sets it on success
+    ns = sglang_parser.parse_args(["--model-path", str(model_path), *flags])
+    with pytest.raises(SystemExit) as exc:
+        plugin._from_cli_args(None, ns)
+        plugin._resolve_once(types.SimpleNamespace(**vars(ns)))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_good_flags_pass_both_hooks(sglang_parser, model_path, capsys, monkeypatch):
+    """The same path accepts a valid command line (so the cases above fail for their flag)."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR, KVPolicyConfig
+
+    monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", "1")
+    monkeypatch.setenv(ENV_VAR, "")
+    ns = sglang_parser.parse_args(["--model-path", str(model_path), "--kv-policy", "razor", "--kv-budget", "2%",
+                                   "--kv-scoring", "question", "--kv-razor-heads", "budget"])
+    plugin._from_cli_args(None, ns)
+    args = types.SimpleNamespace(**vars(ns))
+    plugin._resolve_once(args)
+    cfg = KVPolicyConfig.from_env()
+    assert (cfg.policy, cfg.budget_ratio, cfg.budget_label, cfg.scoring, cfg.razor_heads) == (
+        "razor", 0.02, "2%", "question", "budget")
+    assert args.attention_backend == "torch_native" and args.disable_overlap_schedule is True
+    assert capsys.readouterr().err == ""
 
 
 def test_unknown_policy_is_an_argparse_error(model_path):
