@@ -265,6 +265,15 @@ def parse_budget(value: Any, where: str) -> tuple[int, float]:
     return 0, share
 
 
+def budget_fields(value: Any, where: str) -> dict[str, Any]:
+    """The config fields a command-line or keyword budget sets: ``{"budget", "budget_ratio"}``.
+
+    As :func:`parse_budget`; a share leaves ``budget`` at the default (unused until
+    :meth:`KVPolicyConfig.for_prompt`)."""
+    budget, ratio = parse_budget(value, where)
+    return {"budget": budget if not ratio else KVPolicyConfig.budget, "budget_ratio": ratio}
+
+
 # Declared types of the config fields (a value built as ``beta=2`` is still a float field).
 _FIELD_TYPES = {f.name: {"int": int, "float": float, "str": str}.get(str(f.type), object)
                 for f in dataclasses.fields(KVPolicyConfig)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, ModelShape, parse_budget
+from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, ModelShape, budget_fields
 from headkv_sglang.policies.registry import resolve_profile
 
 
@@ -33,9 +33,7 @@ def kv_config(model_path: str, **kv: Any) -> KVPolicyConfig:
         raise ConfigError("kv_policy is required (one of full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor)")
     values = {fields[k]: v for k, v in kv.items() if v is not None}
     if "budget" in values:  # tokens (128) or a share of each prompt ("5%")
-        values["budget"], values["budget_ratio"] = parse_budget(values["budget"], "kv_budget")
-        if values["budget_ratio"]:
-            values["budget"] = KVPolicyConfig.budget
+        values.update(budget_fields(values["budget"], "kv_budget"))
     cfg = KVPolicyConfig(**values).validate()
     resolve_profile(cfg, ModelShape.from_model_path(model_path))
     return cfg

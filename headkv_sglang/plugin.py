@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from headkv_sglang.config import (ENV_VAR, POLICY_CHOICES, POOLING_CHOICES, RAZOR_HEADS_CHOICES, SCORING_CHOICES,
-                                  ConfigError, KVPolicyConfig, parse_budget)
+                                  ConfigError, KVPolicyConfig, budget_fields)
 
 logger = logging.getLogger("headkv_sglang")
 
@@ -117,9 +117,7 @@ def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
         return None
     values = {dest: getattr(ns, f"headkv_{dest}") for dest, _ in FLAGS.values()}
     raw = values["budget"].strip() if isinstance(values["budget"], str) else values["budget"]
-    values["budget"], values["budget_ratio"] = parse_budget(int(raw) if str(raw).isdigit() else raw, "--kv-budget")
-    if values["budget_ratio"]:
-        values["budget"] = _DEFAULTS.budget
+    values.update(budget_fields(int(raw) if str(raw).isdigit() else raw, "--kv-budget"))  # argv: "128" is tokens
     cfg = KVPolicyConfig(**values).validate()
     from headkv_sglang.config import ModelShape
     from headkv_sglang.policies.registry import resolve_profile
