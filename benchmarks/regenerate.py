@@ -27,6 +27,12 @@ BEGIN, END = "<!-- results:begin (benchmarks/regenerate.py) -->", "<!-- results:
 TARGET = 0.97
 
 
+def capacity_where_note(meta: dict) -> str:
+    from benchmarks.capacity import where_note  # imports the dev server helpers: only when needed
+
+    return where_note(meta)
+
+
 def headkv_budget(fid: dict, target: float = TARGET) -> tuple[str, bool]:
     """Smallest budget where headkv's relative score >= target; (largest, False) if none."""
     rel = fid["summary"]["relative_to_full"]["headkv"]
@@ -117,7 +123,7 @@ def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
                     part += f", end-to-end {100 * e2e:+.0f}% ({cm['output_len']} tokens out)"
                 parts.append(part)
             lines.append("\nCompression overhead at concurrency 1, same server and prompts: " + "; ".join(parts)
-                         + ". The first token comes from the prefill; compression runs before the second.")
+                         + ". " + capacity_where_note(cm))
         lines += ["", "![capacity](benchmarks/results/capacity_cpu.png)", ""]
     if soak:
         lines.append(f"**Soak** — {soak['requests']} mixed requests on a deliberately small pool in "

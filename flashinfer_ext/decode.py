@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from flashinfer_ext.plan import DecodePlan, merge_chunks, split_rows
+from flashinfer_ext.plan import DecodePlan, fill_empty_rows, merge_chunks, split_rows
 from headkv_sglang.reference import merge_states
 
 LN2 = math.log(2.0)
@@ -126,21 +126,8 @@ class RaggedDecode(_PagedDecode):
         if self.chunk_pages:
             self._plan_chunks(plan, group, head_dim, dtype, scale, **options)
             return
-        counts = (plan.kv_indptr[1:] - plan.kv_indptr[:-1]).long()
-        empty = counts == 0
-        last = plan.kv_last_page_len.clone()
-        indices = plan.kv_indices
-        indptr = plan.kv_indptr
-        if bool(empty.any()):
-            # one dummy page for each empty row, masked out after the kernel
-            counts = torch.where(empty, torch.ones_like(counts), counts)
-            indptr = torch.zeros_like(plan.kv_indptr)
-            torch.cumsum(counts, 0, out=indptr[1:])
-            pieces, bounds = [], plan.kv_indptr.tolist()
-            for r, e in enumerate(empty.tolist()):
-                pieces.append(torch.zeros(1, dtype=torch.int32) if e else plan.kv_indices[bounds[r]:bounds[r + 1]])
-            indices = torch.cat(pieces)
-            last = torch.where(empty, torch.ones_like(last), last)
+        # one dummy page for each empty row, masked out after the kernel
+        indptr, indices, last, empty = fill_empty_rows(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
         self._plan(indptr, indices, last, group, 1, head_dim, plan.page_size, dtype, scale, **options)
         empty_d = empty.to(self.device)
         if self.cuda_graph:  # a captured run always masks: later plans may have empty rows

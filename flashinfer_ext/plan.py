@@ -39,7 +39,7 @@ class DecodePlan:
 
 
 def build_decode_plan(layers, page_size: int) -> DecodePlan:
-    """Plan one layer of a decode batch.
+    """Plan one layer of a decode batch (a few batched ops, no loop over requests).
 
     Parameters
     ----------
@@ -54,24 +54,65 @@ def build_decode_plan(layers, page_size: int) -> DecodePlan:
     if not layers:
         raise ValueError("a decode plan needs at least one request")
     H = layers[0].lengths.numel()
-    counts, indices, lengths = [], [], []
     for r, lp in enumerate(layers):
-        if lp.lengths.numel() != H:
+        if lp.lengths.numel() != H or lp.kv_indptr.numel() != H + 1:
             raise ValueError(f"request {r} has {lp.lengths.numel()} KV heads, request 0 has {H}")
-        c = lp.kv_indptr[1:] - lp.kv_indptr[:-1]
-        need = (lp.lengths + page_size - 1) // page_size
-        if not torch.equal(c, need):
-            raise ValueError(f"request {r}: pages per row {c.tolist()} do not hold lengths {lp.lengths.tolist()} "
-                             f"at page_size {page_size}")
-        counts.append(c)
-        indices.append(lp.kv_indices)
-        lengths.append(lp.lengths)
-    counts_t = torch.cat(counts)
-    lengths_t = torch.cat(lengths).to(torch.int64)
+    indptrs = torch.stack([lp.kv_indptr for lp in layers]).to(torch.int64)  # [R, H+1]
+    lengths_t = torch.cat([lp.lengths for lp in layers]).to(torch.int64)  # [R*H]
+    indices = torch.cat([lp.kv_indices for lp in layers])
+    counts_t = (indptrs[:, 1:] - indptrs[:, :-1]).reshape(-1)
+    need = (lengths_t + page_size - 1) // page_size
+    sizes = torch.tensor([lp.kv_indices.numel() for lp in layers], dtype=torch.int64)
+    bad = ((counts_t != need).view(len(layers), H).any(dim=1) | (indptrs[:, 0] != 0)
+           | (indptrs[:, -1] != sizes))
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        lp = layers[r]
+        raise ValueError(f"request {r}: pages per row {(lp.kv_indptr[1:] - lp.kv_indptr[:-1]).tolist()} "
+                         f"do not hold lengths {lp.lengths.tolist()} at page_size {page_size} "
+                         f"(its table lists {lp.kv_indices.numel()} pages)")
     kv_indptr = torch.zeros(counts_t.numel() + 1, dtype=torch.int32)
     torch.cumsum(counts_t, 0, out=kv_indptr[1:])
     last = torch.where(lengths_t == 0, torch.zeros_like(lengths_t), (lengths_t - 1) % page_size + 1)
-    return DecodePlan(kv_indptr, torch.cat(indices).to(torch.int32), last.to(torch.int32), lengths_t, H, page_size)
+    return DecodePlan(kv_indptr, indices.to(torch.int32), last.to(torch.int32), lengths_t, H, page_size)
+
+
+def pad_plan(plan: DecodePlan, rows: int) -> DecodePlan:
+    """``plan`` with empty rows appended up to ``rows`` (a CUDA graph needs a fixed row count)."""
+    pad = rows - plan.num_rows
+    if pad < 0:
+        raise ValueError(f"the plan has {plan.num_rows} rows, more than the {rows} it is padded to")
+    if pad == 0:
+        return plan
+    end = plan.kv_indptr[-1:].expand(pad)
+    return DecodePlan(torch.cat([plan.kv_indptr, end]), plan.kv_indices,
+                      torch.cat([plan.kv_last_page_len, torch.zeros(pad, dtype=plan.kv_last_page_len.dtype)]),
+                      torch.cat([plan.lengths, torch.zeros(pad, dtype=plan.lengths.dtype)]),
+                      plan.num_kv_heads, plan.page_size)
+
+
+def fill_empty_rows(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer has no empty row: give each one page 0 with one token (masked out afterwards).
+
+    Returns ``(kv_indptr, kv_indices, kv_last_page_len, empty)`` (``empty`` bool ``[rows]``);
+    batched, no loop over rows.
+    """
+    counts = (kv_indptr[1:] - kv_indptr[:-1]).to(torch.int64)
+    empty = counts == 0
+    if not bool(empty.any()):
+        return kv_indptr, kv_indices, kv_last_page_len, empty
+    counts2 = torch.where(empty, torch.ones_like(counts), counts)
+    indptr2 = torch.zeros(counts2.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts2, 0, out=indptr2[1:])
+    row = torch.repeat_interleave(torch.arange(counts2.numel()), counts2)
+    src = kv_indptr[:-1].to(torch.int64)[row] + torch.arange(row.numel()) - indptr2[:-1][row]
+    if kv_indices.numel():
+        indices = torch.where(empty[row], torch.zeros_like(src), kv_indices.to(torch.int64)[src.clamp(max=kv_indices.numel() - 1)])
+    else:
+        indices = torch.zeros_like(src)
+    last = torch.where(empty, torch.ones_like(kv_last_page_len), kv_last_page_len)
+    return indptr2.to(kv_indptr.dtype), indices.to(kv_indices.dtype), last, empty
 
 
 def ragged_decode_torch(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, plan: DecodePlan,

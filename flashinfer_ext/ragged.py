@@ -14,6 +14,15 @@ Per layer, for the planned compressed rows:
 merged by log-sum-exp. The float workspace is shared by all wrappers (layers run one
 after another on one stream); each wrapper keeps its own plan.
 
+With ``cuda_graph=True`` every table, output and compensation state lives in a fixed
+buffer sized by ``max_rows`` (compressed rows), ``max_pages`` (prompt pages of one layer,
+all rows) and ``max_tail`` (tail slots, all rows): :meth:`run` can be captured in a CUDA
+graph once and replayed after any later :meth:`plan` of at most ``max_rows`` rows. The
+plan pads the batch with empty rows (one dummy page / tail slot each, masked or
+dropped); ``run`` then takes ``q`` of ``max_rows`` rows and returns ``max_rows`` rows, of
+which the first ``rows.num_rows`` are the planned ones (SGLang's graphs pad a batch the
+same way).
+
 Imports FlashInfer on first use; nothing here imports SGLang.
 """
 
@@ -24,7 +33,7 @@ import math
 import torch
 
 from flashinfer_ext.decode import DenseDecode, RaggedDecode
-from flashinfer_ext.plan import build_decode_plan
+from flashinfer_ext.plan import build_decode_plan, pad_plan
 from headkv_sglang.kv.pool import RaggedHeadKVPool
 from headkv_sglang.kv.ragged import RaggedAttention, RaggedRows, stack_compensation
 from headkv_sglang.reference import merge_states
@@ -38,39 +47,91 @@ class FlashInferRaggedAttention(RaggedAttention):
     """
 
     def __init__(self, pool: RaggedHeadKVPool, num_layers: int, num_kv_heads: int, num_q_heads: int,
-                 scale: float, *, workspace_bytes: int = 256 << 20) -> None:
+                 scale: float, *, workspace_bytes: int = 256 << 20, cuda_graph: bool = False,
+                 max_rows: int = 0, max_pages: int = 0, max_tail: int = 0) -> None:
         super().__init__(pool, num_layers, num_kv_heads)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if cuda_graph and min(max_rows, max_pages, max_tail) <= 0:
+            raise ValueError(f"cuda_graph needs max_rows, max_pages and max_tail > 0, got {max_rows}, "
+                             f"{max_pages}, {max_tail}")
         self.num_q_heads, self.scale = num_q_heads, scale
         self.group = num_q_heads // num_kv_heads
+        self.cuda_graph = cuda_graph
+        self.max_rows, self.max_pages, self.max_tail = max_rows, max_pages, max_tail
         device = pool.k_pages.device
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         self._ragged: list[RaggedDecode | None] = [None] * num_layers
-        self._tail = DenseDecode(device, workspace=self.workspace)
+        # graphed: every row (padding too) has >= 1 tail slot and may have a dummy page
+        graph_kw = dict(cuda_graph=True, max_rows=max_rows, max_pages=max_tail + max_rows) if cuda_graph else {}
+        self._tail = DenseDecode(device, workspace=self.workspace, **graph_kw)
         self._prompt_key: tuple[int, ...] | None = None
         self._comp: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        if cuda_graph:  # compensation states in fixed buffers, always applied (-inf bias: weight 0)
+            H, D = num_kv_heads, pool.head_dim
+            self._comp = [(torch.zeros(max_rows, H, D, dtype=pool.dtype, device=device),
+                           torch.zeros(max_rows, H, D, dtype=pool.dtype, device=device),
+                           torch.full((max_rows, H), -math.inf, dtype=torch.float32, device=device))
+                          for _ in range(num_layers)]
+
+    def _new_ragged(self) -> RaggedDecode:
+        device = self.pool.k_pages.device
+        if not self.cuda_graph:
+            return RaggedDecode(device, workspace=self.workspace)
+        rows = self.max_rows * self.num_kv_heads  # one kernel row per (row, KV head); dummies for empty ones
+        return RaggedDecode(device, workspace=self.workspace, cuda_graph=True, max_rows=rows,
+                            max_pages=self.max_pages + rows)
 
     def plan(self, rows: RaggedRows) -> None:
         pool = self.pool
         dtype, D = pool.dtype, pool.head_dim
+        R = rows.num_rows
+        if self.cuda_graph and R > self.max_rows:
+            raise ValueError(f"{R} compressed rows, the graphed kernel holds at most {self.max_rows}")
         if rows.prompt_key() != self._prompt_key:
             for layer in range(self.num_layers):
                 lps = [rec.layers[layer] for rec in rows.records]
                 if self._ragged[layer] is None:
-                    self._ragged[layer] = RaggedDecode(pool.k_pages.device, workspace=self.workspace)
-                self._ragged[layer].plan(build_decode_plan(lps, pool.page_size), self.group, D, dtype, self.scale)
-                self._comp[layer] = stack_compensation(lps, self.num_kv_heads, D, dtype, pool.k_pages.device)
+                    self._ragged[layer] = self._new_ragged()
+                plan = build_decode_plan(lps, pool.page_size)
+                if self.cuda_graph:
+                    if plan.kv_indices.numel() > self.max_pages:
+                        raise ValueError(f"layer {layer} needs {plan.kv_indices.numel()} pages, the graphed "
+                                         f"kernel holds at most {self.max_pages}")
+                    plan = pad_plan(plan, self.max_rows * self.num_kv_heads)
+                self._ragged[layer].plan(plan, self.group, D, dtype, self.scale)
+                comp = stack_compensation(lps, self.num_kv_heads, D, dtype, pool.k_pages.device)
+                if not self.cuda_graph:
+                    self._comp[layer] = comp
+                    continue
+                ck, cv, bias = self._comp[layer]
+                bias.fill_(-math.inf)
+                if comp is not None:
+                    ck[:R].copy_(comp[0])
+                    cv[:R].copy_(comp[1])
+                    bias[:R].copy_(comp[2])
             self._prompt_key = rows.prompt_key()
-        R = rows.num_rows
-        last = torch.ones(R, dtype=torch.int32)
-        self._tail.plan(rows.tail_indptr.to(torch.int32), rows.tail_slots.to(torch.int32), last,
-                        self.num_q_heads, self.num_kv_heads, D, 1, dtype, self.scale)
+        indptr, slots = rows.tail_indptr.to(torch.int32), rows.tail_slots.to("cpu", torch.int32)
+        if self.cuda_graph:
+            if slots.numel() > self.max_tail:
+                raise ValueError(f"{slots.numel()} tail slots, the graphed kernel holds at most {self.max_tail}")
+            pad = self.max_rows - R  # padding rows read slot 0; their outputs are not used
+            indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
+            slots = torch.cat([slots, torch.zeros(pad, dtype=torch.int32)])
+        last = torch.ones(indptr.numel() - 1, dtype=torch.int32)
+        self._tail.plan(indptr, slots, last, self.num_q_heads, self.num_kv_heads, D, 1, dtype, self.scale)
         self.rows = rows
 
     def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             scale: float) -> torch.Tensor:
-        self._check_run(layer, q)
+        if self.cuda_graph:  # the padded batch: max_rows rows, the planned ones first
+            if self.rows is None:
+                raise RuntimeError("RaggedAttention.run() before plan()")
+            if q.dim() != 3 or q.shape[0] != self.max_rows or q.shape[1] != self.num_q_heads:
+                raise ValueError(f"a graphed kernel runs q of [max_rows={self.max_rows}, {self.num_q_heads}, D], "
+                                 f"got {list(q.shape)}")
+        else:
+            self._check_run(layer, q)
         if not math.isclose(scale, self.scale, rel_tol=1e-6):
             raise ValueError(f"layer {layer} has scale {scale}, the plan was made for {self.scale} "
                              "(FlashInfer fixes sm_scale at plan time)")

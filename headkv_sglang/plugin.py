@@ -174,9 +174,6 @@ def _resolve_once(server_args, *args, **kwargs):
         if getattr(server_args, "speculative_algorithm", None):
             print("error: --kv-policy does not support speculative decoding", file=sys.stderr)
             raise SystemExit(2)
-        # Compression runs between a prefill's result and the next forward; the overlap
-        # scheduler would launch that forward before the prompt is compressed.
-        server_args.disable_overlap_schedule = True
     return None
 
 

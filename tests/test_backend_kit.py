@@ -174,6 +174,67 @@ def test_compressed_rows_in_a_mixed_extend_batch(backend_name, device, dtype, he
     assert len(done) == 4
 
 
+@pytest.mark.parametrize("backend_name,device,dtype,head_dim", TARGETS)
+@pytest.mark.parametrize("policy,scoring", [("snapkv", "window"), ("adakv", "question"), ("streamingllm", "window")])
+def test_the_prefill_forward_compresses_the_rows_it_completes(backend_name, device, dtype, head_dim, policy, scoring):
+    """A chunk that completes its prompt is compressed inside the forward, right after the
+    layer's attention: the pages equal an offline ``CompressionManager.compress`` of the same
+    prompt with the queries the forward saw. A chunk that does not complete it, and a row not
+    asked to be compressed, are left alone; the forward's output is the wrapped backend's."""
+    case = kit.DenseAttentionCase(name="headkv_in_forward", backend=backend_name, forward_mode=ForwardMode.EXTEND,
+                                  num_heads=8, num_kv_heads=2, page_size=1, prefix_lens=(0, 31, 0, 7),
+                                  extend_lens=(47, 19, 13, 29))
+    fx = build(case, device, dtype, head_dim, max_ctx=128)
+    inner_out, _ = attention(fx, fx.backend)
+    wrapper, manager, shape = wrap(fx, device, dtype, head_dim, page_size=3)
+    cfg = KVPolicyConfig(policy=policy, budget=11, window=4, kernel_size=3, scoring=scoring, sink_size=2)
+    ends = [p + n for p, n in zip(case.prefix_lens, case.extend_lens)]
+    span = {0: (30, 41), 1: (40, 47)}  # question spans inside the computed chunk
+    targets = {0: ends[0], 1: ends[1], 2: ends[2] + 20}  # row 2: a middle chunk; row 3: not compressed
+    for r, target in targets.items():
+        manager.begin_extend(r, f"rid{r}", cfg.obs_window, span=span.get(r) if scoring == "question" else None,
+                             compress_at=(cfg, target))
+    out, q = attention(fx, wrapper)
+    torch.testing.assert_close(out, inner_out, atol=0, rtol=0)
+    assert set(manager.records) == {0, 1} and manager.compressed_in_forward == {0, 1}
+    assert not manager.failed_in_forward and set(manager._captures) == {2}
+
+    pool = fx.runner.token_to_kv_pool
+    req_to_token = fx.runner.req_to_token_pool.req_to_token
+    starts = [sum(case.extend_lens[:r]) for r in range(case.batch_size)]
+    offline = CompressionManager(shape, 2048, 3, dtype, device)
+    for r in (0, 1):
+        offline.begin_extend(r, f"rid{r}", cfg.obs_window, span=span.get(r) if scoring == "question" else None)
+        offline.capture_queries(0, r, q[starts[r]:starts[r] + case.extend_lens[r]], pos=case.prefix_lens[r])
+        slots = req_to_token[r, :ends[r]].long()
+        want = offline.compress(r, cfg, ends[r], lambda layer: (pool.get_key_buffer(layer)[slots],
+                                                                pool.get_value_buffer(layer)[slots]))
+        got = manager.records[r]
+        assert got.prompt_len == ends[r] and torch.equal(got.layers[0].lengths, want.layers[0].lengths)
+        for mine, theirs in zip(manager.pool.gather_padded(got.layers[0]), offline.pool.gather_padded(want.layers[0])):
+            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+    manager.free(0), manager.free(1), manager.free(2)
+    manager.check_integrity()
+    assert manager.allocator.used_pages == 0 and not manager.compressed_in_forward
+
+
+def test_a_failure_inside_the_forward_is_kept_for_result_processing_and_allocates_nothing():
+    gen = torch.Generator().manual_seed(4)
+    shape = ModelShape(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8)
+    manager = CompressionManager(shape, 64, 4, torch.float32, "cpu")
+    cfg = KVPolicyConfig(policy="snapkv", budget=6, window=3)
+    k = torch.randn(40, 2, 8, generator=gen)
+    manager.begin_extend(5, "r", 3, compress_at=(cfg, 40))
+    manager.capture_queries(0, 5, torch.randn(3, 4, 8, generator=gen))  # layer 1 never captured
+    for layer in range(2):
+        manager.compress_in_forward(layer, 5, 40, lambda: (k, k))
+    assert isinstance(manager.failed_in_forward[5], RuntimeError) and "layer 1" in str(manager.failed_in_forward[5])
+    assert not manager.records and manager.allocator.free_pages == 64
+    manager.compress_in_forward(0, 5, 41, lambda: (k, k))  # another end: not this request's prompt
+    manager.free(5)
+    assert not manager.failed_in_forward and not manager._captures
+
+
 def test_graph_runners_are_told_no_for_compressed_or_capturing_batches():
     gen = torch.Generator().manual_seed(1)
     shape = ModelShape(num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8)

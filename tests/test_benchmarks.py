@@ -222,3 +222,25 @@ def test_capacity_cli_measures_both_servers_through_bench_serving(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| full | 300 | 3 | 3 |" in md and "Compression overhead" in md
     assert (tmp_path / "cap.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("script,args", [
+    ("gpu_compress.py", []),
+    ("gpu_decode_step.py", ["--batch", "3", "--context", "200", "--tail", "5", "--budget", "16", "--layers", "2",
+                            "--steps", "2"]),
+])
+def test_gpu_benchmarks_run_their_cpu_dry_run(script, args, tmp_path):
+    """The GPU benchmarks' code paths on tiny CPU shapes (their times mean nothing here), so the
+    scripts `scripts/gpu_check.sh` runs on a lent GPU are known to work before it is spent."""
+    out = tmp_path / "r"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--cpu-dry-run", *args, "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
+    if script == "gpu_compress.py":
+        assert len(result["rows"]) == 10 and all(0 < row["ttft_share"] < 1 for row in result["rows"])
+        assert "| 700 | headkv+question |" in md
+    else:
+        assert result["headkv"]["replan_ms"] > 0 and result["headkv"]["kept_fraction"] > 0
+        assert "re-plan of the same batch" in md

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ragged_oracle import kernel_attend
 
-from flashinfer_ext.plan import build_decode_plan, ragged_decode_torch
+from flashinfer_ext.plan import build_decode_plan, fill_empty_rows, pad_plan, ragged_decode_torch
 from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 
@@ -49,6 +49,81 @@ def test_plan_rejects_inconsistent_tables():
     lp = LayerPages(kv_indptr=torch.tensor([0, 1, 2]), kv_indices=torch.tensor([4, 5]), lengths=torch.tensor([3, 20]))
     with pytest.raises(ValueError, match=r"pages per row \[1, 1\] do not hold lengths \[3, 20\] at page_size 16"):
         build_decode_plan([lp], 16)
+
+
+def _random_layers(gen, rows: int, H: int, page_size: int):
+    from headkv_sglang.kv.pool import LayerPages
+
+    layers, next_page = [], 0
+    for _ in range(rows):
+        lengths = torch.randint(0, 90, (H,), generator=gen)
+        lengths[torch.rand(H, generator=gen) < 0.25] = 0  # some empty heads
+        pages = (lengths + page_size - 1) // page_size
+        indptr = torch.zeros(H + 1, dtype=torch.int64)
+        torch.cumsum(pages, 0, out=indptr[1:])
+        ids = torch.randperm(5000, generator=gen)[: int(pages.sum())] + next_page
+        layers.append(LayerPages(kv_indptr=indptr, kv_indices=ids, lengths=lengths))
+    return layers
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+def test_plan_tables_are_the_rows_concatenated(page_size):
+    """The batched plan against the table written out row by row, fresh random rows."""
+    gen = torch.Generator().manual_seed(page_size)
+    H = 3
+    layers = _random_layers(gen, 7, H, page_size)
+    plan = build_decode_plan(layers, page_size)
+    indptr, indices, last = [0], [], []
+    for lp in layers:
+        for h in range(H):
+            pages = lp.kv_indices[int(lp.kv_indptr[h]):int(lp.kv_indptr[h + 1])].tolist()
+            indices += pages
+            indptr.append(indptr[-1] + len(pages))
+            n = int(lp.lengths[h])
+            last.append(0 if n == 0 else (n - 1) % page_size + 1)
+    assert plan.kv_indptr.tolist() == indptr and plan.kv_indices.tolist() == indices
+    assert plan.kv_last_page_len.tolist() == last and plan.num_kv_heads == H
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_padded_plan_keeps_its_rows_and_adds_empty_ones(page_size):
+    gen = torch.Generator().manual_seed(40 + page_size)
+    H, G, D = 2, 3, 8
+    layers = _random_layers(gen, 5, H, page_size)
+    plan = build_decode_plan(layers, page_size)
+    k_pages = torch.randn(5100, page_size, D, generator=gen)
+    v_pages = torch.randn(5100, page_size, D, generator=gen)
+    padded = pad_plan(plan, plan.num_rows + 7)
+    assert padded.num_rows == plan.num_rows + 7 and torch.equal(padded.kv_indices, plan.kv_indices)
+    q = torch.randn(padded.num_rows, 1, G, D, generator=gen)
+    o, lse = ragged_decode_torch(q, k_pages, v_pages, padded, 0.3)
+    o0, lse0 = ragged_decode_torch(q[: plan.num_rows], k_pages, v_pages, plan, 0.3)
+    torch.testing.assert_close(o[: plan.num_rows], o0)
+    torch.testing.assert_close(lse[: plan.num_rows], lse0)
+    assert torch.isneginf(lse[plan.num_rows:]).all() and not o[plan.num_rows:].any()
+    assert pad_plan(plan, plan.num_rows) is plan
+    with pytest.raises(ValueError, match=r"the plan has 10 rows, more than the 9 it is padded to"):
+        pad_plan(plan, 9)
+
+
+@pytest.mark.parametrize("page_size", [1, 3])
+def test_empty_rows_get_one_dummy_page_and_the_others_keep_theirs(page_size):
+    gen = torch.Generator().manual_seed(70 + page_size)
+    plan = pad_plan(build_decode_plan(_random_layers(gen, 6, 2, page_size), page_size), 15)
+    indptr, indices, last, empty = fill_empty_rows(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
+    assert empty.tolist() == (plan.lengths == 0).tolist() and bool(empty.any())
+    for r in range(plan.num_rows):
+        got = indices[int(indptr[r]):int(indptr[r + 1])].tolist()
+        if empty[r]:
+            assert got == [0] and int(last[r]) == 1
+        else:
+            assert got == plan.kv_indices[int(plan.kv_indptr[r]):int(plan.kv_indptr[r + 1])].tolist()
+            assert int(last[r]) == int(plan.kv_last_page_len[r])
+    assert indptr.dtype == plan.kv_indptr.dtype and indices.dtype == plan.kv_indices.dtype
+    # all rows empty: only dummies
+    _, idx, _, e = fill_empty_rows(torch.zeros(5, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                                   torch.zeros(4, dtype=torch.int32))
+    assert e.all() and idx.tolist() == [0] * 4
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])

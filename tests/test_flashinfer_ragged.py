@@ -3,7 +3,8 @@
 SGLang-shaped inputs: a bf16 token pool ``[slots, Hkv, D]`` holding the tails (page size 1,
 slots shuffled), ragged prompt rows in the compressed pool (pages in random order, some
 heads empty), Razor compensation on some rows, GQA groups 4 and 8, page sizes 1 and 16,
-and re-plans (other requests, then the first ones again, then one more decode step).
+and re-plans (other requests, then the first ones again, then one more decode step); the
+graphed kernel captured once and replayed after each of those re-plans.
 Skipped on a machine without CUDA + flashinfer (the CPU CI); ``scripts/gpu_check.sh``
 runs it on an H100/H200.
 """
@@ -80,6 +81,65 @@ def test_flashinfer_kernel_matches_torch_kernel_and_oracle(group, page_size):
                 o = oracle_row(pool, records[i].layers[layer], q[i].float(), k_buf[tail].float(),
                                v_buf[tail].float(), scale)
                 torch.testing.assert_close(got[i].float().cpu(), o, atol=2e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("group", [4, 8])
+def test_graphed_kernel_replays_after_replans(group):
+    """Capture every layer's run in one CUDA graph, then re-plan (fewer rows, other records,
+    Razor rows, one more decode step) and replay: each replay equals the torch kernel."""
+    from flashinfer_ext.ragged import FlashInferRaggedAttention
+
+    gen = torch.Generator().manual_seed(90 + group)
+    L, H, R, ps = 3, 2, 7, 16
+    num_pages = 60000 // ps + 400
+    pool = RaggedHeadKVPool(num_pages, ps, D, DT, "cuda")
+    pool.k_pages.normal_()
+    pool.v_pages.normal_()
+    free = torch.randperm(num_pages, generator=gen).tolist()
+    slots_total, max_ctx = 64 * R + 5, 800
+    k_buf = torch.randn(slots_total, H, D, device="cuda").to(DT)
+    v_buf = torch.randn(slots_total, H, D, device="cuda").to(DT)
+    req_to_token = torch.zeros(R, max_ctx, dtype=torch.int32, device="cuda")
+    scale = D ** -0.5
+    fi = FlashInferRaggedAttention(pool, L, H, H * group, scale, cuda_graph=True, max_rows=R,
+                                   max_pages=R * H * (700 // ps + 1), max_tail=R * 64)
+    ref = TorchRaggedAttention(pool, L, H)
+    first = batch(pool, free, L, H, R, gen, slots_total, max_ctx, req_to_token)
+    second = batch(pool, free, L, H, R - 3, gen, slots_total, max_ctx, req_to_token)
+    plans = []
+    for n, (records, idxs, seq_lens) in enumerate([first, second, first]):
+        if n == 2:  # the next decode step of the first batch
+            seq_lens = [s + 1 for s in seq_lens]
+            for r, s in zip(idxs, seq_lens):
+                req_to_token[r, s - 1] = (r * 64 + 63) % slots_total
+        plans.append(rows_for_queries(records, req_to_token, idxs, [rec.prompt_len for rec in records], seq_lens))
+    assert any(lp.comp_count is not None for rec in second[0] for lp in rec.layers), "no Razor row"
+
+    q_static = torch.randn(R, L, H * group, D, device="cuda").to(DT)
+    fi.plan(plans[1])  # capture on the smaller batch: later plans change the rows the graph reads
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for layer in range(L):
+            fi.run(layer, q_static[:, layer], k_buf, v_buf, scale)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fi.run(layer, q_static[:, layer], k_buf, v_buf, scale) for layer in range(L)]
+    for rows in [plans[0], plans[1], plans[2], plans[1]]:
+        fi.plan(rows)
+        ref.plan(rows)
+        q_static.copy_(torch.randn(R, L, H * group, D, device="cuda").to(DT))
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        n = rows.num_rows
+        for layer in range(L):
+            want = ref.run(layer, q_static[:n, layer], k_buf, v_buf, scale)
+            torch.testing.assert_close(outs[layer][:n].float(), want.float(), atol=2e-2, rtol=3e-2)
+    with pytest.raises(ValueError, match=r"graphed kernel runs q of \[max_rows=7"):
+        fi.run(0, q_static[:3, 0], k_buf, v_buf, scale)
 
 
 def test_flashinfer_kernel_rejects_a_scale_it_was_not_planned_for():

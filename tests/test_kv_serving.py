@@ -140,6 +140,9 @@ def test_ratio_budget_keeps_that_share_of_each_prompt(kv_server, kv_client):
         rids.append(out["meta_info"]["id"])
     st = kv_server.wait_idle(60.0)
     reports = [st["recent_requests"][rid] for rid in rids]
+    # compressed inside the prefill forward, with SGLang's overlap scheduler on
+    assert all(rep["compressed_in"] == "forward" for rep in reports), reports
+    assert kv_server.get_json("/get_server_info")["disable_overlap_schedule"] is False
     for rep in reports:
         n = rep["prompt_tokens"]
         assert rep["budget_asked"] == "10%" and rep["budget"] == math.ceil(0.1 * n), rep

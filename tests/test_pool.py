@@ -226,6 +226,24 @@ def test_write_then_gather_padded_rebuilds_every_row(page_size, head_dim):
         assert not k[h, n:c * page_size].any() and not v[h, n:c * page_size].any(), f"row {h}: padding not zero"
 
 
+@pytest.mark.parametrize("page_size", [1, 5])
+def test_write_over_reused_pages_zeroes_their_padding_and_touches_no_other_page(page_size):
+    """Pages come back dirty from earlier requests: the write clears their unused slots and
+    leaves every page it was not given alone."""
+    gen = torch.Generator().manual_seed(page_size)
+    pool = RaggedHeadKVPool(90, page_size, 8, torch.float32, "cpu")
+    pool.k_pages.fill_(7.0)
+    pool.v_pages.fill_(-7.0)
+    layer, k_rows, v_rows = _write_rows(pool, PageAllocator(90), [13, 0, 1, 22], 8, gen)
+    k, v, _ = pool.gather_padded(layer)
+    for h, n in enumerate([13, 0, 1, 22]):
+        c = -(-n // page_size)
+        assert torch.equal(k[h, :n], k_rows[h]) and torch.equal(v[h, :n], v_rows[h])
+        assert not k[h, n:c * page_size].any() and not v[h, n:c * page_size].any(), f"row {h}: padding not zero"
+    untouched = sorted(set(range(90)) - set(layer.kv_indices.tolist()))
+    assert (pool.k_pages[untouched] == 7.0).all() and (pool.v_pages[untouched] == -7.0).all()
+
+
 def test_write_converts_to_the_pool_dtype():
     gen = torch.Generator().manual_seed(3)
     pool = RaggedHeadKVPool(40, 3, 8, torch.bfloat16, "cpu")

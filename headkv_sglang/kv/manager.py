@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +45,25 @@ class _Capture:
     # None: SnapKV's window, the last ``window`` queries of the prompt.
     span: tuple[int, int] | None = None
     layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, Hq, D]
+    # compress inside the forward whose chunk ends at this prompt length (see compress_in_forward)
+    compress_at: tuple[KVPolicyConfig, int] | None = None
+    job: "_Job | None" = None
+
+
+@dataclass
+class _Job:
+    """One request's compression, layer by layer (:meth:`CompressionManager.start_compression`)."""
+
+    idx: int
+    cfg: KVPolicyConfig
+    seq_len: int
+    policy: object
+    planned: torch.Tensor | None
+    w: int
+    q_end: int | None
+    layers: list[tuple] = field(default_factory=list)
+    need: int = 0
+    t0: float = 0.0
 
 
 class NotSmallerError(ValueError):
@@ -80,19 +100,26 @@ class CompressionManager:
         # since start, per policy: kept head-tokens, prompt head-tokens, held and full bytes
         self.cumulative: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self.elt = torch.empty(0, dtype=dtype).element_size()
+        # compress_in_forward's outcomes, taken by the serving layer's result processing
+        self.compressed_in_forward: set[int] = set()
+        self.failed_in_forward: dict[int, Exception] = {}
 
     # ------------------------------------------------------------------ prefill
     def begin_extend(self, req_pool_idx: int, rid: str, window: int,
-                     span: tuple[int, int] | None = None) -> None:
+                     span: tuple[int, int] | None = None,
+                     compress_at: tuple[KVPolicyConfig, int] | None = None) -> None:
         """Start (or continue, for the same request) capturing a request's scoring queries:
         the last ``window`` of its prompt, or with ``span`` the positions ``[span[0], span[1])``
-        (its question, see ``headkv_sglang.question``)."""
+        (its question, see ``headkv_sglang.question``). ``compress_at = (cfg, seq_len)``: compress
+        the request inside the forward whose chunk completes ``seq_len`` tokens
+        (:meth:`compress_in_forward`)."""
         span = None if span is None else (int(span[0]), int(span[1]))
         if span is not None and not 0 <= span[0] < span[1]:
             raise ValueError(f"span must be (start, end) with 0 <= start < end, got {span}")
         cap = self._captures.get(req_pool_idx)
         if cap is None or cap.rid != rid or cap.window != window or cap.span != span:
-            self._captures[req_pool_idx] = _Capture(rid, window, span)
+            cap = self._captures[req_pool_idx] = _Capture(rid, window, span)
+        cap.compress_at, cap.job = compress_at, None
 
     def capture_queries(self, layer: int, req_pool_idx: int, q: torch.Tensor, pos: int | None = None) -> None:
         """Keep this chunk's scoring queries. ``q``: ``[n, num_q_heads, head_dim]``, the queries of
@@ -134,11 +161,21 @@ class CompressionManager:
         prompt's full KV (page rounding: every (layer, KV head) takes whole pages). If
         writing the pages fails, they are freed before the error propagates.
         """
+        job = self.start_compression(req_pool_idx, cfg, seq_len)
+        for layer in range(self.shape.num_layers):
+            self.compress_layer_into(job, layer, *get_kv(layer))
+        return self.finish_compression(job)
+
+    def start_compression(self, req_pool_idx: int, cfg: KVPolicyConfig, seq_len: int) -> _Job:
+        """:meth:`compress` in steps: this, then :meth:`compress_layer_into` for every layer in
+        order, then :meth:`finish_compression` (which allocates and writes the pages). Needs the
+        scoring queries captured so far (at least layer 0's)."""
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
         s = self.shape
         if self.only_if_smaller and seq_len <= self.pool.page_size:  # one page per (layer, head) holds it all
             raise NotSmallerError(f"a {seq_len}-token prompt fits one {self.pool.page_size}-token page per "
                                   f"(layer, KV head): compressing cannot save memory")
+        t0 = time.perf_counter()
         cap = self._captures.get(req_pool_idx)
         w = min(cfg.obs_window, seq_len)
         q_end = None
@@ -156,28 +193,40 @@ class CompressionManager:
                 cfg = dataclasses.replace(cfg, window=w)
         policy = build_policy(cfg, s)
         planned = policy.plan_budgets(seq_len, cfg.budget, s.num_layers, s.num_kv_heads)
-        layers: list[tuple] = []
-        need = 0
-        for layer in range(s.num_layers):
-            k, v = get_kv(layer)
-            k = k.transpose(0, 1)  # [H, T, D]
-            v = v.transpose(0, 1)
-            qe = None
-            if not getattr(policy, "needs_queries", True):
-                q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)
-            elif q_end is not None:  # the question's queries (what a prefix hit left computed of them)
-                if cap is None or layer not in cap.layers:
-                    raise RuntimeError(f"no question queries captured for row {req_pool_idx}, layer {layer}")
-                q_win, qe = cap.layers[layer].transpose(0, 1).to(k.dtype), q_end  # [Hq, n, D]
-            else:
-                if cap is None or layer not in cap.layers or cap.layers[layer].shape[0] < w:
-                    raise RuntimeError(f"no observation-window queries captured for row {req_pool_idx}, layer {layer}")
-                q_win = cap.layers[layer][-w:].transpose(0, 1).to(k.dtype)  # [Hq, w, D]
-            comp = compress_layer(policy, layer, q_win, k, v, cfg.budget, planned, q_end=qe)
-            lengths = comp.lengths.cpu()
-            pages = self.pool.pages_for(lengths)
-            need += int(pages.sum())
-            layers.append((comp, lengths, pages))
+        return _Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end, t0=t0)
+
+    def compress_layer_into(self, job: _Job, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Score and select one layer (``k, v``: ``[seq_len, num_kv_heads, head_dim]``)."""
+        if layer != len(job.layers):
+            raise ValueError(f"layer {layer} compressed out of order (expected {len(job.layers)})")
+        s, policy, w = self.shape, job.policy, job.w
+        cap = self._captures.get(job.idx)
+        k = k[:job.seq_len].transpose(0, 1)  # [H, T, D]
+        v = v[:job.seq_len].transpose(0, 1)
+        qe = None
+        if not getattr(policy, "needs_queries", True):
+            q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)
+        elif job.q_end is not None:  # the question's queries (what a prefix hit left computed of them)
+            if cap is None or layer not in cap.layers:
+                raise RuntimeError(f"no question queries captured for row {job.idx}, layer {layer}")
+            q_win, qe = cap.layers[layer].transpose(0, 1).to(k.dtype), job.q_end  # [Hq, n, D]
+        else:
+            if cap is None or layer not in cap.layers or cap.layers[layer].shape[0] < w:
+                raise RuntimeError(f"no observation-window queries captured for row {job.idx}, layer {layer}")
+            q_win = cap.layers[layer][-w:].transpose(0, 1).to(k.dtype)  # [Hq, w, D]
+        comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe)
+        lengths = comp.lengths.cpu()
+        pages = self.pool.pages_for(lengths)
+        job.need += int(pages.sum())
+        job.layers.append((comp, lengths, pages))
+
+    def finish_compression(self, job: _Job) -> RequestPages:
+        """Allocate and write the pages of a job whose every layer is done; the request's record."""
+        s, seq_len, cfg, req_pool_idx = self.shape, job.seq_len, job.cfg, job.idx
+        if len(job.layers) != s.num_layers:
+            raise ValueError(f"{len(job.layers)} of {s.num_layers} layers compressed")
+        assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
+        need = job.need
         if self.only_if_smaller and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads:
             raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens hold at least the "
                                   f"{seq_len}-token prompt's full KV")
@@ -186,11 +235,12 @@ class CompressionManager:
                 raise PoolFullError(f"request needs {need} pages, {self.allocator.free_pages} free")
             ids = self.allocator.allocate(need, owner=req_pool_idx)
         try:
-            rec = self._write(req_pool_idx, cfg, seq_len, layers, ids)
+            rec = self._write(req_pool_idx, cfg, seq_len, job.layers, ids)
         except BaseException:
             with self._lock:  # the pages were never recorded: give them back, not leak them
                 self.allocator.free(ids, owner=req_pool_idx)
             raise
+        rec.compress_ms = 1000 * (time.perf_counter() - job.t0)
         self.records[req_pool_idx] = rec
         self.peak_records = max(self.peak_records, len(self.records))
         self.drop_capture(req_pool_idx)
@@ -201,6 +251,34 @@ class CompressionManager:
         c[2] += rec.held_bytes(self.pool.bytes_per_page)
         c[3] += self.full_bytes(seq_len)
         return rec
+
+    # ------------------------------------------------------------------ inside the forward
+    def compress_in_forward(self, layer: int, req_pool_idx: int, end: int,
+                            get_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Called by the attention backend after layer ``layer``'s attention of a prefill chunk
+        that ends at position ``end``: if that completes the prompt the request asked to be
+        compressed at (``begin_extend(compress_at=)``), compress this layer now (``get_kv()``:
+        its K/V of positions ``[0, end)``), and after the last layer write the pages.
+
+        The outcome is left for the serving layer's result processing: the record in
+        :attr:`records` (and in :attr:`compressed_in_forward`), or the exception in
+        :attr:`failed_in_forward` (nothing allocated, the request stays whole).
+        """
+        cap = self._captures.get(req_pool_idx)
+        if cap is None or cap.compress_at is None or cap.compress_at[1] != end:
+            return
+        try:
+            if layer == 0:
+                cap.job = self.start_compression(req_pool_idx, cap.compress_at[0], end)
+            if cap.job is None:
+                return  # layer 0 of this forward never started it
+            self.compress_layer_into(cap.job, layer, *get_kv())
+            if layer == self.shape.num_layers - 1:
+                self.finish_compression(cap.job)  # drops the capture
+                self.compressed_in_forward.add(req_pool_idx)
+        except Exception as e:  # the serving layer reports it; the request stays whole
+            self.failed_in_forward[req_pool_idx] = e
+            cap.compress_at, cap.job = None, None
 
     def _write(self, req_pool_idx: int, cfg: KVPolicyConfig, seq_len: int, layers: list[tuple],
                ids: list[int]) -> RequestPages:
@@ -213,7 +291,7 @@ class CompressionManager:
             kv_indices = torch.tensor(ids[cursor:cursor + int(pages.sum())], dtype=torch.int64)
             cursor += int(pages.sum())
             self.pool.write(kv_indices.to(self.pool.k_pages.device), kv_indptr, lengths,
-                            comp.k_flat, comp.v_flat, comp.indptr.cpu())
+                            comp.k_flat, comp.v_flat, comp.indptr)
             lp = LayerPages(kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=lengths,
                             comp_k=comp.comp_k, comp_v=comp.comp_v, comp_count=comp.comp_count)
             lp._page_size = self.pool.page_size
@@ -225,6 +303,8 @@ class CompressionManager:
     def free(self, req_pool_idx: int) -> bool:
         """Release a request row's pages (and capture). True if it held pages."""
         self.drop_capture(req_pool_idx)
+        self.compressed_in_forward.discard(req_pool_idx)
+        self.failed_in_forward.pop(req_pool_idx, None)
         with self._lock:
             rec = self.records.pop(req_pool_idx, None)
             if rec is None:

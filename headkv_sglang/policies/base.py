@@ -7,10 +7,12 @@ calls, layer by layer::
     planned = policy.plan_budgets(T, B, L, H)          # once per request
     scores  = policy.token_scores(q_win, k, layer)      # [H, T]
     budgets = policy.layer_budgets(layer, T, B, scores, planned)
-    kept    = policy.select(scores, budgets)            # per head, sorted
+    keep    = policy.select_mask(scores, budgets)       # bool [H, T]
 
 or simply :func:`compress_layer`, which does all three and gathers the kept
-keys and values into a ragged (CSR) layout.
+keys and values into a ragged (CSR) layout. Every step is batched over heads
+(no Python loop over heads), so compression on a GPU is a few kernels per layer;
+``policy.select`` gives the same choice as one index tensor per head.
 
 Budget semantics
 ----------------
@@ -41,7 +43,7 @@ For a head with budget ``b`` and prompt length ``T``: ``b >= T`` keeps
 everything; otherwise the last ``min(w, b)`` tokens (the window) plus the
 ``b - min(w, b)`` highest-scored positions of ``[0, T - w)``, ties broken
 towards the lower position so that selection is deterministic
-(:func:`~headkv_sglang.policies.scoring.select_tokens`).
+(:func:`~headkv_sglang.policies.scoring.select_mask`).
 
 What the server needs to know about a policy
 --------------------------------------------
@@ -63,7 +65,7 @@ import torch
 
 from headkv_sglang.policies.budgets import uniform_pages
 from headkv_sglang.policies.checks import BadValue, check_request
-from headkv_sglang.policies.scoring import select_tokens
+from headkv_sglang.policies.scoring import select_mask, select_tokens
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -215,7 +217,12 @@ class KVPolicy(ABC):
         ``scores``: float32 ``[num_kv_heads, T]``; ``budgets``: int64
         ``[num_kv_heads]``. ``len(result[h]) == min(budgets[h], T)``.
         """
-        return select_tokens(scores, budgets.to("cpu"), self.window_size)
+        return select_tokens(scores, budgets, self.window_size)
+
+    def select_mask(self, scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+        """:meth:`select` as a bool ``[num_kv_heads, T]`` keep mask (what :func:`compress_layer`
+        uses: batched over heads). A policy with its own selection overrides this."""
+        return select_mask(scores, budgets, self.window_size)
 
 
 # --------------------------------------------------------------------------- #
@@ -302,21 +309,18 @@ def compress_layer(
     scores = (policy.token_scores(q_win, k, layer) if q_end is None
               else policy.token_scores(q_win, k, layer, q_end=q_end))
     budgets = policy.layer_budgets(layer, seq_len, budget, scores, planned)
-    kept = policy.select(scores, budgets)
-    assert len(kept) == num_heads, f"select returned {len(kept)} heads, expected {num_heads}"
-    lengths = torch.tensor([t.numel() for t in kept], dtype=torch.int64)
-    indptr = torch.zeros(num_heads + 1, dtype=torch.int64)
+    keep = policy.select_mask(scores, budgets)
+    if keep.shape != (num_heads, seq_len):
+        raise ValueError(f"select_mask returned {list(keep.shape)}, expected [{num_heads}, {seq_len}]")
+    head_of, indices = keep.nonzero(as_tuple=True)  # head by head, positions ascending
+    lengths = keep.sum(dim=1)
+    indptr = torch.zeros(num_heads + 1, dtype=torch.int64, device=k.device)
     torch.cumsum(lengths, dim=0, out=indptr[1:])
-    indptr = indptr.to(k.device)
-    indices = torch.cat(kept).to(k.device) if kept else torch.zeros(0, dtype=torch.int64)
-    head_of = torch.repeat_interleave(torch.arange(num_heads, device=k.device), lengths.to(k.device))
     out = CompressedLayer(
         k_flat=k[head_of, indices], v_flat=v[head_of, indices], indptr=indptr, indices=indices
     )
     if policy.uses_compensation:
-        keep_mask = torch.zeros(num_heads, seq_len, dtype=torch.bool, device=k.device)
-        keep_mask[head_of, indices] = True
-        dropped = (~keep_mask).to(torch.float32)
+        dropped = (~keep.to(k.device)).to(torch.float32)
         count = dropped.sum(dim=1)
         denom = count.clamp(min=1.0)[:, None]
         out.comp_k = (torch.einsum("ht,htd->hd", dropped, k.to(torch.float32)) / denom).to(k.dtype)

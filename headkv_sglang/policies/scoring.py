@@ -2,7 +2,7 @@
 
 Two ways to score a prompt token for a KV head: the attention the observation window
 puts on it (SnapKV and the policies built on it) or its position alone (sinks + recent
-tokens: StreamingLLM, RazorAttention). Either way :func:`select_tokens` keeps, per head,
+tokens: StreamingLLM, RazorAttention). Either way :func:`select_mask` keeps, per head,
 the window plus the top-scored prefix positions.
 """
 
@@ -130,8 +130,8 @@ def sink_recency_scores(num_kv_heads: int, seq_len: int, window_size: int, sink_
     return scores.expand(num_kv_heads, seq_len).contiguous()
 
 
-def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window_size: int) -> list[torch.Tensor]:
-    """The shared per-head selection step.
+def select_mask(scores: torch.Tensor, budgets: torch.Tensor, window_size: int) -> torch.Tensor:
+    """The shared per-head selection step, batched over heads.
 
     Parameters
     ----------
@@ -139,16 +139,18 @@ def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window_size: int)
         float ``[num_kv_heads, T]``; only positions ``< T - min(window_size, T)``
         are compared.
     budgets : torch.Tensor
-        int64 ``[num_kv_heads]``; clamped to ``[0, T]``.
+        int64 ``[num_kv_heads]`` (any device); clamped to ``[0, T]``.
     window_size : int
         Observation window ``w``: the last ``min(w, b)`` tokens are always kept.
 
     Returns
     -------
-    list[torch.Tensor]
-        Per KV head, sorted int64 indices (on ``scores.device``) of the kept
-        tokens, ``len == clamp(budgets[h], 0, T)``: the window plus the top
-        ``b - min(w, b)`` prefix positions by score, ties to the lower index.
+    torch.Tensor
+        bool ``[num_kv_heads, T]`` on ``scores.device``: head ``h`` keeps
+        ``clamp(budgets[h], 0, T)`` tokens, the window plus the top ``b - min(w, b)``
+        prefix positions by score, ties to the lower index. One sort and two scatters
+        for all heads (no loop over heads); ``mask.nonzero()`` lists the kept tokens head
+        by head in position order, the CSR form the pool stores.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [num_kv_heads, T], got {list(scores.shape)}")
@@ -158,15 +160,23 @@ def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window_size: int)
     device = scores.device
     w = min(window_size, seq_len)
     prefix = seq_len - w
-    # A stable descending sort puts equal scores in index order: deterministic ties.
-    order = torch.sort(scores[:, :prefix], dim=1, descending=True, stable=True).indices
-    kept: list[torch.Tensor] = []
-    for h, b in enumerate(budgets.clamp(0, seq_len).tolist()):
-        if b >= seq_len:
-            kept.append(torch.arange(seq_len, dtype=torch.int64, device=device))
-            continue
-        n_win = min(w, b)
-        window = torch.arange(seq_len - n_win, seq_len, dtype=torch.int64, device=device)
-        top = order[h, : b - n_win]
-        kept.append(torch.cat([torch.sort(top).values, window]))
-    return kept
+    b = budgets.to(device=device, dtype=torch.int64).clamp(0, seq_len)
+    n_win = b.clamp(max=w)
+    n_top = b - n_win  # <= prefix
+    pos = torch.arange(seq_len, device=device)
+    # the window: the last n_win[h] positions
+    keep = pos[None, :] >= (seq_len - n_win)[:, None]
+    if prefix > 0:
+        # A stable descending sort puts equal scores in index order: deterministic ties.
+        order = torch.sort(scores[:, :prefix], dim=1, descending=True, stable=True).indices
+        ranked = torch.arange(prefix, device=device)[None, :] < n_top[:, None]  # rank j is kept
+        keep[:, :prefix].scatter_(1, order, ranked)
+    return keep
+
+
+def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window_size: int) -> list[torch.Tensor]:
+    """:func:`select_mask` as one sorted int64 index tensor per KV head (on ``scores.device``),
+    ``len == clamp(budgets[h], 0, T)``."""
+    keep = select_mask(scores, budgets, window_size)
+    lengths = keep.sum(dim=1).tolist()
+    return list(keep.nonzero()[:, 1].split(lengths))

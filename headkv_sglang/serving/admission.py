@@ -1,7 +1,9 @@
 """Admission: a request that will be compressed waits until the compressed pool can take it.
 
 * ``Scheduler.run_batch`` (BEFORE): rows of a prefill batch that will be compressed start
-  capturing their scoring queries (the question's, or the observation window's) and reserve their worst-case pages.
+  capturing their scoring queries (the question's, or the observation window's), are marked
+  to be compressed inside the forward that completes their prompt, and reserve their
+  worst-case pages.
 * ``Scheduler.get_new_batch_prefill`` (BEFORE/AFTER): a waiting request that will be
   compressed is admitted only while the pool's free pages, minus the reservations of
   requests admitted but not yet compressed, cover its own worst case
@@ -39,6 +41,7 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
     manager = state.manager
     if manager is None or batch is None or not batch.forward_mode.is_extend():
         return None
+    decoding = set(id(r) for r in (getattr(batch, "decoding_reqs", None) or []))
     for req in batch.reqs:
         idx = req.kv.req_pool_idx
         if idx is None or idx in manager.records:
@@ -46,7 +49,11 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
         cfg = request_config(state, req)
         if policy_class(cfg.policy).compresses:
             span = scoring_span(state, req, cfg) if needs_queries(cfg) else None
-            manager.begin_extend(idx, req.rid, cfg.obs_window, span=span)
+            # the forward whose chunk completes the prompt compresses it (serving.backend);
+            # a decode row of a mixed batch is not extending its prompt
+            target = prompt_len(req)
+            at = (cfg, target) if id(req) not in decoding and wants_compression(cfg, target) else None
+            manager.begin_extend(idx, req.rid, cfg.obs_window, span=span, compress_at=at)
             state.reserved.setdefault(idx, pages_bound(state, req, cfg))
     return None
 

@@ -7,7 +7,9 @@ decode or mixed batch, including writing every new token's K/V into SGLang's poo
 adds only:
 
 * capturing the observation-window queries of requests that will be compressed, during
-  their extend; and
+  their extend, and compressing each layer of a request right after that layer's attention
+  in the chunk that completes its prompt (so compression is part of the prefill forward);
+  and
 * attention for compressed rows (:class:`~headkv_sglang.kv.ragged.RaggedAttention`:
   prompt pages ⊕ decode tail ⊕ Razor's compensation), written over the inner backend's
   output for those rows.
@@ -191,6 +193,7 @@ class HeadKVAttnBackend:
             o = self._attend_compressed(o, q, layer, forward_batch, b)
         if self.manager._captures:
             self._capture_window(q, layer, forward_batch)
+            self._compress_completed(layer, forward_batch)
         return o
 
     def _attend_compressed(self, o, q, layer, fb, b: _Batch):
@@ -201,16 +204,44 @@ class HeadKVAttnBackend:
         o.view(-1, layer.tp_q_head_num, layer.v_head_dim).index_copy_(0, b.q_index, out.to(o.dtype))
         return o
 
+    def _rows(self, fb) -> list[int]:
+        """``fb.req_pool_indices`` on the host, read once per forward batch (one sync, not one per layer)."""
+        cached = self.__dict__.get("_rows_of")
+        if cached is None or cached[0] is not fb:
+            cached = self._rows_of = (fb, fb.req_pool_indices.tolist())
+        return cached[1]
+
     def _capture_window(self, q, layer, fb) -> None:
         """Keep each capturing row's scoring queries of this chunk (question or window)."""
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         start = 0
         captures = self.manager._captures
-        for idx, n, pos in zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
+        for idx, n, pos in zip(self._rows(fb), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
             n = int(n)
             if idx in captures:
                 self.manager.capture_queries(layer.layer_id, idx, q_[start:start + n], pos=int(pos))
             start += n
+
+    def _compress_completed(self, layer, fb) -> None:
+        """Compress this layer of every row whose chunk completes the prompt it is to be compressed
+        at, right after the layer's attention (its K/V and scoring queries are at hand); the last
+        layer writes the pages. Nothing then runs between this prefill and the next forward but
+        releasing the prompt's token slots (``serving.lifecycle``), so the overlap scheduler can
+        launch the next batch, which already treats these rows as compressed."""
+        captures = self.manager._captures
+        lid = layer.layer_id
+        for idx, n, pos in zip(self._rows(fb), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
+            cap = captures.get(idx)
+            end = int(pos) + int(n)
+            if cap is None or cap.compress_at is None or cap.compress_at[1] != end:
+                continue
+
+            def get_kv(idx=idx, end=end):
+                slots = self.req_to_token_pool.req_to_token[idx, :end].to(torch.int64)
+                pool = self.token_to_kv_pool
+                return pool.get_key_buffer(lid)[slots], pool.get_value_buffer(lid)[slots]
+
+            self.manager.compress_in_forward(lid, idx, end, get_kv)
 
 
 # ---------------------------------------------------------------------------- construction

@@ -1,17 +1,24 @@
 """A compressed request's life: compressed once its prompt is complete, freed with its row.
 
+* the prefill forward that completes a prompt compresses it, layer by layer
+  (``serving.backend``, :meth:`~headkv_sglang.kv.manager.CompressionManager.compress_in_forward`);
 * ``process_batch_result_prefill`` (BEFORE): note which requests complete their prompt
   in this batch (SGLang decrements ``inflight_middle_chunks`` while processing).
-* ``process_batch_result_prefill`` (AFTER): compress them, then give the prompt's token
-  slots back: the radix tree keeps them as *evictable* cache (prefix hits still work) and
-  the request stops pinning them.
+* ``process_batch_result_prefill`` (AFTER): give the prompt's token slots of the requests
+  compressed in the forward back: the radix tree keeps them as *evictable* cache (prefix
+  hits still work) and the request stops pinning them. A request the forward did not
+  compress (it failed there: counted, the request stays whole) is reported; one the
+  forward never reached is compressed here, as before.
+
+With SGLang's overlap scheduler the next batch is launched before this result
+processing runs; it already sees the forward's records, so its rows of these requests are
+compressed rows (their prompt slots are still pinned until released here).
 * ``ReqToTokenPool.free_rows`` (BEFORE): finish, abort and retraction free the pages.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -47,11 +54,28 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
         req._headkv_prefill_done = False
         if idx is not None and done:
             state.reserved.pop(idx, None)
-        if (idx is None or not done or id(req) in decoding or req.finished() or req.is_retracted
-                or idx in manager.records):
+        if idx is None or not done or id(req) in decoding or req.finished() or req.is_retracted:
             continue
         cfg = request_config(state, req)
         seq_len = int(req.extend_end or 0)
+        if idx in manager.compressed_in_forward:  # compressed by the forward: release its prompt slots
+            manager.compressed_in_forward.discard(idx)
+            rec = manager.records[idx]
+            if rec.prompt_len == seq_len:
+                release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="forward")
+                released = True
+                continue
+            logger.error("headkv_sglang: rid=%s was compressed at %d tokens, its prefill ended at %d: "
+                         "serving it uncompressed", req.rid, rec.prompt_len, seq_len)
+            manager.free(idx)
+            state.count(state.fallbacks, "error")
+            continue
+        err = manager.failed_in_forward.pop(idx, None)
+        if err is not None:
+            stays_whole(state, req, idx, manager, err)
+            continue
+        if idx in manager.records:
+            continue
         if not wants_compression(cfg, seq_len):
             manager.drop_capture(idx)
             continue
@@ -67,35 +91,48 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
 
 def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache,
                          manager: CompressionManager) -> bool:
-    """Compress ``req``'s prompt into pages and release its token slots. False: it stays whole."""
+    """Compress ``req``'s prompt into pages and release its token slots. False: it stays whole.
+
+    The path for a request whose prefill forward did not compress it."""
     req_to_token = tree_cache.req_to_token_pool.req_to_token
     kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
     slots = req_to_token[idx, :seq_len].to(torch.int64)
-    t0 = time.perf_counter()
 
     def get_kv(layer: int):
         return kv_pool.get_key_buffer(layer)[slots], kv_pool.get_value_buffer(layer)[slots]
 
     try:
         rec = manager.compress(idx, cfg, seq_len, get_kv)
-    except NotSmallerError as e:
+    except Exception as e:
+        stays_whole(state, req, idx, manager, e)
+        return False
+    release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="result")
+    return True
+
+
+def stays_whole(state: ServingState, req, idx: int, manager: CompressionManager, e: Exception) -> None:
+    """Compression of ``req`` raised ``e`` (nothing was allocated): it keeps its full KV."""
+    manager.drop_capture(idx)
+    if isinstance(e, NotSmallerError):
         # By design, not a fallback: page rounding would make the "compressed" copy at
         # least as large as the prompt's full KV (a short prompt).
         state.count(state.not_compressed, "not_smaller")
-        manager.drop_capture(idx)
         logger.info("headkv_sglang: rid=%s stays uncompressed: %s", req.rid, e)
-        return False
-    except PoolFullError as e:
+    elif isinstance(e, PoolFullError):
         # Correct but uncompressed: the request keeps its full KV in SGLang's pool.
         state.count(state.fallbacks, "pool_full")
-        manager.drop_capture(idx)
         logger.warning("headkv_sglang: rid=%s stays uncompressed: compressed pool full (%s)", req.rid, e)
-        return False
-    except Exception:  # never take the server down: serve this request uncompressed
+    else:  # never take the server down: serve this request uncompressed
         state.count(state.fallbacks, "error")
-        manager.drop_capture(idx)
-        logger.exception("headkv_sglang: rid=%s stays uncompressed: compression failed", req.rid)
-        return False
+        logger.error("headkv_sglang: rid=%s stays uncompressed: compression failed", req.rid,
+                     exc_info=(type(e), e, e.__traceback__))
+
+
+def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, manager: CompressionManager,
+            rec, where: str) -> None:
+    """Give a compressed request's prompt slots back to SGLang, and report it (``where``: it was
+    compressed in the prefill ``"forward"`` or in the ``"result"`` processing)."""
+    req_to_token = tree_cache.req_to_token_pool.req_to_token
     # Give the prompt's token-pool slots back: hand the whole prompt to the radix tree (a
     # later request sharing it gets a prefix hit), then drop this request's lock so it is
     # evictable cache. Anything the request still owns beyond the tree's part (a partial
@@ -118,7 +155,7 @@ def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, 
     req.skip_radix_cache_insert = True
     full = manager.full_bytes(seq_len)
     held = rec.held_bytes(manager.pool.bytes_per_page)
-    ratio, ms = full / max(held, 1), 1000 * (time.perf_counter() - t0)
+    ratio, ms = full / max(held, 1), rec.compress_ms
     logger.info(
         "headkv_sglang: compressed rid=%s policy=%s budget=%d%s prompt=%d tokens kept=%.1f%% "
         "held=%.2f MB full=%.2f MB ratio=%.1fx in %.0f ms",
@@ -129,13 +166,12 @@ def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, 
     state.remember(str(req.rid), {
         "policy": cfg.policy, "budget": cfg.budget, "budget_asked": cfg.budget_label, "prompt_tokens": seq_len,
         "kept_head_tokens": int(rec.kept_tokens), "held_bytes": int(held), "full_bytes": int(full),
-        "ratio": round(ratio, 2), "compress_ms": round(ms, 1),
+        "ratio": round(ratio, 2), "compress_ms": round(ms, 1), "compressed_in": where,
         # the prompt positions whose queries ranked its tokens (None: position-based policy)
         "scoring": cfg.scoring if needs_queries(cfg) else None,
         "scoring_span": list(req._headkv_span) if needs_queries(cfg) and getattr(req, "_headkv_span", None) else None,
     })
     metrics.update(state, cfg.policy)
-    return True
 
 
 def before_free_rows(state: ServingState, pool, indices, *args, **kwargs):
