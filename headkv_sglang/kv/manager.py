@@ -6,7 +6,9 @@ The serving layer (``headkv_sglang.serving``) calls it at three moments:
    queries per layer: its question's (a span of positions), or the last ``window`` ones;
 2. once a request's prompt is complete, :meth:`compress` scores, selects and copies each
    (layer, KV head)'s kept tokens into pages, after which SGLang's token-pool slots of
-   the prompt can be released;
+   the prompt can be released. The server does it inside the prefill forward, one layer
+   right after that layer's attention (:meth:`compress_in_forward`, built from the steps
+   :meth:`start_compression`, :meth:`compress_layer_into`, :meth:`finish_compression`);
 3. when the request's row is released (finish, abort, retraction), :meth:`free`.
 
 Decode attention over the pages is :mod:`headkv_sglang.kv.ragged` (it reads
@@ -63,7 +65,7 @@ class _Job:
     q_end: int | None
     layers: list[tuple] = field(default_factory=list)
     need: int = 0
-    t0: float = 0.0
+    ms: float = 0.0  # time spent in its steps (not the forward's other work between them)
 
 
 class NotSmallerError(ValueError):
@@ -193,12 +195,13 @@ class CompressionManager:
                 cfg = dataclasses.replace(cfg, window=w)
         policy = build_policy(cfg, s)
         planned = policy.plan_budgets(seq_len, cfg.budget, s.num_layers, s.num_kv_heads)
-        return _Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end, t0=t0)
+        return _Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end, ms=1000 * (time.perf_counter() - t0))
 
     def compress_layer_into(self, job: _Job, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Score and select one layer (``k, v``: ``[seq_len, num_kv_heads, head_dim]``)."""
         if layer != len(job.layers):
             raise ValueError(f"layer {layer} compressed out of order (expected {len(job.layers)})")
+        t0 = time.perf_counter()
         s, policy, w = self.shape, job.policy, job.w
         cap = self._captures.get(job.idx)
         k = k[:job.seq_len].transpose(0, 1)  # [H, T, D]
@@ -219,9 +222,11 @@ class CompressionManager:
         pages = self.pool.pages_for(lengths)
         job.need += int(pages.sum())
         job.layers.append((comp, lengths, pages))
+        job.ms += 1000 * (time.perf_counter() - t0)
 
     def finish_compression(self, job: _Job) -> RequestPages:
         """Allocate and write the pages of a job whose every layer is done; the request's record."""
+        t0 = time.perf_counter()
         s, seq_len, cfg, req_pool_idx = self.shape, job.seq_len, job.cfg, job.idx
         if len(job.layers) != s.num_layers:
             raise ValueError(f"{len(job.layers)} of {s.num_layers} layers compressed")
@@ -240,7 +245,7 @@ class CompressionManager:
             with self._lock:  # the pages were never recorded: give them back, not leak them
                 self.allocator.free(ids, owner=req_pool_idx)
             raise
-        rec.compress_ms = 1000 * (time.perf_counter() - job.t0)
+        rec.compress_ms = job.ms + 1000 * (time.perf_counter() - t0)
         self.records[req_pool_idx] = rec
         self.peak_records = max(self.peak_records, len(self.records))
         self.drop_capture(req_pool_idx)

@@ -9,11 +9,11 @@
   hits still work) and the request stops pinning them. A request the forward did not
   compress (it failed there: counted, the request stays whole) is reported; one the
   forward never reached is compressed here, as before.
+* ``ReqToTokenPool.free_rows`` (BEFORE): finish, abort and retraction free the pages.
 
 With SGLang's overlap scheduler the next batch is launched before this result
 processing runs; it already sees the forward's records, so its rows of these requests are
 compressed rows (their prompt slots are still pinned until released here).
-* ``ReqToTokenPool.free_rows`` (BEFORE): finish, abort and retraction free the pages.
 """
 
 from __future__ import annotations
