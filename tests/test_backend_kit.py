@@ -265,3 +265,34 @@ def test_the_wrapper_is_the_inner_backend_for_everything_it_does_not_add():
     assert inner.forward_metadata == "m1" and wrapper.forward_metadata == "m1"
     with pytest.raises(AttributeError):
         wrapper.no_such_attribute
+
+
+def test_with_overlap_a_request_sharing_a_pending_prefill_prefix_waits_one_step():
+    """The overlap scheduler forms the next batch before the last prefill's result puts its
+    prompt in the radix tree: a waiting request that shares that prompt's first tokens (a
+    fork branch over the same document) is held back for that step, the others are not."""
+    from headkv_sglang.serving.admission import (PREFIX_PROBE, after_get_new_batch_prefill,
+                                                 before_get_new_batch_prefill)
+
+    shape = ModelShape(num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8)
+    state = ServingState(KVPolicyConfig(policy="full"))
+    state.manager = CompressionManager(shape, 64, 4, torch.float32, "cpu")
+    doc = list(range(100, 100 + 3 * PREFIX_PROBE))
+
+    def req(ids):
+        return types.SimpleNamespace(origin_input_ids=ids, output_ids=[], sampling_params=None, rid=str(ids[-1]))
+
+    first, branch, other, short = req(doc + [1]), req(doc + [2]), req(list(range(500, 600))), req(doc[:PREFIX_PROBE])
+    extend = types.SimpleNamespace(reqs=[first], forward_mode=ForwardMode.EXTEND)
+    scheduler = types.SimpleNamespace(waiting_queue=[branch, other, short], result_queue=[(extend, None)])
+    before_get_new_batch_prefill(state, scheduler)
+    assert scheduler.waiting_queue == [other, short] and state.prefix_waits == 1
+    after_get_new_batch_prefill(state, None, scheduler)
+    assert scheduler.waiting_queue == [branch, other, short]
+    scheduler.result_queue = []  # processed: the prefix is in the radix tree now
+    before_get_new_batch_prefill(state, scheduler)
+    assert scheduler.waiting_queue == [branch, other, short] and state.prefix_waits == 1
+    decode = types.SimpleNamespace(reqs=[first], forward_mode=ForwardMode.DECODE)
+    scheduler.result_queue = [(decode, None)]  # a pending decode batch inserts nothing
+    before_get_new_batch_prefill(state, scheduler)
+    assert scheduler.waiting_queue == [branch, other, short]

@@ -11,6 +11,9 @@
   waiting queue (FIFO among compressed requests) until finishing requests return pages.
 * ``Req._compute_max_prefix_len`` (AFTER): a radix hit leaves the scoring queries to be
   recomputed.
+* With the overlap scheduler, a waiting request sharing its first tokens with a prompt whose
+  prefill result is not processed yet waits one step, so that it gets that prefix from the
+  radix tree (:func:`pending_prefill_prefixes`).
 """
 
 from __future__ import annotations
@@ -84,8 +87,12 @@ def before_get_new_batch_prefill(state: ServingState, scheduler, *args, **kwargs
     if m is None or not scheduler.waiting_queue:
         return None
     available = m.allocator.free_pages - sum(state.reserved.values())
-    keep, held = [], []
+    pending = pending_prefill_prefixes(scheduler)
+    keep, held, shared = [], [], []
     for req in scheduler.waiting_queue:
+        if pending and _probe(req) in pending:
+            shared.append(req)  # its prefix reaches the radix tree when that prefill's result is processed
+            continue
         need = pages_bound(state, req, request_config(state, req))
         if need == 0 or need > m.allocator.num_pages:
             keep.append(req)  # uncompressed, or can never fit: served uncompressed (a fallback)
@@ -100,10 +107,41 @@ def before_get_new_batch_prefill(state: ServingState, scheduler, *args, **kwargs
             keep.append(req)
             available -= need
     state.held_last_pass = len(held)
+    state.prefix_waits += len(shared)
+    held += shared
     if held:
         scheduler.waiting_queue = keep
         state.held = held
     return None
+
+
+PREFIX_PROBE = 32  # tokens compared to tell that two prompts share a prefix
+
+
+def _probe(req) -> tuple[int, ...] | None:
+    ids = req.origin_input_ids
+    return tuple(ids[:PREFIX_PROBE]) if len(ids) > PREFIX_PROBE else None
+
+
+def pending_prefill_prefixes(scheduler) -> set[tuple[int, ...]]:
+    """First tokens of the prompts in prefill batches launched but not yet result-processed.
+
+    With SGLang's overlap scheduler the next batch is formed before the last one's result
+    is processed, and a prompt enters the radix tree only then. A waiting request that shares
+    a prefix with such a prompt (the branches of a frontend program's fork over one document)
+    would be prefilled again from scratch; held back for that one step, it gets the prefix
+    from the radix tree, as it does without overlap.
+    """
+    out = set()
+    for batch, _ in getattr(scheduler, "result_queue", None) or ():
+        if batch is None or not batch.forward_mode.is_extend():
+            continue
+        for req in batch.reqs:
+            probe = _probe(req)
+            if probe is not None:
+                out.add(probe)
+    out.discard(None)
+    return out
 
 
 def after_get_new_batch_prefill(state: ServingState, result, scheduler, *args, **kwargs):

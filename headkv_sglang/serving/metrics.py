@@ -69,6 +69,7 @@ def report(state: ServingState) -> dict[str, Any]:
         "not_compressed": dict(state.not_compressed),
         "recent_requests": dict(state.recent),
         "admission": {"waits": state.admission_waits, "held_last_pass": state.held_last_pass,
+                      "prefix_waits": state.prefix_waits,
                       "reserved_pages": sum(state.reserved.values())},
     }
     if m is not None:

@@ -45,6 +45,7 @@ class ServingState:
     reserved: dict[int, int] = field(default_factory=dict)
     held: list[Any] = field(default_factory=list)  # held back during one get_new_batch_prefill call
     admission_waits: int = 0
+    prefix_waits: int = 0  # steps a request waited for a shared prefix to reach the radix tree
     held_last_pass: int = 0
     # rid -> what compression did to it (the newest RECENT_REQUESTS)
     recent: "OrderedDict[str, dict]" = field(default_factory=OrderedDict)
