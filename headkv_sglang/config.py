@@ -43,6 +43,7 @@ REQUEST_KEYS = {
     "kv_pooling": "pooling",
     "kv_razor_fraction": "razor_fraction",
     "kv_razor_heads": "razor_heads",
+    "kv_d2o_merge": "d2o_merge",
 }
 MAX_BUDGET = 1 << 20
 AUTO_WINDOW = 32
@@ -88,12 +89,13 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     head_profile: str | None = None
     beta: float = defaults.HEADKV_BETA  # HeadKV
     pyramid_beta: float = defaults.PYRAMID_BETA  # PyramidKV
-    sink_size: int = defaults.SINK_SIZE  # StreamingLLM, RazorAttention
+    sink_size: int = defaults.SINK_SIZE  # StreamingLLM, RazorAttention, D2O
     floor_alpha: float = defaults.FLOOR_ALPHA  # AdaKV
     kernel_size: int = defaults.KERNEL_SIZE
     pooling: str = defaults.POOLING
     razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
     razor_heads: str = "fraction"  # RazorAttention: "fraction" (razor_fraction) or "budget" (matched)
+    d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"off")
     pool_fraction: float = 0.5
     page_size: int = 16
 
@@ -176,6 +178,8 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
         floatval("razor_fraction", 0.0, 1.0)
         if self.razor_heads not in RAZOR_HEADS_CHOICES:
             raise bad("razor_heads", self.razor_heads, f"choose one of {', '.join(RAZOR_HEADS_CHOICES)}")
+        if self.d2o_merge not in defaults.D2O_MERGES:
+            raise bad("d2o_merge", self.d2o_merge, f"choose one of {', '.join(defaults.D2O_MERGES)}")
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)
         policy_class(self.policy).check_config(self, bad, changed)  # its cross-field rules

@@ -18,6 +18,7 @@ from typing import Any
 
 from headkv_sglang.config import (ENV_VAR, POLICY_CHOICES, POOLING_CHOICES, RAZOR_HEADS_CHOICES, SCORING_CHOICES,
                                   ConfigError, KVPolicyConfig, budget_fields)
+from headkv_sglang.policies import defaults
 
 logger = logging.getLogger("headkv_sglang")
 
@@ -77,7 +78,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-beta": ("beta", dict(type=float, default=_DEFAULTS.beta, help="HeadKV pool parameter beta.")),
     "--kv-pyramid-beta": ("pyramid_beta", dict(type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV beta.")),
     "--kv-sink-size": ("sink_size", dict(type=int, default=_DEFAULTS.sink_size,
-                                         help="Attention-sink tokens kept (StreamingLLM, RazorAttention).")),
+                                         help="Attention-sink tokens kept (StreamingLLM, RazorAttention, D2O).")),
     "--kv-floor-alpha": ("floor_alpha", dict(type=float, default=_DEFAULTS.floor_alpha, help="Ada-KV safeguard floor.")),
     "--kv-kernel-size": ("kernel_size", dict(type=int, default=_DEFAULTS.kernel_size, help="SnapKV pooling kernel (odd).")),
     "--kv-pooling": ("pooling", dict(type=str, default=_DEFAULTS.pooling, choices=POOLING_CHOICES, help="SnapKV pooling.")),
@@ -87,6 +88,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                              help="RazorAttention: 'fraction' (--kv-razor-fraction of the heads keep "
                                                   "everything) or 'budget' (as many heads as the budget pays for: "
                                                   "the KV held stays within L*H*budget).")),
+    "--kv-d2o-merge": ("d2o_merge", dict(type=str, default=_DEFAULTS.d2o_merge, choices=defaults.D2O_MERGES,
+                                         help="D2O: merge each dropped token into its most similar kept token "
+                                              "('on', the default) or drop it ('off').")),
     "--kv-pool-fraction": ("pool_fraction", dict(type=float, default=_DEFAULTS.pool_fraction,
                                                  help="Share of SGLang's KV token capacity moved to the compressed pool.")),
     "--kv-page-size": ("page_size", dict(type=int, default=_DEFAULTS.page_size,

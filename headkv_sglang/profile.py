@@ -40,6 +40,14 @@ attention weights can be read), with fixed seeds, and writes a
     masks skip that shift and score BOS as an "echo" of the last first-copy
     token). ``scores = max(echo / max(echo), induction / max(induction))``.
 
+``d2o`` — D2O's attention density (Wan et al. 2024, https://arxiv.org/abs/2406.13035).
+    One forward over a haystack prompt (no needle; the question asks for a
+    summary) per (length, trial); for every (layer, query head), the attention
+    each key accumulates over all the prompt's queries, and its variance over
+    the keys (the reference's ``attn_weights.sum(-2).var(-1)``), averaged over
+    the prompts. Low variance = dense attention: the D2O policy gives such
+    layers more of the budget.
+
 Decode-step attention is read over the whole context (prompt + generated
 tokens, as the reference code does); the prompt itself is prefilled once
 without returning weights, so memory stays ``O(layers x heads x context)``.
@@ -68,7 +76,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "retrieval": dict(lengths=[500, 1000, 2000, 4000], depths=4, trials=1),
     "r2": dict(lengths=[500, 1000, 2000, 4000], depths=4, trials=1),
     "razor": dict(period=500, repeats=4, trials=4),
+    "d2o": dict(lengths=[1000, 2000, 4000], trials=2),
 }
+D2O_QUESTION = "Summarize the text above in one sentence."
 
 NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack",
          "Laura", "Mark", "Nina", "Oscar", "Paula", "Peter", "Rachel", "Simon", "Tom", "Victor")
@@ -401,6 +411,46 @@ def profile_razor(tok, model, period: int, repeats: int, trials: int, seed: int,
     return echo / trials, ind / trials, params
 
 
+@torch.inference_mode()
+def profile_d2o(tok, model, lengths: list[int], trials: int, seed: int,
+                progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """float64 ``[L, H_q]``: the mean over prompts of each head's accumulated-attention variance."""
+    from tqdm import tqdm
+
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    mods = _attention_modules(model)
+    per_layer: list[torch.Tensor] = []
+
+    def variance(att: torch.Tensor) -> torch.Tensor:  # [H, S, S] -> [H]
+        return att.to(torch.float64).sum(dim=1).var(dim=-1)
+
+    def hook(module, args, output):
+        per_layer.append(variance(output[1][0]))
+        return (output[0], None, *output[2:])
+
+    handles = [m.register_forward_hook(hook) for m in mods]
+    total = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)
+    n_tokens = []
+    cases = [(n, t) for n in lengths for t in range(trials)]
+    try:
+        for n, t in tqdm(cases, desc="d2o", unit="prompt", disable=not progress):
+            prompt = build_prompt(tok, n, [], D2O_QUESTION, seed + 1000 * t + n)
+            per_layer.clear()
+            out = model(input_ids=torch.tensor([prompt.ids]), use_cache=False, output_attentions=not mods)
+            if not mods:
+                per_layer.extend(variance(a[0]) for a in out.attentions)
+            assert len(per_layer) == L, f"got attention of {len(per_layer)} layers, model has {L}"
+            total += torch.stack(per_layer)
+            n_tokens.append(len(prompt.ids))
+    finally:
+        for h in handles:
+            h.remove()
+    params = dict(question=D2O_QUESTION, prompts=len(cases), prompt_tokens=[min(n_tokens), max(n_tokens)],
+                  statistic="variance over keys of the attention each key accumulates over all queries")
+    return total / len(cases), params
+
+
 # ----------------------------------------------------------------------------- driver
 def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths: int | None = None,
         trials: int | None = None, seed: int = 0, max_length: int | None = None, period: int | None = None,
@@ -430,13 +480,13 @@ def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths
         echo, induction = e.tolist(), i.tolist()
         scores = torch.maximum(e / e.max().clamp_min(1e-12), i / i.max().clamp_min(1e-12))
         params.update(period=period, repeats=repeats, trials=trials, **extra)
+    elif method == "d2o":
+        lengths = _clip_lengths(list(lengths or d["lengths"]), max_length, room_for_decode=0)
+        trials = trials or d["trials"]
+        scores, extra = profile_d2o(tok, model, lengths, trials, seed, progress)
+        params.update(lengths=lengths, trials_per_length=trials, **extra)
     else:
-        lengths = list(lengths or d["lengths"])
-        if max_length:
-            room = max_length - 64  # the decode steps need positions too
-            if any(n > room for n in lengths):
-                print(f"note: lengths above {room} tokens clipped to it (--max-length {max_length})", file=sys.stderr)
-            lengths = sorted({min(n, room) for n in lengths})
+        lengths = _clip_lengths(list(lengths or d["lengths"]), max_length, room_for_decode=64)
         depths = depths or d["depths"]
         trials = trials or d["trials"]
         fn = profile_retrieval if method == "retrieval" else profile_r2
@@ -454,6 +504,16 @@ def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         method=method, parameters=params, scores=scores.tolist(), echo=echo, induction=induction,
     )
+
+
+def _clip_lengths(lengths: list[int], max_length: int | None, room_for_decode: int) -> list[int]:
+    """``lengths`` capped at ``max_length`` minus the positions decoding needs (a note when it clips)."""
+    if not max_length:
+        return lengths
+    room = max_length - room_for_decode
+    if any(n > room for n in lengths):
+        print(f"note: lengths above {room} tokens clipped to it (--max-length {max_length})", file=sys.stderr)
+    return sorted({min(n, room) for n in lengths})
 
 
 def mass_fraction(table: list[list[float]], mass: float = 0.5) -> float:
@@ -485,6 +545,12 @@ def summary(prof: HeadProfile) -> str:
         prot = razor_protected(prof)
         lines.insert(0, f"top-5 echo: {prof.top_heads(5, 'echo')}   top-5 induction: {prof.top_heads(5, 'induction')}")
         lines.append(f"important (top 1% echo + top 14% induction): {len(prot)}/{n} query heads = {len(prot) / n:.1%}")
+    elif prof.method == "d2o":
+        from headkv_sglang.policies.d2o import D2O
+
+        shares = D2O(density=torch.as_tensor(prof.kv_scores, dtype=torch.float64)).layer_shares()
+        lines.append("D2O layer shares of the budget (x the uniform share): "
+                     + " ".join(f"{x:.2f}" for x in (shares * prof.num_layers).tolist()))
     else:
         frac = mass_fraction(prof.scores)
         strong = sum(v > 0.1 for row in prof.scores for v in row)
@@ -500,12 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF model directory (config.json + weights + tokenizer)")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, help="profile JSON to write; a heatmap <stem>.png goes next to it")
-    p.add_argument("--lengths", type=int, nargs="+", help=f"prompt lengths in tokens (retrieval/r2; default "
-                   f"{DEFAULTS['r2']['lengths']})")
+    p.add_argument("--lengths", type=int, nargs="+", help=f"prompt lengths in tokens (retrieval/r2/d2o; default "
+                   f"{DEFAULTS['r2']['lengths']}, d2o {DEFAULTS['d2o']['lengths']})")
     p.add_argument("--depths", type=int, help="needle depths per length, evenly from 0 to 1 (retrieval/r2; "
                    f"default {DEFAULTS['r2']['depths']})")
     p.add_argument("--trials", type=int, help="needles per (length, depth) for retrieval/r2 (default 1); random "
-                   f"sequences for razor (default {DEFAULTS['razor']['trials']})")
+                   f"sequences for razor (default {DEFAULTS['razor']['trials']}); prompts per length for d2o "
+                   f"(default {DEFAULTS['d2o']['trials']})")
     p.add_argument("--period", type=int, help=f"razor: random tokens per copy (default {DEFAULTS['razor']['period']})")
     p.add_argument("--repeats", type=int, help=f"razor: copies (default {DEFAULTS['razor']['repeats']})")
     p.add_argument("--seed", type=int, default=0)

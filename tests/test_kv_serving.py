@@ -153,6 +153,40 @@ def test_ratio_budget_keeps_that_share_of_each_prompt(kv_server, kv_client):
     assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
 
 
+def test_d2o_per_request_merges_into_the_pool_and_returns_its_pages(kv_server, model_path):
+    """D2O at 10% of a ~2k-token needle prompt, with and without merging the dropped tokens.
+
+    Plain eviction finds the needle. The merged keys/values are what decoding reads: the
+    later tokens' log-probabilities differ from plain eviction's (the first, from the
+    prefill's logits, does not). Merging is not asserted to find the needle: on this model
+    it does not (the needle's digits absorb similar dropped tokens; README, D2O); layer
+    budgets from the shipped profile keep at most the budget; the pages come back."""
+    from transformers import AutoTokenizer
+
+    needle = needle_prompt(1500, depth=0.4, seed=51)
+    text = AutoTokenizer.from_pretrained(model_path).apply_chat_template(
+        [{"role": "user", "content": needle.prompt}], tokenize=False, add_generation_prompt=True)
+    out, rids = {}, {}
+    for merge in ("on", "off"):
+        status, body = kv_server.post_json("/generate", {
+            "text": text, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "custom_params": {
+                "kv_policy": "d2o", "kv_budget": "10%", "kv_scoring": "question", "kv_d2o_merge": merge}}})
+        assert status == 200, body
+        assert merge == "on" or needle.answer in body["text"], (merge, body["text"])
+        out[merge] = [lp for lp, _, _ in body["meta_info"]["output_token_logprobs"]]
+        rids[merge] = body["meta_info"]["id"]
+    assert out["on"][0] == pytest.approx(out["off"][0], abs=1e-5)  # from the prefill: before compression
+    assert max(abs(a - b) for a, b in zip(out["on"][1:], out["off"][1:])) > 1e-4, out
+    st = kv_server.wait_idle(60.0)
+    for merge, rid in rids.items():
+        rep = st["recent_requests"][rid]
+        assert rep["policy"] == "d2o" and rep["compressed_in"] == "forward", rep
+        assert rep["kept_head_tokens"] <= rep["budget"] * L * H_KV, rep
+    assert st["policies"]["d2o"]["compressed_requests_total"] >= 2
+    assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
+
+
 def test_prefix_hit_after_compression_answers_like_a_cold_cache(kv_server, kv_client):
     doc = needle_prompt(900, depth=0.3, seed=31).prompt.rsplit("\n\n", 1)[0]
     q1 = doc + "\n\nWhat is the secret number? Answer with the number only."
@@ -171,7 +205,7 @@ def test_prefix_hit_after_compression_answers_like_a_cold_cache(kv_server, kv_cl
 
 
 def test_32_concurrent_mixed_policies_then_pools_empty(kv_server, kv_client):
-    policies = ["full", "snapkv", "pyramidkv", "adakv", "streamingllm", "headkv", "razor"]
+    policies = ["full", "snapkv", "pyramidkv", "adakv", "streamingllm", "headkv", "razor", "d2o"]
     jobs = []
     # budgets at or above the prompts' length: answers must stay right (such prompts are kept
     # whole by the size rule; concurrent compressed needles: tests/test_capacity.py)

@@ -163,6 +163,7 @@ def test_each_policy_carries_its_facts():
         "adakv": (True, True, None),
         "streamingllm": (False, True, None),
         "razor": (False, True, "razor"),
+        "d2o": (True, True, "d2o"),
     }
 
 
@@ -183,7 +184,7 @@ def test_config_imports_without_torch():
     code = ("import sys, headkv_sglang.config as c; assert 'torch' not in sys.modules, 'torch imported'; "
             "print(','.join(c.POLICY_CHOICES))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "full,headkv,snapkv,pyramidkv,adakv,streamingllm,razor"
+    assert out.strip() == "full,headkv,snapkv,pyramidkv,adakv,streamingllm,razor,d2o"
 
 
 # --------------------------------------------------------------------------- #
@@ -195,7 +196,7 @@ def write_profiles(tmp_path, shape: ModelShape, rng: random.Random) -> dict[str,
     L, Hq, H = shape.num_layers, shape.num_q_heads, shape.num_kv_heads
     table = lambda: [[rng.random() + 1e-3 for _ in range(Hq)] for _ in range(L)]  # noqa: E731
     out = {}
-    for method in ("r2", "razor"):
+    for method in ("r2", "razor", "d2o"):
         extra = dict(echo=table(), induction=table()) if method == "razor" else {}
         prof = HeadProfile(architecture="", model_name="random", num_layers=L, num_q_heads=Hq, num_kv_heads=H,
                            head_dim=shape.head_dim, method=method, parameters={}, scores=table(), **extra)

@@ -22,10 +22,10 @@ from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPo
 pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
-assert ALLOWED == ("kv_beta, kv_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, kv_policy, "
+assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_floor_alpha, kv_kernel_size, kv_min_prompt, kv_policy, "
                    "kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
-POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor"
+POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor, d2o"
 
 # (custom_params, the exact error message). The server default is --kv-policy full with
 # budget 128, window 0 (auto), sink size 4.
@@ -60,6 +60,8 @@ INVALID = [
     ({"kv_question": 4097}, "custom_params.kv_question: invalid value 4097; expected an integer in [0, 4096]"),
     ({"kv_question": "32"}, "custom_params.kv_question: invalid value '32'; expected int"),
     ({"kv_razor_heads": "all"}, "custom_params.kv_razor_heads: invalid value 'all'; choose one of fraction, budget"),
+    ({"kv_d2o_merge": "yes"}, "custom_params.kv_d2o_merge: invalid value 'yes'; choose one of on, off"),
+    ({"kv_d2o_merge": True}, "custom_params.kv_d2o_merge: invalid value True; expected str"),
     # kv_policy
     ({"kv_policy": "nope"}, f"custom_params.kv_policy: invalid value 'nope'; choose one of {POLICIES}"),
     ({"kv_policy": "SnapKV"}, f"custom_params.kv_policy: invalid value 'SnapKV'; choose one of {POLICIES}"),
@@ -136,6 +138,8 @@ VALID = [
     {"kv_policy": "snapkv", "kv_budget": "100%", "kv_scoring": "window"},
     {"kv_policy": "adakv", "kv_budget": 16, "kv_question": 1},
     {"kv_policy": "razor", "kv_budget": "2%", "kv_razor_heads": "budget"},
+    {"kv_policy": "d2o", "kv_budget": "2%", "kv_d2o_merge": "off"},
+    {"kv_policy": "d2o", "kv_budget": 6, "kv_sink_size": 5, "kv_scoring": "question"},
     {"kv_policy": "streamingllm", "kv_budget": 16, "kv_window": 64},  # window > budget is fine without scoring
     {"kv_policy": "snapkv", "kv_budget": 1},  # auto window: max(1, 1 // 4) = 1
     {"kv_policy": "razor", "kv_budget": 5, "kv_razor_fraction": 0.0, "kv_sink_size": 0},
@@ -280,6 +284,7 @@ _NEAR = {
     "kv_scoring": st.sampled_from(["question", "window"]),
     "kv_question": st.integers(0, 64),
     "kv_razor_heads": st.sampled_from(["fraction", "budget"]),
+    "kv_d2o_merge": st.sampled_from(["on", "off"]),
     "kv_min_prompt": st.integers(0, 40),
     "kv_sink_size": st.integers(0, 8),
     "kv_beta": st.floats(1, 20) | st.integers(1, 3),
@@ -296,6 +301,7 @@ _EDGE = {
     "kv_scoring": st.sampled_from(["", "Question", "last"]),
     "kv_question": st.sampled_from([-1, 4097]),
     "kv_razor_heads": st.sampled_from(["", "all", "Budget"]),
+    "kv_d2o_merge": st.sampled_from(["", "ON", "none"]) | st.booleans(),
     "kv_min_prompt": st.sampled_from([-1, (1 << 20) + 1]),
     "kv_sink_size": st.sampled_from([-1, 80, 4097]),
     "kv_beta": st.floats(-1, 0.999) | st.floats(1e6, 1e300, exclude_min=True),

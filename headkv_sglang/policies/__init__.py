@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from headkv_sglang.policies.adakv import AdaKV
     from headkv_sglang.policies.base import CompressedLayer, KVPolicy, compress_layer
+    from headkv_sglang.policies.d2o import D2O
     from headkv_sglang.policies.full import FullKV
     from headkv_sglang.policies.headkv import HeadKV
     from headkv_sglang.policies.pyramidkv import PyramidKV
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "AdaKV": "adakv",
     "CompressedLayer": "base",
+    "D2O": "d2o",
     "FullKV": "full",
     "HeadKV": "headkv",
     "KVPolicy": "base",

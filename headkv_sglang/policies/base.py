@@ -94,6 +94,10 @@ class KVPolicy(ABC):
     #: The head-profile method the policy is built from (``profiles.METHODS``), or
     #: None when it needs no profile.
     profile_method: ClassVar[str | None] = None
+    #: True when the kept keys/values are changed by what was dropped (D2O merges each
+    #: dropped token into a similar kept one): :func:`compress_layer` then calls
+    #: :meth:`merge_dropped`.
+    merges_dropped: ClassVar[bool] = False
 
     window_size: int
 
@@ -224,6 +228,16 @@ class KVPolicy(ABC):
         uses: batched over heads). A policy with its own selection overrides this."""
         return select_mask(scores, budgets, self.window_size)
 
+    def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      kept: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """New ``kept.k_flat, kept.v_flat`` (``[N, head_dim]``) that take in the dropped tokens.
+
+        Called by :func:`compress_layer` when :attr:`merges_dropped` is True, with the
+        layer's ``k, v`` (``[num_kv_heads, T, head_dim]``, read-only) and the bool keep
+        mask ``[num_kv_heads, T]``; must not change which tokens are kept.
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets merges_dropped but has no merge_dropped")
+
 
 # --------------------------------------------------------------------------- #
 # Compression of one layer
@@ -319,6 +333,12 @@ def compress_layer(
     out = CompressedLayer(
         k_flat=k[head_of, indices], v_flat=v[head_of, indices], indptr=indptr, indices=indices
     )
+    if policy.merges_dropped:
+        k_flat, v_flat = policy.merge_dropped(k, v, keep, out)
+        if k_flat.shape != out.k_flat.shape or v_flat.shape != out.v_flat.shape:
+            raise ValueError(f"{type(policy).__name__}.merge_dropped changed the kept tokens' shape "
+                             f"{list(out.k_flat.shape)} -> {list(k_flat.shape)}")
+        out.k_flat, out.v_flat = k_flat, v_flat
     if policy.uses_compensation:
         dropped = (~keep.to(k.device)).to(torch.float32)
         count = dropped.sum(dim=1)

@@ -37,3 +37,6 @@ SINK_SIZE = 4
 RAZOR_ECHO_FRACTION = 0.01
 RAZOR_INDUCTION_FRACTION = 0.14
 RAZOR_FRACTION = 0.15  # not 0.01 + 0.14, which is 0.15000000000000002 in floating point
+#: D2O: merge each dropped token into its most similar kept token ("on", as the paper) or not.
+D2O_MERGES: tuple[str, ...] = ("on", "off")
+D2O_MERGE = "on"

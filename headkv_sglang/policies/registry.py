@@ -35,6 +35,7 @@ _BUILTIN: tuple[tuple[str, str], ...] = (
     ("adakv", "headkv_sglang.policies.adakv:AdaKV"),
     ("streamingllm", "headkv_sglang.policies.streamingllm:StreamingLLM"),
     ("razor", "headkv_sglang.policies.razor:RazorAttention"),
+    ("d2o", "headkv_sglang.policies.d2o:D2O"),
 )
 
 

@@ -13,6 +13,8 @@ name, shape), the method and the parameters it ran with, and the tables:
   their group means ``kv_echo`` / ``kv_induction``. ``scores`` is then
   ``max(echo / max(echo), induction / max(induction))`` per head: each kind
   normalised by its strongest head, so one table ranks both kinds of head.
+* ``d2o``: ``scores`` is each head's attention variance (density: low = dense), which
+  the D2O policy turns into layer budgets.
 
 Tables are plain nested lists (JSON-native); ``torch.as_tensor(p.kv_scores)``
 gives a tensor. Each file ships with a heatmap PNG of the same stem. Profiles
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
-METHODS: tuple[str, ...] = ("retrieval", "r2", "razor")
+METHODS: tuple[str, ...] = ("retrieval", "r2", "razor", "d2o")
 FORMAT_VERSION = 1
 
 Table = list[list[float]]
@@ -192,6 +194,8 @@ class HeadProfile:
         panels = [("importance", self.scores)]
         if self.method == "razor":
             panels = [("echo", self.echo), ("induction", self.induction), ("combined (max of normalised)", self.scores)]
+        elif self.method == "d2o":
+            panels = [("attention variance (low = dense)", self.scores)]
         group = self.num_q_heads // self.num_kv_heads
         width = max(2.4, 0.32 * self.num_q_heads + 1.4)
         fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 0.6, max(4.0, 0.2 * self.num_layers + 1.6)),

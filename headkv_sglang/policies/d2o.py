@@ -1,0 +1,236 @@
+"""D2O: layer budgets from attention density, dropped tokens merged into similar kept ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from headkv_sglang.policies import defaults
+from headkv_sglang.policies.budgets import effective_window, total_bound_pages, waterfill
+from headkv_sglang.policies.checks import (
+    BadValue,
+    check_choice,
+    check_int,
+    check_model_shape,
+    check_request,
+    check_sinks_fit,
+    check_window_fits,
+)
+from headkv_sglang.policies.observation import ObservationWindowPolicy
+
+if TYPE_CHECKING:
+    from headkv_sglang.config import KVPolicyConfig, ModelShape
+    from headkv_sglang.policies.base import CompressedLayer
+
+#: Most (token, kept token) similarities computed at once by :func:`merge_dropped`.
+_SIM_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True, kw_only=True)
+class D2O(ObservationWindowPolicy):
+    """D2O (Dynamic Discriminative Operations), its prompt-side half.
+
+    https://arxiv.org/abs/2406.13035 (code: AIoT-MLSys-Lab/d2o,
+    ``modeling_llama3_new.py`` and ``D2O_LayerKVCache`` in
+    ``modeling_llama3_7b_13b_d2o.py``).
+
+    **Layer level.** Layers whose attention is dense (low variance of the attention
+    each key accumulates) lose more when tokens are evicted, so they keep more. With
+    ``v_l`` a layer's attention variance, min-max normalised over the layers, a layer's
+    prefix budget is ``L * (B - w) * softmax(-v)_l`` (the reference:
+    ``ratio_l = L * rho * softmax(-v)_l``), capped at the prompt and the excess spread
+    over the other layers (:func:`~headkv_sglang.policies.budgets.waterfill`), so the
+    total is exactly ``L * H * min(B, T)``. All KV heads of a layer share its budget.
+
+    **Token level.** Each head keeps its first ``sink_size`` tokens, the window and the
+    tokens the scoring queries attend to most (SnapKV's scores). Every dropped token
+    then finds its most similar kept token of the same head (cosine of the keys); when
+    that similarity ``s`` reaches the threshold (the mean of those best similarities
+    over the layer's dropped tokens), it is merged into it: a kept token ``j`` with
+    merged tokens ``i`` becomes ``(k_j + sum_i s_i k_i) / (1 + n_j)``, and likewise
+    ``v_j`` (the reference's ``scatter_reduce(mean, include_self)`` of ``s * k``).
+
+    Differences from the reference, each forced by serving or kept deliberately:
+
+    * the layer variances come from a profile measured once on calibration text
+      (``python -m headkv_sglang.profile --method d2o``: the variance over keys of the
+      attention every key accumulates over the whole prompt, per query head) rather
+      than from each request's own prefill, because the server compresses each layer
+      right after its attention inside the forward, when later layers are not yet
+      computed; the reference normalises each layer's per-head variances over its own
+      heads, we normalise the layer means over the layers so that layers compare;
+    * the kept tokens are scored by the request's scoring queries (SnapKV's window or
+      the question), not by the attention accumulated over every prompt query (H2O),
+      which costs ``T^2`` per layer; all layers are compressed (the reference leaves
+      layers 0, 1 and the last whole) and the recent part is the observation window
+      (the reference splits each layer's budget 1:1 between heavy and recent tokens);
+    * the merge test is per (head, token) (the reference averages the similarity of
+      the ``i``-th dropped token over heads, which are different tokens per head);
+    * the threshold is the reference's first value; its moving average over later
+      compressions belongs to decode-time compression, which is not built yet.
+
+    Parameters
+    ----------
+    density : torch.Tensor
+        float ``[num_layers, num_kv_heads]``, ``>= 0``: attention variance per head
+        (the profile's ``kv_scores``); a layer's ``v_l`` is the mean of its row.
+    sink_size : int
+        First prompt tokens always kept (4, as the reference).
+    merge : {"on", "off"}
+        Merge dropped tokens into similar kept ones (``"off"``: plain eviction).
+    window_size, kernel_size, pooling, gqa_agg
+        See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
+    """
+
+    name: ClassVar[str] = "d2o"
+    profile_method: ClassVar[str | None] = "d2o"
+    merges_dropped: ClassVar[bool] = True
+
+    density: torch.Tensor = field(compare=False, repr=False)
+    sink_size: int = defaults.SINK_SIZE
+    merge: str = defaults.D2O_MERGE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cls = type(self).__name__
+        table = torch.as_tensor(self.density)
+        if table.dim() != 2 or not table.is_floating_point():
+            raise ValueError(f"{cls}.density must be a float [num_layers, num_kv_heads] tensor, "
+                             f"got {table.dtype} {list(table.shape)}")
+        table = table.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
+            raise ValueError(f"{cls}.density must be finite and >= 0")
+        object.__setattr__(self, "density", table)
+        check_int(cls, "sink_size", self.sink_size, 0)
+        check_choice(cls, "merge", self.merge, defaults.D2O_MERGES)
+
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> D2O:
+        """Density: the ``d2o`` profile's per-KV-head attention variances."""
+        assert profile is not None, "D2O needs its 'd2o' profile (registry.resolve_profile)"
+        return cls(density=torch.as_tensor(profile.kv_scores, dtype=torch.float64),
+                   sink_size=cfg.sink_size, merge=cfg.d2o_merge, **cls.observation_kwargs(cfg))
+
+    @classmethod
+    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
+        check_window_fits(cfg, bad, changed)
+        check_sinks_fit(cfg, bad, changed)
+
+    @classmethod
+    def min_budget(cls, cfg: KVPolicyConfig) -> int:
+        """The sinks plus one recent token (and the explicit window)."""
+        return max(cfg.window, cfg.sink_size + 1)
+
+    def check_model(self, num_layers: int, num_kv_heads: int) -> None:
+        super().check_model(num_layers, num_kv_heads)
+        check_model_shape(type(self).__name__, "density", self.density, num_layers, num_kv_heads)
+
+    # ------------------------------------------------------------------ layer level
+    def layer_shares(self) -> torch.Tensor:
+        """float64 ``[num_layers]``: ``softmax(-v)`` of the min-max normalised layer variances."""
+        v = self.density.mean(dim=1)
+        span = float(v.max() - v.min())
+        v = (v - v.min()) / span if span > 0 else torch.zeros_like(v)
+        return torch.softmax(-v, dim=0)
+
+    def plan_budgets(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int
+    ) -> torch.Tensor:
+        check_request(seq_len, budget, num_layers, num_kv_heads)
+        self.check_model(num_layers, num_kv_heads)
+        if budget >= seq_len:
+            return torch.full((num_layers, num_kv_heads), seq_len, dtype=torch.int64)
+        w = effective_window(self.window_size, budget, seq_len)
+        shares = self.layer_shares()
+        ideal = shares * (num_layers * (budget - w))
+        caps = torch.full((num_layers,), seq_len - w, dtype=torch.int64)
+        per_layer = waterfill(ideal, caps, shares, num_layers * (budget - w)) + w
+        return per_layer[:, None].expand(num_layers, num_kv_heads).contiguous()
+
+    def max_pages(
+        self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
+    ) -> int:
+        """At most ``min(B, T)`` tokens per row on average, rows of any length."""
+        rows = num_layers * num_kv_heads
+        return total_bound_pages(rows * min(budget, seq_len), rows, page_size)
+
+    # ------------------------------------------------------------------ token level
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
+                     q_end: int | None = None) -> torch.Tensor:
+        """SnapKV's scores with the first ``sink_size`` tokens at ``+inf`` (always kept first)."""
+        scores = super().token_scores(q_win, k, layer, q_end)
+        scores[:, :self.sink_size] = float("inf")
+        return scores
+
+    def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      kept: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept keys and values with the dropped tokens merged in (:func:`merge_dropped`)."""
+        if self.merge == "off":
+            return kept.k_flat, kept.v_flat
+        return merge_dropped(k, v, keep, kept.k_flat, kept.v_flat, kept.indptr)
+
+
+def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: torch.Tensor,
+                  v_kept: torch.Tensor, indptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D2O's compensation: merge each dropped token into its most similar kept token.
+
+    Parameters
+    ----------
+    k, v : torch.Tensor
+        ``[H, T, D]``: the layer's prompt keys and values (not modified).
+    keep : torch.Tensor
+        bool ``[H, T]``: the kept tokens.
+    k_kept, v_kept : torch.Tensor
+        ``[N, D]``: the kept tokens, head by head in position order (``N = keep.sum()``).
+    indptr : torch.Tensor
+        int64 ``[H + 1]``: head ``h``'s kept tokens are rows ``indptr[h]:indptr[h+1]``.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        New ``[N, D]`` keys and values (input dtype). For a dropped token ``i`` of head
+        ``h``, ``s_i`` is the largest cosine similarity of its key to a kept key of
+        ``h`` (ties: the earlier kept token) and ``j(i)`` that token; the threshold is
+        the mean of ``s_i`` over every dropped token of the layer (of heads that keep at
+        least one token). Tokens with ``s_i >= threshold`` merge:
+        ``k'_j = (k_j + sum_{i: j(i)=j} s_i k_i) / (1 + n_j)`` and the same for ``v``.
+        Computed in float32, in chunks of tokens (no ``[H, T, T]`` tensor).
+    """
+    num_heads, seq_len, dim = k.shape
+    device = k.device
+    keep = keep.to(device)
+    lengths = keep.sum(dim=1)
+    drop = ~keep & (lengths > 0)[:, None]
+    if k_kept.shape[0] == 0 or not bool(drop.any()):
+        return k_kept, v_kept
+    kmax = int(lengths.max())
+    # kept keys per head, padded to kmax rows: rank of a kept token within its head
+    rank = keep.to(torch.int64).cumsum(dim=1) - 1
+    head_of, pos_of = keep.nonzero(as_tuple=True)
+    kn = torch.nn.functional.normalize(k.to(torch.float32), dim=-1)
+    padded = kn.new_zeros(num_heads, kmax, dim)
+    padded[head_of, rank[head_of, pos_of]] = kn[head_of, pos_of]
+    valid = torch.arange(kmax, device=device)[None, None, :] < lengths[:, None, None]  # [H, 1, kmax]
+    best_all = torch.empty(num_heads, seq_len, dtype=torch.float32, device=device)
+    arg_all = torch.empty(num_heads, seq_len, dtype=torch.int64, device=device)
+    step = max(1, _SIM_CHUNK // (num_heads * kmax))
+    for lo in range(0, seq_len, step):  # every token of a chunk against its head's kept keys
+        sims = torch.bmm(kn[:, lo:lo + step], padded.transpose(1, 2))  # [H, n, kmax]
+        sims = sims.masked_fill(~valid, float("-inf"))
+        best_all[:, lo:lo + step], arg_all[:, lo:lo + step] = sims.max(dim=2)
+    d_head, d_pos = drop.nonzero(as_tuple=True)
+    best, arg = best_all[d_head, d_pos], arg_all[d_head, d_pos]
+    merged = best >= best.mean()
+    src_h, src_p, weight = d_head[merged], d_pos[merged], best[merged]
+    target = indptr.to(device)[src_h] + arg[merged]  # row in k_kept
+    count = 1.0 + torch.bincount(target, minlength=k_kept.shape[0]).to(torch.float32)
+    out = []
+    for full, flat in ((k, k_kept), (v, v_kept)):
+        acc = flat.to(torch.float32)  # a copy for float32 inputs too: index_put_ below writes into it
+        acc = acc.clone() if acc.data_ptr() == flat.data_ptr() else acc
+        # (index_put_ with accumulate: CPU's multi-threaded index_add_ stalls on a busy machine)
+        acc.index_put_((target,), weight[:, None] * full[src_h, src_p].to(torch.float32), accumulate=True)
+        out.append((acc / count[:, None]).to(flat.dtype))
+    return out[0], out[1]

@@ -1,0 +1,220 @@
+"""D2O against naive loop re-implementations on random odd sizes (CPU, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from headkv_sglang.config import ConfigError, KVPolicyConfig, ModelShape
+from headkv_sglang.policies import D2O, SnapKV, compress_layer, get_policy
+from headkv_sglang.policies.d2o import merge_dropped
+from headkv_sglang.policies.registry import build_policy
+
+
+def density(num_layers: int, num_heads: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(num_layers, num_heads, generator=g, dtype=torch.float64) * 5
+
+
+# --------------------------------------------------------------------------- naive references
+def naive_layer_budgets(dens: torch.Tensor, seq_len: int, budget: int, window: int) -> list[float]:
+    """D2O's allocation as the reference writes it, real-valued: L * (B - w) * softmax(-v)."""
+    v = [sum(row) / len(row) for row in dens.tolist()]
+    lo, hi = min(v), max(v)
+    v = [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in v]
+    e = [math.exp(-x) for x in v]
+    w = min(window, budget, seq_len)
+    return [len(v) * (budget - w) * x / sum(e) + w for x in e]
+
+
+def naive_merge(k, v, keep):
+    """One (head, dropped token) at a time: best kept key by cosine, mean threshold, weighted mean."""
+    H, T, D = k.shape
+    kept = [[t for t in range(T) if keep[h, t]] for h in range(H)]
+    cand = []  # (h, t, best similarity, kept token)
+    for h in range(H):
+        if not kept[h]:
+            continue
+        for t in range(T):
+            if keep[h, t]:
+                continue
+            best, arg = -math.inf, None
+            for j in kept[h]:
+                a, b = k[h, t].double(), k[h, j].double()
+                s = float(a @ b / (a.norm().clamp_min(1e-12) * b.norm().clamp_min(1e-12)))
+                if s > best + 1e-6:  # ties -> the earlier kept token
+                    best, arg = s, j
+            cand.append((h, t, best, arg))
+    thr = sum(c[2] for c in cand) / len(cand) if cand else math.inf
+    ko, vo = [], []
+    for h in range(H):
+        for j in kept[h]:
+            srcs = [(t, s) for (hh, t, s, a) in cand if hh == h and a == j and s >= thr - 1e-6]
+            kk = k[h, j].double() + sum((s * k[h, t].double() for t, s in srcs), torch.zeros(D, dtype=torch.float64))
+            vv = v[h, j].double() + sum((s * v[h, t].double() for t, s in srcs), torch.zeros(D, dtype=torch.float64))
+            ko.append(kk / (1 + len(srcs)))
+            vo.append(vv / (1 + len(srcs)))
+    return torch.stack(ko), torch.stack(vo)
+
+
+# --------------------------------------------------------------------------- layer level
+@pytest.mark.parametrize("L, H, T, B, w", [(7, 3, 301, 37, 5), (5, 2, 97, 11, 3), (9, 1, 54, 50, 8), (3, 4, 13, 5, 5)])
+def test_layer_budgets_follow_the_density_and_sum_to_the_budget(L, H, T, B, w):
+    dens = density(L, H, seed=L * T)
+    pol = D2O(density=dens, window_size=w)
+    plan = pol.plan_budgets(T, B, L, H)
+    assert plan.shape == (L, H) and plan.dtype == torch.int64
+    assert int(plan.sum()) == L * H * min(B, T)
+    assert (plan == plan[:, :1]).all()  # layer level: the heads of a layer share its budget
+    assert (plan <= T).all() and (plan >= min(w, B)).all()
+    ideal = naive_layer_budgets(dens, T, B, w)
+    if max(ideal) <= T:  # no layer capped: the rounded plan is within one token of the formula
+        assert max(abs(a - b) for a, b in zip(plan[:, 0].tolist(), ideal)) < 1.0
+    # the densest layer (lowest variance) keeps the most, the sparsest the least
+    order = dens.mean(1).argsort()
+    assert plan[order[0], 0] >= plan[order[-1], 0]
+
+
+def test_layer_budgets_capped_at_the_prompt_give_the_excess_to_the_others():
+    dens = torch.tensor([[0.0], [0.0], [10.0]], dtype=torch.float64)
+    plan = D2O(density=dens, window_size=2).plan_budgets(20, 16, 3, 1)
+    assert plan[:, 0].tolist()[:2] == [20, 20] and int(plan.sum()) == 48
+
+
+def test_budget_at_least_the_prompt_keeps_everything_and_equal_densities_are_uniform():
+    pol = D2O(density=torch.ones(4, 2, dtype=torch.float64), window_size=4)
+    assert (pol.plan_budgets(30, 30, 4, 2) == 30).all()
+    assert (pol.plan_budgets(30, 12, 4, 2) == 12).all()
+
+
+# --------------------------------------------------------------------------- token level
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_equals_the_naive_loop_on_random_odd_sizes(seed):
+    g = torch.Generator().manual_seed(seed)
+    H, T, D = [(3, 37, 5), (2, 53, 7), (1, 19, 3), (4, 29, 9), (3, 41, 1), (2, 11, 4)][seed]
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    k[0, 3] = 0.0  # a zero key: cosine 0 with everything, no NaN
+    keep = torch.rand(H, T, generator=g) < 0.3
+    keep[0] = False  # a head that keeps nothing: its dropped tokens merge nowhere
+    keep[-1, :] = seed % 2 == 0 or keep[-1, :]  # sometimes a head that keeps everything
+    keep[:, T - 2:] = True if H > 1 else keep[:, T - 2:]
+    head_of, pos = keep.nonzero(as_tuple=True)
+    lengths = keep.sum(1)
+    indptr = torch.zeros(H + 1, dtype=torch.int64)
+    indptr[1:] = lengths.cumsum(0)
+    got_k, got_v = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr)
+    want_k, want_v = naive_merge(k, v, keep)
+    torch.testing.assert_close(got_k.double(), want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v.double(), want_v, atol=1e-5, rtol=1e-5)
+    assert got_k.dtype == k.dtype
+
+
+def test_merge_chunks_give_the_same_result(monkeypatch):
+    import headkv_sglang.policies.d2o as d2o
+
+    g = torch.Generator().manual_seed(9)
+    H, T, D = 3, 61, 6
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    keep = torch.rand(H, T, generator=g) < 0.25
+    keep[:, -1] = True
+    head_of, pos = keep.nonzero(as_tuple=True)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    whole = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr)
+    monkeypatch.setattr(d2o, "_SIM_CHUNK", 7)  # one token per chunk
+    chunked = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+
+
+def test_merge_does_not_touch_the_inputs_and_merged_keys_move_towards_their_sources():
+    # two kept keys; the dropped ones are near-copies of kept key 0, one unrelated key
+    k = torch.tensor([[[1.0, 0.0], [0.99, 0.1], [0.98, -0.1], [0.0, 1.0], [-1.0, 0.05]]])
+    v = torch.arange(10, dtype=torch.float32).reshape(1, 5, 2)
+    keep = torch.tensor([[True, False, False, True, False]])
+    k0, v0 = k.clone(), v.clone()
+    pol = D2O(density=torch.ones(1, 1, dtype=torch.float64), window_size=1, kernel_size=1)
+    kept = compress_layer(SnapKV(window_size=1), 0, torch.zeros(1, 1, 2), k, v, 2, torch.tensor([[2]]))
+    kept.indices.copy_(torch.tensor([0, 3]))
+    kept.k_flat, kept.v_flat = k[0, [0, 3]], v[0, [0, 3]]
+    mk, mv = pol.merge_dropped(k, v, keep, kept)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    # token 4 (cosine ~ -1 to key 0, ~0.05 to key 3) is below the mean and is not merged
+    s1 = float(torch.nn.functional.cosine_similarity(k[0, 1], k[0, 0], dim=0))
+    s2 = float(torch.nn.functional.cosine_similarity(k[0, 2], k[0, 0], dim=0))
+    torch.testing.assert_close(mk[0], (k[0, 0] + s1 * k[0, 1] + s2 * k[0, 2]) / 3)
+    torch.testing.assert_close(mv[0], (v[0, 0] + s1 * v[0, 1] + s2 * v[0, 2]) / 3)
+    torch.testing.assert_close(mk[1], k[0, 3])
+
+
+@pytest.mark.parametrize("T, B", [(77, 13), (40, 40), (9, 30)])
+def test_compress_layer_keeps_sinks_window_and_top_tokens_and_merges(T, B):
+    g = torch.Generator().manual_seed(T)
+    L, H, Hq, D, w = 4, 3, 6, 8, 3
+    dens = density(L, H, seed=5)
+    q = torch.randn(Hq, w, D, generator=g)
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    on = D2O(density=dens, window_size=w, sink_size=4)
+    off = D2O(density=dens, window_size=w, sink_size=4, merge="off")
+    plan = on.plan_budgets(T, B, L, H)
+    for layer in range(L):
+        a = compress_layer(on, layer, q, k, v, B, plan)
+        b = compress_layer(off, layer, q, k, v, B, plan)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.indptr, b.indptr)  # merging keeps the choice
+        assert a.lengths.tolist() == plan[layer].tolist()
+        for h in range(H):
+            kept = a.indices[a.indptr[h]:a.indptr[h + 1]].tolist()
+            n = len(kept)
+            assert kept[:min(4, n)] == list(range(min(4, n)))  # the sinks first
+            assert kept[-min(w, n):] == list(range(T - min(w, n), T))  # the window
+        # without merging the kept rows are the tokens themselves; with it they differ iff something merged
+        torch.testing.assert_close(b.k_flat, k[torch.repeat_interleave(torch.arange(H), b.lengths), b.indices])
+        if B < T:
+            head_of = torch.repeat_interleave(torch.arange(H), a.lengths)
+            want_k, _ = naive_merge(k, v, torch.zeros(H, T, dtype=torch.bool).index_put_(
+                (head_of, a.indices), torch.tensor(True)))
+            torch.testing.assert_close(a.k_flat.double(), want_k, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(a.k_flat, b.k_flat)
+
+
+def test_sink_scores_are_infinite_and_the_rest_are_snapkv():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(4, 5, 8, generator=g), torch.randn(2, 50, 8, generator=g)
+    d = D2O(density=torch.ones(1, 2, dtype=torch.float64), window_size=5, sink_size=3).token_scores(q, k, 0)
+    s = SnapKV(window_size=5).token_scores(q, k, 0)
+    assert torch.isinf(d[:, :3]).all() and torch.equal(d[:, 3:], s[:, 3:])
+
+
+# --------------------------------------------------------------------------- construction and config
+def test_bad_fields_name_the_problem():
+    with pytest.raises(ValueError, match="merge"):
+        D2O(density=torch.ones(2, 2), merge="maybe")
+    with pytest.raises(ValueError, match="density must be finite and >= 0"):
+        D2O(density=torch.tensor([[1.0, -1.0]]))
+    with pytest.raises(ValueError, match="density must be a float"):
+        D2O(density=torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="density"):
+        D2O(density=torch.ones(2, 2, dtype=torch.float64)).plan_budgets(10, 5, 3, 2)
+    with pytest.raises(ValueError, match="needs 'density'"):
+        get_policy("d2o")
+
+
+def test_server_config_builds_it_from_the_shipped_profile():
+    from headkv_sglang.profiles import load_profile, shipped_profile
+
+    smol = dict(architectures=["LlamaForCausalLM"], num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3, head_dim=64, hidden_size=576)
+    shape = ModelShape(30, 9, 3, 64, "LlamaForCausalLM", hf_config=smol)
+    cfg = KVPolicyConfig(policy="d2o", budget=64, d2o_merge="off", sink_size=2).validate()
+    pol = build_policy(cfg, shape)
+    prof = load_profile(shipped_profile(smol, "d2o"))
+    assert isinstance(pol, D2O) and (pol.merge, pol.sink_size) == ("off", 2)
+    assert torch.equal(pol.density, torch.as_tensor(prof.kv_scores, dtype=torch.float64))
+    assert KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "on"}).d2o_merge == "on"
+    with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_merge: invalid value 'no'; choose one of on, off"):
+        KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "no"})
+    with pytest.raises(ConfigError, match=r"--kv-sink-size: invalid value 8; sinks must leave room"):
+        KVPolicyConfig(policy="d2o", budget=8, sink_size=8).validate()
+    assert KVPolicyConfig(policy="d2o", budget_ratio=0.01, sink_size=4).for_prompt(100).budget == 5
