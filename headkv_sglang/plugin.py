@@ -41,6 +41,7 @@ _PREFIX_CAP = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _DECODE_GRAPH = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph"
 _PREFILL_GRAPH = "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph"
 _CPU_GRAPH = "sglang.srt.model_executor.cpu_graph_runner.CPUGraphRunner.can_run_graph"
+_PARALLEL_GROUP = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 SERVING_TARGETS = (
     f"{_POOL_CONF}.calculate_pool_sizes",
     f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens",
@@ -225,6 +226,21 @@ def _reject_empty_prompt(manager, obj, input_ids=None, *args, **kwargs):
 
 
 # ------------------------------------------------------------------------- scheduler side
+def _no_pynccl_on_gloo(group_ranks, local_rank, backend, *args, **kwargs):
+    """BEFORE parallel_state.init_model_parallel_group: no PyNccl communicator for a gloo group.
+
+    SGLang 0.5.23 asks for PyNccl in every group of an in-tree platform, the CPU one
+    included (``init_model_parallel_group``: ``use_pynccl = not (_is_npu or _is_xpu or
+    backend == "mooncake")``), and ``PyNcclCommunicator`` then fails on the CPU device
+    (``torch.cuda.device(cpu)``: "Expected a cuda device"), so ``--tp 2`` and more never
+    start on a CPU. A gloo group (the CPU's backend) has nothing for NCCL to do.
+    """
+    if backend == "gloo" and kwargs.get("use_pynccl") is None:
+        kwargs["use_pynccl"] = False
+        return (group_ranks, local_rank, backend, *args), kwargs
+    return None
+
+
 # Largest batch run since the last /server_info read (reset by that read), so a poller
 # sees the true peak of concurrently running requests however short the requests are.
 _PEAK = {"running": 0}
@@ -331,6 +347,7 @@ def register() -> None:
         HookRegistry.register(_SAMPLING_VERIFY, _verify_sampling_params, HookType.AFTER)
         HookRegistry.register(_VALIDATE_REQUEST, _reject_empty_prompt, HookType.BEFORE)
         HookRegistry.register(_RUN_BATCH, _track_batch, HookType.BEFORE)
+        HookRegistry.register(_PARALLEL_GROUP, _no_pynccl_on_gloo, HookType.BEFORE)
         cfg = active_config()
         serving = _register_serving(cfg) if cfg is not None else None
         HookRegistry.register(_INTERNAL_STATE, functools.partial(_add_internal_state, serving), HookType.AFTER)

@@ -33,7 +33,9 @@ import torch
 
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.policies.base import compress_layer
-from headkv_sglang.policies.registry import build_policy
+from headkv_sglang.policies.budgets import planned_pages
+from headkv_sglang.policies.registry import build_policy, pages_upper_bound
+from headkv_sglang.policies.sharding import HeadShard, ShardedPolicy, rank_pages_bound
 from headkv_sglang.kv.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
 
 logger = logging.getLogger("headkv_sglang")
@@ -85,11 +87,29 @@ class CompressionManager:
     """Compressed-pool owner for one model (one scheduler process)."""
 
     def __init__(self, shape: ModelShape, num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: str | torch.device, *, only_if_smaller: bool = True) -> None:
+                 device: str | torch.device, *, only_if_smaller: bool = True,
+                 shard: HeadShard | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 min_over_ranks: Callable[[int], int] | None = None) -> None:
         """``only_if_smaller``: :meth:`compress` refuses (NotSmallerError) a prompt whose pages
         would not take less memory than its full KV (the server's rule; tests of the
-        selection math at budgets >= the prompt turn it off)."""
-        self.shape = shape
+        selection math at budgets >= the prompt turn it off).
+
+        Tensor parallelism: ``shape`` is the whole model's; ``shard`` says which of its heads
+        this rank holds (its K/V and queries are those heads only), and ``gather`` all-gathers
+        a layer's ``[H_local, T]`` scores over the ranks (see ``policies.sharding``). Every
+        decision that must be the same on all ranks (the plan, whether compressing saves
+        memory, admission's bound) is then made from the global plan, and whether the pages
+        fit is agreed with ``min_over_ranks`` (a rank's pool may be fuller than another's)."""
+        self.global_shape = shape
+        self.shard = shard if shard is not None and shard.tp_size > 1 else None
+        if self.shard is not None:
+            lo, hi = self.shard.kv_heads(shape.num_kv_heads)
+            qlo, qhi = self.shard.q_heads(shape.num_q_heads)
+            shape = dataclasses.replace(shape, num_kv_heads=hi - lo, num_q_heads=qhi - qlo)
+        self.gather = gather
+        self.min_over_ranks = min_over_ranks if self.shard is not None else None
+        self.shape = shape  # this rank's heads
         self.only_if_smaller = only_if_smaller
         self.pool = RaggedHeadKVPool(num_pages, page_size, shape.head_dim, dtype, device)
         self.allocator = PageAllocator(num_pages)
@@ -185,7 +205,7 @@ class CompressionManager:
             if cap.span[1] > seq_len:
                 raise ValueError(f"scoring span {cap.span} ends after the {seq_len}-token prompt")
             q_end = cap.span[1]
-        elif cap is not None and cap.layers and getattr(build_policy(cfg, s), "needs_queries", True):
+        elif cap is not None and cap.layers and getattr(build_policy(cfg, self.global_shape), "needs_queries", True):
             # A radix prefix hit recomputes only the uncached suffix: the window of a
             # query-scored policy shrinks to what was actually computed (at least the last
             # token). Position-only policies (StreamingLLM, Razor) keep their window.
@@ -193,8 +213,20 @@ class CompressionManager:
             if captured < w:
                 w = captured
                 cfg = dataclasses.replace(cfg, window=w)
-        policy = build_policy(cfg, s)
-        planned = policy.plan_budgets(seq_len, cfg.budget, s.num_layers, s.num_kv_heads)
+        policy = build_policy(cfg, self.global_shape)
+        g = self.global_shape
+        if self.shard is not None:
+            policy = ShardedPolicy(policy, self.shard, g.num_kv_heads, self.gather)
+        planned = policy.plan_budgets(seq_len, cfg.budget, g.num_layers, g.num_kv_heads)
+        if self.shard is not None and self.only_if_smaller:
+            # decided from the global plan, the same on every rank (a rank's own pages differ)
+            whole = policy._planned_global
+            need = (planned_pages(whole.clamp(max=seq_len), self.pool.page_size) if whole is not None
+                    else policy.inner.max_pages(seq_len, cfg.budget, g.num_layers, g.num_kv_heads,
+                                                self.pool.page_size))
+            if need * self.pool.page_size >= seq_len * g.num_layers * g.num_kv_heads:
+                raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens (all ranks) hold at least "
+                                      f"the {seq_len}-token prompt's full KV")
         return _Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end, ms=1000 * (time.perf_counter() - t0))
 
     def compress_layer_into(self, job: _Job, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -232,12 +264,17 @@ class CompressionManager:
             raise ValueError(f"{len(job.layers)} of {s.num_layers} layers compressed")
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
         need = job.need
-        if self.only_if_smaller and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads:
+        if (self.only_if_smaller and self.shard is None
+                and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads):
             raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens hold at least the "
                                   f"{seq_len}-token prompt's full KV")
+        fits = self.allocator.can_allocate(need)
+        if self.min_over_ranks is not None:  # compressed on every rank or on none
+            fits = bool(self.min_over_ranks(int(fits)))
         with self._lock:
-            if not self.allocator.can_allocate(need):
-                raise PoolFullError(f"request needs {need} pages, {self.allocator.free_pages} free")
+            if not fits or not self.allocator.can_allocate(need):
+                where = "; another tensor-parallel rank's pool is full" if self.allocator.can_allocate(need) else ""
+                raise PoolFullError(f"request needs {need} pages, {self.allocator.free_pages} free{where}")
             ids = self.allocator.allocate(need, owner=req_pool_idx)
         try:
             rec = self._write(req_pool_idx, cfg, seq_len, job.layers, ids)
@@ -256,6 +293,15 @@ class CompressionManager:
         c[2] += rec.held_bytes(self.pool.bytes_per_page)
         c[3] += self.full_bytes(seq_len)
         return rec
+
+    def pages_bound(self, cfg: KVPolicyConfig, seq_len: int) -> int:
+        """Pages this rank may need at most for a ``seq_len``-token prompt under ``cfg`` (the
+        same number on every rank: admission must decide alike on all of them)."""
+        g, ps = self.global_shape, self.pool.page_size
+        if self.shard is None:
+            return pages_upper_bound(cfg, g, seq_len, ps)
+        return rank_pages_bound(build_policy(cfg, g), seq_len, cfg.budget, g.num_layers, g.num_kv_heads,
+                                ps, self.shard)
 
     # ------------------------------------------------------------------ inside the forward
     def compress_in_forward(self, layer: int, req_pool_idx: int, end: int,

@@ -229,12 +229,14 @@ class KVPolicy(ABC):
         return select_mask(scores, budgets, self.window_size)
 
     def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                      kept: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+                      kept: CompressedLayer, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
         """New ``kept.k_flat, kept.v_flat`` (``[N, head_dim]``) that take in the dropped tokens.
 
         Called by :func:`compress_layer` when :attr:`merges_dropped` is True, with the
         layer's ``k, v`` (``[num_kv_heads, T, head_dim]``, read-only) and the bool keep
-        mask ``[num_kv_heads, T]``; must not change which tokens are kept.
+        mask ``[num_kv_heads, T]``; must not change which tokens are kept. ``gather``
+        (tensor parallelism, ``policies.sharding``): ``[H, T] -> [H_all, T]`` over the
+        ranks, for a merge that uses a statistic of the whole layer.
         """
         raise NotImplementedError(f"{type(self).__name__} sets merges_dropped but has no merge_dropped")
 

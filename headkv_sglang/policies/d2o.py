@@ -165,15 +165,16 @@ class D2O(ObservationWindowPolicy):
         return scores
 
     def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                      kept: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+                      kept: CompressedLayer, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys and values with the dropped tokens merged in (:func:`merge_dropped`)."""
         if self.merge == "off":
             return kept.k_flat, kept.v_flat
-        return merge_dropped(k, v, keep, kept.k_flat, kept.v_flat, kept.indptr)
+        return merge_dropped(k, v, keep, kept.k_flat, kept.v_flat, kept.indptr, gather=gather)
 
 
 def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: torch.Tensor,
-                  v_kept: torch.Tensor, indptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  v_kept: torch.Tensor, indptr: torch.Tensor,
+                  gather=None) -> tuple[torch.Tensor, torch.Tensor]:
     """D2O's compensation: merge each dropped token into its most similar kept token.
 
     Parameters
@@ -197,6 +198,11 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
         least one token). Tokens with ``s_i >= threshold`` merge:
         ``k'_j = (k_j + sum_{i: j(i)=j} s_i k_i) / (1 + n_j)`` and the same for ``v``.
         Computed in float32, in chunks of tokens (no ``[H, T, T]`` tensor).
+    gather : callable | None
+        Tensor parallelism (``policies.sharding``): ``[H, T] -> [H_all, T]`` over the ranks.
+        The threshold is a statistic of the whole layer, so with ``gather`` it is the mean
+        over every rank's dropped tokens (the same number, summed in the same order, as on
+        one rank), and this rank takes part in the gather even when it has nothing to merge.
     """
     num_heads, seq_len, dim = k.shape
     device = k.device
@@ -204,6 +210,9 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
     lengths = keep.sum(dim=1)
     drop = ~keep & (lengths > 0)[:, None]
     if k_kept.shape[0] == 0 or not bool(drop.any()):
+        if gather is not None:  # the other ranks' threshold needs this rank's (empty) share
+            gather(torch.zeros(num_heads, seq_len, dtype=torch.float32, device=device))
+            gather(torch.zeros(num_heads, seq_len, dtype=torch.float32, device=device))
         return k_kept, v_kept
     kmax = int(lengths.max())
     # kept keys per head, padded to kmax rows: rank of a kept token within its head
@@ -222,7 +231,13 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
         best_all[:, lo:lo + step], arg_all[:, lo:lo + step] = sims.max(dim=2)
     d_head, d_pos = drop.nonzero(as_tuple=True)
     best, arg = best_all[d_head, d_pos], arg_all[d_head, d_pos]
-    merged = best >= best.mean()
+    if gather is None:
+        threshold = best.mean()
+    else:
+        all_best = gather(best_all.masked_fill(~drop, 0.0))
+        all_drop = gather(drop.to(torch.float32)) > 0
+        threshold = all_best[all_drop].mean().to(device)
+    merged = best >= threshold
     src_h, src_p, weight = d_head[merged], d_pos[merged], best[merged]
     target = indptr.to(device)[src_h] + arg[merged]  # row in k_kept
     count = 1.0 + torch.bincount(target, minlength=k_kept.shape[0]).to(torch.float32)

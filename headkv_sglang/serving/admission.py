@@ -7,8 +7,10 @@
 * ``Scheduler.get_new_batch_prefill`` (BEFORE/AFTER): a waiting request that will be
   compressed is admitted only while the pool's free pages, minus the reservations of
   requests admitted but not yet compressed, cover its own worst case
-  (:func:`~headkv_sglang.policies.registry.pages_upper_bound`); otherwise it stays in the
-  waiting queue (FIFO among compressed requests) until finishing requests return pages.
+  (:meth:`~headkv_sglang.kv.manager.CompressionManager.pages_bound`); otherwise it stays in
+  the waiting queue (FIFO among compressed requests) until finishing requests return pages.
+  With ``--tp N`` every rank must admit the same requests: the free pages are those of the
+  fullest rank (one all-reduce per pass) and the bound is the busiest rank's.
 * ``Req._compute_max_prefix_len`` (AFTER): a radix hit leaves the scoring queries to be
   recomputed.
 * With the overlap scheduler, a waiting request sharing its first tokens with a prompt whose
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 
 from headkv_sglang.config import KVPolicyConfig
-from headkv_sglang.policies.registry import pages_upper_bound, policy_class
+from headkv_sglang.policies.registry import policy_class
 from headkv_sglang.serving.requests import (needs_queries, prompt_len, request_config, scoring_span,
                                            wants_compression)
 from headkv_sglang.serving.state import ServingState
@@ -35,7 +37,7 @@ def pages_bound(state: ServingState, req, cfg: KVPolicyConfig) -> int:
     seq_len = prompt_len(req)
     if m is None or not wants_compression(cfg, seq_len):
         return 0
-    return pages_upper_bound(cfg, m.shape, seq_len, m.pool.page_size)
+    return m.pages_bound(cfg, seq_len)
 
 
 def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
@@ -86,7 +88,10 @@ def before_get_new_batch_prefill(state: ServingState, scheduler, *args, **kwargs
         state.held = []
     if m is None or not scheduler.waiting_queue:
         return None
-    available = m.allocator.free_pages - sum(state.reserved.values())
+    free = m.allocator.free_pages
+    if state.min_over_ranks is not None:
+        free = state.min_over_ranks(free)
+    available = free - sum(state.reserved.values())
     pending = pending_prefill_prefixes(scheduler)
     keep, held, shared = [], [], []
     for req in scheduler.waiting_queue:

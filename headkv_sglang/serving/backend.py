@@ -32,6 +32,7 @@ import torch
 
 from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.kv.ragged import RaggedAttention, TorchRaggedAttention, rows_for_queries
+from headkv_sglang.serving.parallel import tp_ops, tp_shard
 from headkv_sglang.serving.pool_sizing import compressed_pool_pages
 from headkv_sglang.serving.requests import question_finder
 from headkv_sglang.serving.state import ServingState
@@ -271,9 +272,18 @@ def backend_factory(state: ServingState, name: str, original: Callable) -> Calla
         kv_pool = runner.token_to_kv_pool
         dtype = kv_pool.get_key_buffer(0).dtype
         device = torch.device(runner.device)
-        num_pages = compressed_pool_pages(state)
-        manager = CompressionManager(state.shape, num_pages, state.cfg.page_size, dtype, device)
-        kernel_name, kernel = make_kernel(manager.pool, state.shape, device, state.shape.head_dim ** -0.5)
+        shard = tp_shard()
+        gather = None
+        if shard.tp_size > 1:
+            gather, state.min_over_ranks, state.gather_objects = tp_ops(shard, state.shape.num_kv_heads)
+        state.tp_rank, state.tp_size = shard.tp_rank, shard.tp_size
+        lo, hi = shard.kv_heads(state.shape.num_kv_heads)
+        num_pages = compressed_pool_pages(state, hi - lo)
+        if state.min_over_ranks is not None:  # every rank's pool the same size: admission agrees
+            num_pages = state.min_over_ranks(num_pages)
+        manager = CompressionManager(state.shape, num_pages, state.cfg.page_size, dtype, device,
+                                     shard=shard, gather=gather, min_over_ranks=state.min_over_ranks)
+        kernel_name, kernel = make_kernel(manager.pool, manager.shape, device, state.shape.head_dim ** -0.5)
         state.manager, state.inner_backend, state.kernel = manager, name, kernel_name
         state.questions = question_finder(runner.server_args)
         logger.info(

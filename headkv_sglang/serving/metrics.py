@@ -63,6 +63,9 @@ def report(state: ServingState) -> dict[str, Any]:
         "backend_installed": state.inner_backend is not None,
         "attention_backend": {"wraps": state.inner_backend, "ragged_kernel": state.kernel,
                               "graph_fallback_batches": state.graph_fallback_batches},
+        "tensor_parallel": {"tp_rank": state.tp_rank, "tp_size": state.tp_size,
+                            "kv_heads": list(m.shard.kv_heads(m.global_shape.num_kv_heads))
+                            if m is not None and m.shard is not None else None},
         "token_pool_tokens": state.token_pool_tokens,
         "compressed_pool_token_equivalents": state.pool_tokens,
         "fallbacks": dict(state.fallbacks),
@@ -81,4 +84,8 @@ def report(state: ServingState) -> dict[str, Any]:
             out["integrity"] = "ok"
         except AssertionError as e:
             out["integrity"] = f"FAILED: {e}"
+    if state.gather_objects is not None:
+        mine = {"tp_rank": state.tp_rank, "integrity": out.get("integrity"),
+                "running_compressed_requests": out.get("running_compressed_requests"), **out.get("pool", {})}
+        out["tp_ranks"] = state.gather_objects(mine)
     return out

@@ -27,6 +27,7 @@ def scale_pool_sizes(state: ServingState, result, *args, **kwargs):
     return result
 
 
-def compressed_pool_pages(state: ServingState) -> int:
-    shape = state.shape
-    return max(1, state.pool_tokens * shape.num_layers * shape.num_kv_heads // state.cfg.page_size)
+def compressed_pool_pages(state: ServingState, num_kv_heads: int) -> int:
+    """Pages of this process's compressed pool; ``num_kv_heads``: the heads this rank holds
+    (with ``--tp N`` a token slot of SGLang's pool holds ``H_kv / N`` heads per layer)."""
+    return max(1, state.pool_tokens * state.shape.num_layers * num_kv_heads // state.cfg.page_size)

@@ -31,6 +31,11 @@ class ServingState:
     inner_backend: str | None = None
     kernel: str | None = None  # the RaggedAttention kernel: "torch" or "flashinfer"
     scheduler: Any = None
+    # --tp N: this rank, and the minimum of an int over the tensor-parallel ranks (None: one rank)
+    tp_rank: int = 0
+    tp_size: int = 1
+    min_over_ranks: Any = None
+    gather_objects: Any = None  # every rank's object, in rank order (None: one rank)
     # the chat template's markers, to find each prompt's question (None: not loaded yet)
     questions: QuestionFinder | None = None
     # req_pool_idx -> (req, its original skip_radix_cache_insert)

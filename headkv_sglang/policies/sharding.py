@@ -1,0 +1,152 @@
+"""Tensor parallelism: one global plan for the whole model, each rank keeps its own heads.
+
+With ``--tp N`` every rank holds ``H_kv / N`` of a layer's KV heads (and the matching
+query heads). HeadKV's budgets are one pool over *all* heads, so each rank computes the
+plan of the whole model (``plan_budgets`` with the global head count: it depends on the
+profile and the positions only, so every rank gets the same plan without talking to
+the others) and keeps the rows of its own heads. Scoring needs only the rank's own
+query and KV heads (a KV head's scores aggregate its GQA group, which lives on the same
+rank). A policy whose budgets depend on the scores of every head of a layer (Ada-KV's
+layer-wide contest) gathers the layer's scores from all ranks first (``gather``), so
+the ranks again agree on one global allocation.
+
+Nothing here imports SGLang: the serving layer passes the rank, the size and the
+``gather`` function (an all-gather over the tensor-parallel group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from headkv_sglang.policies.base import CompressedLayer, KVPolicy
+from headkv_sglang.policies.budgets import uniform_pages
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """Which heads one tensor-parallel rank holds (SGLang's split: contiguous blocks)."""
+
+    tp_size: int
+    tp_rank: int
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must be in [0, tp_size), got rank {self.tp_rank} of {self.tp_size}")
+
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """``[lo, hi)`` of the global KV heads on this rank.
+
+        ``H_kv >= tp``: ``H_kv / tp`` heads each (``H_kv % tp == 0``). ``H_kv < tp``: SGLang
+        replicates, each rank holds one head, ``tp / H_kv`` ranks per head.
+        """
+        h, n = num_kv_heads, self.tp_size
+        if h >= n:
+            if h % n:
+                raise ValueError(f"{h} KV heads cannot be split over --tp {n} (not a multiple)")
+            per = h // n
+            return self.tp_rank * per, (self.tp_rank + 1) * per
+        if n % h:
+            raise ValueError(f"--tp {n} cannot replicate {h} KV heads evenly ({n} % {h} != 0)")
+        head = self.tp_rank // (n // h)
+        return head, head + 1
+
+    def q_heads(self, num_q_heads: int) -> tuple[int, int]:
+        if num_q_heads % self.tp_size:
+            raise ValueError(f"{num_q_heads} query heads cannot be split over --tp {self.tp_size}")
+        per = num_q_heads // self.tp_size
+        return self.tp_rank * per, (self.tp_rank + 1) * per
+
+    def all_ranks(self) -> list["HeadShard"]:
+        return [HeadShard(self.tp_size, r) for r in range(self.tp_size)]
+
+
+class ShardedPolicy(KVPolicy):
+    """``policy`` (built for the whole model) restricted to one rank's KV heads.
+
+    ``plan_budgets`` and ``layer_budgets`` take and return this rank's heads only (what
+    ``compress_layer`` and the manager see); internally they compute the global plan and
+    slice it. ``gather(scores)`` (``[H_local, T] -> [H_kv, T]``, every rank's scores in
+    rank order) is needed by policies that plan from the scores (``plan_budgets``
+    returns None, Ada-KV) and by D2O's merge (its threshold is a mean over the layer);
+    without it (one rank) the local scores are the global ones.
+    """
+
+    def __init__(self, policy: KVPolicy, shard: HeadShard, num_kv_heads: int,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.inner = policy
+        self.shard = shard
+        self.num_kv_heads = num_kv_heads  # global
+        self.lo, self.hi = shard.kv_heads(num_kv_heads)
+        self.gather = gather
+        self._planned_global: torch.Tensor | None = None
+        # what compress_layer and the manager read as class attributes
+        for attr in ("name", "uses_compensation", "needs_queries", "compresses", "profile_method",
+                     "merges_dropped", "window_size"):
+            setattr(self, attr, getattr(policy, attr))
+
+    def __getattr__(self, item: str) -> Any:  # hyperparameters (sink_size, beta, ...) read through
+        return getattr(self.__dict__["inner"], item)
+
+    @classmethod
+    def from_config(cls, cfg, shape, profile):  # pragma: no cover - built around a policy, not from a config
+        raise TypeError("ShardedPolicy wraps a built policy: ShardedPolicy(build_policy(cfg, shape), shard, H)")
+
+    # ------------------------------------------------------------------ budgets
+    def plan_budgets(self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int) -> torch.Tensor | None:
+        """This rank's rows ``[L, hi - lo]`` of the global plan (``num_kv_heads``: the global count)."""
+        planned = self.inner.plan_budgets(seq_len, budget, num_layers, num_kv_heads)
+        self._planned_global = planned
+        return None if planned is None else planned[:, self.lo:self.hi].clone()
+
+    def layer_budgets(self, layer: int, seq_len: int, budget: int, scores: torch.Tensor,
+                      planned: torch.Tensor | None) -> torch.Tensor:
+        if planned is not None:
+            return self.inner.layer_budgets(layer, seq_len, budget, scores, planned)
+        if self.gather is not None:
+            full = self.gather(scores)
+            if full.shape != (self.num_kv_heads, seq_len):
+                raise ValueError(f"gather returned {list(full.shape)}, expected [{self.num_kv_heads}, {seq_len}]")
+        elif self.shard.tp_size == 1:
+            full = scores
+        else:
+            raise RuntimeError(f"{self.inner.name} budgets depend on every head's scores: "
+                               f"a ShardedPolicy over --tp {self.shard.tp_size} needs gather")
+        return self.inner.layer_budgets(layer, seq_len, budget, full, None)[self.lo:self.hi]
+
+    # ------------------------------------------------------------------ per layer, local heads
+    def token_scores(self, q_win, k, layer, q_end=None):
+        return (self.inner.token_scores(q_win, k, layer) if q_end is None
+                else self.inner.token_scores(q_win, k, layer, q_end=q_end))
+
+    def select_mask(self, scores, budgets):
+        return self.inner.select_mask(scores, budgets)
+
+    def select(self, scores, budgets):
+        return self.inner.select(scores, budgets)
+
+    def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      kept: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.merge_dropped(k, v, keep, kept, gather=self.gather)
+
+    def check_model(self, num_layers: int, num_kv_heads: int) -> None:
+        self.inner.check_model(num_layers, num_kv_heads)
+
+    def max_pages(self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int) -> int:
+        return rank_pages_bound(self.inner, seq_len, budget, num_layers, num_kv_heads, page_size, self.shard)
+
+
+def rank_pages_bound(policy: KVPolicy, seq_len: int, budget: int, num_layers: int, num_kv_heads: int,
+                     page_size: int, shard: HeadShard) -> int:
+    """Pages one rank may need at most for a request (``num_kv_heads``: the global count).
+
+    A rank's heads keep at most what the whole request keeps (``policy.max_pages`` over all
+    heads) and at most the whole prompt in each of its own rows. The bound is the same on
+    every rank (the ranks hold equally many heads), so admission, which must decide the same
+    on every rank, reserves it for the busiest one (retrieval heads are not spread evenly).
+    """
+    lo, hi = shard.kv_heads(num_kv_heads)
+    whole = policy.max_pages(seq_len, budget, num_layers, num_kv_heads, page_size)
+    return min(whole, uniform_pages(num_layers * (hi - lo), seq_len, page_size))

@@ -1,0 +1,63 @@
+"""Tensor parallelism (``--tp N``): this rank's place, and the two collectives the serving layer needs.
+
+Each rank runs its own scheduler, pool and compression over its own KV heads
+(:class:`~headkv_sglang.policies.sharding.HeadShard`). SGLang keeps the ranks' schedulers in
+lockstep (the same requests, batches and decisions), so anything of ours that decides
+what a scheduler does must come out the same on every rank:
+
+* admission takes the free pages of the fullest rank (:func:`tp_ops`'s ``min_over_ranks``,
+  one all-reduce over the group's gloo (CPU) group per admission pass);
+* policies that budget from every head's scores (Ada-KV), and D2O's merge threshold,
+  all-gather the layer's scores (``gather``) inside the prefill forward, which every rank
+  runs with the same rows;
+* /server_info reports every rank's pool (``gather_objects`` in the internal-state hook).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from headkv_sglang.policies.sharding import HeadShard
+
+
+def tp_shard() -> HeadShard:
+    from sglang.srt.distributed import parallel_state
+
+    if getattr(parallel_state, "_TP", None) is None:  # no model-parallel groups (offline kits)
+        return HeadShard(1, 0)
+    group = parallel_state.get_tp_group()
+    return HeadShard(group.world_size, group.rank_in_group)
+
+
+def tp_ops(shard: HeadShard, num_kv_heads: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                            Callable[[int], int], Callable[[Any], list]]:
+    """``(gather, min_over_ranks, gather_objects)`` over SGLang's tensor-parallel CPU group.
+
+    ``gather_objects(x)``: every rank's ``x`` in rank order, for /server_info (SGLang hands
+    every control request to all ranks of the group, so all of them call it alike)."""
+    import torch.distributed as dist
+    from sglang.srt.distributed import parallel_state
+
+    group = parallel_state.get_tp_group().cpu_group
+    # with fewer KV heads than ranks, SGLang replicates: keep one copy of each head
+    firsts = sorted({s.kv_heads(num_kv_heads)[0]: r for r, s in reversed(list(enumerate(shard.all_ranks())))}.values())
+
+    def gather(scores: torch.Tensor) -> torch.Tensor:
+        local = scores.detach().to("cpu", torch.float32).contiguous()
+        parts = [torch.empty_like(local) for _ in range(shard.tp_size)]
+        dist.all_gather(parts, local, group=group)
+        return torch.cat([parts[r] for r in firsts]).to(scores.device)
+
+    def min_over_ranks(value: int) -> int:
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        return int(t.item())
+
+    def gather_objects(obj: Any) -> list:
+        out: list = [None] * shard.tp_size
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    return gather, min_over_ranks, gather_objects

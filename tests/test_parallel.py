@@ -1,0 +1,102 @@
+"""Issue 20: ``--kv-policy`` with ``--tp 3`` and ``--dp 2`` on real SGLang servers (CPU, gloo).
+
+The test model has 3 KV heads and 9 query heads, so ``--tp 3`` puts one KV head (and its
+3 query heads) on each rank: each rank's pool holds only its head's pages, the budgets
+come from one global plan, Ada-KV gathers a layer's scores from the 3 ranks and D2O's
+merge threshold is the layer's over all ranks. The reference is the shared one-rank
+server (``kv_small_server``, the same flags): the same request must get the same answer,
+and afterwards every rank's pool must be empty and consistent.
+
+SGLang's CPU engine wants one NUMA node per rank unless ``SGLANG_CPU_OMP_THREADS_BIND``
+says which cores each rank uses; this machine has 1 node and 2 cores.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from headkv_sglang.dev.haystack import needle_prompt
+
+pytestmark = pytest.mark.server
+
+SMALL = ["--kv-policy", "full", "--max-total-tokens", "20000"]  # kv_small_server's sizing
+# one of each way a rank's plan is made: the global plan sliced (headkv, snapkv), scores
+# gathered (adakv), the merge threshold gathered (d2o), compensation states (razor); every
+# policy is checked rank by rank against the one-rank rows in tests/test_sharding.py
+POLICIES = ["headkv", "snapkv", "adakv", "d2o", "razor"]
+FINDS_NEEDLE = ["headkv", "snapkv", "adakv"]  # question-scored, 256 of ~1.5k tokens
+
+
+@pytest.fixture(scope="module")
+def tp_server(start_server):
+    return start_server([*SMALL, "--tp", "3"], name="kv-tp3", env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1|0"})
+
+
+@pytest.fixture(scope="module")
+def dp_server(start_server):
+    return start_server([*SMALL, "--dp", "2"], name="kv-dp2", env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"})
+
+
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.openai_base_url, api_key="none", timeout=900)
+
+
+def ask(server, prompt: str, policy: str, budget, max_tokens: int = 12):
+    o = client(server).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        extra_body={"custom_params": {"kv_policy": policy, "kv_budget": budget, "kv_scoring": "question"}})
+    return o.choices[0].message.content, o.id
+
+
+def all_ranks_clean(server, ranks: int) -> list[dict]:
+    """Every scheduler (and, with --tp, every rank's pool): idle, no page used, integrity ok."""
+    st = server.wait_idle(180)
+    states = [s["headkv_sglang"] for s in server.get_json("/server_info")["internal_states"]]
+    for s in states:
+        assert s["pool"]["used_pages"] == 0 and s["integrity"] == "ok", s["pool"]
+        assert s["admission"]["reserved_pages"] == 0 and s["fallbacks"] == {}, (s["admission"], s["fallbacks"])
+        tok = s["token_pool"]
+        assert tok["available"] + tok["evictable"] == tok["total"] and tok["protected"] == 0, tok
+    if ranks > 1:
+        pools = st["tp_ranks"]
+        assert [p["tp_rank"] for p in pools] == list(range(ranks)), pools
+        for p in pools:
+            assert p["used_pages"] == 0 and p["free_pages"] == p["num_pages"] and p["integrity"] == "ok", p
+        assert len({p["num_pages"] for p in pools}) == 1, pools  # one pool size: admission agrees
+    return states
+
+
+def test_tp3_serves_every_policy_like_one_rank(tp_server, kv_small_server):
+    st = tp_server.plugin_state()
+    assert st["tensor_parallel"] == {"tp_rank": 0, "tp_size": 3, "kv_heads": [0, 1]}, st["tensor_parallel"]
+    assert st["backend_installed"], st
+    n = needle_prompt(1100, depth=0.4, seed=11)
+    short = "What is the capital of France? Answer in one word."
+    jobs = [(n.prompt, p, 256) for p in POLICIES] + [(short, "headkv", 64), (n.prompt, "headkv", "5%")]
+    with ThreadPoolExecutor(4) as ex:
+        tp = list(ex.map(lambda a: ask(tp_server, *a), jobs))
+    one = [ask(kv_small_server, *a) for a in jobs]
+    assert [t for t, _ in tp] == [t for t, _ in one], list(zip(jobs, tp, one))
+    for (prompt, policy, _), (text, _) in zip(jobs, tp):
+        if prompt == n.prompt and policy in FINDS_NEEDLE:
+            assert n.answer in text, (policy, text)
+    recent = tp_server.plugin_state()["recent_requests"]
+    done = [r for r in recent.values() if r.get("compressed_in")]
+    assert len(done) >= len(POLICIES) + 1, recent  # every needle request was compressed on the ranks
+    all_ranks_clean(tp_server, 3)
+
+
+def test_dp2_replicas_each_compress_with_per_request_overrides(dp_server):
+    n = needle_prompt(1100, depth=0.6, seed=12)
+    jobs = [(n.prompt, p, 256) for p in ("headkv", "adakv")]  # SGLang's round robin: one per replica
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda a: ask(dp_server, *a), jobs))
+    assert all(n.answer in t for t, _ in outs), outs
+    states = all_ranks_clean(dp_server, 1)
+    assert len(states) == 2, len(states)  # one scheduler, one pool per replica
+    totals = [sum(p["compressed_requests_total"] for p in s["policies"].values()) for s in states]
+    assert sum(totals) == len(jobs), totals
