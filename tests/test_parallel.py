@@ -13,6 +13,7 @@ says which cores each rank uses; this machine has 1 node and 2 cores.
 
 from __future__ import annotations
 
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,14 +30,22 @@ POLICIES = ["headkv", "snapkv", "adakv", "d2o", "razor"]
 FINDS_NEEDLE = ["headkv", "snapkv", "adakv"]  # question-scored, 256 of ~1.5k tokens
 
 
-@pytest.fixture(scope="module")
+# One multi-process server at a time, stopped right after its test: with the session's
+# servers up, the --tp 3 and --dp 2 servers together (5 schedulers) ran the 24 GiB CI
+# machine out of memory, and the OOM killer took the plain server's scheduler.
+@pytest.fixture
 def tp_server(start_server):
-    return start_server([*SMALL, "--tp", "3"], name="kv-tp3", env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1|0"})
+    srv = start_server([*SMALL, "--tp", "3", "--enable-metrics"], name="kv-tp3",
+                       env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1|0"})
+    yield srv
+    srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dp_server(start_server):
-    return start_server([*SMALL, "--dp", "2"], name="kv-dp2", env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"})
+    srv = start_server([*SMALL, "--dp", "2"], name="kv-dp2", env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"})
+    yield srv
+    srv.stop()
 
 
 def client(server):
@@ -88,6 +97,19 @@ def test_tp3_serves_every_policy_like_one_rank(tp_server, kv_small_server):
     done = [r for r in recent.values() if r.get("compressed_in")]
     assert len(done) >= len(POLICIES) + 1, recent  # every needle request was compressed on the ranks
     all_ranks_clean(tp_server, 3)
+    # Prometheus: one series per rank (each rank compressed every request, and holds nothing now)
+    text = urllib.request.urlopen(f"{tp_server.url}/metrics", timeout=60).read().decode()
+    for rank in range(3):
+        assert metric(text, "sglang:headkv_pool_used_pages", f'tp_rank="{rank}"') == 0
+        assert metric(text, "sglang:headkv_compressed_requests_total", 'policy="adakv"', f'tp_rank="{rank}"') >= 1
+
+
+def metric(text: str, name: str, *labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and all(lab in line for lab in labels):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in /metrics:\n" + "\n".join(
+        line for line in text.splitlines() if "headkv" in line))
 
 
 def test_dp2_replicas_each_compress_with_per_request_overrides(dp_server):

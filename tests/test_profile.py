@@ -98,7 +98,7 @@ def test_missing_file_names_the_path(tmp_path):
         ("kv_scores", [[9.0, 9.0], [9.0, 9.0]], r"'kv_scores' is not the mean of 'scores'"),
         ("num_layers", "2", r"'num_layers' must be an int >= 1, got '2'"),
         ("num_kv_heads", 3, r"'num_q_heads' \(4\) is not a multiple of 'num_kv_heads' \(3\)"),
-        ("method", "snapkv", r"'method' must be one of \['retrieval', 'r2', 'razor'\], got 'snapkv'"),
+        ("method", "snapkv", r"'method' must be one of \['retrieval', 'r2', 'razor', 'd2o'\], got 'snapkv'"),
         ("parameters", [], r"'parameters' must be a JSON object"),
     ],
 )
@@ -150,7 +150,7 @@ def test_shipped_profile_matches_the_test_model(method):
      dict(architectures=["Qwen2ForCausalLM"])],
 )
 def test_shipped_profile_is_none_for_another_model(change):
-    for method in ("retrieval", "r2", "razor"):
+    for method in profiles.METHODS:
         assert profiles.shipped_profile({**SMOL, **change}, method) is None
 
 

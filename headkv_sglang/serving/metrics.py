@@ -13,12 +13,16 @@ logger = logging.getLogger("headkv_sglang")
 
 
 class Metrics:
-    """Prometheus gauges (only with SGLang's --enable-metrics, which sets PROMETHEUS_MULTIPROC_DIR)."""
+    """Prometheus gauges (only with SGLang's --enable-metrics, which sets PROMETHEUS_MULTIPROC_DIR).
 
-    def __init__(self) -> None:
+    Every series carries ``tp_rank``: with ``--tp N`` each rank has its own pool (and counts
+    the requests it compressed: each request once per rank)."""
+
+    def __init__(self, tp_rank: int = 0) -> None:
         from prometheus_client import Counter, Gauge
 
-        labels = ["policy"]
+        self.rank = str(tp_rank)
+        labels = ["policy", "tp_rank"]
         self.compressed = Counter("sglang:headkv_compressed_requests", "Requests whose prompt KV was compressed", labels)
         self.held = Gauge("sglang:headkv_held_bytes", "KV bytes held in the compressed pool by running requests",
                           labels, multiprocess_mode="mostrecent")
@@ -27,20 +31,20 @@ class Metrics:
         self.ratio = Gauge("sglang:headkv_compression_ratio", "full_kv_bytes / held_bytes of running requests",
                            labels, multiprocess_mode="mostrecent")
         self.used_pages = Gauge("sglang:headkv_pool_used_pages", "Pages in use in the compressed pool",
-                                multiprocess_mode="mostrecent")
+                                ["tp_rank"], multiprocess_mode="mostrecent")
         self.policies: set[str] = set()
 
     def update(self, manager: CompressionManager, compressed_policy: str | None = None) -> None:
         if compressed_policy:
-            self.compressed.labels(policy=compressed_policy).inc()
+            self.compressed.labels(policy=compressed_policy, tp_rank=self.rank).inc()
         st = manager.stats()
-        self.used_pages.set(st["pool"]["used_pages"])
+        self.used_pages.labels(tp_rank=self.rank).set(st["pool"]["used_pages"])
         self.policies |= set(st["policies"])
         for pol in self.policies:
             d = st["policies"].get(pol, {})
-            self.held.labels(policy=pol).set(d.get("held_bytes", 0))
-            self.full.labels(policy=pol).set(d.get("full_kv_bytes", 0))
-            self.ratio.labels(policy=pol).set(d.get("ratio") or 0)
+            self.held.labels(policy=pol, tp_rank=self.rank).set(d.get("held_bytes", 0))
+            self.full.labels(policy=pol, tp_rank=self.rank).set(d.get("full_kv_bytes", 0))
+            self.ratio.labels(policy=pol, tp_rank=self.rank).set(d.get("ratio") or 0)
 
 
 def update(state: ServingState, compressed_policy: str | None = None) -> None:
@@ -48,7 +52,7 @@ def update(state: ServingState, compressed_policy: str | None = None) -> None:
         return
     try:
         if state.metrics is None:
-            state.metrics = Metrics()
+            state.metrics = Metrics(state.tp_rank)
         state.metrics.update(state.manager, compressed_policy)
     except Exception:  # metrics must never break serving
         logger.exception("headkv_sglang: metrics update failed")

@@ -1,11 +1,12 @@
-"""Tensor parallelism (``--tp N``): this rank's place, and the two collectives the serving layer needs.
+"""Tensor parallelism (``--tp N``): this rank's place, and the collectives the serving layer needs.
 
 Each rank runs its own scheduler, pool and compression over its own KV heads
 (:class:`~headkv_sglang.policies.sharding.HeadShard`). SGLang keeps the ranks' schedulers in
 lockstep (the same requests, batches and decisions), so anything of ours that decides
 what a scheduler does must come out the same on every rank:
 
-* admission takes the free pages of the fullest rank (:func:`tp_ops`'s ``min_over_ranks``,
+* admission takes the free pages of the fullest rank, and a compression whose pages do not
+  fit on one rank is given up on all of them (:func:`tp_ops`'s ``min_over_ranks``,
   one all-reduce over the group's gloo (CPU) group per admission pass);
 * policies that budget from every head's scores (Ada-KV), and D2O's merge threshold,
   all-gather the layer's scores (``gather``) inside the prefill forward, which every rank
