@@ -74,6 +74,9 @@ def test_head_blocks_follow_sglang_split():
         HeadShard(3, 0).kv_heads(2)
     with pytest.raises(ValueError, match="tp_rank"):
         HeadShard(2, 2)
+    # the all-gather's parts that make up every head once, in head order
+    assert HeadShard(3, 0).head_owners(3) == [0, 1, 2]
+    assert HeadShard(4, 2).head_owners(2) == [0, 2]
 
 
 def config(tmp_path, name: str, shape: ModelShape, rng: random.Random, T: int) -> KVPolicyConfig:
@@ -111,11 +114,11 @@ def test_each_rank_keeps_the_one_rank_plans_rows(tmp_path, name):
                 return q_win[qlo:qhi], kk[lo:hi], vv[lo:hi]
 
             group = ThreadGroup(tp)
-            firsts = sorted({s.kv_heads(H)[0]: s.tp_rank for s in reversed(shards)}.values())
+            owners = HeadShard(tp, 0).head_owners(H)
 
             def rank(r):
                 shard = shards[r]
-                sp = ShardedPolicy(policy, shard, H, group.gather_for(r, firsts))
+                sp = ShardedPolicy(policy, shard, H, group.gather_for(r, owners))
                 return compress_layer(sp, layer, *local(shard), cfg.budget, sp.plan_budgets(T, cfg.budget, L, H))
 
             for shard, mine in zip(shards, group.run(rank)):
@@ -170,8 +173,8 @@ def test_rank_managers_agree_and_match_one_rank(tmp_path, name):
         shards = HeadShard(tp, 0).all_ranks()
 
         group = ThreadGroup(tp)
-        firsts = sorted({s.kv_heads(H)[0]: s.tp_rank for s in reversed(shards)}.values())
-        results = group.run(lambda r: run(shards[r], group.gather_for(r, firsts)))
+        owners = HeadShard(tp, 0).head_owners(H)
+        results = group.run(lambda r: run(shards[r], group.gather_for(r, owners)))
         msg = f"{name} shape {shape} tp {tp} T={T} B={cfg.budget} ps={page_size}"
         compressed = {rec is not None for _, rec in results}
         assert len(compressed) == 1, msg  # every rank decides alike

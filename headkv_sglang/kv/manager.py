@@ -220,7 +220,7 @@ class CompressionManager:
         planned = policy.plan_budgets(seq_len, cfg.budget, g.num_layers, g.num_kv_heads)
         if self.shard is not None and self.only_if_smaller:
             # decided from the global plan, the same on every rank (a rank's own pages differ)
-            whole = policy._planned_global
+            whole = policy.planned_global
             need = (planned_pages(whole.clamp(max=seq_len), self.pool.page_size) if whole is not None
                     else policy.inner.max_pages(seq_len, cfg.budget, g.num_layers, g.num_kv_heads,
                                                 self.pool.page_size))

@@ -62,6 +62,14 @@ class HeadShard:
     def all_ranks(self) -> list["HeadShard"]:
         return [HeadShard(self.tp_size, r) for r in range(self.tp_size)]
 
+    def head_owners(self, num_kv_heads: int) -> list[int]:
+        """One rank per distinct block of heads, in head order (the first of the ranks that
+        replicate it): the parts of an all-gather that make up ``[H_kv, ...]``."""
+        owners: dict[int, int] = {}
+        for s in self.all_ranks():
+            owners.setdefault(s.kv_heads(num_kv_heads)[0], s.tp_rank)
+        return [owners[h] for h in sorted(owners)]
+
 
 class ShardedPolicy(KVPolicy):
     """``policy`` (built for the whole model) restricted to one rank's KV heads.
@@ -81,7 +89,7 @@ class ShardedPolicy(KVPolicy):
         self.num_kv_heads = num_kv_heads  # global
         self.lo, self.hi = shard.kv_heads(num_kv_heads)
         self.gather = gather
-        self._planned_global: torch.Tensor | None = None
+        self.planned_global: torch.Tensor | None = None  # the whole model's, of the last plan_budgets
         # what compress_layer and the manager read as class attributes
         for attr in ("name", "uses_compensation", "needs_queries", "compresses", "profile_method",
                      "merges_dropped", "window_size"):
@@ -98,7 +106,7 @@ class ShardedPolicy(KVPolicy):
     def plan_budgets(self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int) -> torch.Tensor | None:
         """This rank's rows ``[L, hi - lo]`` of the global plan (``num_kv_heads``: the global count)."""
         planned = self.inner.plan_budgets(seq_len, budget, num_layers, num_kv_heads)
-        self._planned_global = planned
+        self.planned_global = planned
         return None if planned is None else planned[:, self.lo:self.hi].clone()
 
     def layer_budgets(self, layer: int, seq_len: int, budget: int, scores: torch.Tensor,

@@ -42,14 +42,13 @@ def tp_ops(shard: HeadShard, num_kv_heads: int) -> tuple[Callable[[torch.Tensor]
     from sglang.srt.distributed import parallel_state
 
     group = parallel_state.get_tp_group().cpu_group
-    # with fewer KV heads than ranks, SGLang replicates: keep one copy of each head
-    firsts = sorted({s.kv_heads(num_kv_heads)[0]: r for r, s in reversed(list(enumerate(shard.all_ranks())))}.values())
+    owners = shard.head_owners(num_kv_heads)  # fewer KV heads than ranks: one copy of each head
 
     def gather(scores: torch.Tensor) -> torch.Tensor:
         local = scores.detach().to("cpu", torch.float32).contiguous()
         parts = [torch.empty_like(local) for _ in range(shard.tp_size)]
         dist.all_gather(parts, local, group=group)
-        return torch.cat([parts[r] for r in firsts]).to(scores.device)
+        return torch.cat([parts[r] for r in owners]).to(scores.device)
 
     def min_over_ranks(value: int) -> int:
         t = torch.tensor([int(value)], dtype=torch.int64)
