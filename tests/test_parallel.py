@@ -13,12 +13,20 @@ says which cores each rank uses; this machine has 1 node and 2 cores.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from headkv_sglang.dev.haystack import needle_prompt
+from headkv_sglang.dev.server import free_port
 
 pytestmark = pytest.mark.server
 
@@ -41,11 +49,48 @@ def tp_server(start_server):
     srv.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # after the tp3 test (file order), so never up together with it
 def dp_server(start_server):
-    srv = start_server([*SMALL, "--dp", "2"], name="kv-dp2", env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"})
+    srv = start_server([*SMALL, "--dp", "2", "--enable-cache-report"], name="kv-dp2",
+                       env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"})
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def router(dp_server, kv_small_server, tmp_path):
+    """SGLang's router (``sglang_router``, cache-aware) in front of the dp2 server and the one-rank one."""
+    port = free_port()
+    log = tmp_path / "router.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", dp_server.url, kv_small_server.url,
+         # --dp-aware: the router addresses each replica of the --dp server itself (without it
+         # the server's own round robin sends a repeated prompt to the other replica)
+         "--policy", "cache_aware", "--dp-aware", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:  # its /health answers before the workers are registered: wait for a routed request
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            if post(url, "/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": 1})[0] == 200:
+                break
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def post(url: str, path: str, body: dict) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=900) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except OSError as e:
+        return -1, repr(e)
 
 
 def client(server):
@@ -122,3 +167,44 @@ def test_dp2_replicas_each_compress_with_per_request_overrides(dp_server):
     assert len(states) == 2, len(states)  # one scheduler, one pool per replica
     totals = [sum(p["compressed_requests_total"] for p in s["policies"].values()) for s in states]
     assert sum(totals) == len(jobs), totals
+
+
+def compressed_total(*servers) -> int:
+    return sum(p["compressed_requests_total"] for srv in servers
+               for s in srv.get_json("/server_info")["internal_states"]
+               for p in s["headkv_sglang"]["policies"].values())
+
+
+def test_sglang_router_forwards_completions_custom_params_and_routes_by_prefix(router, dp_server, kv_small_server):
+    """What SGLang's router (sglang-router 0.3.2) does with per-request kv_* keys, measured:
+    ``/v1/completions`` forwards ``custom_params``; ``/v1/chat/completions`` and ``/generate``
+    drop them (the request is served with the server's flags). README documents both."""
+    before = compressed_total(dp_server, kv_small_server)
+    docs = [needle_prompt(900, depth=0.5, seed=s).prompt for s in (21, 22)]
+    cached = []
+    for doc in docs:
+        for _ in range(2):  # cache-aware routing: the repeat goes where the prefix is cached
+            status, body = post(router, "/v1/completions", {
+                "model": "default", "prompt": doc, "max_tokens": 4, "temperature": 0,
+                "custom_params": {"kv_policy": "snapkv", "kv_budget": 64}})
+            assert status == 200, body
+            cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"] / body["usage"]["prompt_tokens"])
+    assert compressed_total(dp_server, kv_small_server) - before == 4
+    # the repeats reuse the first prompt's KV (up to the recomputed scoring window)
+    assert cached[1] > 0.8 and cached[3] > 0.8 and cached[0] < 0.5 and cached[2] < 0.5, cached
+    # an invalid key is the worker's 400, passed back as is
+    status, body = post(router, "/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": 1,
+                                                    "custom_params": {"kv_policy": "nope"}})
+    assert status == 400 and "custom_params.kv_policy: invalid value 'nope'" in body, (status, body)
+    # the router's chat and native endpoints drop custom_params: not an error, and nothing compressed
+    before = compressed_total(dp_server, kv_small_server)
+    status, _ = post(router, "/v1/chat/completions", {
+        "model": "default", "messages": [{"role": "user", "content": docs[0]}], "max_tokens": 2,
+        "custom_params": {"kv_policy": "nope"}})
+    assert status == 200
+    status, _ = post(router, "/generate", {"text": docs[1], "sampling_params": {
+        "max_new_tokens": 2, "custom_params": {"kv_policy": "snapkv", "kv_budget": 64}}})
+    assert status == 200
+    assert compressed_total(dp_server, kv_small_server) == before
+    all_ranks_clean(dp_server, 1)
+    all_ranks_clean(kv_small_server, 1)

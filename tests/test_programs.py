@@ -130,8 +130,12 @@ def test_summarize_refine_and_bad_input(endpoint):
         summ.summarize("   ")
 
 
-def _batch_input(tmp_path: Path) -> Path:
-    lines = (EXAMPLES / "docs.jsonl").read_text().splitlines()
+def _docs(n: int | None = None) -> list[str]:
+    return (EXAMPLES / "docs.jsonl").read_text().splitlines()[:n]
+
+
+def _batch_input(tmp_path: Path, n: int | None = None) -> Path:
+    lines = _docs(n)
     lines.insert(7, '{"id": "broken", "text": ')  # malformed: cut JSON
     p = tmp_path / "docs.jsonl"
     p.write_text("\n".join(lines) + "\n")
@@ -147,8 +151,8 @@ def _results(path: Path) -> dict[str, dict]:
     return out
 
 
-def _check_batch(res: dict[str, dict]) -> None:
-    docs = [json.loads(x) for x in (EXAMPLES / "docs.jsonl").read_text().splitlines()]
+def _check_batch(res: dict[str, dict], n: int | None = None) -> None:
+    docs = [json.loads(x) for x in _docs(n)]
     assert set(res) == {d["id"] for d in docs} | {"line-8"}, sorted(res)
     assert "malformed input line 8" in res["line-8"]["error"], res["line-8"]
     ok = [d for d in docs if "summary" in res[d["id"]]]
@@ -163,7 +167,7 @@ def _check_batch(res: dict[str, dict]) -> None:
 
 
 def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_path):
-    inp, out = _batch_input(tmp_path), tmp_path / "summaries.jsonl"
+    inp, out = _batch_input(tmp_path, 12), tmp_path / "summaries.jsonl"  # 12 documents + the broken line
     cmd = [sys.executable, "-m", "programs.batch_summarize", "--input", str(inp), "--output", str(out),
            "--server", prog_server.url, "--concurrency", "4", "--kv-policy", "headkv", "--kv-budget", "128",
            "--no-progress"]
@@ -178,7 +182,7 @@ def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)  # the harshest interruption: no cleanup at all
     proc.wait()
     first = _results(out)
-    assert 6 <= len(first) < 21, len(first)
+    assert 6 <= len(first) < 13, len(first)
 
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     # exit 1 when this run recorded a failure: the malformed line, unless the first run did
@@ -187,20 +191,21 @@ def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_pa
     res = _results(out)  # every id exactly once: nothing redone
     for k, v in first.items():
         assert res[k] == v
-    _check_batch(res)
+    _check_batch(res, 12)
     assert "KV: held" in r.stdout, r.stdout
     st = prog_server.plugin_state()
     assert st["integrity"] == "ok", st
 
 
 def test_batch_job_runs_on_the_in_process_engine(tmp_path):
-    inp, out = _batch_input(tmp_path), tmp_path / "summaries.jsonl"
+    # 8 documents, not 20: the job's logic is the server test's; this checks the Engine backend
+    inp, out = _batch_input(tmp_path, 8), tmp_path / "summaries.jsonl"
     r = _cli("programs.batch_summarize", "--input", str(inp), "--output", str(out), "--engine",
              "--engine-arg", "max_total_tokens=65536", "--concurrency", "4",
              "--kv-policy", "headkv", "--kv-budget", "128", "--no-progress", timeout=1200)
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     res = _results(out)
-    _check_batch(res)
+    _check_batch(res, 8)
     assert "KV: held" in r.stdout, r.stdout
     held = sum(x.get("kv_held_bytes", 0) for x in res.values())
     full = sum(x.get("kv_full_bytes", 0) for x in res.values())
