@@ -109,3 +109,10 @@ def planned_pages(planned: torch.Tensor, page_size: int) -> int:
 def total_bound_pages(total: int, rows: int, page_size: int) -> int:
     """Pages of ``total`` tokens spread over ``rows`` rows in any way: each row wastes < one page."""
     return math.ceil(total / page_size) + rows
+
+
+def average_bound_pages(seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int) -> int:
+    """The ``max_pages`` of a policy that keeps at most ``min(B, T)`` tokens per row on average
+    (HeadKV, Ada-KV, PyramidKV, D2O: rows of any length, the total fixed)."""
+    rows = num_layers * num_kv_heads
+    return total_bound_pages(rows * min(budget, seq_len), rows, page_size)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from headkv_sglang.policies import defaults
-from headkv_sglang.policies.budgets import effective_window, total_bound_pages, waterfill
+from headkv_sglang.policies.budgets import average_bound_pages, effective_window, waterfill
 from headkv_sglang.policies.checks import (
     BadValue,
     check_choice,
@@ -153,8 +153,7 @@ class D2O(ObservationWindowPolicy):
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
     ) -> int:
         """At most ``min(B, T)`` tokens per row on average, rows of any length."""
-        rows = num_layers * num_kv_heads
-        return total_bound_pages(rows * min(budget, seq_len), rows, page_size)
+        return average_bound_pages(seq_len, budget, num_layers, num_kv_heads, page_size)
 
     # ------------------------------------------------------------------ token level
     def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,

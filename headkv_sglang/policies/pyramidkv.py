@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from headkv_sglang.policies import defaults
-from headkv_sglang.policies.budgets import effective_window, total_bound_pages, waterfill
+from headkv_sglang.policies.budgets import average_bound_pages, effective_window, waterfill
 from headkv_sglang.policies.checks import check_float, check_request
 from headkv_sglang.policies.observation import ObservationWindowPolicy
 
@@ -86,5 +86,4 @@ class PyramidKV(ObservationWindowPolicy):
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int
     ) -> int:
         """At most ``min(B, T)`` tokens per row on average, rows of any length."""
-        rows = num_layers * num_kv_heads
-        return total_bound_pages(rows * min(budget, seq_len), rows, page_size)
+        return average_bound_pages(seq_len, budget, num_layers, num_kv_heads, page_size)
