@@ -296,3 +296,32 @@ def test_with_overlap_a_request_sharing_a_pending_prefill_prefix_waits_one_step(
     scheduler.result_queue = [(decode, None)]  # a pending decode batch inserts nothing
     before_get_new_batch_prefill(state, scheduler)
     assert scheduler.waiting_queue == [branch, other, short]
+
+
+def test_admission_counts_a_compressed_rows_pages_once():
+    """With overlap the next batch is formed after a row was compressed in the forward (its
+    pages taken, its record made) but before its result is processed (its reservation
+    released): those pages are counted once, as used, and a request that fits the rest is
+    admitted. A reservation of a row not compressed yet still counts."""
+    from headkv_sglang.serving.admission import available_pages, before_get_new_batch_prefill, pages_bound
+    from headkv_sglang.serving.requests import request_config
+
+    shape = ModelShape(num_layers=2, num_q_heads=2, num_kv_heads=1, head_dim=8)
+    state = ServingState(KVPolicyConfig(policy="snapkv", budget=32))
+    m = state.manager = CompressionManager(shape, 61, 4, torch.float32, "cpu")
+    waiting = types.SimpleNamespace(origin_input_ids=list(range(1000, 1203)), output_ids=[], sampling_params=None,
+                                    rid="w")
+    need = pages_bound(state, waiting, request_config(state, waiting))
+    assert 0 < need < m.allocator.num_pages // 2, need
+    taken = m.allocator.num_pages - need  # what the row compressed in the last forward holds
+    m.allocator.allocate(taken, owner=5)
+    m.records[5] = object()
+    state.reserved[5] = taken
+    assert available_pages(state) == need
+    scheduler = types.SimpleNamespace(waiting_queue=[waiting], result_queue=[])
+    before_get_new_batch_prefill(state, scheduler)
+    assert scheduler.waiting_queue == [waiting] and state.admission_waits == 0
+    state.reserved[7] = 1  # admitted, not compressed yet: its promise stands
+    assert available_pages(state) == need - 1
+    before_get_new_batch_prefill(state, scheduler)
+    assert scheduler.waiting_queue == [] and state.held == [waiting] and state.admission_waits == 1

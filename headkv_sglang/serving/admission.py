@@ -40,6 +40,23 @@ def pages_bound(state: ServingState, req, cfg: KVPolicyConfig) -> int:
     return m.pages_bound(cfg, seq_len)
 
 
+def available_pages(state: ServingState) -> int:
+    """Free pages not promised to admitted requests (the fullest rank's, under ``--tp``).
+
+    A reservation is released when its prefill's result is processed, but the pages are taken
+    inside the forward that compresses the row (:meth:`CompressionManager.finish_compression`
+    records it). With the overlap scheduler the next batch is formed in between: a row that
+    has a record holds its pages already, and its reservation no longer counts. (Counting both
+    made "available" negative in the soak and held requests back for nothing.) The check and
+    the free count run in the scheduler's thread, in the same order on every rank."""
+    m = state.manager
+    unreleased = sum(n for idx, n in state.reserved.items() if idx not in m.records)
+    available = m.allocator.free_pages - unreleased
+    if state.min_over_ranks is not None:
+        available = state.min_over_ranks(available)
+    return available
+
+
 def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
     """BEFORE Scheduler.run_batch: rows that will be compressed capture window queries."""
     state.scheduler = scheduler
@@ -88,10 +105,7 @@ def before_get_new_batch_prefill(state: ServingState, scheduler, *args, **kwargs
         state.held = []
     if m is None or not scheduler.waiting_queue:
         return None
-    free = m.allocator.free_pages
-    if state.min_over_ranks is not None:
-        free = state.min_over_ranks(free)
-    available = free - sum(state.reserved.values())
+    available = available_pages(state)
     pending = pending_prefill_prefixes(scheduler)
     keep, held, shared = [], [], []
     for req in scheduler.waiting_queue:
