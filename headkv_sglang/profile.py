@@ -59,6 +59,7 @@ import argparse
 import math
 import random
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -592,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
                    seed=args.seed, max_length=args.max_length, period=args.period, repeats=args.repeats)
     except ValueError as e:
         p.error(str(e))
+    # the exact command, so the shipped profile says how to make it again
+    prof.parameters["command"] = shlex.join(["python", "-m", "headkv_sglang.profile",
+                                             *(sys.argv[1:] if argv is None else argv)])
     path = prof.save(args.out)
     print(f"{args.method} profile of {prof.model_name}: {path} (+ {path.with_suffix('.png').name}) "
           f"in {time.time() - t0:.0f} s")

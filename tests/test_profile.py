@@ -277,6 +277,8 @@ def test_cli_writes_profile_and_heatmap(test_model, tmp_path, capsys):
                  "--period", "24", "--repeats", "2", "--trials", "1"]) == 0
     prof = profiles.load_profile(out)
     assert prof.parameters["sequence_tokens"] == 49 and out.with_suffix(".png").is_file()
+    assert prof.parameters["command"] == (f"python -m headkv_sglang.profile --model {test_model} --method razor "
+                                          f"--out {out} --period 24 --repeats 2 --trials 1")
     assert "important (top 1% echo + top 14% induction)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--method", "r2", "--out", str(out)])
