@@ -47,6 +47,31 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def _held(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+HELD_TOLERANCE = 0.10  # cells compared only when their KV held is within 10% of headkv's
+
+
+def equal_held_ranking(rel: dict, kept: dict, policies: list[str], budget: str, ref: str = "headkv",
+                       tol: float = HELD_TOLERANCE) -> tuple[list[str], dict[str, float | None]]:
+    """At one budget: the policies whose KV actually held is within ``tol`` (relative) of
+    ``ref``'s, best score first (ties keep the listed order), and the others with what they hold.
+
+    A policy that keeps more than the budget (razor's retrieval heads keep every token) is
+    not beaten fairly by one that keeps what it was given: it is left out of the ranking."""
+    base = kept[ref][budget]
+    same, other = [], {}
+    for p in policies:
+        k = kept[p][budget]
+        if base is not None and k is not None and abs(k - base) <= tol * base:
+            same.append(p)
+        else:
+            other[p] = k
+    return sorted(same, key=lambda p: -(rel[p][budget] or 0)), other
+
+
 def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
     meta, s = fid["meta"], fid["summary"]
     budgets, policies = meta["budgets"], meta["policies"]
@@ -65,16 +90,19 @@ def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
         f"multi-value, variable tracking, common words; {meta['cases']} cases of "
         f"{meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens), score relative to full KV on the same "
         f"cases (full KV scores {s['full_short_answer_total']:.1f} points in total), at a budget of tokens per "
-        "KV head given as a share of the prompt:",
+        "KV head given as a share of the prompt; in brackets the share of the prompt's full KV each "
+        "policy actually held there (server-reported, page rounding included):",
         "",
         "| policy | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),
     ]
+    kept = s["kv_kept"]
     for p in policies:
         cells = []
         for b in budgets:
             v = _pct(rel[p][b])
-            cells.append(f"**{v}**" if p == "headkv" and b == b97 and met else v)
+            v = f"**{v}**" if p == "headkv" and b == b97 and met else v
+            cells.append(f"{v} ({_held(kept[p][b])})")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     if met:
         lines.append(f"\nheadkv keeps >= {TARGET:.0%} of full KV's score from **{b97}** of the prompt's KV up.")
@@ -87,9 +115,16 @@ def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
                  f"~{100 / max(s['full_short_answer_total'], 1):.0f} points: read the columns as trends, not decimals.")
     ranks = []
     for b in budgets:
-        order = sorted(policies, key=lambda p: -(rel[p][b] or 0))
-        ranks.append(f"{b}: headkv ranks {order.index('headkv') + 1} of {len(policies)} (best: {order[0]})")
-    lines.append("Ranking by this score — " + "; ".join(ranks) + ".")
+        order, other = equal_held_ranking(rel, kept, policies, b)
+        if "headkv" not in order:
+            ranks.append(f"{b}: headkv's KV held not measured")
+            continue
+        part = f"{b}: headkv ranks {order.index('headkv') + 1} of {len(order)} (best: {order[0]})"
+        if other:
+            part += " [not comparable: " + ", ".join(f"{p} holds {_held(k)}" for p, k in other.items()) + "]"
+        ranks.append(part)
+    lines.append(f"Ranking by this score, among policies holding the same KV as headkv (±{HELD_TOLERANCE:.0%}) — "
+                 + "; ".join(ranks) + ".")
     if "summary" in meta["tasks"]:
         r = s["summary_rouge_l"]["headkv"]
         lines.append("Summaries, ROUGE-L of headkv's against full KV's: "

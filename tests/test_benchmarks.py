@@ -244,3 +244,19 @@ def test_gpu_benchmarks_run_their_cpu_dry_run(script, args, tmp_path):
     else:
         assert result["headkv"]["replan_ms"] > 0 and result["headkv"]["kept_fraction"] > 0
         assert "re-plan of the same batch" in md
+
+
+def test_rankings_compare_only_cells_of_equal_held_kv():
+    from benchmarks.regenerate import equal_held_ranking
+
+    policies = ["headkv", "snapkv", "razor", "streamingllm"]
+    rel = {"headkv": {"1%": 0.3}, "snapkv": {"1%": 0.1}, "razor": {"1%": 0.9}, "streamingllm": {"1%": None}}
+    kept = {"headkv": {"1%": 0.0140}, "snapkv": {"1%": 0.0153}, "razor": {"1%": 0.169}, "streamingllm": {"1%": 0.0127}}
+    order, other = equal_held_ranking(rel, kept, policies, "1%")
+    # razor scores best but holds 12x the KV: not ranked; 0.0127 is within 10% of 0.0140, 0.0153 too
+    assert order == ["headkv", "snapkv", "streamingllm"] and other == {"razor": 0.169}
+    kept["snapkv"]["1%"] = 0.0155  # 10.7% above headkv's
+    assert equal_held_ranking(rel, kept, policies, "1%") == (["headkv", "streamingllm"],
+                                                              {"snapkv": 0.0155, "razor": 0.169})
+    kept["headkv"]["1%"] = None  # headkv not measured there: nothing is comparable
+    assert equal_held_ranking(rel, kept, policies, "1%")[0] == []
