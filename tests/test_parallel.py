@@ -13,18 +13,17 @@ says which cores each rank uses; this machine has 1 node and 2 cores.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from benchmarks.soak import post  # (status, JSON or error text) of one POST, never raising
 from headkv_sglang.dev.haystack import needle_prompt
 from headkv_sglang.dev.server import free_port
 
@@ -73,24 +72,13 @@ def router(dp_server, kv_small_server, tmp_path):
         deadline = time.time() + 180
         while True:  # its /health answers before the workers are registered: wait for a routed request
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            if post(url, "/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": 1})[0] == 200:
+            if post(url + "/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": 1})[0] == 200:
                 break
             time.sleep(0.5)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-
-
-def post(url: str, path: str, body: dict) -> tuple[int, dict | str]:
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=900) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-    except OSError as e:
-        return -1, repr(e)
 
 
 def client(server):
@@ -184,7 +172,7 @@ def test_sglang_router_forwards_completions_custom_params_and_routes_by_prefix(r
     cached = []
     for doc in docs:
         for _ in range(2):  # cache-aware routing: the repeat goes where the prefix is cached
-            status, body = post(router, "/v1/completions", {
+            status, body = post(router + "/v1/completions", {
                 "model": "default", "prompt": doc, "max_tokens": 4, "temperature": 0,
                 "custom_params": {"kv_policy": "snapkv", "kv_budget": 64}})
             assert status == 200, body
@@ -193,16 +181,16 @@ def test_sglang_router_forwards_completions_custom_params_and_routes_by_prefix(r
     # the repeats reuse the first prompt's KV (up to the recomputed scoring window)
     assert cached[1] > 0.8 and cached[3] > 0.8 and cached[0] < 0.5 and cached[2] < 0.5, cached
     # an invalid key is the worker's 400, passed back as is
-    status, body = post(router, "/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": 1,
+    status, body = post(router + "/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": 1,
                                                     "custom_params": {"kv_policy": "nope"}})
     assert status == 400 and "custom_params.kv_policy: invalid value 'nope'" in body, (status, body)
     # the router's chat and native endpoints drop custom_params: not an error, and nothing compressed
     before = compressed_total(dp_server, kv_small_server)
-    status, _ = post(router, "/v1/chat/completions", {
+    status, _ = post(router + "/v1/chat/completions", {
         "model": "default", "messages": [{"role": "user", "content": docs[0]}], "max_tokens": 2,
         "custom_params": {"kv_policy": "nope"}})
     assert status == 200
-    status, _ = post(router, "/generate", {"text": docs[1], "sampling_params": {
+    status, _ = post(router + "/generate", {"text": docs[1], "sampling_params": {
         "max_new_tokens": 2, "custom_params": {"kv_policy": "snapkv", "kv_budget": 64}}})
     assert status == 200
     assert compressed_total(dp_server, kv_small_server) == before
