@@ -9,6 +9,7 @@ fails with the log's tail as soon as the process exits or the timeout passes.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,8 +26,37 @@ class ServerError(RuntimeError):
     """The server exited or did not become ready; the message carries its log tail."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+class PortTaken(ServerError):
+    """uvicorn could not bind the HTTP port: something took it after it was chosen."""
+
+
+# What uvicorn logs when its bind fails; the server then hangs in shutdown instead of exiting.
+BIND_ERROR = "error while attempting to bind on address"
+
+
+# Ports handed out for servers and routers: under the kernel's ephemeral range (32768+ by
+# default), where every outgoing connection and every gloo pair of a starting server takes its
+# local port (CI once lost a server start to that: the port chosen with bind(0) was taken by the
+# time uvicorn bound it, ~50 s later), and under SGLang's own 22000-29999 for its NCCL port.
+PORT_RANGE = (12000, 21999)
+
+
+def free_port(attempts: int = 200) -> int:
+    """A free TCP port on 127.0.0.1, outside the ephemeral range and SGLang's NCCL range."""
+    low, high = PORT_RANGE
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for port in random.sample(range(low, high + 1), min(attempts, high - low + 1)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -66,6 +96,7 @@ class SGLangServer:
     ) -> None:
         self.model_path = str(model_path)
         self.args = list(args)
+        self.port_given = port is not None
         self.port = port or free_port()
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
         self.env = dict(env or {})
@@ -88,7 +119,18 @@ class SGLangServer:
             *self.args,
         ]
 
-    def start(self) -> "SGLangServer":
+    def start(self, port_attempts: int = 3) -> "SGLangServer":
+        """Launch and wait for /health. A port lost to a race is replaced by a fresh one
+        (up to ``port_attempts`` launches), unless the caller chose the port."""
+        for attempt in range(1, port_attempts + 1):
+            try:
+                return self._launch()
+            except PortTaken:
+                if self.port_given or attempt == port_attempts:
+                    raise
+                self.port = free_port()
+
+    def _launch(self) -> "SGLangServer":
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
@@ -118,12 +160,22 @@ class SGLangServer:
                 )
             if self.healthy():
                 return
+            if self._log_says(BIND_ERROR):
+                raise PortTaken(
+                    f"SGLang server could not bind port {self.port}.\nlog ({self.log_path}):\n{log_tail(self.log_path)}"
+                )
             if time.monotonic() > deadline:
                 raise ServerError(
                     f"SGLang server not ready after {self.startup_timeout:.0f} s.\n"
                     f"log ({self.log_path}):\n{log_tail(self.log_path)}"
                 )
             time.sleep(1.0)
+
+    def _log_says(self, text: str) -> bool:
+        try:
+            return text in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
 
     def healthy(self, timeout: float = 5.0) -> bool:
         try:
