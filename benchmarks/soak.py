@@ -6,7 +6,9 @@
 Each request draws a prompt length (a needle haystack of 40..--max-words words, default 1200), a policy and
 budget (via ``custom_params``; 10% plain ``full``), and one of a few shared document
 prefixes (radix hits) or a fresh one. 10% are streamed and disconnected after a few
-chunks (SGLang aborts them), 5% carry deliberately invalid ``custom_params`` (must be HTTP
+chunks (SGLang aborts them; those with a compressing policy other than razor carry a
+``kv_decode_budget`` and run 64 chunks, long enough for their generated tokens to move
+into their pages), 5% carry deliberately invalid ``custom_params`` (must be HTTP
 400). Every completed request with >= 16 new tokens is checked for its needle's number:
 asserted (>= 90%) for the ``full`` policy; reported, not asserted, for the compressed ones
 (lossy policies may miss). At the end, with the server idle: the compressed pool's
@@ -75,8 +77,13 @@ def make_request(i: int, seed: int, max_words: int = 1200) -> dict:
         params = {"kv_policy": rng.choice(POLICIES), "kv_budget": rng.choice([16, 32, 64, 128, 256])}
     else:
         params = {"kv_policy": "full"}
+    abort_after = 3
+    if kind == "abort" and params.get("kv_policy") not in ("full", "razor", None):
+        # a long output whose generated tokens move into its pages, aborted mid-way
+        params["kv_decode_budget"] = rng.choice([16, 32])
+        abort_after = 64
     return {"i": i, "kind": kind, "prompt": prompt, "answer": needle.answer, "params": params,
-            "max_tokens": rng.choice([1, 8, 16, 24]) if kind != "abort" else 400}
+            "max_tokens": rng.choice([1, 8, 16, 24]) if kind != "abort" else 400, "abort_after": abort_after}
 
 
 def run_one(url: str, spec: dict) -> dict:
@@ -94,7 +101,7 @@ def run_one(url: str, spec: dict) -> dict:
                 for line in resp:
                     if line.startswith(b"data: {"):
                         chunks += 1
-                        if chunks >= 3:
+                        if chunks >= spec["abort_after"]:
                             break  # disconnect mid-stream
             out["status"] = 200
         except Exception as e:  # noqa: BLE001
@@ -166,11 +173,13 @@ def soak(url: str, n: int, concurrency: int, seed: int, progress: bool = True, m
         "fallbacks": st.get("fallbacks"),
         "token_pool": tp, "token_slots_leaked": tp["total"] - tp["available"] - tp["evictable"],
         "compressed_requests_total": sum(p.get("compressed_requests_total", 0) for p in st.get("policies", {}).values()),
+        "decode": st.get("decode"),  # decode-phase compression (the long aborted outputs)
         "healthy": healthy,
     }
     summary["ok"] = bool(
         healthy and not unexpected and st["integrity"] == "ok" and st["pool"]["used_pages"] == 0
         and summary["reserved_pages"] == 0 and summary["token_slots_leaked"] == 0 and not summary["fallbacks"]
+        and not (st.get("decode") or {}).get("errors") and not (st.get("decode") or {}).get("pages_promised")
         and summary["full_answers_correct"] >= 0.9 * max(1, len(checked_full))
     )
     return summary

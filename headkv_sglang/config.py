@@ -44,6 +44,7 @@ REQUEST_KEYS = {
     "kv_razor_fraction": "razor_fraction",
     "kv_razor_heads": "razor_heads",
     "kv_d2o_merge": "d2o_merge",
+    "kv_decode_budget": "decode_budget",
 }
 MAX_BUDGET = 1 << 20
 AUTO_WINDOW = 32
@@ -75,7 +76,9 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     least :meth:`~headkv_sglang.policies.base.KVPolicy.min_budget`); ``window``: observation window, ``0`` = automatic
     (:attr:`obs_window`); ``min_prompt``: prompts with fewer tokens stay
     uncompressed; ``pool_fraction``: share of SGLang's KV token capacity moved to the
-    compressed pool; ``page_size``: tokens per page of the compressed pool. The
+    compressed pool; ``page_size``: tokens per page of the compressed pool;
+    ``decode_budget``: generated tokens kept per KV head once they move into the pages
+    (decode-phase compression, ``policies/decode.py``; 0: the decode tail stays whole). The
     policies' hyperparameters default to ``policies/defaults.py``, as the classes do.
     """
 
@@ -96,6 +99,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
     razor_heads: str = "fraction"  # RazorAttention: "fraction" (razor_fraction) or "budget" (matched)
     d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"off")
+    decode_budget: int = 0  # generated tokens kept per KV head (policies/decode.py); 0: the tail stays whole
     pool_fraction: float = 0.5
     page_size: int = 16
 
@@ -180,6 +184,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
             raise bad("razor_heads", self.razor_heads, f"choose one of {', '.join(RAZOR_HEADS_CHOICES)}")
         if self.d2o_merge not in defaults.D2O_MERGES:
             raise bad("d2o_merge", self.d2o_merge, f"choose one of {', '.join(defaults.D2O_MERGES)}")
+        intval("decode_budget", 0)
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)
         policy_class(self.policy).check_config(self, bad, changed)  # its cross-field rules

@@ -35,6 +35,10 @@ _PREFILL_RESULT = (
     "sglang.srt.managers.scheduler_components.batch_result_processor."
     "SchedulerBatchResultProcessor.process_batch_result_prefill"
 )
+_DECODE_RESULT = (
+    "sglang.srt.managers.scheduler_components.batch_result_processor."
+    "SchedulerBatchResultProcessor.process_batch_result_decode"
+)
 _FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
 _ADMIT = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 _PREFIX_CAP = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
@@ -47,6 +51,7 @@ SERVING_TARGETS = (
     f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens",
     _RUN_BATCH,
     _PREFILL_RESULT,
+    _DECODE_RESULT,
     _FREE_ROWS,
     _ADMIT,
     _PREFIX_CAP,
@@ -92,6 +97,12 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-d2o-merge": ("d2o_merge", dict(type=str, default=_DEFAULTS.d2o_merge, choices=defaults.D2O_MERGES,
                                          help="D2O: merge each dropped token into its most similar kept token "
                                               "('on', the default) or drop it ('off').")),
+    "--kv-decode-budget": ("decode_budget", dict(type=int, default=_DEFAULTS.decode_budget,
+                                                 help="Generated tokens kept per KV head of a compressed request: once "
+                                                      "its decode tail outgrows the window by a chunk, the older "
+                                                      "generated tokens are ranked by the recent queries and the best "
+                                                      "this many move into its pages (0, the default: the tail stays "
+                                                      "whole). Not with razor.")),
     "--kv-pool-fraction": ("pool_fraction", dict(type=float, default=_DEFAULTS.pool_fraction,
                                                  help="Share of SGLang's KV token capacity moved to the compressed pool.")),
     "--kv-page-size": ("page_size", dict(type=int, default=_DEFAULTS.page_size,
@@ -316,6 +327,7 @@ def _register_serving(cfg: KVPolicyConfig):
     hook(_PREFIX_CAP, admission.cap_prefix_len, HookType.AFTER)
     hook(_PREFILL_RESULT, lifecycle.before_prefill, HookType.BEFORE)
     hook(_PREFILL_RESULT, lifecycle.after_prefill, HookType.AFTER)
+    hook(_DECODE_RESULT, lifecycle.before_decode, HookType.BEFORE)
     hook(_FREE_ROWS, lifecycle.before_free_rows, HookType.BEFORE)
     for target in (_DECODE_GRAPH, _PREFILL_GRAPH, _CPU_GRAPH):
         hook(target, backend.graph_allowed, HookType.AFTER)

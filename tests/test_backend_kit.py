@@ -33,6 +33,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 
 from headkv_sglang.config import KVPolicyConfig, ModelShape  # noqa: E402
 from headkv_sglang.kv.manager import CompressionManager  # noqa: E402
+from headkv_sglang.kv.pool import RequestPages  # noqa: E402
 from headkv_sglang.serving.backend import HeadKVAttnBackend, graph_allowed, make_kernel, stand_in_batch  # noqa: E402
 from headkv_sglang.serving.state import ServingState  # noqa: E402
 
@@ -314,8 +315,8 @@ def test_admission_counts_a_compressed_rows_pages_once():
     need = pages_bound(state, waiting, request_config(state, waiting))
     assert 0 < need < m.allocator.num_pages // 2, need
     taken = m.allocator.num_pages - need  # what the row compressed in the last forward holds
-    m.allocator.allocate(taken, owner=5)
-    m.records[5] = object()
+    ids = m.allocator.allocate(taken, owner=5)
+    m.records[5] = RequestPages(prompt_len=203, policy="snapkv", budget=32, page_ids=ids)
     state.reserved[5] = taken
     assert available_pages(state) == need
     scheduler = types.SimpleNamespace(waiting_queue=[waiting], result_queue=[])

@@ -198,6 +198,31 @@ def test_fidelity_grid_resumes_from_its_journal(bench_server, tmp_path, count_to
 
 
 @pytest.mark.server
+def test_long_outputs_cli_samples_memory_and_scores_summaries(bench_server, tmp_path):
+    """benchmarks/long_outputs.py on tiny settings against the shared server: the KV held is
+    sampled while generating, the decode budget bounds it, and summaries are scored."""
+    out = tmp_path / "lo"
+    r = subprocess.run(
+        [sys.executable, "benchmarks/long_outputs.py", "--server", bench_server.url, "--tokens", "60", "--every",
+         "20", "--budget", "32", "--decode-budgets", "16", "--docs", "1", "--summary-tokens", "24", "--out", str(out),
+         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    mem = data["memory"]
+    assert list(mem) == ["full", "snapkv-32", "snapkv-32 + decode 16"]
+    for m in mem.values():  # one sample per 20 streamed tokens (a chunk without text is not counted)
+        assert [s["generated"] for s in m["samples"]][:2] == [20, 40] and m["idle_after"]["bytes"] == 0, m
+    full, prompt_only, decode = (mem[k]["samples"][1] for k in mem)  # at 40 generated tokens
+    # a compressed prompt holds less than the whole one; the decode budget moved its tail into pages
+    assert prompt_only["bytes"] < full["bytes"] and decode["token_slots"] < prompt_only["token_slots"], mem
+    assert data["decode"]["compressions"] >= 1
+    assert data["rouge_l_vs_full"]["full"] == 1.0 and set(data["rouge_l_vs_full"]) == set(mem)
+    md = out.with_suffix(".md").read_text()
+    assert "| snapkv-32 + decode 16 |" in md and "ROUGE-L" in md
+    assert (tmp_path / "lo.png").stat().st_size > 5000
+
+
+@pytest.mark.server
 def test_capacity_cli_measures_both_servers_through_bench_serving(tmp_path):
     out = tmp_path / "cap"
     r = subprocess.run(

@@ -22,7 +22,7 @@ from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPo
 pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
-assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_floor_alpha, kv_kernel_size, kv_min_prompt, kv_policy, "
+assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, kv_policy, "
                    "kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
 POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor, d2o"
@@ -62,6 +62,11 @@ INVALID = [
     ({"kv_razor_heads": "all"}, "custom_params.kv_razor_heads: invalid value 'all'; choose one of fraction, budget"),
     ({"kv_d2o_merge": "yes"}, "custom_params.kv_d2o_merge: invalid value 'yes'; choose one of on, off"),
     ({"kv_d2o_merge": True}, "custom_params.kv_d2o_merge: invalid value True; expected str"),
+    # kv_decode_budget
+    ({"kv_decode_budget": -1}, "custom_params.kv_decode_budget: invalid value -1; expected an integer in [0, 1048576]"),
+    ({"kv_decode_budget": "64"}, "custom_params.kv_decode_budget: invalid value '64'; expected int"),
+    ({"kv_policy": "razor", "kv_decode_budget": 64},
+     "custom_params.kv_decode_budget: invalid value 64; decode-phase compression is not supported with razor (use 0)"),
     # kv_policy
     ({"kv_policy": "nope"}, f"custom_params.kv_policy: invalid value 'nope'; choose one of {POLICIES}"),
     ({"kv_policy": "SnapKV"}, f"custom_params.kv_policy: invalid value 'SnapKV'; choose one of {POLICIES}"),
@@ -137,6 +142,7 @@ VALID = [
     {"kv_policy": "streamingllm", "kv_budget": "0.5%"},  # resolved to at least sinks + 1
     {"kv_policy": "snapkv", "kv_budget": "100%", "kv_scoring": "window"},
     {"kv_policy": "adakv", "kv_budget": 16, "kv_question": 1},
+    {"kv_policy": "snapkv", "kv_budget": 16, "kv_decode_budget": 16},
     {"kv_policy": "razor", "kv_budget": "2%", "kv_razor_heads": "budget"},
     {"kv_policy": "d2o", "kv_budget": "2%", "kv_d2o_merge": "off"},
     {"kv_policy": "d2o", "kv_budget": 6, "kv_sink_size": 5, "kv_scoring": "question"},
@@ -292,6 +298,7 @@ _NEAR = {
     "kv_kernel_size": st.sampled_from([1, 3, 5, 13, 63]),
     "kv_pooling": st.sampled_from(["maxpool", "avgpool"]),
     "kv_razor_fraction": st.floats(0, 1),
+    "kv_decode_budget": st.integers(0, 40),
 }
 # ... and just outside them
 _EDGE = {
@@ -309,6 +316,7 @@ _EDGE = {
     "kv_kernel_size": st.sampled_from([-1, 0, 2, 4, 64, 65]),
     "kv_pooling": st.sampled_from(["minpool", "MAXPOOL", ""]),
     "kv_razor_fraction": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
+    "kv_decode_budget": st.sampled_from([-1, (1 << 20) + 1, "16", 1.5]),
 }
 _KEYS = (st.sampled_from(sorted(REQUEST_KEYS)) | st.sampled_from(["kv_page_size", "kv_head_profile", "kv_", "kv_Policy"])
          | st.text(max_size=6).map(lambda s: "kv_" + s)  # unknown kv_* keys

@@ -27,5 +27,7 @@ def test_short_soak_leaves_no_leaks_and_no_unexpected_errors(start_server):
     assert s["admission_waits"] >= 1, s  # the small pool made some requests queue
     assert not s["fallbacks"], s["fallbacks"]  # admission queued every request until its pages were free
     assert s["compressed_requests_total"] >= 100, s
+    # aborted long outputs moved generated tokens into their pages, and gave everything back
+    assert s["decode"]["compressions"] >= 5 and s["decode"]["errors"] == 0 and s["decode"]["pages_promised"] == 0, s
     assert s["full_answers_checked"] >= 3 and s["full_answers_correct"] >= 0.9 * s["full_answers_checked"], s
     assert s["healthy"] and s["ok"], s

@@ -33,6 +33,7 @@ import torch
 
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.policies.base import compress_layer
+from headkv_sglang.policies.decode import decode_chunk, decode_scores, select_decode
 from headkv_sglang.policies.budgets import planned_pages
 from headkv_sglang.policies.registry import build_policy, pages_upper_bound
 from headkv_sglang.policies.sharding import HeadShard, ShardedPolicy, rank_pages_bound
@@ -125,6 +126,12 @@ class CompressionManager:
         # compress_in_forward's outcomes, taken by the serving layer's result processing
         self.compressed_in_forward: set[int] = set()
         self.failed_in_forward: dict[int, Exception] = {}
+        # decode-phase compression: row -> layer -> its last decode queries [<= window, Hq, D]
+        self._decode_q: dict[int, dict[int, torch.Tensor]] = {}
+        # rows whose tail positions [start, end) moved into pages in a forward; the serving
+        # layer frees those token-pool slots when it processes that forward's result
+        self.decoded_in_forward: dict[int, tuple[int, int]] = {}
+        self.decode_totals: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ prefill
     def begin_extend(self, req_pool_idx: int, rid: str, window: int,
@@ -283,6 +290,9 @@ class CompressionManager:
                 self.allocator.free(ids, owner=req_pool_idx)
             raise
         rec.compress_ms = job.ms + 1000 * (time.perf_counter() - t0)
+        if cfg.decode_budget > 0:
+            rec.decode_budget, rec.decode_window = cfg.decode_budget, cfg.obs_window
+            rec.decode_recency = not getattr(job.policy, "needs_queries", True)
         self.records[req_pool_idx] = rec
         self.peak_records = max(self.peak_records, len(self.records))
         self.drop_capture(req_pool_idx)
@@ -296,12 +306,27 @@ class CompressionManager:
 
     def pages_bound(self, cfg: KVPolicyConfig, seq_len: int) -> int:
         """Pages this rank may need at most for a ``seq_len``-token prompt under ``cfg`` (the
-        same number on every rank: admission must decide alike on all of them)."""
+        same number on every rank: admission must decide alike on all of them), the generated
+        tokens its decode budget keeps included."""
         g, ps = self.global_shape, self.pool.page_size
+        decode = self.decode_pages_bound(cfg.decode_budget)
         if self.shard is None:
-            return pages_upper_bound(cfg, g, seq_len, ps)
+            return pages_upper_bound(cfg, g, seq_len, ps) + decode
         return rank_pages_bound(build_policy(cfg, g), seq_len, cfg.budget, g.num_layers, g.num_kv_heads,
-                                ps, self.shard)
+                                ps, self.shard) + decode
+
+    def decode_pages_bound(self, decode_budget: int) -> int:
+        """Pages that a decode budget adds to a request's at most: per (layer, KV head) row,
+        ``ceil((p + n) / ps) - ceil(p / ps) <= ceil(n / ps)`` for ``n <= decode_budget``."""
+        if decode_budget <= 0:
+            return 0
+        ps = self.pool.page_size
+        return self.shape.num_layers * self.shape.num_kv_heads * -(-decode_budget // ps)
+
+    def decode_pages_pending(self) -> int:
+        """Pages the running compressed requests' decode budgets may still take."""
+        return sum(self.decode_pages_bound(r.decode_budget) - r.decode_pages
+                   for r in list(self.records.values()) if r.decode_budget > 0)
 
     # ------------------------------------------------------------------ inside the forward
     def compress_in_forward(self, layer: int, req_pool_idx: int, end: int,
@@ -331,6 +356,138 @@ class CompressionManager:
             self.failed_in_forward[req_pool_idx] = e
             cap.compress_at, cap.job = None, None
 
+    # ------------------------------------------------------------------ decode phase
+    def capture_decode_query(self, layer: int, req_pool_idx: int, q: torch.Tensor) -> None:
+        """Keep a compressed request's decode query of ``layer`` (``q``: ``[Hq, D]``) when it
+        has a decode budget: its last ``decode_window`` rank its generated tokens."""
+        rec = self.records.get(req_pool_idx)
+        if rec is None or rec.decode_budget <= 0 or rec.decode_recency:
+            return
+        per = self._decode_q.setdefault(req_pool_idx, {})
+        prev = per.get(layer)
+        q = q.detach()[None]
+        per[layer] = q.clone() if prev is None else torch.cat([prev, q])[-rec.decode_window:]
+
+    def decode_due(self, req_pool_idx: int, seq_len: int) -> tuple[int, int] | None:
+        """Tail positions ``[start, end)`` to move into pages in the decode forward whose newest
+        token is at ``seq_len - 1`` (all of the tail but its last ``decode_window``), or None
+        while the tail is within its window plus a chunk."""
+        rec = self.records.get(req_pool_idx)
+        if rec is None or rec.decode_budget <= 0 or seq_len < rec.decode_retry_at:
+            return None
+        start, end = rec.tail_start, seq_len - rec.decode_window
+        if end - start < decode_chunk(rec.decode_budget):
+            return None
+        return start, end
+
+    def compress_decode(self, req_pool_idx: int, start: int, end: int,
+                        get_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]], scale: float
+                        ) -> RequestPages | None:
+        """Move tail positions ``[start, end)`` of a compressed request into its pages.
+
+        ``get_kv(layer)``: their ``k, v`` ``[end - start, num_kv_heads, head_dim]`` (SGLang's
+        pool). With the generated tokens already in the pages they are ranked
+        (``policies/decode.py``: the attention of the captured decode queries, ``scale`` the
+        logit scale) and every row keeps the best ``min(decode_budget, candidates)``, written
+        after its prompt tokens; rows grow by whole pages. The request gets a new record with
+        ``tail_start = end``, also left in :attr:`decoded_in_forward` for the serving layer to
+        free the positions' token slots. Returns the new record, or None when the pool cannot
+        take the growth (nothing changed; retried a chunk later).
+
+        Runs after the forward's last layer: every layer's attention has read the old record,
+        and pages are only added, never freed, so its rows are rewritten in place.
+        """
+        t0 = time.perf_counter()
+        rec = self.records[req_pool_idx]
+        if rec.tail_start != start or not start < end:
+            raise ValueError(f"row {req_pool_idx}: tail starts at {rec.tail_start}, asked to move [{start}, {end})")
+        ps, D = self.pool.page_size, self.pool.head_dim
+        n_old, n_move = rec.decode_kept, end - start
+        n_new = min(rec.decode_budget, n_old + n_move)
+        plans, grow = [], 0
+        for lp in rec.layers:
+            prompt = lp.lengths - n_old  # each row's prompt tokens
+            have = lp.kv_indptr[1:] - lp.kv_indptr[:-1]
+            add = ((prompt + n_new + ps - 1) // ps - have).clamp(min=0)
+            plans.append((prompt, have, add))
+            grow += int(add.sum())
+        fits = self.allocator.can_allocate(grow)
+        if self.min_over_ranks is not None:  # the same records on every rank
+            fits = bool(self.min_over_ranks(int(fits)))
+        if not fits:
+            rec.decode_retry_at = end + rec.decode_window + decode_chunk(rec.decode_budget)
+            self.decode_totals["pool_full"] += 1
+            return None
+        kflat, vflat = self.pool.k_pages.view(-1, D), self.pool.v_pages.view(-1, D)
+        device = kflat.device
+        queries = self._decode_q.get(req_pool_idx, {})
+        chosen = []
+        for layer, (lp, (prompt, _, _)) in enumerate(zip(rec.layers, plans)):
+            k_new, v_new = get_kv(layer)
+            k = k_new.to(device, self.pool.dtype).transpose(0, 1)  # [H, n_move, D]
+            v = v_new.to(device, self.pool.dtype).transpose(0, 1)
+            if n_old:
+                old = page_addresses(lp.kv_indptr, lp.kv_indices, prompt, n_old, ps).to(device)
+                k, v = torch.cat([kflat[old], k], 1), torch.cat([vflat[old], v], 1)
+            if n_new < k.shape[1]:
+                if rec.decode_recency:
+                    scores = decode_scores(k.new_zeros(0, 0, D), k, scale, recency=True)
+                elif layer not in queries:
+                    raise RuntimeError(f"no decode queries captured for row {req_pool_idx}, layer {layer}")
+                else:
+                    scores = decode_scores(queries[layer].transpose(0, 1).to(device), k, scale)
+                sel = select_decode(scores, n_new)[..., None].expand(-1, -1, D)
+                k, v = torch.gather(k, 1, sel), torch.gather(v, 1, sel)
+            chosen.append((k, v))
+        with self._lock:
+            ids = self.allocator.allocate(grow, owner=req_pool_idx)
+        try:
+            layers, cursor = [], 0
+            for lp, (prompt, have, add), (k, v) in zip(rec.layers, plans, chosen):
+                parts = []
+                for h in range(have.numel()):  # each row's pages, then the ones it grows by
+                    parts.append(lp.kv_indices[int(lp.kv_indptr[h]):int(lp.kv_indptr[h + 1])])
+                    a = int(add[h])
+                    parts.append(torch.tensor(ids[cursor:cursor + a], dtype=torch.int64))
+                    cursor += a
+                kv_indptr = torch.zeros(have.numel() + 1, dtype=torch.int64)
+                torch.cumsum(have + add, 0, out=kv_indptr[1:])
+                kv_indices = torch.cat(parts)
+                dest = page_addresses(kv_indptr, kv_indices, prompt, n_new, ps).to(device).reshape(-1)
+                kflat[dest] = k.reshape(-1, D)
+                vflat[dest] = v.reshape(-1, D)
+                new = LayerPages(kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=prompt + n_new,
+                                 comp_k=lp.comp_k, comp_v=lp.comp_v, comp_count=lp.comp_count)
+                new._page_size = ps
+                layers.append(new)
+        except BaseException:
+            with self._lock:
+                self.allocator.free(ids, owner=req_pool_idx)
+            raise
+        new_rec = dataclasses.replace(
+            rec, layers=layers, page_ids=rec.page_ids + ids, tail_start=end,
+            decode_kept=n_new, decode_pages=rec.decode_pages + grow, decode_compressions=rec.decode_compressions + 1)
+        with self._lock:
+            self.records[req_pool_idx] = new_rec
+        self.decoded_in_forward[req_pool_idx] = (start, end)
+        rows = len(rec.layers) * self.shape.num_kv_heads
+        t = self.decode_totals
+        t["compressions"] += 1
+        t["tokens_moved"] += n_move  # positions that left SGLang's pool
+        t["head_tokens_dropped"] += (n_old + n_move - n_new) * rows
+        t["ms"] += 1000 * (time.perf_counter() - t0)
+        return new_rec
+
+    def decode_failed(self, req_pool_idx: int, e: Exception) -> None:
+        """:meth:`compress_decode` raised ``e`` (nothing was allocated): the request's decode
+        compression stops, its tail grows whole in SGLang's pool from now on."""
+        rec = self.records.get(req_pool_idx)
+        if rec is not None:
+            rec.decode_retry_at = 1 << 62
+        self.decode_totals["errors"] += 1
+        logger.error("headkv_sglang: row %d: decode-phase compression failed; its tail stays whole",
+                     req_pool_idx, exc_info=(type(e), e, e.__traceback__))
+
     def _write(self, req_pool_idx: int, cfg: KVPolicyConfig, seq_len: int, layers: list[tuple],
                ids: list[int]) -> RequestPages:
         """Copy each layer's kept tokens into its pages ``ids``; the request's page tables."""
@@ -356,6 +513,8 @@ class CompressionManager:
         self.drop_capture(req_pool_idx)
         self.compressed_in_forward.discard(req_pool_idx)
         self.failed_in_forward.pop(req_pool_idx, None)
+        self._decode_q.pop(req_pool_idx, None)
+        self.decoded_in_forward.pop(req_pool_idx, None)
         with self._lock:
             rec = self.records.pop(req_pool_idx, None)
             if rec is None:
@@ -406,4 +565,18 @@ class CompressionManager:
             },
             "running_compressed_requests": running,
             "policies": policies,
+            # decode-phase compression since start (policies/decode.py)
+            "decode": {**{k: int(self.decode_totals.get(k, 0)) for k in
+                          ("compressions", "tokens_moved", "head_tokens_dropped", "pool_full", "errors")},
+                       "ms": round(self.decode_totals.get("ms", 0.0), 1),
+                       "pages_promised": self.decode_pages_pending()},
         }
+
+
+def page_addresses(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, start: torch.Tensor, n: int,
+                   page_size: int) -> torch.Tensor:
+    """int64 ``[H, n]`` flat token addresses (``page * page_size + slot``) of each row's tokens
+    ``start[h] .. start[h] + n - 1`` (row ``h``: pages ``kv_indices[kv_indptr[h]:kv_indptr[h+1]]``)."""
+    t = start.to(torch.int64)[:, None] + torch.arange(n, dtype=torch.int64)[None, :]
+    page = kv_indices[kv_indptr[:-1, None] + torch.div(t, page_size, rounding_mode="floor")]
+    return page * page_size + t % page_size

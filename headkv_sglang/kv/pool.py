@@ -172,15 +172,35 @@ class LayerPages:
 
 @dataclass
 class RequestPages:
-    """A compressed request: ``prompt_len`` positions ``[0, prompt_len)`` live in the pool."""
+    """A compressed request: positions ``[0, tail_start)`` live in the pool, its *tail*
+    ``[tail_start, seq_len)`` in SGLang's token pool.
+
+    ``tail_start`` is ``prompt_len`` until decode-phase compression
+    (``policies/decode.py``) moves generated tokens into the pages: each (layer, KV head)
+    row then holds its kept prompt tokens followed by ``decode_kept`` generated ones (the
+    same number for every row). A record is never changed in place once attention kernels
+    may have planned with it: decode compression makes a new one.
+    """
 
     prompt_len: int
     policy: str
     budget: int
     layers: list[LayerPages] = field(default_factory=list)
     page_ids: list[int] = field(default_factory=list)
-    kept_tokens: int = 0  # sum over layers and heads
+    kept_tokens: int = 0  # prompt tokens kept, summed over layers and heads
     compress_ms: float = 0.0  # wall time of its compression, scoring to page writes
+    tail_start: int = -1  # -1: prompt_len
+    decode_budget: int = 0  # generated tokens kept per (layer, KV head); 0: decode compression off
+    decode_window: int = 0  # recent generated tokens always left whole in the tail (and scoring)
+    decode_kept: int = 0  # generated tokens held in every row's pages
+    decode_pages: int = 0  # pages added to the prompt's for them
+    decode_compressions: int = 0
+    decode_retry_at: int = 0  # after a full pool: no new try before this sequence length
+    decode_recency: bool = False  # a position-based policy: the newest generated tokens are kept
+
+    def __post_init__(self) -> None:
+        if self.tail_start < 0:
+            self.tail_start = self.prompt_len
 
     def held_bytes(self, bytes_per_page: int) -> int:
         return len(self.page_ids) * bytes_per_page

@@ -186,6 +186,13 @@ class RazorAttention(KVPolicy):
     @classmethod
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
         check_sinks_fit(cfg, bad, changed)
+        if cfg.decode_budget:
+            # its retrieval heads keep every token and the others a compensation state:
+            # a uniform decode budget would break both
+            if "policy" in changed and "decode_budget" not in changed:  # blame what the request set
+                raise bad("policy", cfg.policy, "razor does not support the server's decode budget; "
+                          "send kv_decode_budget 0 with it")
+            raise bad("decode_budget", cfg.decode_budget, "decode-phase compression is not supported with razor (use 0)")
 
     @classmethod
     def min_budget(cls, cfg: KVPolicyConfig) -> int:

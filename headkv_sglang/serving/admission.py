@@ -43,7 +43,9 @@ def pages_bound(state: ServingState, req, cfg: KVPolicyConfig) -> int:
 def available_pages(state: ServingState) -> int:
     """Free pages not promised to admitted requests (the fullest rank's, under ``--tp``).
 
-    A reservation is released when its prefill's result is processed, but the pages are taken
+    A request's pages for its decode budget stay promised until it ends
+    (:meth:`~headkv_sglang.kv.manager.CompressionManager.decode_pages_pending`). A
+    prompt's reservation is released when its prefill's result is processed, but the pages are taken
     inside the forward that compresses the row (:meth:`CompressionManager.finish_compression`
     records it). With the overlap scheduler the next batch is formed in between: a row that
     has a record holds its pages already, and its reservation no longer counts. (Counting both
@@ -51,7 +53,8 @@ def available_pages(state: ServingState) -> int:
     the free count run in the scheduler's thread, in the same order on every rank."""
     m = state.manager
     unreleased = sum(n for idx, n in state.reserved.items() if idx not in m.records)
-    available = m.allocator.free_pages - unreleased
+    # a compressed request's decode budget keeps its pages promised until it finishes
+    available = m.allocator.free_pages - unreleased - m.decode_pages_pending()
     if state.min_over_ranks is not None:
         available = state.min_over_ranks(available)
     return available

@@ -24,6 +24,7 @@ eagerly: the CUDA-graph runners' ``can_run_graph`` is hooked to say no for them
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,6 +51,10 @@ class _Batch:
     fb: Any  # the ForwardBatch it was planned for
     inner_fb: Any  # what the inner backend sees (compressed decode rows shortened to 1 token)
     q_index: torch.Tensor  # int64 [R] on the device: token rows of q attended by the kernel
+    # decode-phase compression: (kernel row, req_pool_idx) whose queries are kept, and the
+    # (req_pool_idx, start, end) whose tail positions [start, end) move into pages after the last layer
+    capture: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    decode_jobs: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
 
 def stand_in_batch(fb, positions: list[int]):
@@ -133,8 +138,18 @@ class HeadKVAttnBackend:
             seq_lens = fb.seq_lens_cpu.tolist() if getattr(fb, "seq_lens_cpu", None) is not None \
                 else fb.seq_lens.tolist()
             rows = rows_for_queries(records, req_to_token, [idxs[i] for i in positions],
-                                    [r.prompt_len for r in records], [seq_lens[i] for i in positions])
+                                    [r.tail_start for r in records], [seq_lens[i] for i in positions])
             q_index = positions
+            capture, jobs = [], []
+            for r, (i, rec) in enumerate(zip(positions, records)):
+                if rec.decode_budget > 0:
+                    if not rec.decode_recency:
+                        capture.append((r, idxs[i]))
+                    due = self.manager.decode_due(idxs[i], seq_lens[i])
+                    if due is not None:
+                        jobs.append((idxs[i], *due))
+            self.kernel.plan(rows)
+            return _Batch(fb, inner_fb, torch.tensor(q_index, dtype=torch.int64, device=device), capture, jobs)
         elif mode.is_extend() and not mode.is_target_verify():
             # every query token of a compressed row (a decode request merged into a prefill
             # batch: --enable-mixed-chunk) sees the tail up to its own position
@@ -148,7 +163,7 @@ class HeadKVAttnBackend:
                 for j in range(ext[i]):
                     recs.append(rec)
                     rows_idx.append(idxs[i])
-                    tail_start.append(rec.prompt_len)
+                    tail_start.append(rec.tail_start)
                     tail_end.append(prefix[i] + j + 1)
                     q_index.append(starts[i] + j)
             rows = rows_for_queries(recs, req_to_token, rows_idx, tail_start, tail_end)
@@ -185,7 +200,10 @@ class HeadKVAttnBackend:
         if b is None:
             return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         o = self.inner.forward_decode(q, k, v, layer, b.inner_fb, save_kv_cache=save_kv_cache, **kwargs)
-        return self._attend_compressed(o, q, layer, forward_batch, b)
+        o = self._attend_compressed(o, q, layer, forward_batch, b)
+        if b.decode_jobs and layer.layer_id == self.manager.shape.num_layers - 1:
+            self._compress_decode(b, layer.scaling)
+        return o
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         b = self._batch_for(forward_batch)
@@ -203,7 +221,25 @@ class HeadKVAttnBackend:
         out = self.kernel.run(layer.layer_id, q_, pool.get_key_buffer(layer.layer_id),
                               pool.get_value_buffer(layer.layer_id), layer.scaling)
         o.view(-1, layer.tp_q_head_num, layer.v_head_dim).index_copy_(0, b.q_index, out.to(o.dtype))
+        for r, idx in b.capture:
+            self.manager.capture_decode_query(layer.layer_id, idx, q_[r])
         return o
+
+    def _compress_decode(self, b: _Batch, scale: float) -> None:
+        """After the last layer of a decode forward: move the due tails into pages
+        (:meth:`~headkv_sglang.kv.manager.CompressionManager.compress_decode`); the next batch
+        plans with the new records, and ``serving.lifecycle`` frees the moved slots."""
+        pool = self.token_to_kv_pool
+        for idx, start, end in b.decode_jobs:
+            slots = self.req_to_token_pool.req_to_token[idx, start:end].to(torch.int64)
+
+            def get_kv(layer: int, slots=slots):
+                return pool.get_key_buffer(layer)[slots], pool.get_value_buffer(layer)[slots]
+
+            try:
+                self.manager.compress_decode(idx, start, end, get_kv, scale)
+            except Exception as e:  # never take the server down: this request's tail stays whole
+                self.manager.decode_failed(idx, e)
 
     def _rows(self, fb) -> list[int]:
         """``fb.req_pool_indices`` on the host, read once per forward batch (one sync, not one per layer)."""

@@ -9,6 +9,10 @@
   hits still work) and the request stops pinning them. A request the forward did not
   compress (it failed there: counted, the request stays whole) is reported; one the
   forward never reached is compressed here, as before.
+* ``process_batch_result_decode`` (BEFORE): a decode forward that moved generated tokens
+  of a request into its pages (decode-phase compression, ``policies/decode.py``) leaves
+  their token slots to free here, before SGLang's own handling of the step (which may
+  finish the request and free the rest of its tail).
 * ``ReqToTokenPool.free_rows`` (BEFORE): finish, abort and retraction free the pages.
 
 With SGLang's overlap scheduler the next batch is launched before this result
@@ -172,6 +176,41 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
         "scoring_span": list(req._headkv_span) if needs_queries(cfg) and getattr(req, "_headkv_span", None) else None,
     })
     metrics.update(state, cfg.policy)
+
+
+def before_decode(state: ServingState, processor, batch, *args, **kwargs):
+    """BEFORE process_batch_result_decode: free the token slots that decode-phase compression
+    moved into pages, and mark them as no longer the request's (``cache_protected_len``: SGLang
+    frees a request's own KV from there on when it finishes or is retracted).
+
+    A row retracted or aborted between the forward and this call freed its whole tail with
+    its row (``before_free_rows`` then dropped the entry), so nothing is freed twice."""
+    manager = state.manager
+    if manager is None or not manager.decoded_in_forward:
+        return None
+    allocator = processor.tree_cache.token_to_kv_pool_allocator
+    req_to_token = processor.tree_cache.req_to_token_pool.req_to_token
+    for idx, (start, end) in list(manager.decoded_in_forward.items()):
+        manager.decoded_in_forward.pop(idx, None)
+        entry = state.compressed_reqs.get(idx)
+        if entry is None:
+            continue
+        req = entry[0]
+        if req.kv.cache_protected_len != start:
+            logger.error("headkv_sglang: rid=%s: its own KV starts at %d, decode compression moved [%d, %d): "
+                         "slots left to SGLang", req.rid, req.kv.cache_protected_len, start, end)
+            state.count(state.fallbacks, "error")
+            continue
+        allocator.free(req_to_token[idx, start:end])
+        req.kv.cache_protected_len = end
+        rec = manager.records.get(idx)
+        report = state.recent.get(str(req.rid))
+        if rec is not None and report is not None:
+            report.update(decode_compressions=rec.decode_compressions, decode_kept=rec.decode_kept,
+                          decode_budget=rec.decode_budget, tail_start=rec.tail_start,
+                          held_bytes=int(rec.held_bytes(manager.pool.bytes_per_page)))
+    metrics.update(state)
+    return None
 
 
 def before_free_rows(state: ServingState, pool, indices, *args, **kwargs):

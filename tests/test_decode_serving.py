@@ -1,0 +1,109 @@
+"""Decode-phase compression in the real server (``kv_decode_budget``): long outputs move
+into the request's pages, the token pool holds only a window plus a chunk of the tail,
+and everything comes back at the end (finish and abort).
+
+On the shared ``--kv-policy full`` server; every setting comes per request.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from headkv_sglang.dev.haystack import needle_prompt
+from headkv_sglang.policies.decode import decode_chunk
+
+pytestmark = pytest.mark.server
+
+PROMPT = needle_prompt(800, depth=0.5, seed=31).prompt  # ~1.2k tokens
+BUDGET = 64  # snapkv-64: observation window min(32, 64 // 4) = 16 = the decode window
+WINDOW = 16
+
+
+def stream(srv, params: dict, max_tokens: int, on_chunk=None) -> tuple[str, str]:
+    """Stream a greedy chat completion with ``ignore_eos``; ``on_chunk(n)`` after each chunk
+    (returning False closes the connection: an abort). Returns (rid, text)."""
+    body = {"model": "default", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True, "custom_params": params}
+    req = urllib.request.Request(f"{srv.openai_base_url}/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    rid, text, n = "", [], 0
+    with urllib.request.urlopen(req, timeout=900) as resp:
+        for line in resp:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            rid = chunk["id"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                text.append(chunk["choices"][0]["delta"]["content"])
+            n += 1
+            if on_chunk is not None and on_chunk(n) is False:
+                break
+    return rid, "".join(text)
+
+
+def private_tokens(st: dict) -> int:
+    """Token-pool slots held by running requests outside the radix tree (their tails)."""
+    tp = st["token_pool"]
+    return tp["total"] - tp["available"] - tp["evictable"] - tp["protected"]
+
+
+def assert_all_returned(srv) -> dict:
+    st = srv.wait_idle(120.0)
+    assert st["integrity"] == "ok" and st["pool"]["used_pages"] == 0, st["pool"]
+    assert private_tokens(st) == 0, st["token_pool"]
+    assert st["decode"]["pages_promised"] == 0 and st["decode"]["errors"] == 0, st["decode"]
+    return st
+
+
+def test_moving_generated_tokens_without_dropping_any_changes_no_token(kv_small_server):
+    """A decode budget the output never exceeds only moves the tail into pages: the output is
+    the same as without it, token for token, while the tail left in SGLang's pool shrinks."""
+    srv = kv_small_server
+    base = {"kv_policy": "snapkv", "kv_budget": BUDGET}
+    # both compared requests find the prompt in the radix tree (a first one computed all of it)
+    stream(srv, base, 1)
+    # 100 tokens: moves of 32 at tails of 48 and 80 (window 16 + chunk 32), 64 kept <= the budget
+    _, plain = stream(srv, base, 100)
+    rid, moved = stream(srv, {**base, "kv_decode_budget": 64}, 100)
+    assert moved == plain
+    st = assert_all_returned(srv)
+    rep = st["recent_requests"][rid]
+    assert rep["decode_compressions"] == 2 and rep["decode_kept"] == 64, rep
+    assert rep["tail_start"] >= rep["prompt_tokens"] + 64
+
+
+def test_long_output_holds_a_bounded_tail_and_frees_everything(kv_small_server):
+    srv = kv_small_server
+    before = srv.plugin_state()["decode"]
+    decode_budget = 32
+    bound = WINDOW + decode_chunk(decode_budget)
+    samples: list[int] = []
+
+    def sample(n: int) -> None:
+        if n in (100, 150, 190):  # generated ~n tokens: a plain tail would hold that many
+            samples.append(private_tokens(srv.plugin_state()))
+
+    rid, text = stream(srv, {"kv_policy": "snapkv", "kv_budget": BUDGET, "kv_decode_budget": decode_budget}, 200,
+                       on_chunk=sample)
+    assert len(samples) == 3 and text
+    # the tail: the window, at most one chunk, and the steps the overlap scheduler runs ahead
+    assert max(samples) <= bound + 4, (samples, bound)
+    st = assert_all_returned(srv)
+    rep = st["recent_requests"][rid]
+    assert rep["decode_kept"] == decode_budget and rep["decode_compressions"] >= (200 - bound) // decode_chunk(32)
+    after = st["decode"]
+    assert after["compressions"] - before["compressions"] == rep["decode_compressions"]
+    assert after["head_tokens_dropped"] > before["head_tokens_dropped"]
+    assert after["pool_full"] == before["pool_full"]
+
+
+def test_an_aborted_long_output_returns_its_pages_and_slots(kv_small_server):
+    srv = kv_small_server
+    before = srv.plugin_state()["decode"]["compressions"]
+    stream(srv, {"kv_policy": "headkv", "kv_budget": BUDGET, "kv_decode_budget": 16}, 2000,
+           on_chunk=lambda n: n < 150)  # the client goes away mid-generation
+    st = assert_all_returned(srv)
+    assert st["decode"]["compressions"] > before
