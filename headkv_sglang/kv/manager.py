@@ -33,8 +33,8 @@ import torch
 
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.policies.base import compress_layer
+from headkv_sglang.policies.budgets import planned_pages, uniform_pages
 from headkv_sglang.policies.decode import decode_chunk, decode_scores, select_decode
-from headkv_sglang.policies.budgets import planned_pages
 from headkv_sglang.policies.registry import build_policy, pages_upper_bound
 from headkv_sglang.policies.sharding import HeadShard, ShardedPolicy, rank_pages_bound
 from headkv_sglang.kv.pool import LayerPages, PageAllocator, PoolFullError, RaggedHeadKVPool, RequestPages
@@ -318,10 +318,7 @@ class CompressionManager:
     def decode_pages_bound(self, decode_budget: int) -> int:
         """Pages that a decode budget adds to a request's at most: per (layer, KV head) row,
         ``ceil((p + n) / ps) - ceil(p / ps) <= ceil(n / ps)`` for ``n <= decode_budget``."""
-        if decode_budget <= 0:
-            return 0
-        ps = self.pool.page_size
-        return self.shape.num_layers * self.shape.num_kv_heads * -(-decode_budget // ps)
+        return uniform_pages(self.shape.num_layers * self.shape.num_kv_heads, decode_budget, self.pool.page_size)
 
     def decode_pages_pending(self) -> int:
         """Pages the running compressed requests' decode budgets may still take."""
