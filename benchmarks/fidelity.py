@@ -47,7 +47,7 @@ from benchmarks.tasks import TASKS, Case, build, rouge_l, score  # noqa: E402
 from headkv_sglang.dev import models  # noqa: E402
 from headkv_sglang.dev.server import SGLangServer  # noqa: E402
 
-POLICIES = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o"]
+POLICIES = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o", "pod"]
 SERVER_ARGS = ["--kv-policy", "full", "--max-total-tokens", "65536", "--enable-cache-report", "--sleep-on-idle"]
 MIN_BUDGET = 8  # StreamingLLM/Razor need more than their 4 sinks; 8 leaves a few recent tokens
 

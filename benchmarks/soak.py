@@ -41,7 +41,7 @@ from headkv_sglang.dev.haystack import haystack, needle_prompt  # noqa: E402
 from headkv_sglang.dev.server import SGLangServer  # noqa: E402
 from benchmarks.niah import machine  # noqa: E402
 
-POLICIES = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o"]
+POLICIES = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o", "pod"]
 BAD_PARAMS = [{"kv_policy": "nope"}, {"kv_budget": -1}, {"kv_budget": "x"}, {"kv_bogus": 1}, {"kv_window": 1 << 30}]
 # The small pool: SGLang's token pool of 12k slots, 10% of it moved to the compressed pool
 # (~1.2k token-equivalents: a handful of compressed requests), so admission has to queue.

@@ -91,6 +91,9 @@ class FlashInferRaggedAttention(RaggedAttention):
         if rows.prompt_key() != self._prompt_key:
             for layer in range(self.num_layers):
                 lps = [rec.layers[layer] for rec in rows.records]
+                if any(lp.vo_lengths is not None for lp in lps):  # the plugin refuses pod before this
+                    raise NotImplementedError("PoD's values-only rows have no FlashInfer kernel: "
+                                              "HEADKV_SGLANG_RAGGED_KERNEL=torch")
                 if self._ragged[layer] is None:
                     self._ragged[layer] = self._new_ragged()
                 plan = build_decode_plan(lps, pool.page_size)

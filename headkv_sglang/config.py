@@ -44,6 +44,7 @@ REQUEST_KEYS = {
     "kv_razor_fraction": "razor_fraction",
     "kv_razor_heads": "razor_heads",
     "kv_d2o_merge": "d2o_merge",
+    "kv_pod_share": "pod_share",
     "kv_decode_budget": "decode_budget",
 }
 MAX_BUDGET = 1 << 20
@@ -99,6 +100,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
     razor_heads: str = "fraction"  # RazorAttention: "fraction" (razor_fraction) or "budget" (matched)
     d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"off")
+    pod_share: float = defaults.POD_SHARE  # PoD: share of rows that reuse the layer below's distant attention
     decode_budget: int = 0  # generated tokens kept per KV head (policies/decode.py); 0: the tail stays whole
     pool_fraction: float = 0.5
     page_size: int = 16
@@ -184,6 +186,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
             raise bad("razor_heads", self.razor_heads, f"choose one of {', '.join(RAZOR_HEADS_CHOICES)}")
         if self.d2o_merge not in defaults.D2O_MERGES:
             raise bad("d2o_merge", self.d2o_merge, f"choose one of {', '.join(defaults.D2O_MERGES)}")
+        floatval("pod_share", 0.0, 0.5)
         intval("decode_budget", 0)
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)

@@ -84,7 +84,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-beta": ("beta", dict(type=float, default=_DEFAULTS.beta, help="HeadKV pool parameter beta.")),
     "--kv-pyramid-beta": ("pyramid_beta", dict(type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV beta.")),
     "--kv-sink-size": ("sink_size", dict(type=int, default=_DEFAULTS.sink_size,
-                                         help="Attention-sink tokens kept (StreamingLLM, RazorAttention, D2O).")),
+                                         help="Attention-sink tokens kept (StreamingLLM, RazorAttention, D2O, PoD).")),
     "--kv-floor-alpha": ("floor_alpha", dict(type=float, default=_DEFAULTS.floor_alpha, help="Ada-KV safeguard floor.")),
     "--kv-kernel-size": ("kernel_size", dict(type=int, default=_DEFAULTS.kernel_size, help="SnapKV pooling kernel (odd).")),
     "--kv-pooling": ("pooling", dict(type=str, default=_DEFAULTS.pooling, choices=POOLING_CHOICES, help="SnapKV pooling.")),
@@ -97,6 +97,10 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-d2o-merge": ("d2o_merge", dict(type=str, default=_DEFAULTS.d2o_merge, choices=defaults.D2O_MERGES,
                                          help="D2O: merge each dropped token into its most similar kept token "
                                               "('on', the default) or drop it ('off').")),
+    "--kv-pod-share": ("pod_share", dict(type=float, default=_DEFAULTS.pod_share,
+                                         help="PoD: share of the (layer, KV head) rows, in [0, 0.5], that reuse the "
+                                              "layer below's attention over distant tokens and store no distant keys "
+                                              "(the most similar pairs by the 'pod' profile).")),
     "--kv-decode-budget": ("decode_budget", dict(type=int, default=_DEFAULTS.decode_budget,
                                                  help="Generated tokens kept per KV head of a compressed request: once "
                                                       "its decode tail outgrows the window by a chunk, the older "
@@ -143,10 +147,23 @@ def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
     return cfg
 
 
+def pod_kernel_error(cfg: KVPolicyConfig, where: str) -> str | None:
+    """Why ``cfg`` cannot be served here, or None: PoD's shared-distant rows have only the
+    torch kernel, and a CUDA server runs FlashInfer's unless told otherwise."""
+    if cfg.policy != "pod" or cpu_auto() or os.environ.get("HEADKV_SGLANG_RAGGED_KERNEL") == "torch":
+        return None
+    return (f"{where}: 'pod' has no FlashInfer kernel yet (its rows read layer l-1's logits and "
+            f"layer l's values-only pages); start the server with HEADKV_SGLANG_RAGGED_KERNEL=torch "
+            f"to serve it with the torch kernel on this device")
+
+
 def _from_cli_args(cls, ns, *args, **kwargs):
     """BEFORE ServerArgs.from_cli_args: validate our flags and publish them to subprocesses."""
     try:
         cfg = config_from_namespace(ns)
+        err = None if cfg is None else pod_kernel_error(cfg, "--kv-policy")
+        if err:
+            raise ConfigError(err)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -209,7 +226,9 @@ def _verify_sampling_params(result, sampling_params, *args, **kwargs):
         return result
     if cfg is None:
         raise ValueError("custom_params kv_*: this server was started without --kv-policy")
-    cfg.with_request(params)  # raises ConfigError (a ValueError) with the key and value
+    err = pod_kernel_error(cfg.with_request(params), "custom_params.kv_policy")  # raises ConfigError if invalid
+    if err:
+        raise ConfigError(err)
     return result
 
 

@@ -48,6 +48,17 @@ attention weights can be read), with fixed seeds, and writes a
     the prompts. Low variance = dense attention: the D2O policy gives such
     layers more of the budget.
 
+``pod`` — PoD's inter-layer attention similarity (Ma et al. 2024, https://arxiv.org/abs/2412.02252).
+    One forward per (length, trial) over a haystack prompt with a planted fact and a
+    question about it. For the last ``queries`` prompt positions (the question and the
+    template's tail: the queries that decode after it resemble), each query head's
+    attention over the *distant* keys (after the first ``sink`` and before the last
+    ``window`` positions), renormalised over them; a head's score at layer ``l`` is the
+    overlap ``sum_j min(p_l(j), p_{l-1}(j))`` (1 - total variation, in [0, 1]) with the
+    same head at layer ``l - 1``, averaged over those queries and the prompts (layer 0:
+    0). The PoD policy lets the most similar (layer, KV head) rows reuse the layer below's
+    distant attention.
+
 Decode-step attention is read over the whole context (prompt + generated
 tokens, as the reference code does); the prompt itself is prefilled once
 without returning weights, so memory stays ``O(layers x heads x context)``.
@@ -78,7 +89,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "r2": dict(lengths=[500, 1000, 2000, 4000], depths=4, trials=1),
     "razor": dict(period=500, repeats=4, trials=4),
     "d2o": dict(lengths=[1000, 2000, 4000], trials=2),
+    "pod": dict(lengths=[1000, 2000], trials=3),
 }
+#: PoD's proximal tokens for the profile: the first POD_SINK and the last POD_WINDOW
+#: (the policy's defaults: 4 sinks, the automatic window at most 32); the statistic is
+#: taken over the last POD_QUERIES prompt queries.
+POD_SINK, POD_WINDOW, POD_QUERIES = 4, 32, 32
 D2O_QUESTION = "Summarize the text above in one sentence."
 
 NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack",
@@ -452,6 +468,61 @@ def profile_d2o(tok, model, lengths: list[int], trials: int, seed: int,
     return total / len(cases), params
 
 
+def distant_overlap(att_lo: torch.Tensor, att_hi: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """float64 ``[H]``: mean over queries of ``sum_j min(p_lo(j), p_hi(j))``, ``p`` each
+    query's attention ``[H, Q, S]`` over keys ``[sink, S - window)`` renormalised (a query
+    with no weight there: overlap 0)."""
+    S = att_lo.shape[-1]
+    if S - window <= sink:
+        raise ValueError(f"{S} keys leave no distant ones after {sink} sinks and a {window}-token window")
+    ps = []
+    for att in (att_lo, att_hi):
+        d = att[..., sink:S - window].to(torch.float64)
+        ps.append(d / d.sum(dim=-1, keepdim=True).clamp_min(1e-30))
+    return torch.minimum(ps[0], ps[1]).sum(dim=-1).mean(dim=-1)
+
+
+def profile_pod(tok, model, lengths: list[int], trials: int, seed: int,
+                progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """float64 ``[L, H_q]``: each head's distant-attention overlap with the layer below."""
+    from tqdm import tqdm
+
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    mods = _attention_modules(model)
+    rows: list[torch.Tensor] = []  # per layer: its last queries' attention [H, Q, S]
+
+    def hook(module, args, output):
+        rows.append(output[1][0, :, -POD_QUERIES:].detach().clone())
+        return (output[0], None, *output[2:])
+
+    handles = [m.register_forward_hook(hook) for m in mods]
+    total = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)
+    n_tokens = []
+    rng = random.Random(seed)
+    cases = [(n, t) for n in lengths for t in range(trials)]
+    try:
+        for n, t in tqdm(cases, desc="pod", unit="prompt", disable=not progress):
+            fact, _, question, _, _ = _r2_case(rng)
+            prompt = build_prompt(tok, n, [(rng.random(), fact)], question, seed + 1000 * t + n)
+            rows.clear()
+            out = model(input_ids=torch.tensor([prompt.ids]), use_cache=False, output_attentions=not mods)
+            if not mods:
+                rows.extend(a[0, :, -POD_QUERIES:] for a in out.attentions)
+            assert len(rows) == L, f"got attention of {len(rows)} layers, model has {L}"
+            for layer in range(1, L):
+                total[layer] += distant_overlap(rows[layer - 1], rows[layer], POD_SINK, POD_WINDOW)
+            n_tokens.append(len(prompt.ids))
+    finally:
+        for h in handles:
+            h.remove()
+    params = dict(prompts=len(cases), prompt_tokens=[min(n_tokens), max(n_tokens)], sink=POD_SINK,
+                  window=POD_WINDOW, queries=POD_QUERIES,
+                  statistic="overlap sum_j min(p_l, p_l-1) of the last queries' attention over distant keys "
+                            "(renormalised), with the same head one layer below")
+    return total / len(cases), params
+
+
 # ----------------------------------------------------------------------------- driver
 def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths: int | None = None,
         trials: int | None = None, seed: int = 0, max_length: int | None = None, period: int | None = None,
@@ -481,10 +552,11 @@ def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths
         echo, induction = e.tolist(), i.tolist()
         scores = torch.maximum(e / e.max().clamp_min(1e-12), i / i.max().clamp_min(1e-12))
         params.update(period=period, repeats=repeats, trials=trials, **extra)
-    elif method == "d2o":
+    elif method in ("d2o", "pod"):
         lengths = _clip_lengths(list(lengths or d["lengths"]), max_length, room_for_decode=0)
         trials = trials or d["trials"]
-        scores, extra = profile_d2o(tok, model, lengths, trials, seed, progress)
+        fn = profile_d2o if method == "d2o" else profile_pod
+        scores, extra = fn(tok, model, lengths, trials, seed, progress)
         params.update(lengths=lengths, trials_per_length=trials, **extra)
     else:
         lengths = _clip_lengths(list(lengths or d["lengths"]), max_length, room_for_decode=64)
@@ -552,6 +624,17 @@ def summary(prof: HeadProfile) -> str:
         shares = D2O(density=torch.as_tensor(prof.kv_scores, dtype=torch.float64)).layer_shares()
         lines.append("D2O layer shares of the budget (x the uniform share): "
                      + " ".join(f"{x:.2f}" for x in (shares * prof.num_layers).tolist()))
+    elif prof.method == "pod":
+        from headkv_sglang.policies.pod import sharing_map
+
+        kv = torch.as_tensor(prof.kv_scores, dtype=torch.float64)
+        mine = kv[1:]
+        lines.append(f"overlap with the layer below (layers >= 1, KV heads): mean {float(mine.mean()):.3f}, "
+                     f"min {float(mine.min()):.3f}, max {float(mine.max()):.3f}")
+        for share in (0.1, 0.3, 0.5):
+            m = sharing_map(kv, share)
+            lines.append(f"--kv-pod-share {share}: {int(m.sum())} sharing rows, least overlap among them "
+                         f"{float(kv[m].min()) if bool(m.any()) else float('nan'):.3f}")
     else:
         frac = mass_fraction(prof.scores)
         strong = sum(v > 0.1 for row in prof.scores for v in row)
@@ -567,13 +650,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF model directory (config.json + weights + tokenizer)")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, help="profile JSON to write; a heatmap <stem>.png goes next to it")
-    p.add_argument("--lengths", type=int, nargs="+", help=f"prompt lengths in tokens (retrieval/r2/d2o; default "
-                   f"{DEFAULTS['r2']['lengths']}, d2o {DEFAULTS['d2o']['lengths']})")
+    p.add_argument("--lengths", type=int, nargs="+", help=f"prompt lengths in tokens (retrieval/r2/d2o/pod; default "
+                   f"{DEFAULTS['r2']['lengths']}, d2o {DEFAULTS['d2o']['lengths']}, pod {DEFAULTS['pod']['lengths']})")
     p.add_argument("--depths", type=int, help="needle depths per length, evenly from 0 to 1 (retrieval/r2; "
                    f"default {DEFAULTS['r2']['depths']})")
     p.add_argument("--trials", type=int, help="needles per (length, depth) for retrieval/r2 (default 1); random "
                    f"sequences for razor (default {DEFAULTS['razor']['trials']}); prompts per length for d2o "
-                   f"(default {DEFAULTS['d2o']['trials']})")
+                   f"(default {DEFAULTS['d2o']['trials']}) and pod (default {DEFAULTS['pod']['trials']})")
     p.add_argument("--period", type=int, help=f"razor: random tokens per copy (default {DEFAULTS['razor']['period']})")
     p.add_argument("--repeats", type=int, help=f"razor: copies (default {DEFAULTS['razor']['repeats']})")
     p.add_argument("--seed", type=int, default=0)

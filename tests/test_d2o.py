@@ -29,8 +29,9 @@ def naive_layer_budgets(dens: torch.Tensor, seq_len: int, budget: int, window: i
     return [len(v) * (budget - w) * x / sum(e) + w for x in e]
 
 
-def naive_merge(k, v, keep):
-    """One (head, dropped token) at a time: best kept key by cosine, mean threshold, weighted mean."""
+def naive_merge(k, v, keep, prev=None, ema=0.5):
+    """One (head, dropped token) at a time: best kept key by cosine, mean threshold (with
+    ``prev``: its moving average ``ema * prev + (1 - ema) * mean``), weighted mean."""
     H, T, D = k.shape
     kept = [[t for t in range(T) if keep[h, t]] for h in range(H)]
     cand = []  # (h, t, best similarity, kept token)
@@ -48,6 +49,8 @@ def naive_merge(k, v, keep):
                     best, arg = s, j
             cand.append((h, t, best, arg))
     thr = sum(c[2] for c in cand) / len(cand) if cand else math.inf
+    if prev is not None and cand:
+        thr = ema * prev + (1 - ema) * thr
     ko, vo = [], []
     for h in range(H):
         for j in kept[h]:
@@ -109,6 +112,33 @@ def test_merge_equals_the_naive_loop_on_random_odd_sizes(seed):
     torch.testing.assert_close(got_k.double(), want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_v.double(), want_v, atol=1e-5, rtol=1e-5)
     assert got_k.dtype == k.dtype
+
+
+@pytest.mark.parametrize("prev, ema", [(0.9, 0.5), (-0.2, 0.5), (0.4, 0.3), (0.0, 1.0)])
+def test_merge_threshold_moving_average_equals_the_naive_loop(prev, ema):
+    """Decode-time merging (D2O's ``alpha * threshold + belta * mean``): a high previous
+    threshold merges fewer tokens, a low one more; ``stats`` reports the threshold used."""
+    g = torch.Generator().manual_seed(int(100 * (prev + 1)))
+    H, T, D = 3, 43, 5
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    keep = torch.rand(H, T, generator=g) < 0.3
+    keep[:, -1] = True
+    head_of, pos = keep.nonzero(as_tuple=True)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    first, later = {}, {}
+    merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr, stats=first)
+    got_k, got_v = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr, prev_threshold=prev,
+                                 ema=ema, stats=later)
+    want_k, want_v = naive_merge(k, v, keep, prev=prev, ema=ema)
+    torch.testing.assert_close(got_k.double(), want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v.double(), want_v, atol=1e-5, rtol=1e-5)
+    assert later["threshold"] == pytest.approx(ema * prev + (1 - ema) * first["threshold"], abs=1e-6)
+    if later["threshold"] > first["threshold"]:
+        assert later["merged"] <= first["merged"]
+    else:
+        assert later["merged"] >= first["merged"]
+    with pytest.raises(ValueError, match="ema"):
+        merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr, prev_threshold=prev, ema=1.5)
 
 
 def test_merge_chunks_give_the_same_result(monkeypatch):

@@ -17,6 +17,7 @@ from headkv_sglang.config import ConfigError, KVPolicyConfig, ModelShape
 from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.kv.ragged import TorchRaggedAttention, rows_for_queries
 from headkv_sglang.policies.decode import decode_chunk, decode_scores, select_decode
+from headkv_sglang.profiles import HeadProfile
 
 SHAPE = ModelShape(num_layers=3, num_q_heads=6, num_kv_heads=3, head_dim=8)
 PS = 5
@@ -57,11 +58,11 @@ class Request:
     what each (layer, KV head) must hold."""
 
     def __init__(self, policy: str, decode_budget: int, prompt_len: int = 57, num_pages: int = 400,
-                 budget: int = 12, seed: int = 0):
+                 budget: int = 12, seed: int = 0, **cfg):
         self.gen = torch.Generator().manual_seed(seed)
         self.m = CompressionManager(SHAPE, num_pages, PS, torch.float32, "cpu")
         self.cfg = KVPolicyConfig(policy=policy, budget=budget, window=3, kernel_size=3,
-                                  decode_budget=decode_budget).validate()
+                                  decode_budget=decode_budget, **cfg).validate()
         slots = 600
         L, H, D = SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim
         self.k = torch.randn(L, slots, H, D, generator=self.gen)
@@ -81,6 +82,11 @@ class Request:
         self.prompt_v = [[self._row(rec, layer, h, "v")[:int(rec.layers[layer].lengths[h])].clone()
                           for h in range(H)] for layer in range(L)]
         self.kept: list[list[list[int]]] = [[[] for _ in range(H)] for _ in range(L)]  # generated positions
+        # their keys and values as the pages must hold them (the pool's, or D2O's merges of them)
+        self.kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
+            [(torch.zeros(0, D), torch.zeros(0, D)) for _ in range(H)] for _ in range(L)]
+        self.thresholds: list[float | None] = [None] * L
+        self.merged = 0
         self.queries: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self.moves = 0
 
@@ -111,25 +117,50 @@ class Request:
             return
         self.moves += 1
         self.m.decoded_in_forward.pop(self.idx)  # what the serving layer does with its slots
+        slots = self.req_to_token[self.idx, start:end].long()
         for layer in range(SHAPE.num_layers):
+            dropped = []  # D2O: (head, candidate, best cosine, its best kept candidate)
+            chosen = []
             for h in range(SHAPE.num_kv_heads):
                 cands = self.kept[layer][h] + list(range(start, end))
+                keys = torch.cat([self.kv[layer][h][0], self.k[layer, slots, h]])
+                vals = torch.cat([self.kv[layer][h][1], self.v[layer, slots, h]])
                 keep = min(self.cfg.decode_budget, len(cands))
+                order = list(range(len(cands)))
                 if keep < len(cands):
                     if self.cfg.policy == "streamingllm":
                         scores = [float(i) for i in range(len(cands))]
                     else:
-                        scores = self.ref_scores(layer, h, cands)
-                    order = sorted(range(len(cands)), key=lambda i: (-scores[i], i))[:keep]
-                    cands = [cands[i] for i in sorted(order)]
-                self.kept[layer][h] = cands
+                        scores = self.ref_scores(layer, h, keys)
+                    order = sorted(sorted(range(len(cands)), key=lambda i: (-scores[i], i))[:keep])
+                    for i in set(range(len(cands))) - set(order):
+                        sims = [float(torch.nn.functional.cosine_similarity(keys[i], keys[j], dim=0)) for j in order]
+                        best = max(sims)
+                        dropped.append((h, i, best, sims.index(best)))
+                chosen.append((cands, keys, vals, order))
+            merge = self.cfg.policy == "d2o" and self.cfg.d2o_merge == "on" and dropped
+            if merge:
+                mean = sum(d[2] for d in dropped) / len(dropped)
+                prev = self.thresholds[layer]
+                self.thresholds[layer] = threshold = mean if prev is None else 0.5 * prev + 0.5 * mean
+            for h, (cands, keys, vals, order) in enumerate(chosen):
+                new_k, new_v = keys[order].clone(), vals[order].clone()
+                if merge:
+                    count = torch.ones(len(order))
+                    for dh, i, best, j in dropped:
+                        if dh == h and best >= threshold:
+                            new_k[j] += best * keys[i]
+                            new_v[j] += best * vals[i]
+                            count[j] += 1
+                            self.merged += 1
+                    new_k, new_v = new_k / count[:, None], new_v / count[:, None]
+                self.kept[layer][h] = [cands[i] for i in order]
+                self.kv[layer][h] = (new_k, new_v)
 
-    def ref_scores(self, layer, h, positions) -> list[float]:
+    def ref_scores(self, layer, h, keys) -> list[float]:
         G = SHAPE.num_q_heads // SHAPE.num_kv_heads
         recent = self.queries[layer][-self.cfg.obs_window:]
-        slots = self.req_to_token[self.idx, positions].long()
-        keys = self.k[layer, slots, h]
-        total = torch.zeros(len(positions))
+        total = torch.zeros(keys.shape[0])
         for q in recent:
             for g in range(G):
                 total += torch.softmax((keys @ q[h * G + g]) * SCALE, 0)
@@ -149,9 +180,11 @@ class Request:
                 row_k, row_v = self._row(rec, layer, h), self._row(rec, layer, h, "v")
                 assert torch.equal(row_k[:p], self.prompt[layer][h]), "the prompt's tokens changed"
                 assert torch.equal(row_v[:p], self.prompt_v[layer][h])
-                slots = self.req_to_token[self.idx, self.kept[layer][h]].long()
-                assert torch.equal(row_k[p:p + n_dec], self.k[layer, slots, h])
-                assert torch.equal(row_v[p:p + n_dec], self.v[layer, slots, h])
+                torch.testing.assert_close(row_k[p:p + n_dec], self.kv[layer][h][0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(row_v[p:p + n_dec], self.kv[layer][h][1], rtol=1e-5, atol=1e-6)
+                if not self.merged:  # nothing merged: the pages hold the pool's values exactly
+                    slots = self.req_to_token[self.idx, self.kept[layer][h]].long()
+                    assert torch.equal(row_k[p:p + n_dec], self.k[layer, slots, h])
         self.m.check_integrity()
         assert rec.decode_pages <= self.m.decode_pages_bound(self.cfg.decode_budget)
         assert self.m.decode_pages_pending() == self.m.decode_pages_bound(self.cfg.decode_budget) - rec.decode_pages
@@ -168,18 +201,37 @@ class Request:
             q = torch.randn(1, SHAPE.num_q_heads, D, generator=self.gen)
             out = kernel.run(layer, q, self.k[layer], self.v[layer], SCALE)  # SGLang's buffers: [slots, H, D]
             for h in range(SHAPE.num_kv_heads):
-                slots = self.req_to_token[self.idx, self.kept[layer][h] + tail].long()
-                keys = torch.cat([self.prompt[layer][h], self.k[layer, slots, h]])
-                vals = torch.cat([self.prompt_v[layer][h], self.v[layer, slots, h]])
+                slots = self.req_to_token[self.idx, tail].long()
+                keys = torch.cat([self.prompt[layer][h], self.kv[layer][h][0], self.k[layer, slots, h]])
+                vals = torch.cat([self.prompt_v[layer][h], self.kv[layer][h][1], self.v[layer, slots, h]])
                 for g in range(G):
                     want = torch.softmax(keys @ q[0, h * G + g] * SCALE, 0) @ vals
                     torch.testing.assert_close(out[0, h * G + g], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def d2o_profile(tmp_path) -> str:
+    """A D2O density profile of SHAPE's made-up model (random per-head variances)."""
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.rand(SHAPE.num_layers, SHAPE.num_q_heads, generator=gen).tolist()
+    prof = HeadProfile(architecture="LlamaForCausalLM", model_name="m", num_layers=SHAPE.num_layers,
+                       num_q_heads=SHAPE.num_q_heads, num_kv_heads=SHAPE.num_kv_heads, head_dim=SHAPE.head_dim,
+                       method="d2o", parameters={"seed": 7}, scores=scores)
+    return str(prof.save(tmp_path / "d2o.json", heatmap=False))
+
+
 @pytest.mark.parametrize("policy,decode_budget,seed", [("adakv", 9, 1), ("snapkv", 23, 2), ("pyramidkv", 1, 3),
-                                                       ("adakv", 40, 4), ("streamingllm", 11, 5)])
-def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budget, seed):
-    r = Request(policy, decode_budget, seed=seed)
+                                                       ("adakv", 40, 4), ("streamingllm", 11, 5), ("d2o", 13, 6),
+                                                       ("d2o-off", 7, 8)])
+def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budget, seed, d2o_profile):
+    """D2O (merge on): the generated tokens each move drops merge into their most similar
+    kept one, with the layer's moving-average threshold (naive loops over every dropped
+    token in the reference model); d2o-off: plain eviction, the pool's values exactly."""
+    extra = {}
+    if policy.startswith("d2o"):
+        extra = dict(head_profile=d2o_profile, sink_size=2, d2o_merge="off" if policy == "d2o-off" else "on")
+        policy = "d2o"
+    r = Request(policy, decode_budget, seed=seed, **extra)
     window, chunk = r.cfg.obs_window, decode_chunk(decode_budget)
     tail_max = 0
     for _ in range(130):
@@ -196,6 +248,11 @@ def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budge
     assert not r.m._decode_q
     t = r.m.decode_totals
     assert t["compressions"] == r.moves and t["pool_full"] == 0 and t["errors"] == 0
+    assert t["head_tokens_merged"] == r.merged
+    if extra.get("d2o_merge") == "on":
+        assert r.merged > 0 and all(x is not None for x in r.thresholds)
+    else:
+        assert r.merged == 0
 
 
 def test_no_decode_budget_leaves_the_tail_whole():

@@ -107,3 +107,18 @@ def test_an_aborted_long_output_returns_its_pages_and_slots(kv_small_server):
            on_chunk=lambda n: n < 150)  # the client goes away mid-generation
     st = assert_all_returned(srv)
     assert st["decode"]["compressions"] > before
+
+
+def test_d2o_merges_the_generated_tokens_it_drops(kv_small_server):
+    """D2O's decode-time half: the generated tokens a move drops merge into similar kept
+    ones (the merge itself is checked against naive loops in test_decode.py)."""
+    srv = kv_small_server
+    before = srv.plugin_state()["decode"]
+    rid, text = stream(srv, {"kv_policy": "d2o", "kv_budget": BUDGET, "kv_decode_budget": 16}, 110)
+    assert text
+    st = assert_all_returned(srv)
+    rep, after = st["recent_requests"][rid], st["decode"]
+    assert rep["decode_compressions"] >= 2 and rep["decode_kept"] == 16, rep
+    assert after["head_tokens_dropped"] > before["head_tokens_dropped"]
+    assert 0 < after["head_tokens_merged"] - before["head_tokens_merged"] <= (
+        after["head_tokens_dropped"] - before["head_tokens_dropped"])

@@ -32,7 +32,7 @@ from headkv_sglang.plugin import EMPTY_PROMPT_ERROR
 
 pytestmark = pytest.mark.server
 
-POLICIES = ("full", "headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o")
+POLICIES = ("full", "headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o", "pod")
 COMPRESSING = POLICIES[1:]
 BUDGET = 64  # auto observation window: min(32, 64 // 4) = 16
 L, H_KV = 30, 3  # SmolLM2-135M

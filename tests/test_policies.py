@@ -170,7 +170,7 @@ def naive_adakv(scores: torch.Tensor, b: int, w: int, alpha: float) -> tuple[lis
 # registry and validation
 # --------------------------------------------------------------------------- #
 def test_registry_names_and_lookup():
-    want = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o", "full"]
+    want = ["headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor", "d2o", "pod", "full"]
     assert policy_names() == sorted(want)
     for name, cls in POLICIES.items():
         assert cls.name == name

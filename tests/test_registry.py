@@ -102,12 +102,18 @@ def kept_pages(cfg: KVPolicyConfig, shape: ModelShape, qkv, T: int, page_size: i
     policy = build_policy(cfg, shape)
     planned = policy.plan_budgets(T, cfg.budget, shape.num_layers, shape.num_kv_heads)
     w = min(cfg.obs_window, T)
-    pages = 0
+    pages, prev = 0, None
     for layer in range(shape.num_layers):
         q_win = q[layer][T - w:].transpose(0, 1)
         comp = compress_layer(policy, layer, q_win, k[layer].transpose(0, 1), v[layer].transpose(0, 1),
-                              cfg.budget, planned)
-        pages += sum(math.ceil(n / page_size) for n in comp.lengths.tolist())
+                              cfg.budget, planned, prev=prev)
+        vo = [0] * comp.num_kv_heads
+        if comp.values_only is not None:  # PoD: values-only tokens take pages of 2 * page_size
+            for h in range(comp.num_kv_heads):
+                vo[h] = int(comp.values_only[int(comp.indptr[h]):int(comp.indptr[h + 1])].sum())
+        pages += sum(math.ceil((n - o) / page_size) + math.ceil(o / (2 * page_size))
+                     for n, o in zip(comp.lengths.tolist(), vo))
+        prev = comp
     return pages
 
 
@@ -164,6 +170,7 @@ def test_each_policy_carries_its_facts():
         "streamingllm": (False, True, None),
         "razor": (False, True, "razor"),
         "d2o": (True, True, "d2o"),
+        "pod": (True, True, "pod"),
     }
 
 
@@ -184,7 +191,7 @@ def test_config_imports_without_torch():
     code = ("import sys, headkv_sglang.config as c; assert 'torch' not in sys.modules, 'torch imported'; "
             "print(','.join(c.POLICY_CHOICES))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "full,headkv,snapkv,pyramidkv,adakv,streamingllm,razor,d2o"
+    assert out.strip() == "full,headkv,snapkv,pyramidkv,adakv,streamingllm,razor,d2o,pod"
 
 
 # --------------------------------------------------------------------------- #
@@ -196,7 +203,7 @@ def write_profiles(tmp_path, shape: ModelShape, rng: random.Random) -> dict[str,
     L, Hq, H = shape.num_layers, shape.num_q_heads, shape.num_kv_heads
     table = lambda: [[rng.random() + 1e-3 for _ in range(Hq)] for _ in range(L)]  # noqa: E731
     out = {}
-    for method in ("r2", "razor", "d2o"):
+    for method in ("r2", "razor", "d2o", "pod"):
         extra = dict(echo=table(), induction=table()) if method == "razor" else {}
         prof = HeadProfile(architecture="", model_name="random", num_layers=L, num_q_heads=Hq, num_kv_heads=H,
                            head_dim=shape.head_dim, method=method, parameters={}, scores=table(), **extra)

@@ -22,10 +22,11 @@ from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPo
 pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
-assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, kv_policy, "
-                   "kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, kv_sink_size, kv_window")
+assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
+                   "kv_pod_share, kv_policy, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
+                   "kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
-POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor, d2o"
+POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor, d2o, pod"
 
 # (custom_params, the exact error message). The server default is --kv-policy full with
 # budget 128, window 0 (auto), sink size 4.
@@ -62,6 +63,11 @@ INVALID = [
     ({"kv_razor_heads": "all"}, "custom_params.kv_razor_heads: invalid value 'all'; choose one of fraction, budget"),
     ({"kv_d2o_merge": "yes"}, "custom_params.kv_d2o_merge: invalid value 'yes'; choose one of on, off"),
     ({"kv_d2o_merge": True}, "custom_params.kv_d2o_merge: invalid value True; expected str"),
+    # kv_pod_share
+    ({"kv_pod_share": 0.51}, "custom_params.kv_pod_share: invalid value 0.51; expected a number in [0.0, 0.5]"),
+    ({"kv_pod_share": "0.3"}, "custom_params.kv_pod_share: invalid value '0.3'; expected float"),
+    ({"kv_policy": "pod", "kv_budget": 4, "kv_sink_size": 4},
+     "custom_params.kv_sink_size: invalid value 4; sinks must leave room for recent tokens: < --kv-budget (4)"),
     # kv_decode_budget
     ({"kv_decode_budget": -1}, "custom_params.kv_decode_budget: invalid value -1; expected an integer in [0, 1048576]"),
     ({"kv_decode_budget": "64"}, "custom_params.kv_decode_budget: invalid value '64'; expected int"),
@@ -146,6 +152,8 @@ VALID = [
     {"kv_policy": "razor", "kv_budget": "2%", "kv_razor_heads": "budget"},
     {"kv_policy": "d2o", "kv_budget": "2%", "kv_d2o_merge": "off"},
     {"kv_policy": "d2o", "kv_budget": 6, "kv_sink_size": 5, "kv_scoring": "question"},
+    {"kv_policy": "pod", "kv_budget": "5%", "kv_pod_share": 0.5, "kv_decode_budget": 8},
+    {"kv_policy": "pod", "kv_budget": 64, "kv_pod_share": 0},
     {"kv_policy": "streamingllm", "kv_budget": 16, "kv_window": 64},  # window > budget is fine without scoring
     {"kv_policy": "snapkv", "kv_budget": 1},  # auto window: max(1, 1 // 4) = 1
     {"kv_policy": "razor", "kv_budget": 5, "kv_razor_fraction": 0.0, "kv_sink_size": 0},
@@ -291,6 +299,7 @@ _NEAR = {
     "kv_question": st.integers(0, 64),
     "kv_razor_heads": st.sampled_from(["fraction", "budget"]),
     "kv_d2o_merge": st.sampled_from(["on", "off"]),
+    "kv_pod_share": st.floats(0.0, 0.5),
     "kv_min_prompt": st.integers(0, 40),
     "kv_sink_size": st.integers(0, 8),
     "kv_beta": st.floats(1, 20) | st.integers(1, 3),
@@ -309,6 +318,7 @@ _EDGE = {
     "kv_question": st.sampled_from([-1, 4097]),
     "kv_razor_heads": st.sampled_from(["", "all", "Budget"]),
     "kv_d2o_merge": st.sampled_from(["", "ON", "none"]) | st.booleans(),
+    "kv_pod_share": st.sampled_from([-0.01, 0.51, "0.3", 1]),
     "kv_min_prompt": st.sampled_from([-1, (1 << 20) + 1]),
     "kv_sink_size": st.sampled_from([-1, 80, 4097]),
     "kv_beta": st.floats(-1, 0.999) | st.floats(1e6, 1e300, exclude_min=True),

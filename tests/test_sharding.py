@@ -103,10 +103,12 @@ def test_each_rank_keeps_the_one_rank_plans_rows(tmp_path, name):
         planned = policy.plan_budgets(T, cfg.budget, L, H)
         w = min(cfg.obs_window, T)
         shards = HeadShard(tp, 0).all_ranks()
+        prev_whole, prev_rank = None, [None] * tp  # the layer below's (PoD links layers)
         for layer in range(L):
             q_win = q[layer][T - w:].transpose(0, 1)
             kk, vv = k[layer].transpose(0, 1), v[layer].transpose(0, 1)
-            whole = compress_layer(policy, layer, q_win, kk, vv, cfg.budget, planned)
+            whole = compress_layer(policy, layer, q_win, kk, vv, cfg.budget, planned, prev=prev_whole)
+            prev_whole = whole
 
             def local(shard):
                 lo, hi = shard.kv_heads(H)
@@ -119,9 +121,11 @@ def test_each_rank_keeps_the_one_rank_plans_rows(tmp_path, name):
             def rank(r):
                 shard = shards[r]
                 sp = ShardedPolicy(policy, shard, H, group.gather_for(r, owners))
-                return compress_layer(sp, layer, *local(shard), cfg.budget, sp.plan_budgets(T, cfg.budget, L, H))
+                return compress_layer(sp, layer, *local(shard), cfg.budget, sp.plan_budgets(T, cfg.budget, L, H),
+                                      prev=prev_rank[r])
 
-            for shard, mine in zip(shards, group.run(rank)):
+            prev_rank = group.run(rank)
+            for shard, mine in zip(shards, prev_rank):
                 lo, hi = shard.kv_heads(H)
                 rows = slice(int(whole.indptr[lo]), int(whole.indptr[hi]))
                 msg = f"{name} trial {trial} layer {layer} rank {shard.tp_rank} T={T} B={cfg.budget}"
@@ -132,6 +136,10 @@ def test_each_rank_keeps_the_one_rank_plans_rows(tmp_path, name):
                 if whole.comp_k is not None:
                     assert torch.equal(mine.comp_k, whole.comp_k[lo:hi]), msg
                     assert torch.equal(mine.comp_count, whole.comp_count[lo:hi]), msg
+                if whole.values_only is not None and bool(whole.values_only[rows].any()):
+                    assert torch.equal(mine.values_only, whole.values_only[rows]), msg
+                else:
+                    assert mine.values_only is None, msg
 
 
 def test_score_planned_policy_without_gather_refuses_to_guess(tmp_path):

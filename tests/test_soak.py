@@ -17,16 +17,18 @@ def test_short_soak_leaves_no_leaks_and_no_unexpected_errors(start_server):
 
     srv = start_server(soak.SERVER_ARGS, name="soak")
     # prompts of 40..400 words (~60..600 tokens), as in the 3000-request soak: the default 1200
-    # words made this test take 20 of CI's minutes for no extra coverage
-    s = soak.soak(srv.url, n=200, concurrency=8, seed=1, progress=False, max_words=400)
+    # words made this test take 20 of CI's minutes for no extra coverage. 120 requests of
+    # seed 2 (not 200 of seed 1: 10.7 of CI's minutes) hold as many aborts as the 200 did:
+    # 95 normal, 17 aborted (15 with decode budgets), 8 invalid.
+    s = soak.soak(srv.url, n=120, concurrency=8, seed=2, progress=False, max_words=400)
     assert s["unexpected_errors"] == 0, s["unexpected_samples"]
-    assert s["kinds"]["abort"] >= 10 and s["kinds"]["invalid"] >= 5, s["kinds"]
+    assert s["kinds"] == {"normal": 95, "abort": 17, "invalid": 8}, s["kinds"]
     assert s["status"].get("400", 0) == s["kinds"]["invalid"], s["status"]
     assert s["integrity"] == "ok" and s["pool_used_pages"] == 0 and s["reserved_pages"] == 0, s
     assert s["token_slots_leaked"] == 0, s["token_pool"]
     assert s["admission_waits"] >= 1, s  # the small pool made some requests queue
     assert not s["fallbacks"], s["fallbacks"]  # admission queued every request until its pages were free
-    assert s["compressed_requests_total"] >= 100, s
+    assert s["compressed_requests_total"] >= 85, s
     # aborted long outputs moved generated tokens into their pages, and gave everything back
     assert s["decode"]["compressions"] >= 5 and s["decode"]["errors"] == 0 and s["decode"]["pages_promised"] == 0, s
     assert s["full_answers_checked"] >= 3 and s["full_answers_correct"] >= 0.9 * s["full_answers_checked"], s

@@ -34,6 +34,7 @@ import torch
 from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.policies.base import compress_layer
 from headkv_sglang.policies.budgets import planned_pages, uniform_pages
+from headkv_sglang.policies.d2o import merge_dropped
 from headkv_sglang.policies.decode import decode_chunk, decode_scores, select_decode
 from headkv_sglang.policies.registry import build_policy, pages_upper_bound
 from headkv_sglang.policies.sharding import HeadShard, ShardedPolicy, rank_pages_bound
@@ -256,9 +257,15 @@ class CompressionManager:
             if cap is None or layer not in cap.layers or cap.layers[layer].shape[0] < w:
                 raise RuntimeError(f"no observation-window queries captured for row {job.idx}, layer {layer}")
             q_win = cap.layers[layer][-w:].transpose(0, 1).to(k.dtype)  # [Hq, w, D]
-        comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe)
+        prev = job.layers[-1][0] if job.layers else None
+        comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe, prev=prev)
+        if prev is not None:
+            prev.keep = None  # only the layer below's is ever needed
         lengths = comp.lengths.cpu()
         pages = self.pool.pages_for(lengths)
+        if comp.values_only is not None:  # PoD: whole tokens in pages, values-only ones two pages' worth a page
+            vo = values_only_counts(comp)
+            pages = self.pool.pages_for(lengths - vo) + (vo + 2 * self.pool.page_size - 1) // (2 * self.pool.page_size)
         job.need += int(pages.sum())
         job.layers.append((comp, lengths, pages))
         job.ms += 1000 * (time.perf_counter() - t0)
@@ -293,6 +300,7 @@ class CompressionManager:
         if cfg.decode_budget > 0:
             rec.decode_budget, rec.decode_window = cfg.decode_budget, cfg.obs_window
             rec.decode_recency = not getattr(job.policy, "needs_queries", True)
+            rec.decode_merge = cfg.policy == "d2o" and cfg.d2o_merge == "on"
         self.records[req_pool_idx] = rec
         self.peak_records = max(self.peak_records, len(self.records))
         self.drop_capture(req_pool_idx)
@@ -418,7 +426,7 @@ class CompressionManager:
         kflat, vflat = self.pool.k_pages.view(-1, D), self.pool.v_pages.view(-1, D)
         device = kflat.device
         queries = self._decode_q.get(req_pool_idx, {})
-        chosen = []
+        chosen, thresholds, merged = [], list(rec.decode_thresholds or [None] * len(rec.layers)), 0
         for layer, (lp, (prompt, _, _)) in enumerate(zip(rec.layers, plans)):
             k_new, v_new = get_kv(layer)
             k = k_new.to(device, self.pool.dtype).transpose(0, 1)  # [H, n_move, D]
@@ -433,8 +441,20 @@ class CompressionManager:
                     raise RuntimeError(f"no decode queries captured for row {req_pool_idx}, layer {layer}")
                 else:
                     scores = decode_scores(queries[layer].transpose(0, 1).to(device), k, scale)
-                sel = select_decode(scores, n_new)[..., None].expand(-1, -1, D)
+                idx = select_decode(scores, n_new)
+                sel = idx[..., None].expand(-1, -1, D)
+                k_all, v_all = k, v
                 k, v = torch.gather(k, 1, sel), torch.gather(v, 1, sel)
+                if rec.decode_merge:  # D2O: the dropped ones merge into their most similar kept one
+                    H = k.shape[0]
+                    keep = torch.zeros(k_all.shape[:2], dtype=torch.bool, device=device).scatter_(1, idx, True)
+                    indptr = torch.arange(H + 1, dtype=torch.int64) * n_new
+                    st: dict = {}
+                    kf, vf = merge_dropped(k_all, v_all, keep, k.reshape(-1, D), v.reshape(-1, D), indptr,
+                                           gather=self.gather, prev_threshold=thresholds[layer], stats=st)
+                    k, v = kf.view(H, n_new, D), vf.view(H, n_new, D)
+                    thresholds[layer] = st.get("threshold", thresholds[layer])
+                    merged += st.get("merged", 0)
             chosen.append((k, v))
         with self._lock:
             ids = self.allocator.allocate(grow, owner=req_pool_idx)
@@ -453,8 +473,7 @@ class CompressionManager:
                 dest = page_addresses(kv_indptr, kv_indices, prompt, n_new, ps).to(device).reshape(-1)
                 kflat[dest] = k.reshape(-1, D)
                 vflat[dest] = v.reshape(-1, D)
-                new = LayerPages(kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=prompt + n_new,
-                                 comp_k=lp.comp_k, comp_v=lp.comp_v, comp_count=lp.comp_count)
+                new = dataclasses.replace(lp, kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=prompt + n_new)
                 new._page_size = ps
                 layers.append(new)
         except BaseException:
@@ -463,7 +482,8 @@ class CompressionManager:
             raise
         new_rec = dataclasses.replace(
             rec, layers=layers, page_ids=rec.page_ids + ids, tail_start=end,
-            decode_kept=n_new, decode_pages=rec.decode_pages + grow, decode_compressions=rec.decode_compressions + 1)
+            decode_kept=n_new, decode_pages=rec.decode_pages + grow, decode_compressions=rec.decode_compressions + 1,
+            decode_thresholds=tuple(thresholds) if rec.decode_merge else ())
         with self._lock:
             self.records[req_pool_idx] = new_rec
         self.decoded_in_forward[req_pool_idx] = (start, end)
@@ -472,6 +492,7 @@ class CompressionManager:
         t["compressions"] += 1
         t["tokens_moved"] += n_move  # positions that left SGLang's pool
         t["head_tokens_dropped"] += (n_old + n_move - n_new) * rows
+        t["head_tokens_merged"] += merged
         t["ms"] += 1000 * (time.perf_counter() - t0)
         return new_rec
 
@@ -489,19 +510,41 @@ class CompressionManager:
                ids: list[int]) -> RequestPages:
         """Copy each layer's kept tokens into its pages ``ids``; the request's page tables."""
         rec = RequestPages(prompt_len=seq_len, policy=cfg.policy, budget=cfg.budget, page_ids=ids)
-        cursor = 0
+        cursor, prev = 0, None
         for comp, lengths, pages in layers:
+            rec.kept_tokens += int(lengths.sum())
+            vo = comp.values_only
+            k_flat, v_flat, tok_indptr, whole = comp.k_flat, comp.v_flat, comp.indptr, lengths
+            if vo is not None:  # PoD's sharing rows: their values-only tokens go to their own pages
+                vo_len = values_only_counts(comp)
+                whole = lengths - vo_len
+                keep_whole = ~vo.to(k_flat.device)
+                k_flat, v_flat = k_flat[keep_whole], v_flat[keep_whole]
+                tok_indptr = torch.zeros_like(comp.indptr)
+                torch.cumsum(whole.to(tok_indptr.device), 0, out=tok_indptr[1:])
+            whole_pages = self.pool.pages_for(whole)
             kv_indptr = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-            torch.cumsum(pages, 0, out=kv_indptr[1:])
-            kv_indices = torch.tensor(ids[cursor:cursor + int(pages.sum())], dtype=torch.int64)
-            cursor += int(pages.sum())
-            self.pool.write(kv_indices.to(self.pool.k_pages.device), kv_indptr, lengths,
-                            comp.k_flat, comp.v_flat, comp.indptr)
-            lp = LayerPages(kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=lengths,
+            torch.cumsum(whole_pages, 0, out=kv_indptr[1:])
+            kv_indices = torch.tensor(ids[cursor:cursor + int(whole_pages.sum())], dtype=torch.int64)
+            cursor += int(whole_pages.sum())
+            self.pool.write(kv_indices.to(self.pool.k_pages.device), kv_indptr, whole, k_flat, v_flat, tok_indptr)
+            lp = LayerPages(kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=whole,
                             comp_k=comp.comp_k, comp_v=comp.comp_v, comp_count=comp.comp_count)
+            if vo is not None:
+                vo_pages = pages - whole_pages
+                lp.vo_indptr = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+                torch.cumsum(vo_pages, 0, out=lp.vo_indptr[1:])
+                lp.vo_indices = torch.tensor(ids[cursor:cursor + int(vo_pages.sum())], dtype=torch.int64)
+                cursor += int(vo_pages.sum())
+                lp.vo_lengths, lp.vo_start = vo_len, values_only_starts(comp, prev)
+                vo_tok = torch.zeros_like(comp.indptr)
+                torch.cumsum(vo_len.to(vo_tok.device), 0, out=vo_tok[1:])
+                self.pool.write_values(lp.vo_indices, lp.vo_indptr, vo_len, comp.v_flat[vo.to(comp.v_flat.device)],
+                                       vo_tok)
             lp._page_size = self.pool.page_size
             rec.layers.append(lp)
-            rec.kept_tokens += int(lengths.sum())
+            prev = comp
+        assert cursor == len(ids), f"wrote {cursor} of {len(ids)} pages"
         return rec
 
     # ------------------------------------------------------------------ ownership
@@ -564,10 +607,46 @@ class CompressionManager:
             "policies": policies,
             # decode-phase compression since start (policies/decode.py)
             "decode": {**{k: int(self.decode_totals.get(k, 0)) for k in
-                          ("compressions", "tokens_moved", "head_tokens_dropped", "pool_full", "errors")},
+                          ("compressions", "tokens_moved", "head_tokens_dropped", "head_tokens_merged", "pool_full",
+                           "errors")},
                        "ms": round(self.decode_totals.get("ms", 0.0), 1),
                        "pages_promised": self.decode_pages_pending()},
         }
+
+
+def values_only_counts(comp) -> torch.Tensor:
+    """int64 ``[H]`` (CPU): each row's values-only tokens in a CompressedLayer."""
+    H = comp.indptr.numel() - 1
+    if comp.values_only is None:
+        return torch.zeros(H, dtype=torch.int64)
+    lengths = comp.lengths.cpu()
+    row = torch.repeat_interleave(torch.arange(H), lengths)
+    return torch.zeros(H, dtype=torch.int64).index_add_(0, row, comp.values_only.cpu().to(torch.int64))
+
+
+def values_only_starts(comp, prev) -> torch.Tensor:
+    """int64 ``[H]``: where each row's values-only tokens sit in the same head's row of the
+    layer below (``prev``): its tokens before the first values-only position. Those tokens
+    must be whole there and the same positions (what PoD's ``link_layer`` guarantees)."""
+    H = comp.indptr.numel() - 1
+    out = torch.zeros(H, dtype=torch.int64)
+    if prev is None:
+        raise ValueError("values-only tokens in the first layer: there is no layer below to share with")
+    vo, ind, ptr = comp.values_only.cpu(), comp.indices.cpu(), comp.indptr.cpu()
+    pind, pptr = prev.indices.cpu(), prev.indptr.cpu()
+    for h in range(H):
+        mine = ind[int(ptr[h]):int(ptr[h + 1])][vo[int(ptr[h]):int(ptr[h + 1])]]
+        if mine.numel() == 0:
+            continue
+        below = pind[int(pptr[h]):int(pptr[h + 1])]
+        start = int(torch.searchsorted(below, mine[0]))
+        if not torch.equal(below[start:start + mine.numel()], mine):
+            raise ValueError(f"row {h}: its values-only tokens are not whole tokens of the layer below")
+        if prev.values_only is not None and bool(prev.values_only.cpu()[int(pptr[h]) + start:
+                                                                         int(pptr[h]) + start + mine.numel()].any()):
+            raise ValueError(f"row {h}: shares with a row that is itself values-only")
+        out[h] = start
+    return out
 
 
 def page_addresses(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, start: torch.Tensor, n: int,

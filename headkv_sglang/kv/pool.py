@@ -129,6 +129,27 @@ class RaggedHeadKVPool:
             pages[page_ids] = 0
             pages.view(-1, self.head_dim)[dest] = src.to(device)[src_idx].to(self.dtype)
 
+    def write_values(self, page_ids: torch.Tensor, vo_indptr: torch.Tensor, lengths: torch.Tensor,
+                     v_flat: torch.Tensor, tok_indptr: torch.Tensor) -> None:
+        """Values-only pages (PoD's sharing rows, no keys): each row's values
+        ``v_flat[tok_indptr[h]:tok_indptr[h+1]]`` packed two pages' worth to a page, token
+        ``j`` in page ``page_ids[vo_indptr[h] + j // (2 * page_size)]`` at slot ``s = j % (2 *
+        page_size)``: ``k_pages`` slot ``s`` for ``s < page_size``, else ``v_pages`` slot
+        ``s - page_size`` (:func:`values_only_addresses`)."""
+        device = self.k_pages.device
+        page_ids = page_ids.to(device, torch.int64)
+        if page_ids.numel() == 0:
+            return
+        lengths = lengths.to(device, torch.int64)
+        row = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+        j = torch.arange(row.numel(), device=device) - (torch.cumsum(lengths, 0) - lengths)[row]
+        addr, in_v = values_only_addresses(page_ids, vo_indptr[:-1].to(device, torch.int64)[row], j, self.page_size)
+        src = v_flat.to(device)[tok_indptr[:-1].to(device, torch.int64)[row] + j].to(self.dtype)
+        self.k_pages[page_ids] = 0
+        self.v_pages[page_ids] = 0
+        self.k_pages.view(-1, self.head_dim)[addr[~in_v]] = src[~in_v]
+        self.v_pages.view(-1, self.head_dim)[addr[in_v]] = src[in_v]
+
     def gather_padded(self, layer: "LayerPages") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dense view of one layer's rows for the torch reference path.
 
@@ -150,11 +171,29 @@ class RaggedHeadKVPool:
         return k, v, mask
 
 
+def values_only_addresses(page_ids: torch.Tensor, first_page: torch.Tensor, j: torch.Tensor,
+                          page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token addresses of values-only tokens ``j`` (a row's ``j``-th, its pages starting
+    at ``page_ids[first_page]``) and whether each lies in ``v_pages`` (else ``k_pages``)."""
+    ps2 = 2 * page_size
+    page = page_ids[first_page + torch.div(j, ps2, rounding_mode="floor")]
+    slot = j % ps2
+    in_v = slot >= page_size
+    return page * page_size + torch.where(in_v, slot - page_size, slot), in_v
+
+
 @dataclass
 class LayerPages:
     """One layer's rows. ``kv_indptr`` int64 ``[H+1]`` over ``kv_indices`` int64 ``[pages]``;
     ``lengths`` int64 ``[H]`` tokens per row; compensation (Razor) ``comp_k``/``comp_v``
-    ``[H, head_dim]`` and ``comp_count`` int64 ``[H]`` or None."""
+    ``[H, head_dim]`` and ``comp_count`` int64 ``[H]`` or None.
+
+    PoD's sharing rows also hold *values-only* tokens (``vo_*``, None elsewhere): row ``h``'s
+    are ``vo_lengths[h]`` tokens in pages ``vo_indices[vo_indptr[h]:vo_indptr[h+1]]``, two
+    pages' worth each (:meth:`RaggedHeadKVPool.write_values`); their logits are those of
+    the same head's row in the layer below at tokens ``vo_start[h] ..
+    vo_start[h] + vo_lengths[h] - 1``. They sit, by position, between the row's first
+    ``vo_start[h]`` tokens and the rest (``lengths`` counts only the whole tokens)."""
 
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
@@ -162,6 +201,10 @@ class LayerPages:
     comp_k: torch.Tensor | None = None
     comp_v: torch.Tensor | None = None
     comp_count: torch.Tensor | None = None
+    vo_indptr: torch.Tensor | None = None
+    vo_indices: torch.Tensor | None = None
+    vo_lengths: torch.Tensor | None = None
+    vo_start: torch.Tensor | None = None
 
     @property
     def kv_last_page_len(self) -> torch.Tensor:
@@ -197,6 +240,8 @@ class RequestPages:
     decode_compressions: int = 0
     decode_retry_at: int = 0  # after a full pool: no new try before this sequence length
     decode_recency: bool = False  # a position-based policy: the newest generated tokens are kept
+    decode_merge: bool = False  # D2O: dropped generated tokens merge into similar kept ones
+    decode_thresholds: tuple = ()  # D2O: each layer's merge threshold after the last move (None: none yet)
 
     def __post_init__(self) -> None:
         if self.tail_start < 0:

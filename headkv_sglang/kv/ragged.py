@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headkv_sglang.kv.pool import RaggedHeadKVPool, RequestPages
+from headkv_sglang.kv.pool import RaggedHeadKVPool, RequestPages, values_only_addresses
 
 
 @dataclass
@@ -141,6 +141,11 @@ class _LayerPlan:
     comp_k: torch.Tensor | None  # [R, H, D]
     comp_v: torch.Tensor | None
     comp_bias: torch.Tensor | None  # float32 [R, H]: log(count), -inf where nothing was dropped
+    # PoD's values-only tokens (None when no row of the layer has any)
+    vo_addr: torch.Tensor | None = None  # int64 [R*H, Nmax]: flat address in k_pages or v_pages
+    vo_in_v: torch.Tensor | None = None  # bool [R*H, Nmax]: the address is in v_pages
+    vo_mask: torch.Tensor | None = None  # bool [R*H, Nmax]
+    stash_idx: torch.Tensor | None = None  # int64 [R*H, Nmax]: their tokens in the layer below's rows
 
 
 class TorchRaggedAttention(RaggedAttention):
@@ -155,6 +160,7 @@ class TorchRaggedAttention(RaggedAttention):
         self._prompt_key: tuple[int, ...] | None = None
         self._layers: list[_LayerPlan] = []
         self._tail_idx = self._tail_mask = None
+        self._stash: tuple[int, torch.Tensor] | None = None  # PoD: (layer, its logits the layer above reuses)
 
     def plan(self, rows: RaggedRows) -> None:
         device = self.pool.k_pages.device
@@ -165,6 +171,7 @@ class TorchRaggedAttention(RaggedAttention):
         slots = rows.tail_slots.to(torch.int64).cpu()
         self._tail_idx = (slots[idx] if slots.numel() else torch.zeros_like(idx)).to(device)
         self._tail_mask = mask.to(device)
+        self._stash = None
         self.rows = rows
 
     def _plan_layer(self, records: list[RequestPages], layer: int, device) -> _LayerPlan:
@@ -183,7 +190,34 @@ class TorchRaggedAttention(RaggedAttention):
                           else torch.zeros_like(t), torch.zeros_like(t))
         comp = stack_compensation(lps, self.num_kv_heads, self.pool.head_dim, self.pool.dtype, device)
         comp_k, comp_v, bias = comp if comp is not None else (None, None, None)
-        return _LayerPlan(tok.to(device), mask.to(device), comp_k, comp_v, bias)
+        plan = _LayerPlan(tok.to(device), mask.to(device), comp_k, comp_v, bias)
+        if any(lp.vo_lengths is not None for lp in lps):
+            self._plan_values_only(plan, lps, device)
+        return plan
+
+    def _plan_values_only(self, plan: _LayerPlan, lps: list, device) -> None:
+        """PoD: where each row's values-only tokens are, and which of the layer below's row
+        tokens give their logits."""
+        H, ps = self.num_kv_heads, self.pool.page_size
+        zeros = torch.zeros(H, dtype=torch.int64)
+        n = torch.cat([zeros if lp.vo_lengths is None else lp.vo_lengths for lp in lps]).to(torch.int64)
+        start = torch.cat([zeros if lp.vo_start is None else lp.vo_start for lp in lps]).to(torch.int64)
+        pages = torch.cat([lp.vo_indices for lp in lps if lp.vo_indices is not None]).to(torch.int64)
+        counts = torch.cat([zeros if lp.vo_indptr is None else lp.vo_indptr[1:] - lp.vo_indptr[:-1]
+                            for lp in lps]).to(torch.int64)
+        first = torch.zeros_like(counts)
+        if counts.numel() > 1:
+            first[1:] = torch.cumsum(counts, 0)[:-1]
+        j, mask = _padded_rows(n, torch.zeros_like(n))
+        if pages.numel():
+            safe = torch.where(mask, j, torch.zeros_like(j))
+            addr, in_v = values_only_addresses(pages, torch.where(mask, first[:, None], 0), safe, ps)
+        else:
+            addr, in_v = torch.zeros_like(j), torch.zeros_like(mask)
+        plan.vo_addr = torch.where(mask, addr, 0).to(device)
+        plan.vo_in_v = (in_v & mask).to(device)
+        plan.vo_mask = mask.to(device)
+        plan.stash_idx = torch.where(mask, start[:, None] + j, 0).to(device)
 
     def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             scale: float) -> torch.Tensor:
@@ -201,6 +235,20 @@ class TorchRaggedAttention(RaggedAttention):
         logits = [torch.einsum("rhgd,rhld->rhgl", qf, kp).mul_(scale)
                   .masked_fill_(~lp.mask.view(R, H, 1, L), -math.inf)]
         vals = [vp]
+        below = self._stash
+        above = self._layers[layer + 1] if layer + 1 < self.num_layers else None
+        if above is not None and above.stash_idx is not None:  # PoD: the layer above reuses these logits
+            idx = above.stash_idx.view(R, H, 1, -1).expand(R, H, G, -1).clamp(max=L - 1)
+            self._stash = (layer, torch.gather(logits[0], 3, idx))
+        if lp.vo_addr is not None:  # PoD: this layer's values-only tokens take the layer below's logits
+            stashed = below
+            if stashed is None or stashed[0] != layer - 1:
+                raise RuntimeError(f"layer {layer} shares layer {layer - 1}'s distant logits, which this "
+                                   f"forward did not compute first")
+            N = lp.vo_addr.shape[1]
+            logits.append(stashed[1].masked_fill(~lp.vo_mask.view(R, H, 1, N), -math.inf))
+            vo = torch.where(lp.vo_in_v[..., None], vflat[lp.vo_addr], kflat[lp.vo_addr])
+            vals.append(vo.float().view(R, H, N, D))
         T = self._tail_idx.shape[1]
         kt = k_buffer[self._tail_idx].float()  # [R, T, H, D]
         vt = v_buffer[self._tail_idx].float()

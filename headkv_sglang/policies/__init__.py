@@ -48,6 +48,7 @@ _EXPORTS = {
     "HeadKV": "headkv",
     "KVPolicy": "base",
     "POLICIES": "registry",
+    "PoD": "pod",
     "PyramidKV": "pyramidkv",
     "RazorAttention": "razor",
     "SnapKV": "snapkv",

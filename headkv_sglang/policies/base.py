@@ -98,6 +98,12 @@ class KVPolicy(ABC):
     #: dropped token into a similar kept one): :func:`compress_layer` then calls
     #: :meth:`merge_dropped`.
     merges_dropped: ClassVar[bool] = False
+    #: True when a layer's rows depend on the layer below's (PoD: a sharing row keeps the
+    #: row below's tokens and stores its distant ones as values only): :func:`compress_layer`
+    #: then calls :meth:`link_layer` with the previous layer's result.
+    links_layers: ClassVar[bool] = False
+    #: Pages a row may take beyond ``ceil(kept / page_size)`` (PoD's values-only pages: 1).
+    row_pages_slack: ClassVar[int] = 0
 
     window_size: int
 
@@ -240,6 +246,18 @@ class KVPolicy(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} sets merges_dropped but has no merge_dropped")
 
+    def link_layer(self, layer: int, keep: torch.Tensor, prev_keep: torch.Tensor | None, budget: int,
+                   heads: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep, values_only)`` bool ``[num_kv_heads, T]`` of ``layer`` given its own
+        selection ``keep`` and the previous layer's final one (None for layer 0).
+
+        Called by :func:`compress_layer` when :attr:`links_layers` is True. ``values_only``
+        marks kept tokens whose keys are not stored: their logits are the previous layer's
+        (same KV head) and they must be kept there too. ``heads``: which of the model's KV
+        heads the rows are (a tensor-parallel rank's block).
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets links_layers but has no link_layer")
+
 
 # --------------------------------------------------------------------------- #
 # Compression of one layer
@@ -264,6 +282,11 @@ class CompressedLayer:
         the policy uses compensation.
     comp_count : torch.Tensor | None
         int64 ``[num_kv_heads]``: number of dropped tokens (0: no comp state).
+    keep : torch.Tensor | None
+        bool ``[num_kv_heads, T]``: the kept tokens as a mask.
+    values_only : torch.Tensor | None
+        bool ``[N]``: kept tokens whose key is not stored (PoD's sharing rows; their
+        logits are the previous layer's), or None when every key is stored.
     """
 
     k_flat: torch.Tensor
@@ -273,6 +296,8 @@ class CompressedLayer:
     comp_k: torch.Tensor | None = None
     comp_v: torch.Tensor | None = None
     comp_count: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    values_only: torch.Tensor | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -293,6 +318,7 @@ def compress_layer(
     budget: int,
     planned: torch.Tensor | None,
     q_end: int | None = None,
+    prev: CompressedLayer | None = None,
 ) -> CompressedLayer:
     """Score, budget, select and gather one layer's prompt KV.
 
@@ -312,6 +338,8 @@ def compress_layer(
     q_end : int | None
         Position after the last scoring query (question-aware scoring), see
         :meth:`KVPolicy.token_scores`.
+    prev : CompressedLayer | None
+        Layer ``layer - 1``'s result, for a policy that :attr:`~KVPolicy.links_layers`.
 
     Returns
     -------
@@ -328,12 +356,21 @@ def compress_layer(
     keep = policy.select_mask(scores, budgets)
     if keep.shape != (num_heads, seq_len):
         raise ValueError(f"select_mask returned {list(keep.shape)}, expected [{num_heads}, {seq_len}]")
+    values_only = None
+    if policy.links_layers:
+        if layer > 0 and (prev is None or prev.keep is None):
+            raise ValueError(f"{type(policy).__name__} links layers: layer {layer} needs layer {layer - 1}'s result")
+        keep, vo = policy.link_layer(layer, keep, None if layer == 0 else prev.keep, budget)
+        if keep.shape != (num_heads, seq_len) or vo.shape != keep.shape or bool((vo & ~keep).any()):
+            raise ValueError(f"{type(policy).__name__}.link_layer returned a bad keep / values-only pair")
+        values_only = vo
     head_of, indices = keep.nonzero(as_tuple=True)  # head by head, positions ascending
     lengths = keep.sum(dim=1)
     indptr = torch.zeros(num_heads + 1, dtype=torch.int64, device=k.device)
     torch.cumsum(lengths, dim=0, out=indptr[1:])
     out = CompressedLayer(
-        k_flat=k[head_of, indices], v_flat=v[head_of, indices], indptr=indptr, indices=indices
+        k_flat=k[head_of, indices], v_flat=v[head_of, indices], indptr=indptr, indices=indices, keep=keep,
+        values_only=None if values_only is None or not bool(values_only.any()) else values_only[head_of, indices],
     )
     if policy.merges_dropped:
         k_flat, v_flat = policy.merge_dropped(k, v, keep, out)

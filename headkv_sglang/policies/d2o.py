@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 #: Most (token, kept token) similarities computed at once by :func:`merge_dropped`.
 _SIM_CHUNK = 1 << 22
+#: Weight of the previous threshold in decode-time merging's moving average (the
+#: reference's ``alpha``; its ``belta``, the new mean's weight, is ``1 - alpha`` = 0.5).
+DECODE_EMA = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +71,12 @@ class D2O(ObservationWindowPolicy):
       (the reference splits each layer's budget 1:1 between heavy and recent tokens);
     * the merge test is per (head, token) (the reference averages the similarity of
       the ``i``-th dropped token over heads, which are different tokens per head);
-    * the threshold is the reference's first value; its moving average over later
-      compressions belongs to decode-time compression, which is not built yet.
+    * the prompt's threshold is the reference's first value; decode-phase compression
+      (``kv_decode_budget``) merges the generated tokens it drops into the kept generated
+      ones with the moving average over its later moves (:func:`merge_dropped`,
+      ``prev_threshold``), restarted at the first move rather than continued from the
+      prompt's, and the prompt's kept tokens are never merged into at decode (they are
+      written once).
 
     Parameters
     ----------
@@ -172,8 +179,8 @@ class D2O(ObservationWindowPolicy):
 
 
 def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: torch.Tensor,
-                  v_kept: torch.Tensor, indptr: torch.Tensor,
-                  gather=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  v_kept: torch.Tensor, indptr: torch.Tensor, gather=None, prev_threshold: float | None = None,
+                  ema: float = DECODE_EMA, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """D2O's compensation: merge each dropped token into its most similar kept token.
 
     Parameters
@@ -202,7 +209,17 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
         The threshold is a statistic of the whole layer, so with ``gather`` it is the mean
         over every rank's dropped tokens (the same number, summed in the same order, as on
         one rank), and this rank takes part in the gather even when it has nothing to merge.
+    prev_threshold, ema : float | None, float
+        Decode-time compression (the same request and layer compressed again): the
+        threshold becomes the moving average ``ema * prev_threshold + (1 - ema) * mean``
+        of the previous one and this call's mean (D2O's ``alpha * threshold + belta *
+        mean``, both 0.5 there). None: the mean alone (the first compression).
+    stats : dict | None
+        Receives ``threshold`` (float) and ``merged`` (dropped tokens merged, this rank)
+        when anything was dropped; left untouched otherwise.
     """
+    if not 0.0 <= ema <= 1.0:
+        raise ValueError(f"ema must be in [0, 1], got {ema}")
     num_heads, seq_len, dim = k.shape
     device = k.device
     keep = keep.to(device)
@@ -236,7 +253,11 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
         all_best = gather(best_all.masked_fill(~drop, 0.0))
         all_drop = gather(drop.to(torch.float32)) > 0
         threshold = all_best[all_drop].mean().to(device)
+    if prev_threshold is not None:
+        threshold = ema * prev_threshold + (1.0 - ema) * threshold
     merged = best >= threshold
+    if stats is not None:
+        stats["threshold"], stats["merged"] = float(threshold), int(merged.sum())
     src_h, src_p, weight = d_head[merged], d_pos[merged], best[merged]
     target = indptr.to(device)[src_h] + arg[merged]  # row in k_kept
     count = 1.0 + torch.bincount(target, minlength=k_kept.shape[0]).to(torch.float32)

@@ -40,3 +40,6 @@ RAZOR_FRACTION = 0.15  # not 0.01 + 0.14, which is 0.15000000000000002 in floati
 #: D2O: merge each dropped token into its most similar kept token ("on", as the paper) or not.
 D2O_MERGES: tuple[str, ...] = ("on", "off")
 D2O_MERGE = "on"
+#: PoD: target share of the (layer, KV head) rows that reuse the layer below's distant
+#: attention and store no distant keys (at most ~0.5: a sharing row is no one's source).
+POD_SHARE = 0.3

@@ -36,6 +36,7 @@ _BUILTIN: tuple[tuple[str, str], ...] = (
     ("streamingllm", "headkv_sglang.policies.streamingllm:StreamingLLM"),
     ("razor", "headkv_sglang.policies.razor:RazorAttention"),
     ("d2o", "headkv_sglang.policies.d2o:D2O"),
+    ("pod", "headkv_sglang.policies.pod:PoD"),
 )
 
 

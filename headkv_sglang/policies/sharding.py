@@ -92,7 +92,7 @@ class ShardedPolicy(KVPolicy):
         self.planned_global: torch.Tensor | None = None  # the whole model's, of the last plan_budgets
         # what compress_layer and the manager read as class attributes
         for attr in ("name", "uses_compensation", "needs_queries", "compresses", "profile_method",
-                     "merges_dropped", "window_size"):
+                     "merges_dropped", "links_layers", "row_pages_slack", "window_size"):
             setattr(self, attr, getattr(policy, attr))
 
     def __getattr__(self, item: str) -> Any:  # hyperparameters (sink_size, beta, ...) read through
@@ -139,6 +139,9 @@ class ShardedPolicy(KVPolicy):
                       kept: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.merge_dropped(k, v, keep, kept, gather=self.gather)
 
+    def link_layer(self, layer, keep, prev_keep, budget, heads=slice(None)):
+        return self.inner.link_layer(layer, keep, prev_keep, budget, heads=slice(self.lo, self.hi))
+
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         self.inner.check_model(num_layers, num_kv_heads)
 
@@ -157,4 +160,5 @@ def rank_pages_bound(policy: KVPolicy, seq_len: int, budget: int, num_layers: in
     """
     lo, hi = shard.kv_heads(num_kv_heads)
     whole = policy.max_pages(seq_len, budget, num_layers, num_kv_heads, page_size)
-    return min(whole, uniform_pages(num_layers * (hi - lo), seq_len, page_size))
+    rows = num_layers * (hi - lo)
+    return min(whole, uniform_pages(rows, seq_len, page_size) + rows * policy.row_pages_slack)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
-METHODS: tuple[str, ...] = ("retrieval", "r2", "razor", "d2o")
+METHODS: tuple[str, ...] = ("retrieval", "r2", "razor", "d2o", "pod")
 FORMAT_VERSION = 1
 
 Table = list[list[float]]
