@@ -9,16 +9,8 @@ import torch
 
 from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import average_bound_pages, effective_window, waterfill
-from headkv_sglang.policies.checks import (
-    BadValue,
-    check_choice,
-    check_int,
-    check_model_shape,
-    check_request,
-    check_sinks_fit,
-    check_window_fits,
-)
-from headkv_sglang.policies.observation import ObservationWindowPolicy
+from headkv_sglang.policies.checks import check_choice, check_model_shape, check_request
+from headkv_sglang.policies.observation import SinkObservationPolicy
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -32,7 +24,7 @@ DECODE_EMA = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
-class D2O(ObservationWindowPolicy):
+class D2O(SinkObservationPolicy):
     """D2O (Dynamic Discriminative Operations), its prompt-side half.
 
     https://arxiv.org/abs/2406.13035 (code: AIoT-MLSys-Lab/d2o,
@@ -96,7 +88,6 @@ class D2O(ObservationWindowPolicy):
     merges_dropped: ClassVar[bool] = True
 
     density: torch.Tensor = field(compare=False, repr=False)
-    sink_size: int = defaults.SINK_SIZE
     merge: str = defaults.D2O_MERGE
 
     def __post_init__(self) -> None:
@@ -110,7 +101,6 @@ class D2O(ObservationWindowPolicy):
         if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
             raise ValueError(f"{cls}.density must be finite and >= 0")
         object.__setattr__(self, "density", table)
-        check_int(cls, "sink_size", self.sink_size, 0)
         check_choice(cls, "merge", self.merge, defaults.D2O_MERGES)
 
     @classmethod
@@ -119,16 +109,6 @@ class D2O(ObservationWindowPolicy):
         assert profile is not None, "D2O needs its 'd2o' profile (registry.resolve_profile)"
         return cls(density=torch.as_tensor(profile.kv_scores, dtype=torch.float64),
                    sink_size=cfg.sink_size, merge=cfg.d2o_merge, **cls.observation_kwargs(cfg))
-
-    @classmethod
-    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
-        check_window_fits(cfg, bad, changed)
-        check_sinks_fit(cfg, bad, changed)
-
-    @classmethod
-    def min_budget(cls, cfg: KVPolicyConfig) -> int:
-        """The sinks plus one recent token (and the explicit window)."""
-        return max(cfg.window, cfg.sink_size + 1)
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
@@ -163,13 +143,6 @@ class D2O(ObservationWindowPolicy):
         return average_bound_pages(seq_len, budget, num_layers, num_kv_heads, page_size)
 
     # ------------------------------------------------------------------ token level
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
-                     q_end: int | None = None) -> torch.Tensor:
-        """SnapKV's scores with the first ``sink_size`` tokens at ``+inf`` (always kept first)."""
-        scores = super().token_scores(q_win, k, layer, q_end)
-        scores[:, :self.sink_size] = float("inf")
-        return scores
-
     def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                       kept: CompressedLayer, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys and values with the dropped tokens merged in (:func:`merge_dropped`)."""

@@ -9,7 +9,7 @@ import torch
 
 from headkv_sglang.policies import defaults
 from headkv_sglang.policies.base import KVPolicy
-from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_window_fits
+from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_sinks_fit, check_window_fits
 from headkv_sglang.policies.scoring import observation_window_scores
 
 if TYPE_CHECKING:
@@ -71,3 +71,37 @@ class ObservationWindowPolicy(KVPolicy):
         return observation_window_scores(
             q_win, k, self.window_size, self.kernel_size, self.pooling, self.gqa_agg, q_end
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkObservationPolicy(ObservationWindowPolicy):
+    """SnapKV's scores with the first ``sink_size`` prompt tokens always kept (D2O, PoD).
+
+    Parameters
+    ----------
+    sink_size : int
+        First prompt tokens scored ``+inf`` (kept first after the window).
+    """
+
+    sink_size: int = defaults.SINK_SIZE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(type(self).__name__, "sink_size", self.sink_size, 0)
+
+    @classmethod
+    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
+        check_window_fits(cfg, bad, changed)
+        check_sinks_fit(cfg, bad, changed)
+
+    @classmethod
+    def min_budget(cls, cfg: KVPolicyConfig) -> int:
+        """The sinks plus one recent token (and the explicit window)."""
+        return max(cfg.window, cfg.sink_size + 1)
+
+    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
+                     q_end: int | None = None) -> torch.Tensor:
+        """SnapKV's scores with the first ``sink_size`` tokens at ``+inf``."""
+        scores = super().token_scores(q_win, k, layer, q_end)
+        scores[:, :self.sink_size] = float("inf")
+        return scores

@@ -9,16 +9,8 @@ import torch
 
 from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import effective_window, uniform_pages
-from headkv_sglang.policies.checks import (
-    BadValue,
-    check_float,
-    check_int,
-    check_model_shape,
-    check_request,
-    check_sinks_fit,
-    check_window_fits,
-)
-from headkv_sglang.policies.observation import ObservationWindowPolicy
+from headkv_sglang.policies.checks import check_float, check_model_shape, check_request
+from headkv_sglang.policies.observation import SinkObservationPolicy
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -53,7 +45,7 @@ def sharing_map(similarity: torch.Tensor, share: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PoD(ObservationWindowPolicy):
+class PoD(SinkObservationPolicy):
     """PoD ("Proximal over Distant", Ma et al., arXiv 2412.02252) at inference time, with
     SnapKV's token selection ("PoD + SnapKV").
 
@@ -96,7 +88,6 @@ class PoD(ObservationWindowPolicy):
 
     similarity: torch.Tensor = field(compare=False, repr=False)
     share: float = defaults.POD_SHARE
-    sink_size: int = defaults.SINK_SIZE
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,7 +101,6 @@ class PoD(ObservationWindowPolicy):
             raise ValueError(f"{cls}.similarity must be finite")
         object.__setattr__(self, "similarity", table)
         check_float(cls, "share", self.share, low=0.0, high=0.5)
-        check_int(cls, "sink_size", self.sink_size, 0)
         object.__setattr__(self, "_sharing", sharing_map(table, self.share))
 
     @property
@@ -124,16 +114,6 @@ class PoD(ObservationWindowPolicy):
         assert profile is not None, "PoD needs its 'pod' profile (registry.resolve_profile)"
         return cls(similarity=torch.as_tensor(profile.kv_scores, dtype=torch.float64), share=cfg.pod_share,
                    sink_size=cfg.sink_size, **cls.observation_kwargs(cfg))
-
-    @classmethod
-    def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
-        check_window_fits(cfg, bad, changed)
-        check_sinks_fit(cfg, bad, changed)
-
-    @classmethod
-    def min_budget(cls, cfg: KVPolicyConfig) -> int:
-        """The sinks plus one recent token (and the explicit window)."""
-        return max(cfg.window, cfg.sink_size + 1)
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
@@ -149,13 +129,6 @@ class PoD(ObservationWindowPolicy):
         whole tokens and values-only pages, ``ceil(a / p) + ceil(b / 2p) <= ceil((a + b) / p) + 1``."""
         rows = num_layers * num_kv_heads
         return uniform_pages(rows, min(seq_len, budget), page_size) + int(self.sharing.sum())
-
-    def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
-                     q_end: int | None = None) -> torch.Tensor:
-        """SnapKV's scores with the first ``sink_size`` tokens at ``+inf`` (always kept)."""
-        scores = super().token_scores(q_win, k, layer, q_end)
-        scores[:, :self.sink_size] = float("inf")
-        return scores
 
     def link_layer(self, layer: int, keep: torch.Tensor, prev_keep: torch.Tensor | None, budget: int,
                    heads: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
