@@ -114,17 +114,23 @@ def test_merge_equals_the_naive_loop_on_random_odd_sizes(seed):
     assert got_k.dtype == k.dtype
 
 
+def random_layer(seed: int, H: int, T: int, D: int, share: float):
+    """Random ``k, v`` ``[H, T, D]``, a keep mask (about ``share`` of each head plus its last
+    token) and the kept tokens' heads, positions and CSR indptr."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    keep = torch.rand(H, T, generator=g) < share
+    keep[:, -1] = True
+    head_of, pos = keep.nonzero(as_tuple=True)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    return k, v, keep, head_of, pos, indptr
+
+
 @pytest.mark.parametrize("prev, ema", [(0.9, 0.5), (-0.2, 0.5), (0.4, 0.3), (0.0, 1.0)])
 def test_merge_threshold_moving_average_equals_the_naive_loop(prev, ema):
     """Decode-time merging (D2O's ``alpha * threshold + belta * mean``): a high previous
     threshold merges fewer tokens, a low one more; ``stats`` reports the threshold used."""
-    g = torch.Generator().manual_seed(int(100 * (prev + 1)))
-    H, T, D = 3, 43, 5
-    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
-    keep = torch.rand(H, T, generator=g) < 0.3
-    keep[:, -1] = True
-    head_of, pos = keep.nonzero(as_tuple=True)
-    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    k, v, keep, head_of, pos, indptr = random_layer(int(100 * (prev + 1)), 3, 43, 5, 0.3)
     first, later = {}, {}
     merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr, stats=first)
     got_k, got_v = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr, prev_threshold=prev,
@@ -144,13 +150,7 @@ def test_merge_threshold_moving_average_equals_the_naive_loop(prev, ema):
 def test_merge_chunks_give_the_same_result(monkeypatch):
     import headkv_sglang.policies.d2o as d2o
 
-    g = torch.Generator().manual_seed(9)
-    H, T, D = 3, 61, 6
-    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
-    keep = torch.rand(H, T, generator=g) < 0.25
-    keep[:, -1] = True
-    head_of, pos = keep.nonzero(as_tuple=True)
-    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    k, v, keep, head_of, pos, indptr = random_layer(9, 3, 61, 6, 0.25)
     whole = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr)
     monkeypatch.setattr(d2o, "_SIM_CHUNK", 7)  # one token per chunk
     chunked = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr)
