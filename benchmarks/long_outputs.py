@@ -41,8 +41,8 @@ from headkv_sglang.dev.server import SGLangServer  # noqa: E402
 SERVER_ARGS = ["--kv-policy", "full", "--max-total-tokens", "30000", "--enable-cache-report", "--sleep-on-idle"]
 
 
-def server_state(url: str) -> dict:
-    with urllib.request.urlopen(f"{url}/server_info", timeout=60) as r:
+def server_state(url: str, timeout: float = 60) -> dict:
+    with urllib.request.urlopen(f"{url}/server_info", timeout=timeout) as r:
         return json.loads(r.read())["internal_states"][0]["headkv_sglang"]
 
 
@@ -183,22 +183,33 @@ def main(argv: list[str] | None = None) -> int:
         if a.server is None:
             srv = SGLangServer(mdir, SERVER_ARGS, log_path=f"{a.out}.server.log").start()
         url = a.server or srv.url
-        st = server_state(url)
-        elt = st["pool"]["bytes_per_page"] // (2 * st["pool"]["page_size"] * shape.head_dim)
-        token_bytes = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * elt
-        res = run(url, a, token_bytes)
+        tb = token_bytes(url, shape)
+        res = run(url, a, tb)
     finally:
         if srv is not None:
             srv.stop()
     meta = {"machine": machine(), "model": mdir.name, "tokens": a.tokens, "docs": a.docs,
-            "summary_tokens": a.summary_tokens, "token_bytes": token_bytes,
+            "summary_tokens": a.summary_tokens, "token_bytes": tb,
             "command": "python benchmarks/long_outputs.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, **res}, indent=1) + "\n")
-    Path(f"{a.out}.md").write_text(markdown(res, meta))
-    print(markdown(res, meta))
-    print("plot:", plot(res, a.out))
+    write_results(a.out, meta, res, markdown, plot)
     return 0
+
+
+def token_bytes(url: str, shape: ModelShape) -> int:
+    """Bytes of one token's full KV (every layer and KV head) on the server at ``url``."""
+    st = server_state(url)
+    elt = st["pool"]["bytes_per_page"] // (2 * st["pool"]["page_size"] * shape.head_dim)
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * elt
+
+
+def write_results(out: str, meta: dict, res: dict, markdown, plot) -> None:
+    """``OUT.json`` (meta + results), ``OUT.md`` (``markdown(res, meta)``, also printed) and
+    the plot (``plot(res, out)``)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, **res}, indent=1) + "\n")
+    Path(f"{out}.md").write_text(markdown(res, meta))
+    print(markdown(res, meta))
+    print("plot:", plot(res, out))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ prefixes (radix hits) or a fresh one. 10% are streamed and disconnected after a 
 chunks (SGLang aborts them; those with a compressing policy other than razor carry a
 ``kv_decode_budget`` and run 64 chunks, long enough for their generated tokens to move
 into their pages), 5% carry deliberately invalid ``custom_params`` (must be HTTP
-400). Every completed request with >= 16 new tokens is checked for its needle's number:
+400); a quarter of the compressing ones carry ``kv_share`` (each leaves its compressed prompt
+shared: idle shared prompts fill the small pool and must be evicted on demand). Every
+completed request with >= 16 new tokens is checked for its needle's number:
 asserted (>= 90%) for the ``full`` policy; reported, not asserted, for the compressed ones
-(lossy policies may miss). At the end, with the server idle: the compressed pool's
+(lossy policies may miss). At the end, with the server idle, no shared prompt is still read;
+after a cache flush (which frees the shared prompts): the compressed pool's
 ``check_integrity()`` passes, it holds zero pages, the admission reservations are zero,
 SGLang's token pool has every slot back (available + evictable cache == total), and the
 server is healthy. Exit code 0 only if all of that holds, no request got an
@@ -77,8 +80,14 @@ def make_request(i: int, seed: int, max_words: int = 1200) -> dict:
         params = {"kv_policy": rng.choice(POLICIES), "kv_budget": rng.choice([16, 32, 64, 128, 256])}
     else:
         params = {"kv_policy": "full"}
+    # kv_share on some compressing requests (their own draws: the rest of the mix is unchanged):
+    # each leaves its compressed prompt shared, so the small pool fills with idle shared
+    # prompts that admission and compression must evict
+    if kind != "invalid" and params.get("kv_policy") not in ("full", None) \
+            and random.Random(seed * 7_919 + i).random() < 0.25:
+        params["kv_share"] = True
     abort_after = 3
-    if kind == "abort" and params.get("kv_policy") not in ("full", "razor", None):
+    if kind == "abort" and params.get("kv_policy") not in ("full", "razor", None) and not params.get("kv_share"):
         # a long output whose generated tokens move into its pages, aborted mid-way
         params["kv_decode_budget"] = rng.choice([16, 32])
         abort_after = 64
@@ -119,13 +128,14 @@ def run_one(url: str, spec: dict) -> dict:
     return out
 
 
-def wait_idle(srv_url: str, timeout: float = 300) -> dict:
+def wait_idle(srv_url: str, timeout: float = 300, pages_left_ok: bool = False) -> dict:
+    """The server's state once no request runs and (unless ``pages_left_ok``) the pool is empty."""
     deadline = time.time() + timeout
     st: dict = {}
     while time.time() < deadline:
         with urllib.request.urlopen(f"{srv_url}/server_info", timeout=60) as r:
             st = json.loads(r.read())["internal_states"][0]["headkv_sglang"]
-        if st["token_pool"]["running_requests"] == 0 and st["pool"]["used_pages"] == 0:
+        if st["token_pool"]["running_requests"] == 0 and (pages_left_ok or st["pool"]["used_pages"] == 0):
             return st
         time.sleep(0.5)
     return st
@@ -150,6 +160,10 @@ def soak(url: str, n: int, concurrency: int, seed: int, progress: bool = True, m
         list(pool.map(task, specs))
     bar.close()
     wall = time.perf_counter() - t0
+    shared = wait_idle(url, pages_left_ok=True).get("shared", {})  # what kv_share left shared, before the flush
+    flush = urllib.request.Request(f"{url}/flush_cache", method="POST")
+    with urllib.request.urlopen(flush, timeout=60) as r:
+        flushed = r.status == 200
     st = wait_idle(url)
     tp = st["token_pool"]
     with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
@@ -174,10 +188,12 @@ def soak(url: str, n: int, concurrency: int, seed: int, progress: bool = True, m
         "token_pool": tp, "token_slots_leaked": tp["total"] - tp["available"] - tp["evictable"],
         "compressed_requests_total": sum(p.get("compressed_requests_total", 0) for p in st.get("policies", {}).values()),
         "decode": st.get("decode"),  # decode-phase compression (the long aborted outputs)
-        "healthy": healthy,
+        "shared": shared,  # kv_share before the final cache flush: prompts left shared, totals
+        "shared_requests": sum(1 for sp in specs if sp["params"].get("kv_share")),
+        "healthy": healthy, "flushed": flushed,
     }
     summary["ok"] = bool(
-        healthy and not unexpected and st["integrity"] == "ok" and st["pool"]["used_pages"] == 0
+        healthy and flushed and not unexpected and not shared.get("in_use") and st["integrity"] == "ok" and st["pool"]["used_pages"] == 0
         and summary["reserved_pages"] == 0 and summary["token_slots_leaked"] == 0 and not summary["fallbacks"]
         and not (st.get("decode") or {}).get("errors") and not (st.get("decode") or {}).get("pages_promised")
         and summary["full_answers_correct"] >= 0.9 * max(1, len(checked_full))

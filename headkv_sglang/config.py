@@ -46,6 +46,7 @@ REQUEST_KEYS = {
     "kv_d2o_merge": "d2o_merge",
     "kv_pod_share": "pod_share",
     "kv_decode_budget": "decode_budget",
+    "kv_share": "share",
 }
 MAX_BUDGET = 1 << 20
 AUTO_WINDOW = 32
@@ -79,7 +80,9 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     uncompressed; ``pool_fraction``: share of SGLang's KV token capacity moved to the
     compressed pool; ``page_size``: tokens per page of the compressed pool;
     ``decode_budget``: generated tokens kept per KV head once they move into the pages
-    (decode-phase compression, ``policies/decode.py``; 0: the decode tail stays whole). The
+    (decode-phase compression, ``policies/decode.py``; 0: the decode tail stays whole);
+    ``share``: a compressed prompt is reused by later requests whose prompts extend it
+    (``kv/manager.py``, shared prefixes). The
     policies' hyperparameters default to ``policies/defaults.py``, as the classes do.
     """
 
@@ -102,6 +105,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"off")
     pod_share: float = defaults.POD_SHARE  # PoD: share of rows that reuse the layer below's distant attention
     decode_budget: int = 0  # generated tokens kept per KV head (policies/decode.py); 0: the tail stays whole
+    share: bool = False  # the compressed prompt is shared with later requests that extend it (kv/manager.py)
     pool_fraction: float = 0.5
     page_size: int = 16
 
@@ -188,6 +192,12 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
             raise bad("d2o_merge", self.d2o_merge, f"choose one of {', '.join(defaults.D2O_MERGES)}")
         floatval("pod_share", 0.0, 0.5)
         intval("decode_budget", 0)
+        if not isinstance(self.share, bool):
+            raise bad("share", self.share, "expected true or false")
+        if self.share and self.decode_budget:
+            name = "decode_budget" if "decode_budget" in changed else "share"
+            raise bad(name, getattr(self, name), "kv_share and kv_decode_budget do not combine yet (a shared "
+                      "prompt's pages cannot grow with one request's generated tokens)")
         floatval("pool_fraction", 0.0, 0.95, lo_open=True)
         intval("page_size", 1, 4096)
         policy_class(self.policy).check_config(self, bad, changed)  # its cross-field rules
@@ -287,7 +297,7 @@ def budget_fields(value: Any, where: str) -> dict[str, Any]:
 
 
 # Declared types of the config fields (a value built as ``beta=2`` is still a float field).
-_FIELD_TYPES = {f.name: {"int": int, "float": float, "str": str}.get(str(f.type), object)
+_FIELD_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), object)
                 for f in dataclasses.fields(KVPolicyConfig)}
 
 

@@ -41,6 +41,7 @@ _DECODE_RESULT = (
 )
 _FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
 _ADMIT = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
+_FLUSH = "sglang.srt.managers.scheduler.Scheduler.flush_cache"
 _PREFIX_CAP = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _DECODE_GRAPH = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph"
 _PREFILL_GRAPH = "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph"
@@ -107,6 +108,11 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                       "generated tokens are ranked by the recent queries and the best "
                                                       "this many move into its pages (0, the default: the tail stays "
                                                       "whole). Not with razor.")),
+    "--kv-share": ("share", dict(action="store_true",
+                                 help="Share compressed prompts: a request whose prompt extends an earlier compressed "
+                                      "prompt under the same settings (a document sent once, then questions about "
+                                      "it) reads that prompt's pages instead of compressing its own copy; its own "
+                                      "extension stays whole. Per request: \"kv_share\": true.")),
     "--kv-pool-fraction": ("pool_fraction", dict(type=float, default=_DEFAULTS.pool_fraction,
                                                  help="Share of SGLang's KV token capacity moved to the compressed pool.")),
     "--kv-page-size": ("page_size", dict(type=int, default=_DEFAULTS.page_size,
@@ -348,6 +354,7 @@ def _register_serving(cfg: KVPolicyConfig):
     hook(_PREFILL_RESULT, lifecycle.after_prefill, HookType.AFTER)
     hook(_DECODE_RESULT, lifecycle.before_decode, HookType.BEFORE)
     hook(_FREE_ROWS, lifecycle.before_free_rows, HookType.BEFORE)
+    hook(_FLUSH, lifecycle.after_flush_cache, HookType.AFTER)
     for target in (_DECODE_GRAPH, _PREFILL_GRAPH, _CPU_GRAPH):
         hook(target, backend.graph_allowed, HookType.AFTER)
 

@@ -223,6 +223,28 @@ def test_long_outputs_cli_samples_memory_and_scores_summaries(bench_server, tmp_
 
 
 @pytest.mark.server
+def test_shared_document_cli_compresses_once_for_every_question(bench_server, tmp_path):
+    """benchmarks/shared_document.py on tiny settings against the shared server: the shared
+    configuration compresses the document once and every question reads that copy, holding
+    less KV while decoding than one copy per request."""
+    out = tmp_path / "sd"
+    r = subprocess.run(
+        [sys.executable, "benchmarks/shared_document.py", "--server", bench_server.url, "--doc-tokens", "700",
+         "--questions", "3", "--policies", "streamingllm", "--budget", "20%", "--max-tokens", "8", "--out", str(out),
+         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    cfg = data["configs"]
+    assert list(cfg) == ["full", "streamingllm per request", "streamingllm shared"]
+    per, shared = cfg["streamingllm per request"], cfg["streamingllm shared"]
+    assert (per["compressions"], per["reads_shared"]) == (3, 0) and (shared["compressions"], shared["reads_shared"]) == (1, 3)
+    assert all(c["integrity"] == "ok" and c["decode_held"]["samples"] >= 1 for c in cfg.values()), cfg
+    assert shared["decode_held"]["pages"] < per["decode_held"]["pages"], (shared, per)
+    assert "| streamingllm shared | " in out.with_suffix(".md").read_text()
+    assert (tmp_path / "sd.png").stat().st_size > 5000
+
+
+@pytest.mark.server
 def test_capacity_cli_measures_both_servers_through_bench_serving(tmp_path):
     out = tmp_path / "cap"
     r = subprocess.run(

@@ -223,6 +223,77 @@ def test_pod_per_request_shares_distant_attention_in_values_only_pages(kv_server
     assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
 
 
+def test_shared_document_is_compressed_once_and_read_by_every_question(kv_server, model_path):
+    """kv_share: a document sent once (``max_new_tokens: 0``) is compressed once; questions
+    that extend it read its pages (none of their own) and keep their own tokens whole; a
+    request equal to a shared prompt answers exactly as with a private copy; the shared
+    pages go back to the pool with a cache flush, and the owner table agrees throughout."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    needle = needle_prompt(1100, depth=0.92, seed=61)
+    body = needle.prompt.rsplit("\n\n", 1)[0]
+    chat_text = tok.apply_chat_template([{"role": "user", "content": body + "\n\nQQQ"}], tokenize=False,
+                                        add_generation_prompt=True)
+    head, tail = chat_text.split("QQQ")
+    doc = tok(head, add_special_tokens=False)["input_ids"]
+    questions = ["What is the secret number? Answer with the number only.",
+                 "Repeat the secret number mentioned in the text.",
+                 "Is the text about computers? Answer yes or no.",
+                 "Name one word from the text."]
+    prompts = [doc + tok(q + tail, add_special_tokens=False)["input_ids"] for q in questions]
+    kv = {"kv_policy": "streamingllm", "kv_budget": "25%", "kv_share": True}
+    assert kv_server.flush_cache()
+    before = kv_server.wait_idle(60.0)["shared"]
+
+    def generate(ids, n, params, logprob=False):
+        status, out = kv_server.post_json("/generate", {"input_ids": ids, "return_logprob": logprob, "sampling_params": {
+            "max_new_tokens": n, "temperature": 0, "custom_params": params}})
+        assert status == 200, out
+        return out
+
+    generate(doc, 0, kv)  # "compress this document"
+    st = kv_server.wait_idle(60.0)
+    doc_pages, bpp = st["pool"]["used_pages"], st["pool"]["bytes_per_page"]
+    assert st["shared"]["prefixes"] == 1 and st["shared"]["pages"] == doc_pages > 0, st["shared"]
+    assert doc_pages * bpp < 0.3 * L * H_KV * len(doc) * HEAD_DIM * 2 * F32
+
+    outs: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, generate(prompts[i], 16, kv)))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert needle.answer in outs[0]["text"], outs[0]["text"]
+    st = kv_server.wait_idle(60.0)
+    for i, out in outs.items():
+        r = st["recent_requests"][out["meta_info"]["id"]]
+        assert (r["shared"], r["held_bytes"], r["shared_tokens"], r["shared_bytes"], r["prompt_tokens"]) == (
+            "read", 0, len(doc), doc_pages * bpp, len(prompts[i])), r
+    assert st["pool"]["used_pages"] == doc_pages and st["integrity"] == "ok"
+    assert st["shared"]["in_use"] == 0 and st["shared"]["adopted_total"] - before["adopted_total"] == 4
+
+    # a prompt equal to a shared one (the document's copy flushed first, else it would read
+    # that) answers as with a private copy of its own
+    assert kv_server.flush_cache()
+    private = generate(prompts[0], 12, dict(kv, kv_share=False), logprob=True)
+    generate(prompts[0], 0, kv)
+    shared = generate(prompts[0], 12, kv, logprob=True)
+    assert shared["text"] == private["text"]
+    got = [lp for lp, _, _ in shared["meta_info"]["output_token_logprobs"]]
+    want = [lp for lp, _, _ in private["meta_info"]["output_token_logprobs"]]
+    assert got == pytest.approx(want, abs=1e-5)
+    st = kv_server.wait_idle(60.0)
+    rp, rs = (st["recent_requests"][x["meta_info"]["id"]] for x in (private, shared))
+    assert rp["shared"] is None and rp["held_bytes"] == rs["shared_bytes"] > 0 and rs["shared"] == "read", (rp, rs)
+    assert st["shared"]["prefixes"] == 1 and st["integrity"] == "ok"
+
+    assert kv_server.flush_cache()
+    st = kv_server.wait_idle(60.0)
+    assert st["pool"]["used_pages"] == 0 and st["shared"]["prefixes"] == 0 and st["integrity"] == "ok"
+
+
 def test_prefix_hit_after_compression_answers_like_a_cold_cache(kv_server, kv_client):
     doc = needle_prompt(900, depth=0.3, seed=31).prompt.rsplit("\n\n", 1)[0]
     q1 = doc + "\n\nWhat is the secret number? Answer with the number only."

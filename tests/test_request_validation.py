@@ -24,7 +24,7 @@ pytestmark = pytest.mark.server
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
 assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
                    "kv_pod_share, kv_policy, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
-                   "kv_sink_size, kv_window")
+                   "kv_share, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
 POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor, d2o, pod"
 
@@ -68,6 +68,12 @@ INVALID = [
     ({"kv_pod_share": "0.3"}, "custom_params.kv_pod_share: invalid value '0.3'; expected float"),
     ({"kv_policy": "pod", "kv_budget": 4, "kv_sink_size": 4},
      "custom_params.kv_sink_size: invalid value 4; sinks must leave room for recent tokens: < --kv-budget (4)"),
+    # kv_share
+    ({"kv_share": 1}, "custom_params.kv_share: invalid value 1; expected bool"),
+    ({"kv_share": "true"}, "custom_params.kv_share: invalid value 'true'; expected bool"),
+    ({"kv_policy": "snapkv", "kv_share": True, "kv_decode_budget": 16},
+     "custom_params.kv_decode_budget: invalid value 16; kv_share and kv_decode_budget do not combine yet (a shared "
+     "prompt's pages cannot grow with one request's generated tokens)"),
     # kv_decode_budget
     ({"kv_decode_budget": -1}, "custom_params.kv_decode_budget: invalid value -1; expected an integer in [0, 1048576]"),
     ({"kv_decode_budget": "64"}, "custom_params.kv_decode_budget: invalid value '64'; expected int"),
@@ -154,6 +160,8 @@ VALID = [
     {"kv_policy": "d2o", "kv_budget": 6, "kv_sink_size": 5, "kv_scoring": "question"},
     {"kv_policy": "pod", "kv_budget": "5%", "kv_pod_share": 0.5, "kv_decode_budget": 8},
     {"kv_policy": "pod", "kv_budget": 64, "kv_pod_share": 0},
+    {"kv_policy": "snapkv", "kv_budget": "5%", "kv_share": True},
+    {"kv_policy": "streamingllm", "kv_budget": 16, "kv_share": False, "kv_decode_budget": 8},
     {"kv_policy": "streamingllm", "kv_budget": 16, "kv_window": 64},  # window > budget is fine without scoring
     {"kv_policy": "snapkv", "kv_budget": 1},  # auto window: max(1, 1 // 4) = 1
     {"kv_policy": "razor", "kv_budget": 5, "kv_razor_fraction": 0.0, "kv_sink_size": 0},
@@ -215,6 +223,10 @@ def endpoint_errors(server, client, custom_params) -> dict[str, tuple[int, str |
 
 def assert_clean(server, timeout: float = 60.0) -> dict:
     st = server.wait_idle(timeout)
+    assert st["shared"]["in_use"] == 0, st["shared"]  # kv_share: no copy still read by anyone
+    if st["shared"]["prefixes"]:  # idle shared copies are cache: a flush frees them
+        assert server.flush_cache()
+        st = server.wait_idle(timeout)
     assert st["pool"]["used_pages"] == 0, st["pool"]
     assert st["integrity"] == "ok", st["integrity"]
     assert st["admission"]["reserved_pages"] == 0, st["admission"]
@@ -308,6 +320,7 @@ _NEAR = {
     "kv_pooling": st.sampled_from(["maxpool", "avgpool"]),
     "kv_razor_fraction": st.floats(0, 1),
     "kv_decode_budget": st.integers(0, 40),
+    "kv_share": st.booleans(),
 }
 # ... and just outside them
 _EDGE = {
@@ -327,6 +340,7 @@ _EDGE = {
     "kv_pooling": st.sampled_from(["minpool", "MAXPOOL", ""]),
     "kv_razor_fraction": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
     "kv_decode_budget": st.sampled_from([-1, (1 << 20) + 1, "16", 1.5]),
+    "kv_share": st.sampled_from([0, 1, "true", "yes"]),
 }
 _KEYS = (st.sampled_from(sorted(REQUEST_KEYS)) | st.sampled_from(["kv_page_size", "kv_head_profile", "kv_", "kv_Policy"])
          | st.text(max_size=6).map(lambda s: "kv_" + s)  # unknown kv_* keys

@@ -32,5 +32,9 @@ def test_short_soak_leaves_no_leaks_and_no_unexpected_errors(start_server):
     assert s["compressed_requests_total"] >= 85, s
     # aborted long outputs moved generated tokens into their pages, and gave everything back
     assert s["decode"]["compressions"] >= 5 and s["decode"]["errors"] == 0 and s["decode"]["pages_promised"] == 0, s
+    # kv_share requests left their prompts shared; idle ones filled the small pool and were
+    # evicted for later requests; none was still read at the end, and the flush freed the rest
+    assert s["shared_requests"] >= 15 and s["shared"]["published_total"] >= 10, s
+    assert s["shared"]["evicted_total"] >= 1 and s["shared"]["in_use"] == 0 and s["flushed"], s
     assert s["full_answers_checked"] >= 3 and s["full_answers_correct"] >= 0.9 * s["full_answers_checked"], s
     assert s["healthy"] and s["ok"], s

@@ -202,6 +202,16 @@ class SGLangServer:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def flush_cache(self, timeout: float = 60.0) -> bool:
+        """``POST /flush_cache``: SGLang empties its radix cache (and the plugin its idle shared
+        compressed prompts) when no request runs. True if it did."""
+        req = urllib.request.Request(f"{self.url}/flush_cache", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status == 200
+        except urllib.error.HTTPError:
+            return False
+
     def plugin_state(self) -> dict:
         """``/server_info`` -> the scheduler's ``headkv_sglang`` state (pool occupancy, integrity)."""
         return self.get_json("/server_info")["internal_states"][0]["headkv_sglang"]

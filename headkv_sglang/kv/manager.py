@@ -11,6 +11,13 @@ The serving layer (``headkv_sglang.serving``) calls it at three moments:
    :meth:`start_compression`, :meth:`compress_layer_into`, :meth:`finish_compression`);
 3. when the request's row is released (finish, abort, retraction), :meth:`free`.
 
+Shared compressed prompts (``kv_share``): :meth:`publish` hands a compressed request's
+pages to a :class:`SharedPrefix`; a later request whose prompt extends that prompt (same
+config) is :meth:`pin`-ned to it before its prefill and :meth:`adopt`-s it after: its
+record reads the shared pages, and the rest of its prompt stays whole in its tail. A
+shared prefix is reference-counted by the rows using it; with none, it stays as cache and
+is evicted, least recently used first, when pages are needed.
+
 Decode attention over the pages is :mod:`headkv_sglang.kv.ragged` (it reads
 :attr:`records`).
 
@@ -70,6 +77,25 @@ class _Job:
     layers: list[tuple] = field(default_factory=list)
     need: int = 0
     ms: float = 0.0  # time spent in its steps (not the forward's other work between them)
+
+
+@dataclass(eq=False)
+class SharedPrefix:
+    """A compressed prompt that requests extending it reuse; it owns the pages."""
+
+    key: object  # the config it was compressed under (serving: requests.share_key)
+    ids: tuple[int, ...]  # its tokens
+    record: RequestPages  # its pages (owned by this object in the allocator)
+    refs: set = field(default_factory=set)  # rows reading it (pinned or adopted)
+    last_used: int = 0
+    adoptions: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:  # the allocator names owners in its errors
+        return f"SharedPrefix({self.record.policy}, {self.length} tokens, {len(self.record.page_ids)} pages)"
 
 
 class NotSmallerError(ValueError):
@@ -133,6 +159,13 @@ class CompressionManager:
         # layer frees those token-pool slots when it processes that forward's result
         self.decoded_in_forward: dict[int, tuple[int, int]] = {}
         self.decode_totals: dict[str, float] = defaultdict(float)
+        # kv_share: (key, length) -> tokens -> SharedPrefix; rows pinned before their adoption
+        self._shared: dict[tuple, dict[tuple, SharedPrefix]] = {}
+        self._pins: dict[int, SharedPrefix] = {}
+        self._adopt_at: dict[int, int | None] = {}
+        self.shared_generation = 0  # bumped whenever a shared prefix appears or goes
+        self.shared_totals: dict[str, int] = defaultdict(int)
+        self._tick = 0
 
     # ------------------------------------------------------------------ prefill
     def begin_extend(self, req_pool_idx: int, rid: str, window: int,
@@ -173,6 +206,9 @@ class CompressionManager:
         if prev is not None and q.shape[0] < cap.window:
             q = torch.cat([prev, q])
         cap.layers[layer] = q[-cap.window:].clone()
+
+    def capturing(self, req_pool_idx: int) -> bool:
+        return req_pool_idx in self._captures
 
     def drop_capture(self, req_pool_idx: int) -> None:
         self._captures.pop(req_pool_idx, None)
@@ -282,6 +318,7 @@ class CompressionManager:
                 and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads):
             raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens hold at least the "
                                   f"{seq_len}-token prompt's full KV")
+        self.evict_shared(need)
         fits = self.allocator.can_allocate(need)
         if self.min_over_ranks is not None:  # compressed on every rank or on none
             fits = bool(self.min_over_ranks(int(fits)))
@@ -416,6 +453,7 @@ class CompressionManager:
             add = ((prompt + n_new + ps - 1) // ps - have).clamp(min=0)
             plans.append((prompt, have, add))
             grow += int(add.sum())
+        self.evict_shared(grow)
         fits = self.allocator.can_allocate(grow)
         if self.min_over_ranks is not None:  # the same records on every rank
             fits = bool(self.min_over_ranks(int(fits)))
@@ -547,6 +585,137 @@ class CompressionManager:
         assert cursor == len(ids), f"wrote {cursor} of {len(ids)} pages"
         return rec
 
+    # ------------------------------------------------------------------ shared prefixes
+    def find_shared(self, key: object, ids) -> SharedPrefix | None:
+        """The longest shared prefix compressed under ``key`` whose tokens begin ``ids``."""
+        if self.shard is not None:  # eviction is per rank: ranks could disagree on what exists
+            return None
+        best = None
+        for (k, n), table in self._shared.items():
+            if n <= len(ids) and (best is None or n > best.length) and k == key:
+                best = table.get(tuple(ids[:n]), best)
+        return best
+
+    def publish(self, req_pool_idx: int, key: object, ids) -> SharedPrefix | None:
+        """Make request ``req_pool_idx``'s compressed prompt (its tokens: ``ids``) a shared
+        prefix that it keeps reading. None (the request keeps its pages) if the request
+        decodes into its pages, or runs tensor-parallel, or the same prefix is already shared."""
+        rec = self.records.get(req_pool_idx)
+        ids = tuple(int(t) for t in ids)
+        if rec is None or rec.shared is not None or rec.decode_budget or self.shard is not None:
+            return None
+        if len(ids) != rec.prompt_len:
+            raise ValueError(f"row {req_pool_idx}: {len(ids)} tokens given for a {rec.prompt_len}-token prompt")
+        table = self._shared.setdefault((key, len(ids)), {})
+        if ids in table:
+            return None
+        with self._lock:
+            entry = SharedPrefix(key, ids, rec, refs={req_pool_idx}, last_used=self._next_tick())
+            self.allocator.transfer(rec.page_ids, req_pool_idx, entry)
+            table[ids] = entry
+            self.records[req_pool_idx] = dataclasses.replace(rec, page_ids=[], shared=entry)
+        self.shared_generation += 1
+        self.shared_totals["published"] += 1
+        return entry
+
+    def pin(self, req_pool_idx: int, entry: SharedPrefix, at: int | None = None) -> None:
+        """Row ``req_pool_idx`` will adopt ``entry`` once its prefill is done: keep it. ``at``:
+        the prompt length whose prefill forward adopts it (:meth:`adopt_in_forward`)."""
+        if self._shared.get((entry.key, entry.length), {}).get(entry.ids) is not entry:
+            raise ValueError(f"{entry!r} is not shared any more")
+        old = self._pins.get(req_pool_idx)
+        if old is not None and old is not entry:
+            old.refs.discard(req_pool_idx)
+        entry.refs.add(req_pool_idx)
+        self._pins[req_pool_idx] = entry
+        self._adopt_at[req_pool_idx] = at
+
+    def adopt_in_forward(self, layer: int, req_pool_idx: int, end: int) -> None:
+        """Called by the attention backend after each layer of a prefill chunk ending at ``end``:
+        after the last layer of the chunk that completes a pinned row's prompt, the row reads
+        its shared prompt (the next forward sees its record, as a compressed row's). The
+        outcome is left as :meth:`compress_in_forward` leaves it."""
+        if layer != self.shape.num_layers - 1 or self._adopt_at.get(req_pool_idx) != end:
+            return
+        try:
+            self.adopt(req_pool_idx, end)
+            self.compressed_in_forward.add(req_pool_idx)
+        except Exception as e:  # the serving layer reports it; the request stays whole
+            self.failed_in_forward[req_pool_idx] = e
+
+    def pinned(self, req_pool_idx: int) -> SharedPrefix | None:
+        return self._pins.get(req_pool_idx)
+
+    def adopt(self, req_pool_idx: int, seq_len: int) -> RequestPages:
+        """Row ``req_pool_idx`` (pinned) reads its shared prefix from now on; positions from the
+        prefix's end to ``seq_len`` are its tail."""
+        entry = self._pins.pop(req_pool_idx)
+        self._adopt_at.pop(req_pool_idx, None)
+        assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
+        if seq_len < entry.length:
+            entry.refs.discard(req_pool_idx)
+            raise ValueError(f"a {seq_len}-token prompt cannot adopt the {entry.length}-token prefix {entry!r}")
+        src = entry.record
+        rec = RequestPages(prompt_len=src.prompt_len, policy=src.policy, budget=src.budget, layers=src.layers,
+                           kept_tokens=src.kept_tokens, shared=entry)
+        self.records[req_pool_idx] = rec
+        self.peak_records = max(self.peak_records, len(self.records))
+        self.drop_capture(req_pool_idx)
+        entry.adoptions += 1
+        entry.last_used = self._next_tick()
+        self.shared_totals["adopted"] += 1
+        return rec
+
+    def _release_shared(self, req_pool_idx: int, entry: SharedPrefix | None) -> None:
+        if entry is not None:
+            entry.refs.discard(req_pool_idx)
+            entry.last_used = self._next_tick()
+
+    def evictable_pages(self) -> int:
+        """Pages of shared prefixes no row reads (they are freed when pages are needed)."""
+        return sum(len(e.record.page_ids) for t in self._shared.values() for e in t.values() if not e.refs)
+
+    def evict_shared(self, need: int) -> int:
+        """Free unread shared prefixes, least recently used first, until ``need`` pages are
+        free (or none is left to free). Returns the pages freed."""
+        if self.allocator.can_allocate(need):
+            return 0
+        idle = sorted((e for t in self._shared.values() for e in t.values() if not e.refs),
+                      key=lambda e: e.last_used)
+        freed = 0
+        for e in idle:
+            if self.allocator.can_allocate(need):
+                break
+            freed += self.drop_shared(e)
+        return freed
+
+    def drop_shared(self, entry: SharedPrefix) -> int:
+        """Free an unread shared prefix's pages; returns how many."""
+        if entry.refs:
+            raise ValueError(f"{entry!r} is read by rows {sorted(entry.refs)}")
+        table = self._shared.get((entry.key, entry.length), {})
+        if table.get(entry.ids) is not entry:
+            return 0
+        with self._lock:
+            del table[entry.ids]
+            if not table:
+                del self._shared[(entry.key, entry.length)]
+            self.allocator.free(entry.record.page_ids, owner=entry)
+        self.shared_generation += 1
+        self.shared_totals["evicted"] += 1
+        return len(entry.record.page_ids)
+
+    def clear_shared(self) -> int:
+        """Free every unread shared prefix (SGLang's cache flush); returns the pages freed."""
+        return sum(self.drop_shared(e) for t in list(self._shared.values()) for e in list(t.values()) if not e.refs)
+
+    def shared_prefixes(self) -> list[SharedPrefix]:
+        return [e for t in self._shared.values() for e in t.values()]
+
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
     # ------------------------------------------------------------------ ownership
     def free(self, req_pool_idx: int) -> bool:
         """Release a request row's pages (and capture). True if it held pages."""
@@ -555,16 +724,25 @@ class CompressionManager:
         self.failed_in_forward.pop(req_pool_idx, None)
         self._decode_q.pop(req_pool_idx, None)
         self.decoded_in_forward.pop(req_pool_idx, None)
+        self._release_shared(req_pool_idx, self._pins.pop(req_pool_idx, None))
+        self._adopt_at.pop(req_pool_idx, None)
         with self._lock:
             rec = self.records.pop(req_pool_idx, None)
             if rec is None:
                 return False
             self.allocator.free(rec.page_ids, owner=req_pool_idx)
+        self._release_shared(req_pool_idx, rec.shared)
         return True
 
     def check_integrity(self) -> None:
         with self._lock:
-            self.allocator.check_integrity({idx: rec.page_ids for idx, rec in self.records.items()})
+            owned = {idx: rec.page_ids for idx, rec in self.records.items() if rec.page_ids}
+            for e in self.shared_prefixes():
+                owned[e] = e.record.page_ids
+                readers = {i for i, r in self.records.items() if r.shared is e} | {
+                    i for i, p in self._pins.items() if p is e}
+                assert e.refs == readers, f"{e!r}: refs {sorted(e.refs)}, read by rows {sorted(readers)}"
+            self.allocator.check_integrity(owned)
 
     # ------------------------------------------------------------------ observability
     def stats(self) -> dict:
@@ -577,6 +755,10 @@ class CompressionManager:
                 st.full_bytes += self.full_bytes(rec.prompt_len)
                 st.kept_tokens += rec.kept_tokens
                 st.prompt_head_tokens += rec.prompt_len * self.shape.num_layers * self.shape.num_kv_heads
+            shared = self.shared_prefixes()
+            for e in shared:  # pages read by running requests count once, with their policy
+                if e.refs:
+                    per[e.record.policy].held_bytes += e.record.held_bytes(bpp)
             running = len(self.records)
             free_pages = self.allocator.free_pages
         policies = {}
@@ -605,6 +787,12 @@ class CompressionManager:
             },
             "running_compressed_requests": running,
             "policies": policies,
+            # kv_share: compressed prompts shared across requests (now, and totals since start)
+            "shared": {"prefixes": len(shared), "in_use": sum(1 for e in shared if e.refs),
+                       "pages": sum(len(e.record.page_ids) for e in shared),
+                       "idle_pages": sum(len(e.record.page_ids) for e in shared if not e.refs),
+                       "readers": sum(len(e.refs) for e in shared),
+                       **{f"{k}_total": int(self.shared_totals.get(k, 0)) for k in ("published", "adopted", "evicted")}},
             # decode-phase compression since start (policies/decode.py)
             "decode": {**{k: int(self.decode_totals.get(k, 0)) for k in
                           ("compressions", "tokens_moved", "head_tokens_dropped", "head_tokens_merged", "pool_full",

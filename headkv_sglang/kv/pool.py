@@ -63,6 +63,15 @@ class PageAllocator:
             del self._owner[i]
             self._free.append(i)
 
+    def transfer(self, ids: list[int], owner: object, new_owner: object) -> None:
+        """Hand ``owner``'s pages ``ids`` to ``new_owner`` (a request's compressed prompt
+        becoming a shared one)."""
+        for i in ids:
+            got = self._owner.get(i)
+            assert got == owner, f"page {i} handed over by {owner!r} but owned by {got!r}"
+        for i in ids:
+            self._owner[i] = new_owner
+
     def check_integrity(self, owned: dict[object, list[int]] | None = None) -> None:
         """Every page is free xor owned once; optionally the owners' tables agree."""
         free = set(self._free)
@@ -223,6 +232,10 @@ class RequestPages:
     row then holds its kept prompt tokens followed by ``decode_kept`` generated ones (the
     same number for every row). A record is never changed in place once attention kernels
     may have planned with it: decode compression makes a new one.
+
+    A request that reuses a shared compressed prompt (``kv_share``) has the shared one's
+    ``layers`` and ``prompt_len`` (the shared prefix's length: the rest of its prompt is its
+    tail), owns no pages (``page_ids == []``) and names their owner in ``shared``.
     """
 
     prompt_len: int
@@ -242,6 +255,7 @@ class RequestPages:
     decode_recency: bool = False  # a position-based policy: the newest generated tokens are kept
     decode_merge: bool = False  # D2O: dropped generated tokens merge into similar kept ones
     decode_thresholds: tuple = ()  # D2O: each layer's merge threshold after the last move (None: none yet)
+    shared: object = None  # a SharedPrefix (kv/manager.py) whose pages these are; page_ids is then []
 
     def __post_init__(self) -> None:
         if self.tail_start < 0:

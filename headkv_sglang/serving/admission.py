@@ -25,7 +25,7 @@ import logging
 from headkv_sglang.config import KVPolicyConfig
 from headkv_sglang.policies.registry import policy_class
 from headkv_sglang.serving.requests import (needs_queries, prompt_len, request_config, scoring_span,
-                                           wants_compression)
+                                           shared_prefix, wants_compression)
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
@@ -35,8 +35,8 @@ def pages_bound(state: ServingState, req, cfg: KVPolicyConfig) -> int:
     """Worst-case pages of ``req`` in the compressed pool (0: it will not be compressed)."""
     m = state.manager
     seq_len = prompt_len(req)
-    if m is None or not wants_compression(cfg, seq_len):
-        return 0
+    if m is None or not wants_compression(cfg, seq_len) or shared_prefix(state, req, cfg) is not None:
+        return 0  # uncompressed, or it will read a shared compressed prompt
     return m.pages_bound(cfg, seq_len)
 
 
@@ -49,12 +49,14 @@ def available_pages(state: ServingState) -> int:
     inside the forward that compresses the row (:meth:`CompressionManager.finish_compression`
     records it). With the overlap scheduler the next batch is formed in between: a row that
     has a record holds its pages already, and its reservation no longer counts. (Counting both
-    made "available" negative in the soak and held requests back for nothing.) The check and
+    made "available" negative in the soak and held requests back for nothing.) Pages of shared
+    compressed prompts that no request reads count as available: they are evicted on demand. The check and
     the free count run in the scheduler's thread, in the same order on every rank."""
     m = state.manager
     unreleased = sum(n for idx, n in state.reserved.items() if idx not in m.records)
-    # a compressed request's decode budget keeps its pages promised until it finishes
-    available = m.allocator.free_pages - unreleased - m.decode_pages_pending()
+    # a compressed request's decode budget keeps its pages promised until it finishes; shared
+    # compressed prompts that no request reads are freed when pages are needed (kv_share)
+    available = m.allocator.free_pages + m.evictable_pages() - unreleased - m.decode_pages_pending()
     if state.min_over_ranks is not None:
         available = state.min_over_ranks(available)
     return available
@@ -72,6 +74,18 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
         if idx is None or idx in manager.records:
             continue
         cfg = request_config(state, req)
+        entry = manager.pinned(idx)
+        if entry is None and not manager.capturing(idx):
+            entry = shared_prefix(state, req, cfg)
+            if entry is not None:  # its prefill ends by reading the shared prompt (lifecycle.after_prefill)
+                manager.pin(idx, entry, at=prompt_len(req))
+                # Its own tokens after the shared prompt will be its tail: keep them its own
+                # (SGLang would hand a finished prefill to the radix tree, evictable under it).
+                state.pinned_reqs[idx] = (req, bool(req.skip_radix_cache_insert))
+                req.skip_radix_cache_insert = True
+                req._headkv_published = False  # a retracted publisher now reads its own copy
+        if entry is not None:
+            continue
         if policy_class(cfg.policy).compresses:
             span = scoring_span(state, req, cfg) if needs_queries(cfg) else None
             # the forward whose chunk completes the prompt compresses it (serving.backend);
@@ -95,7 +109,14 @@ def cap_prefix_len(state: ServingState, result, req, input_len, *args, **kwargs)
         cfg = request_config(state, req)
     except Exception:  # never break scheduling over this
         return result
-    if cfg is None or not needs_queries(cfg) or not wants_compression(cfg, input_len):
+    if cfg is None or not wants_compression(cfg, input_len):
+        return result
+    entry = shared_prefix(state, req, cfg)
+    if entry is not None:
+        # it reads the shared prompt and keeps the rest of its own whole: that rest is
+        # computed into its own slots (a cached copy would be the tree's, evictable under it)
+        return max(0, min(result, entry.length))
+    if not needs_queries(cfg):
         return result
     return max(0, min(result, scoring_span(state, req, cfg)[0]))
 

@@ -210,7 +210,7 @@ class HeadKVAttnBackend:
         o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         if b is not None:
             o = self._attend_compressed(o, q, layer, forward_batch, b)
-        if self.manager._captures:
+        if self.manager._captures or self.manager._pins:
             self._capture_window(q, layer, forward_batch)
             self._compress_completed(layer, forward_batch)
         return o
@@ -262,7 +262,8 @@ class HeadKVAttnBackend:
     def _compress_completed(self, layer, fb) -> None:
         """Compress this layer of every row whose chunk completes the prompt it is to be compressed
         at, right after the layer's attention (its K/V and scoring queries are at hand); the last
-        layer writes the pages. Nothing then runs between this prefill and the next forward but
+        layer writes the pages (a ``kv_share`` row pinned to a shared prompt reads it from then
+        on, :meth:`CompressionManager.adopt_in_forward`). Nothing then runs between this prefill and the next forward but
         releasing the prompt's token slots (``serving.lifecycle``), so the overlap scheduler can
         launch the next batch, which already treats these rows as compressed."""
         captures = self.manager._captures
@@ -270,6 +271,9 @@ class HeadKVAttnBackend:
         for idx, n, pos in zip(self._rows(fb), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
             cap = captures.get(idx)
             end = int(pos) + int(n)
+            if cap is None and self.manager.pinned(idx) is not None:  # kv_share: reads a shared prompt
+                self.manager.adopt_in_forward(lid, idx, end)
+                continue
             if cap is None or cap.compress_at is None or cap.compress_at[1] != end:
                 continue
 

@@ -3,7 +3,8 @@
 * the prefill forward that completes a prompt compresses it, layer by layer
   (``serving.backend``, :meth:`~headkv_sglang.kv.manager.CompressionManager.compress_in_forward`);
 * ``process_batch_result_prefill`` (BEFORE): note which requests complete their prompt
-  in this batch (SGLang decrements ``inflight_middle_chunks`` while processing).
+  in this batch (SGLang decrements ``inflight_middle_chunks`` while processing); a
+  ``kv_share`` request compressed in the forward shares its compressed prompt.
 * ``process_batch_result_prefill`` (AFTER): give the prompt's token slots of the requests
   compressed in the forward back: the radix tree keeps them as *evictable* cache (prefix
   hits still work) and the request stops pinning them. A request the forward did not
@@ -29,18 +30,24 @@ import torch
 from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.serving import metrics
-from headkv_sglang.serving.requests import needs_queries, request_config, wants_compression
+from headkv_sglang.serving.requests import (needs_queries, prompt_ids, request_config, share_key,
+                                           wants_compression)
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
 
 
 def before_prefill(state: ServingState, processor, batch, *args, **kwargs):
-    """BEFORE process_batch_result_prefill: note which requests complete their prompt now."""
+    """BEFORE process_batch_result_prefill: note which requests complete their prompt now, and
+    share the ``kv_share`` prompts the forward compressed (before SGLang can free a row that
+    ends with its prefill)."""
     if state.manager is None or batch is None:
         return None
     for req in batch.reqs:
         req._headkv_prefill_done = req.inflight_middle_chunks <= 0
+        idx = req.kv.req_pool_idx
+        if req._headkv_prefill_done and idx in state.manager.compressed_in_forward:
+            publish(state, req, idx, state.manager)
     return None
 
 
@@ -62,11 +69,21 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
             continue
         cfg = request_config(state, req)
         seq_len = int(req.extend_end or 0)
+        if manager.pinned(idx) is not None:  # kv_share: the forward did not adopt it (it should have)
+            try:
+                rec = manager.adopt(idx, seq_len)
+            except Exception as e:
+                stays_whole(state, req, idx, manager, e)
+                continue
+            release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="shared")
+            released = True
+            continue
         if idx in manager.compressed_in_forward:  # compressed by the forward: release its prompt slots
             manager.compressed_in_forward.discard(idx)
             rec = manager.records[idx]
-            if rec.prompt_len == seq_len:
-                release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="forward")
+            read = rec.shared is not None and not getattr(req, "_headkv_published", False)
+            if rec.prompt_len == seq_len or read and rec.prompt_len <= seq_len:
+                release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="shared" if read else "forward")
                 released = True
                 continue
             logger.error("headkv_sglang: rid=%s was compressed at %d tokens, its prefill ended at %d: "
@@ -91,6 +108,21 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
         # scheduler try to admit waiting requests again.
         state.scheduler.running_batch.batch_is_full = False
     return result
+
+
+def publish(state: ServingState, req, idx: int, manager: CompressionManager) -> bool:
+    """``kv_share``: make ``req``'s compressed prompt shared (True if it now is). Done when the
+    forward that compressed it is processed, before SGLang may free the row: a request that
+    ends with its prefill (``max_new_tokens: 0``, "compress this document") leaves it shared."""
+    cfg = request_config(state, req)
+    rec = manager.records.get(idx)
+    if not cfg.share or rec is None or rec.shared is not None:
+        return False
+    ids = prompt_ids(req)[:rec.prompt_len]
+    if len(ids) != rec.prompt_len or manager.publish(idx, share_key(cfg), ids) is None:
+        return False
+    req._headkv_published = True
+    return True
 
 
 def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache,
@@ -135,13 +167,27 @@ def stays_whole(state: ServingState, req, idx: int, manager: CompressionManager,
 def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, manager: CompressionManager,
             rec, where: str) -> None:
     """Give a compressed request's prompt slots back to SGLang, and report it (``where``: it was
-    compressed in the prefill ``"forward"`` or in the ``"result"`` processing)."""
+    compressed in the prefill ``"forward"`` or in the ``"result"`` processing, or reads a
+    ``"shared"`` compressed prompt).
+
+    The slots given back are those of ``[0, rec.prompt_len)``: the whole prompt, or for a
+    request reading a shared prompt that prompt's part of it (the rest stays its own, as its
+    tail). With ``kv_share``, a request that compressed its own prompt shares it."""
     req_to_token = tree_cache.req_to_token_pool.req_to_token
+    # seq_len from here on: the positions now in pages, whose slots go back (the whole prompt,
+    # or the shared part of it); full_len: the whole prompt
+    full_len, seq_len = seq_len, rec.prompt_len
+    if where != "shared" and publish(state, req, idx, manager):  # compressed after the forward
+        rec = manager.records[idx]
+    shared = ("published" if getattr(req, "_headkv_published", False) else "read") if rec.shared is not None else None
     # Give the prompt's token-pool slots back: hand the whole prompt to the radix tree (a
     # later request sharing it gets a prefix hit), then drop this request's lock so it is
     # evictable cache. Anything the request still owns beyond the tree's part (a partial
     # page, or everything when the radix cache is off) is freed now and marked protected so
     # that the release at finish frees only the decode tail.
+    pinned = state.pinned_reqs.pop(idx, None)
+    if pinned is not None:  # its own tokens stayed out of the tree (admission.before_run_batch)
+        req.skip_radix_cache_insert = pinned[1]
     if not req.skip_radix_cache_insert:
         try:
             tree_cache.checkpoint(req, up_to=seq_len)
@@ -158,19 +204,27 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
     # request's stale row into the tree.
     req.skip_radix_cache_insert = True
     full = manager.full_bytes(seq_len)
-    held = rec.held_bytes(manager.pool.bytes_per_page)
-    ratio, ms = full / max(held, 1), rec.compress_ms
+    bpp = manager.pool.bytes_per_page
+    pages_bytes = rec.shared.record.held_bytes(bpp) if rec.shared is not None else rec.held_bytes(bpp)
+    ratio, ms = full / max(pages_bytes, 1), rec.compress_ms
     logger.info(
-        "headkv_sglang: compressed rid=%s policy=%s budget=%d%s prompt=%d tokens kept=%.1f%% "
+        "headkv_sglang: %s rid=%s policy=%s budget=%d%s prompt=%d tokens kept=%.1f%% "
         "held=%.2f MB full=%.2f MB ratio=%.1fx in %.0f ms",
-        req.rid, cfg.policy, cfg.budget, f" ({cfg.budget_label} of the prompt)" if cfg.budget_ratio else "", seq_len,
+        f"reads a shared compressed prompt ({seq_len} of its {full_len} tokens):" if shared == "read"
+        else "compressed and shares" if shared else "compressed",
+        req.rid, cfg.policy, rec.budget, f" ({cfg.budget_label} of the prompt)" if cfg.budget_ratio else "", seq_len,
         100.0 * rec.kept_tokens / (seq_len * manager.shape.num_layers * manager.shape.num_kv_heads),
-        held / 2**20, full / 2**20, ratio, ms,
+        pages_bytes / 2**20, full / 2**20, ratio, ms,
     )
     state.remember(str(req.rid), {
-        "policy": cfg.policy, "budget": cfg.budget, "budget_asked": cfg.budget_label, "prompt_tokens": seq_len,
-        "kept_head_tokens": int(rec.kept_tokens), "held_bytes": int(held), "full_bytes": int(full),
+        "policy": cfg.policy, "budget": rec.budget, "budget_asked": cfg.budget_label, "prompt_tokens": full_len,
+        "kept_head_tokens": int(rec.kept_tokens), "held_bytes": int(rec.held_bytes(bpp)), "full_bytes": int(full),
         "ratio": round(ratio, 2), "compress_ms": round(ms, 1), "compressed_in": where,
+        # kv_share: "published" (its compressed prompt is shared now) or "read" (it reads
+        # one), the shared prompt's tokens and bytes (held_bytes: its own pages, then 0)
+        "shared": shared,
+        "shared_tokens": seq_len if rec.shared is not None else None,
+        "shared_bytes": int(pages_bytes) if rec.shared is not None else None,
         # the prompt positions whose queries ranked its tokens (None: position-based policy)
         "scoring": cfg.scoring if needs_queries(cfg) else None,
         "scoring_span": list(req._headkv_span) if needs_queries(cfg) and getattr(req, "_headkv_span", None) else None,
@@ -213,6 +267,14 @@ def before_decode(state: ServingState, processor, batch, *args, **kwargs):
     return None
 
 
+def after_flush_cache(state: ServingState, result, scheduler, *args, **kwargs):
+    """AFTER Scheduler.flush_cache: a flush that emptied SGLang's cache frees the shared
+    compressed prompts too (no request reads them: the server is idle)."""
+    if result and state.manager is not None and state.manager.clear_shared():
+        metrics.update(state)
+    return result
+
+
 def before_free_rows(state: ServingState, pool, indices, *args, **kwargs):
     """BEFORE ReqToTokenPool.free_rows: a finished, aborted or retracted row frees its pages."""
     manager = state.manager
@@ -221,6 +283,9 @@ def before_free_rows(state: ServingState, pool, indices, *args, **kwargs):
     freed = False
     for idx in list(indices):
         state.reserved.pop(int(idx), None)
+        pinned = state.pinned_reqs.pop(int(idx), None)
+        if pinned is not None:  # it never read its shared prompt (aborted, retracted, done at prefill)
+            pinned[0].skip_radix_cache_insert = pinned[1]
         freed |= manager.free(int(idx))
         entry = state.compressed_reqs.pop(int(idx), None)
         if entry is not None:  # a retracted request re-enters the radix tree normally

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from headkv_sglang.config import ConfigError, KVPolicyConfig
@@ -37,6 +38,30 @@ def wants_compression(cfg: KVPolicyConfig, seq_len: int) -> bool:
 def needs_queries(cfg: KVPolicyConfig) -> bool:
     """The policy scores tokens with the observation window's queries."""
     return policy_class(cfg.policy).needs_queries
+
+
+def share_key(cfg: KVPolicyConfig) -> KVPolicyConfig:
+    """What two requests must agree on to share a compressed prompt: their whole config, a
+    ratio budget as the ratio (the shared prompt's own length resolves it)."""
+    return dataclasses.replace(cfg, budget=0) if cfg.budget_ratio else cfg
+
+
+def prompt_ids(req) -> list[int]:
+    return list(req.origin_input_ids) + list(req.output_ids or ())
+
+
+def shared_prefix(state: ServingState, req, cfg: KVPolicyConfig):
+    """The shared compressed prompt ``req`` will read (``kv_share``), or None. Cached on the
+    request until the set of shared prompts changes."""
+    m = state.manager
+    if m is None or not cfg.share or not wants_compression(cfg, prompt_len(req)):
+        return None
+    cached = getattr(req, "_headkv_shared", None)
+    if cached is not None and cached[0] == m.shared_generation:
+        return cached[1]
+    entry = m.find_shared(share_key(cfg), prompt_ids(req))
+    req._headkv_shared = (m.shared_generation, entry)
+    return entry
 
 
 def prompt_len(req) -> int:

@@ -40,6 +40,9 @@ class ServingState:
     questions: QuestionFinder | None = None
     # req_pool_idx -> (req, its original skip_radix_cache_insert)
     compressed_reqs: dict[int, tuple[Any, bool]] = field(default_factory=dict)
+    # kv_share: req_pool_idx -> (req, its original skip_radix_cache_insert) of a request that
+    # will read a shared compressed prompt (kept out of the radix tree until then)
+    pinned_reqs: dict[int, tuple[Any, bool]] = field(default_factory=dict)
     # requests served uncompressed against their config: reason -> count
     fallbacks: dict[str, int] = field(default_factory=dict)
     # requests left uncompressed by design (compressing would not save memory): reason -> count
