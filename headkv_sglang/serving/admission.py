@@ -130,6 +130,10 @@ def before_get_new_batch_prefill(state: ServingState, scheduler, *args, **kwargs
     if m is None or not scheduler.waiting_queue:
         return None
     available = available_pages(state)
+    # idle shared prompts that waiting requests will read are not free for the others (kv_share)
+    wanted = {e for e in (shared_prefix(state, r, request_config(state, r)) for r in scheduler.waiting_queue)
+              if e is not None and not e.refs}
+    available -= sum(len(e.record.page_ids) for e in wanted)
     pending = pending_prefill_prefixes(scheduler)
     keep, held, shared = [], [], []
     for req in scheduler.waiting_queue:
