@@ -11,6 +11,7 @@ stands in for its token pool.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -91,7 +92,7 @@ def test_a_request_reading_a_shared_prompt_attends_as_with_its_own_copy(policy, 
 
     # the reference: the same document compressed into a private copy for that row
     P.req_to_token[3, :doc] = P.req_to_token[1, :doc]  # the prefix's slots, as a radix hit gives
-    P.compress(private, 3, dataclasses_replace(cfg, share=False), doc_row=3, n=doc)
+    P.compress(private, 3, dataclasses.replace(cfg, share=False), doc_row=3, n=doc)
     assert private.allocator.used_pages == doc_pages
 
     kern_s = TorchRaggedAttention(shared.pool, SHAPE.num_layers, SHAPE.num_kv_heads)
@@ -121,12 +122,6 @@ def test_a_request_reading_a_shared_prompt_attends_as_with_its_own_copy(policy, 
     assert entry.refs == set() and shared.evictable_pages() == doc_pages
     assert shared.clear_shared() == doc_pages and shared.allocator.free_pages == 200
     shared.check_integrity()
-
-
-def dataclasses_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
 
 
 def test_lookup_takes_the_longest_shared_prefix_under_the_same_config():
