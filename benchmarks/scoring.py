@@ -1,6 +1,8 @@
-"""What should score a prompt's tokens: its question or the last tokens? Calibrates ``--kv-question``.
+"""Calibrate a setting on cases the fidelity grid does not use: scoring (``--kv-question``), HeadKV's beta, ...
 
     python benchmarks/scoring.py --out benchmarks/results/scoring_calibration
+    python benchmarks/scoring.py --variants kv_beta=1.005 kv_beta=2 --policies headkv \
+        --title "HeadKV beta" --out benchmarks/results/beta_calibration
 
 One server (``--kv-policy full``), calibration cases that are **not** the fidelity grid's
 (``benchmarks/tasks.py`` generators with seeds from 900 on; the grid uses 100-299), and
@@ -9,7 +11,9 @@ for each (policy, budget) the same requests scored in several ways, chosen per r
 * ``window``: SnapKV's observation window, the last ``min(32, budget/4)`` prompt tokens
   (this project's scoring before question-aware scoring);
 * ``question:N``: the last ``N`` tokens of the last user turn, before the chat template's
-  tail (``--kv-scoring question --kv-question N``).
+  tail (``--kv-scoring question --kv-question N``);
+* ``KEY=VALUE``: any per-request key (``kv_beta=1.005``; the value is read as JSON when it
+  parses, else as a string); several joined by ``,`` (``window,kv_beta=5``).
 
 The kept tail is the same in every variant (``min(32, budget/4)``), so every variant holds
 the same KV: only which tokens are kept differs. Writes ``OUT.json``, ``OUT.md`` and
@@ -52,12 +56,27 @@ def calibration_cases(tasks, lengths, depths, seeds, count_tokens) -> list:
 
 
 def variant_params(variant: str) -> dict:
-    if variant == "window":
-        return {"kv_scoring": "window"}
-    kind, _, n = variant.partition(":")
-    if kind != "question" or not n.isdigit() or int(n) < 1:
-        raise argparse.ArgumentTypeError(f"variant {variant!r}: expected 'window' or 'question:N' (N >= 1)")
-    return {"kv_scoring": "question", "kv_question": int(n)}
+    """``window`` | ``question:N`` | ``kv_KEY=VALUE``, several joined by ``,``."""
+    out: dict = {}
+    for item in variant.split(","):
+        if item == "window":
+            out["kv_scoring"] = "window"
+            continue
+        if "=" in item:
+            key, _, text = item.partition("=")
+            if not key.startswith("kv_") or not text:
+                raise argparse.ArgumentTypeError(f"variant {variant!r}: {item!r} is not kv_KEY=VALUE")
+            try:
+                out[key] = json.loads(text)
+            except json.JSONDecodeError:
+                out[key] = text
+            continue
+        kind, _, n = item.partition(":")
+        if kind != "question" or not n.isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(
+                f"variant {variant!r}: expected 'window', 'question:N' (N >= 1) or 'kv_KEY=VALUE'")
+        out.update(kv_scoring="question", kv_question=int(n))
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -77,7 +96,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def markdown(summary: dict, full_mean: float, meta: dict, variants, policies, budgets) -> str:
     lines = [
-        "# Scoring calibration: question vs window",
+        f"# {meta.get('title') or 'Scoring calibration: question vs window'}",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
@@ -87,11 +106,11 @@ def markdown(summary: dict, full_mean: float, meta: dict, variants, policies, bu
         f"Full KV scores {full_mean:.2f} on them.",
         "",
         "Mean score (share of the planted answers found), per budget; in brackets the KV held as a share of "
-        "full (equal across variants: they keep the same number of tokens).",
+        "full.",
         "",
     ]
     for pol in policies:
-        lines += [f"## {pol}", "", "| scoring | " + " | ".join(budgets) + " | mean |",
+        lines += [f"## {pol}", "", "| variant | " + " | ".join(budgets) + " | mean |",
                   "|---|" + "---|" * (len(budgets) + 1)]
         for v in variants:
             cells, means = [], []
@@ -142,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--server", default=None, help="an existing server started with --kv-policy (default: start one)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/scoring_calibration"))
+    p.add_argument("--title", default=None, help="heading of OUT.md (default: the scoring comparison's)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -180,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 argv if argv is not None else sys.argv[1:]),
             "cases": len(cases), "cases_per_task": {t: sum(c.task == t for c in cases) for t in a.tasks},
             "requests": len(rows), "prompt_tokens": [min(toks), max(toks)], "wall_s": round(wall),
-            "variants": a.variants, "policies": a.policies, "budgets": a.budgets, "full_mean": full_mean}
+            "variants": a.variants, "policies": a.policies, "budgets": a.budgets, "full_mean": full_mean,
+            "title": a.title}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
     md = markdown(summary, full_mean, meta, a.variants, a.policies, a.budgets)

@@ -82,7 +82,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                help="Head-importance profile JSON (default: the shipped one matching the model).")),
     "--kv-min-prompt": ("min_prompt", dict(type=int, default=_DEFAULTS.min_prompt,
                                            help="Prompts shorter than this stay uncompressed.")),
-    "--kv-beta": ("beta", dict(type=float, default=_DEFAULTS.beta, help="HeadKV pool parameter beta.")),
+    "--kv-beta": ("beta", dict(type=float, default=_DEFAULTS.beta, help="HeadKV pool parameter beta (default 1.005, the paper's).")),
     "--kv-pyramid-beta": ("pyramid_beta", dict(type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV beta.")),
     "--kv-sink-size": ("sink_size", dict(type=int, default=_DEFAULTS.sink_size,
                                          help="Attention-sink tokens kept (StreamingLLM, RazorAttention, D2O, PoD).")),

@@ -123,6 +123,21 @@ def test_bad_inputs_are_named():
     assert r.returncode == 2 and "--budgets: invalid budget '0%'" in r.stderr, r.stderr
 
 
+def test_calibration_variants_become_request_keys():
+    from argparse import ArgumentTypeError
+
+    from benchmarks.scoring import variant_params
+
+    assert variant_params("window") == {"kv_scoring": "window"}
+    assert variant_params("question:16") == {"kv_scoring": "question", "kv_question": 16}
+    assert variant_params("kv_beta=1.005") == {"kv_beta": 1.005}
+    assert variant_params("window,kv_beta=5,kv_pooling=avgpool") == {
+        "kv_scoring": "window", "kv_beta": 5, "kv_pooling": "avgpool"}
+    for bad in ("question:0", "beta=2", "kv_beta=", "snap"):
+        with pytest.raises(ArgumentTypeError, match="variant"):
+            variant_params(bad)
+
+
 # -- through a real server ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")

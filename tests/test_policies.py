@@ -433,6 +433,23 @@ def test_headkv_is_the_reference_formula_when_nothing_clamps():
     assert (got.flatten()[order].diff() >= -1).all()
 
 
+@pytest.mark.parametrize("floor, beta", [(0.5, 2.0), (0.75, 1.0), (0.25, 1.5)])
+def test_headkv_beta_is_a_floor_on_the_profile(floor, beta):
+    """Mixing ``floor`` of the uniform split into the shares plans as ``beta / (1 - floor)``
+    (both pools whole tokens here: base 96 -> base // beta and base // (beta / (1 - floor)))."""
+    torch.manual_seed(int(floor * 100))
+    imp = torch.rand(L, H) ** 6
+    imp[0, :2] = 0.0  # a sparse profile, as r2's
+    s = imp.double() / imp.double().sum()
+    mixed = HeadKV(importance=(1 - floor) * s + floor / (L * H), beta=beta, window_size=8)
+    raised = HeadKV(importance=imp, beta=beta / (1 - floor), window_size=8)
+    a, b = (p.plan_budgets(10_000, 104, L, H) for p in (mixed, raised))
+    assert int(a.sum()) == int(b.sum()) == L * H * 104
+    assert (a - b).abs().max() <= 1, (a, b)
+    unit = 96 // beta  # zero-score heads: window + base - unit + their floor share of the pool
+    assert (a[0, :2] - (8 + 96 - unit + floor * unit)).abs().max() <= 1, a[0, :2]
+
+
 def test_headkv_redistributes_clamped_excess():
     imp = torch.full((L, H), 0.01)
     imp[1, 2] = 10.0

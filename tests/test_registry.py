@@ -180,7 +180,7 @@ def test_server_and_class_defaults_agree():
     for cls in (SnapKV, PyramidKV, AdaKV):
         assert (cls().kernel_size, cls().pooling) == (cfg.kernel_size, cfg.pooling)
     heads = torch.ones(2, 2)
-    assert HeadKV(importance=heads).beta == cfg.beta == 2.0
+    assert HeadKV(importance=heads).beta == cfg.beta == 1.005
     assert PyramidKV().beta == cfg.pyramid_beta
     assert AdaKV().floor_alpha == cfg.floor_alpha
     assert StreamingLLM().sink_size == RazorAttention(retrieval_heads=heads.bool()).sink_size == cfg.sink_size
