@@ -15,8 +15,9 @@ for each (policy, budget) the same requests scored in several ways, chosen per r
 * ``KEY=VALUE``: any per-request key (``kv_beta=1.005``; the value is read as JSON when it
   parses, else as a string); several joined by ``,`` (``window,kv_beta=5``).
 
-The kept tail is the same in every variant (``min(32, budget/4)``), so every variant holds
-the same KV: only which tokens are kept differs. Writes ``OUT.json``, ``OUT.md`` and
+The kept tail is the same in every scoring variant (``min(32, budget/4)``), and beta only
+moves tokens between heads, so those variants hold the same KV: only which tokens are kept
+differs (a variant that sets ``kv_window`` or ``kv_budget`` does not; OUT.md shows the KV held). Writes ``OUT.json``, ``OUT.md`` and
 ``OUT.png`` (accuracy per variant and budget).
 """
 
