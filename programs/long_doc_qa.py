@@ -6,6 +6,13 @@ prefills its own question. On a ``--kv-policy`` server each branch's prompt (doc
 question) is compressed after its prefill, so N decodes hold N compressed caches instead
 of N full ones.
 
+With ``--kv-share`` the document is compressed once: the program first sends the document
+alone (``max_tokens=0``, ``kv_share``), whose compressed prompt the server publishes, and
+every branch (``kv_share`` too) extends it, so it reads that copy instead of compressing
+its own; N decodes then hold one compressed document plus N short question tails. The
+shared copy is scored without the questions (by the document's last tokens: the
+instruction), so it suits query-agnostic policies best (README, ``--kv-share``).
+
     python -m programs.long_doc_qa --doc programs/examples/orbital_report.txt \\
         --question "Who founded Halvorsen Orbital?" --question "..." \\
         --kv-policy headkv --kv-budget 128 [--server http://127.0.0.1:30000]
@@ -27,12 +34,16 @@ INSTRUCTION = "Answer the question using only the document above. Reply with the
 
 
 @sgl.function
-def long_doc_qa(s, document, questions, max_tokens=32, kv_params=None):
+def long_doc_qa(s, document, questions, max_tokens=32, kv_params=None, share=False):
     s += sgl.user_begin()
-    s += "Read this document.\n\n" + document + "\n\n"
+    # the fork point ends on "." (not whitespace), so the prefix's tokens are the first
+    # tokens of every branch's prompt: a shared compressed prompt must be a token prefix
+    s += "Read this document.\n\n" + document + "\n\n" + INSTRUCTION
+    if share:  # the document alone, compressed and published (kv_share) before the branches
+        s += sgl.gen("document", max_tokens=0)
     forks = s.fork(len(questions))
     for f, q in zip(forks, questions):
-        f += f"{INSTRUCTION}\nQuestion: {q}"
+        f += f"\nQuestion: {q}"
         f += sgl.user_end()
         f += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0))
     forks.join()
@@ -51,10 +62,13 @@ class Answer:
     kv: dict | None  # what the server's compression kept for this branch (None: uncompressed)
 
 
-def ask(endpoint: KVEndpoint, document: str, questions: list[str], max_tokens: int = 32) -> list[Answer]:
+def ask(endpoint: KVEndpoint, document: str, questions: list[str], max_tokens: int = 32,
+        share: bool = False) -> list[Answer]:
+    """Answer ``questions`` about ``document``; ``share``: one compressed document for all."""
     if not questions:
         raise ValueError("give at least one question")
-    state = long_doc_qa.run(document=document, questions=questions, max_tokens=max_tokens, backend=endpoint)
+    state = long_doc_qa.run(document=document, questions=questions, max_tokens=max_tokens, share=share,
+                            kv_params={"kv_share": True} if share else None, backend=endpoint)
     if state.error():
         raise RuntimeError(f"long_doc_qa failed: {state.error()}")
     answers, metas = state.get_var("answers"), state.get_var("metas")
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions-file", type=Path, help="one question per line")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the answers as JSON")
+    p.add_argument("--kv-share", action="store_true",
+                   help="compress the document once and let every question read that copy")
     add_server_args(p)
     a = p.parse_args(argv)
     questions = list(a.question)
@@ -101,14 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     if not questions:
         p.error("give --question (repeatable) or --questions-file")
     document, ep = doc_and_endpoint(p, a)
-    answers = ask(ep, document, questions, a.max_tokens)
+    answers = ask(ep, document, questions, a.max_tokens, share=a.kv_share)
     if a.json:
         print(json.dumps([asdict(x) for x in answers], indent=2))
         return 0
     for i, x in enumerate(answers, 1):
         print(f"Q{i}: {x.question}\nA{i}: {x.answer}")
-        kv = (f"{x.kv['policy']} budget {x.kv['budget']}: holds {fmt_bytes(x.kv['held_bytes'])} "
-              f"of {fmt_bytes(x.kv['full_bytes'])} ({x.kv['ratio']}x less)") if x.kv else "uncompressed"
+        if not x.kv:
+            kv = "uncompressed"
+        elif x.kv.get("shared") == "read":
+            kv = (f"{x.kv['policy']} budget {x.kv['budget']}: reads the shared compressed document "
+                  f"({x.kv['shared_tokens']} tokens, {fmt_bytes(x.kv['shared_bytes'])}, one copy for all questions)")
+        else:
+            kv = (f"{x.kv['policy']} budget {x.kv['budget']}: holds {fmt_bytes(x.kv['held_bytes'])} "
+                  f"of {fmt_bytes(x.kv['full_bytes'])} ({x.kv['ratio']}x less)")
         print(f"    prompt {x.prompt_tokens} tokens ({x.cached_tokens} from the radix cache), KV: {kv}")
     return 0
 
