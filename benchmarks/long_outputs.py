@@ -4,7 +4,9 @@ decode budget (``kv_decode_budget``, decode-phase compression; ``policies/decode
     python benchmarks/long_outputs.py --out benchmarks/results/long_outputs_cpu
     python benchmarks/long_outputs.py --server http://127.0.0.1:30000 --model-path DIR   # an existing server
 
-1. **Memory over a long generation.** One ~1.2k-token document, ``--tokens`` generated tokens
+1. **Memory over a long generation.** One ~1.2k-token document (``--prompt document``), or
+   a short question asking for a long step-by-step answer (``--prompt question``: the
+   reasoning case, a prompt too short to compress on its own), ``--tokens`` generated tokens
    (``ignore_eos``), one request at a time on an otherwise idle server, for each
    configuration (full KV; snapkv at ``--budget`` on the prompt only; the same plus each
    ``--decode-budgets``). Every ``--every`` streamed tokens the server is asked what it holds:
@@ -13,7 +15,7 @@ decode budget (``kv_decode_budget``, decode-phase compression; ``policies/decode
 2. **Summaries.** ``--docs`` prose documents, each summarized in ``--summary-tokens`` tokens
    (``ignore_eos``: every output is that long), scored by ROUGE-L F1 against the full-KV
    summary; the prompt-only configuration shows what the prompt's compression alone costs,
-   so the decode budgets' own cost is the difference.
+   so the decode budgets' own cost is the difference. ``--docs 0`` skips them.
 
 Writes ``OUT.json`` (every sample and output), ``OUT.md`` and ``OUT.png``.
 """
@@ -37,6 +39,9 @@ from headkv_sglang.config import ModelShape  # noqa: E402
 from headkv_sglang.dev import models  # noqa: E402
 from headkv_sglang.dev.haystack import needle_prompt  # noqa: E402
 from headkv_sglang.dev.server import SGLangServer  # noqa: E402
+
+#: ``--prompt question``: a short prompt whose answer is long (the reasoning case)
+QUESTION = "A train travels 312 km at 78 km/h, then 140 km at 56 km/h. Explain step by step how long the trip takes."
 
 SERVER_ARGS = ["--kv-policy", "full", "--max-total-tokens", "30000", "--enable-cache-report", "--sleep-on-idle"]
 
@@ -84,7 +89,7 @@ def run(url: str, a, token_bytes: int) -> dict:
     from tqdm import tqdm
 
     cfgs = configs(a.budget, a.decode_budgets)
-    doc = needle_prompt(800, depth=0.5, seed=7).prompt
+    doc = needle_prompt(800, depth=0.5, seed=7).prompt if a.prompt == "document" else QUESTION
     memory = {}
     for name, params in tqdm(cfgs, desc="memory", disable=a.no_progress):
         stream(url, doc, params, 1)  # the prompt in the radix tree: every configuration starts alike
@@ -92,7 +97,7 @@ def run(url: str, a, token_bytes: int) -> dict:
         memory[name]["idle_after"] = held_bytes(server_state(url), token_bytes)
     docs = [build("summary", 1200, seed=100 + i).prompt for i in range(a.docs)]
     summaries: dict[str, list[str]] = {}
-    for name, params in tqdm(cfgs, desc="summaries", disable=a.no_progress):
+    for name, params in tqdm(cfgs if docs else [], desc="summaries", disable=a.no_progress):
         outs: list[str] = [""] * len(docs)
 
         def one(i: int, params=params, outs=outs) -> None:
@@ -116,7 +121,8 @@ def markdown(res: dict, meta: dict) -> str:
     cols = [s["generated"] for s in first[::step]]
     lines = ["# Long outputs: KV held while generating, and summaries (decode budgets)", "",
              f"Machine: {meta['machine']}. Model: {meta['model']}. Command: `{meta['command']}`.", "",
-             f"## KV held by one request over {meta['tokens']} generated tokens (~1.2k-token prompt)", "",
+             f"## KV held by one request over {meta['tokens']} generated tokens "
+             f"({meta.get('prompt_desc', '~1.2k-token prompt')})", "",
              "| configuration | " + " | ".join(f"{c} tokens" for c in cols) + " | seconds |",
              "|---|" + "---|" * (len(cols) + 1)]
     for name, m in res["memory"].items():
@@ -124,8 +130,11 @@ def markdown(res: dict, meta: dict) -> str:
                      + f" | {m['seconds']} |")
     lines += ["", "Bytes = token-pool slots outside the evictable radix cache (the tail; with full KV the locked "
               "prompt too) + the compressed pool's used pages. After each request every configuration is back "
-              "to zero: " + ", ".join(f"{n}: {m['idle_after']['bytes']}" for n, m in res["memory"].items()) + ".",
-              "", f"## Summaries of {meta['docs']} documents (~1.2k tokens), {meta['summary_tokens']} tokens each: "
+              "to zero: " + ", ".join(f"{n}: {m['idle_after']['bytes']}" for n, m in res["memory"].items()) + "."]
+    if not res["rouge_l_vs_full"]:
+        return "\n".join(lines + ["", f"Decode compression on the server during the run: `{json.dumps(res['decode'])}`",
+                                  ""])
+    lines += ["", f"## Summaries of {meta['docs']} documents (~1.2k tokens), {meta['summary_tokens']} tokens each: "
               "ROUGE-L F1 against the full-KV summary", "", "| configuration | ROUGE-L vs full |", "|---|---|"]
     for name, r in res["rouge_l_vs_full"].items():
         lines.append(f"| {name} | {r:.3f} |")
@@ -139,18 +148,21 @@ def plot(res: dict, out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(res["rouge_l_vs_full"])
+    fig, axes = plt.subplots(1, 2 if names else 1, figsize=(12 if names else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     for name, m in res["memory"].items():
         ax.plot([s["generated"] for s in m["samples"]], [s["bytes"] / 2**20 for s in m["samples"]], label=name)
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("KV held by the request (MB)")
     ax.set_title("KV held while generating")
     ax.legend(fontsize=8)
-    names = list(res["rouge_l_vs_full"])
-    bx.barh(names, [res["rouge_l_vs_full"][n] for n in names])
-    bx.set_xlim(0, 1.05)
-    bx.set_xlabel("ROUGE-L F1 vs the full-KV summary")
-    bx.set_title("long summaries")
+    if names:
+        bx = axes[0][1]
+        bx.barh(names, [res["rouge_l_vs_full"][n] for n in names])
+        bx.set_xlim(0, 1.05)
+        bx.set_xlabel("ROUGE-L F1 vs the full-KV summary")
+        bx.set_title("long summaries")
     fig.tight_layout()
     path = f"{out}.png"
     fig.savefig(path, dpi=110)
@@ -165,15 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=50, help="sample the KV held every N tokens")
     p.add_argument("--budget", type=int, default=64, help="snapkv prompt budget (tokens per KV head)")
     p.add_argument("--decode-budgets", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--docs", type=int, default=6)
+    p.add_argument("--prompt", choices=["document", "question"], default="document",
+                   help="the memory run's prompt: a ~1.2k-token document, or a short question (reasoning)")
+    p.add_argument("--docs", type=int, default=6, help="documents summarized (0: no summaries)")
     p.add_argument("--summary-tokens", type=int, default=256)
     p.add_argument("--out", default="benchmarks/results/long_outputs_cpu")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    for flag, v in (("--tokens", a.tokens), ("--every", a.every), ("--budget", a.budget), ("--docs", a.docs),
+    for flag, v in (("--tokens", a.tokens), ("--every", a.every), ("--budget", a.budget),
                     ("--summary-tokens", a.summary_tokens), *(("--decode-budgets", d) for d in a.decode_budgets)):
         if v < 1:
             p.error(f"{flag}: invalid value {v}; expected a positive integer")
+    if a.docs < 0:
+        p.error(f"--docs: invalid value {a.docs}; expected an integer >= 0")
     if a.every > a.tokens:
         p.error(f"--every {a.every} exceeds --tokens {a.tokens}: nothing would be sampled")
     mdir = Path(a.model_path) if a.model_path else models.model_dir()
@@ -188,11 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if srv is not None:
             srv.stop()
-    meta = {"machine": machine(), "model": mdir.name, "tokens": a.tokens, "docs": a.docs,
+    meta = {"machine": machine(), "model": mdir.name, "tokens": a.tokens, "docs": a.docs, "prompt": a.prompt,
+            "prompt_desc": "~1.2k-token prompt" if a.prompt == "document" else
+            f"a {prompt_tokens(mdir, QUESTION)}-token question asking for a step-by-step answer",
             "summary_tokens": a.summary_tokens, "token_bytes": tb,
             "command": "python benchmarks/long_outputs.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_results(a.out, meta, res, markdown, plot)
     return 0
+
+
+def prompt_tokens(model_dir: Path, text: str) -> int:
+    """Tokens of ``text`` as a chat prompt (one user turn) under the model's template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return len(tok(chat, add_special_tokens=False)["input_ids"])
 
 
 def token_bytes(url: str, shape: ModelShape) -> int:

@@ -107,7 +107,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                       "its decode tail outgrows the window by a chunk, the older "
                                                       "generated tokens are ranked by the recent queries and the best "
                                                       "this many move into its pages (0, the default: the tail stays "
-                                                      "whole). Not with razor.")),
+                                                      "whole). A prompt too short to save memory by compressing "
+                                                      "is then kept whole in pages, so its output can move. Not "
+                                                      "with razor.")),
     "--kv-share": ("share", dict(action="store_true",
                                  help="Share compressed prompts: a request whose prompt extends an earlier compressed "
                                       "prompt under the same settings (a document sent once, then questions about "

@@ -236,6 +236,20 @@ def test_long_outputs_cli_samples_memory_and_scores_summaries(bench_server, tmp_
     assert "| snapkv-32 + decode 16 |" in md and "ROUGE-L" in md
     assert (tmp_path / "lo.png").stat().st_size > 5000
 
+    # the reasoning case: a question shorter than the budget stays whole (no pages) unless
+    # it has a decode budget; then it is kept whole in pages and its output moves there
+    out = tmp_path / "q"
+    r = subprocess.run(
+        [sys.executable, "benchmarks/long_outputs.py", "--server", bench_server.url, "--prompt", "question",
+         "--tokens", "40", "--every", "20", "--budget", "128", "--decode-budgets", "16", "--docs", "0",
+         "--out", str(out), "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mem = json.loads(out.with_suffix(".json").read_text())["memory"]
+    assert all(s["pages"] == 0 for k in ("full", "snapkv-128") for s in mem[k]["samples"]), mem
+    assert mem["snapkv-128 + decode 16"]["samples"][0]["pages"] > 0, mem
+    md = out.with_suffix(".md").read_text()
+    assert "-token question" in md and "ROUGE-L" not in md and (tmp_path / "q.png").exists()
+
 
 @pytest.mark.server
 def test_shared_document_cli_compresses_once_for_every_question(bench_server, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from headkv_sglang.config import ConfigError, KVPolicyConfig, ModelShape
-from headkv_sglang.kv.manager import CompressionManager
+from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.ragged import TorchRaggedAttention, rows_for_queries
 from headkv_sglang.policies.decode import decode_chunk, decode_scores, select_decode
 from headkv_sglang.profiles import HeadProfile
@@ -253,6 +253,25 @@ def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budge
         assert r.merged > 0 and all(x is not None for x in r.thresholds)
     else:
         assert r.merged == 0
+
+
+@pytest.mark.parametrize("prompt_len", [4, 11])
+def test_a_short_prompt_with_a_decode_budget_is_kept_whole_and_its_output_moves(prompt_len):
+    """A prompt whose pages would not be smaller than its full KV (shorter than a page, or
+    than the budget) stays whole without a decode budget; with one it is compressed keeping
+    every token, so that a long output (a chain of thought) moves into pages."""
+    with pytest.raises(NotSmallerError):
+        Request("snapkv", 0, prompt_len=prompt_len)
+    r = Request("snapkv", 13, prompt_len=prompt_len, seed=prompt_len)
+    rec = r.m.records[r.idx]
+    assert all(int(n) == prompt_len for lp in rec.layers for n in lp.lengths)
+    for _ in range(90):
+        r.step()
+        if r.moves:
+            r.check()
+    assert r.moves >= 3
+    r.check_attention()
+    assert r.m.free(r.idx) and r.m.allocator.free_pages == r.m.allocator.num_pages
 
 
 def test_no_decode_budget_leaves_the_tail_whole():

@@ -22,10 +22,10 @@ BUDGET = 64  # snapkv-64: observation window min(32, 64 // 4) = 16 = the decode 
 WINDOW = 16
 
 
-def stream(srv, params: dict, max_tokens: int, on_chunk=None) -> tuple[str, str]:
+def stream(srv, params: dict, max_tokens: int, on_chunk=None, prompt: str = PROMPT) -> tuple[str, str]:
     """Stream a greedy chat completion with ``ignore_eos``; ``on_chunk(n)`` after each chunk
     (returning False closes the connection: an abort). Returns (rid, text)."""
-    body = {"model": "default", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+    body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "ignore_eos": True, "custom_params": params}
     req = urllib.request.Request(f"{srv.openai_base_url}/chat/completions", data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
@@ -73,6 +73,35 @@ def test_moving_generated_tokens_without_dropping_any_changes_no_token(kv_small_
     rep = st["recent_requests"][rid]
     assert rep["decode_compressions"] == 2 and rep["decode_kept"] == 64, rep
     assert rep["tail_start"] >= rep["prompt_tokens"] + 64
+
+
+def test_a_short_prompt_with_a_decode_budget_moves_its_long_output_into_pages(kv_small_server):
+    """A reasoning-style request: a prompt shorter than its budget (its pages would not be
+    smaller than its full KV, so without a decode budget it stays whole) and a long output.
+    With a decode budget it is compressed keeping every prompt token, its generated tokens
+    move into pages as it goes, and while nothing is dropped its output is the plain one's."""
+    srv = kv_small_server
+    short = "Write a long story about a lighthouse keeper and a storm."
+    not_smaller = srv.plugin_state()["not_compressed"].get("not_smaller", 0)
+    _, plain = stream(srv, {"kv_policy": "snapkv", "kv_budget": BUDGET}, 100, prompt=short)
+    assert assert_all_returned(srv)["not_compressed"].get("not_smaller", 0) == not_smaller + 1  # stayed whole
+    # 100 tokens under a decode budget of 64: moves, drops nothing
+    rid, moved = stream(srv, {"kv_policy": "snapkv", "kv_budget": BUDGET, "kv_decode_budget": 64}, 100,
+                        prompt=short)
+    assert moved == plain
+    st = assert_all_returned(srv)
+    rep = st["recent_requests"][rid]
+    layers_heads = rep["kept_head_tokens"] // rep["prompt_tokens"]
+    assert rep["prompt_tokens"] < BUDGET and rep["kept_head_tokens"] == layers_heads * rep["prompt_tokens"], rep
+    assert rep["decode_compressions"] == 2 and rep["decode_kept"] == 64, rep
+    # 200 tokens under 32: the tail stays bounded, and every page and slot comes back
+    samples: list[int] = []
+    rid, text = stream(srv, {"kv_policy": "snapkv", "kv_budget": BUDGET, "kv_decode_budget": 32}, 200,
+                       prompt=short, on_chunk=lambda n: samples.append(private_tokens(srv.plugin_state()))
+                       if n in (120, 190) else None)
+    assert text and max(samples) <= WINDOW + decode_chunk(32) + 4, samples
+    rep = assert_all_returned(srv)["recent_requests"][rid]
+    assert rep["decode_kept"] == 32 and rep["decode_compressions"] >= 4, rep
 
 
 def test_long_output_holds_a_bounded_tail_and_frees_everything(kv_small_server):

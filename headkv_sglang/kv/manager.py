@@ -232,13 +232,21 @@ class CompressionManager:
             self.compress_layer_into(job, layer, *get_kv(layer))
         return self.finish_compression(job)
 
+    def _only_if_smaller(self, cfg: KVPolicyConfig) -> bool:
+        """Whether a prompt whose pages would not be smaller than its full KV stays whole
+        (NotSmallerError). Not with a decode budget: a short prompt with a long output (a
+        reasoning model's chain of thought) is compressed (every token kept) so that its
+        generated tokens can move into pages as it goes."""
+        return self.only_if_smaller and cfg.decode_budget <= 0
+
     def start_compression(self, req_pool_idx: int, cfg: KVPolicyConfig, seq_len: int) -> _Job:
         """:meth:`compress` in steps: this, then :meth:`compress_layer_into` for every layer in
         order, then :meth:`finish_compression` (which allocates and writes the pages). Needs the
         scoring queries captured so far (at least layer 0's)."""
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
         s = self.shape
-        if self.only_if_smaller and seq_len <= self.pool.page_size:  # one page per (layer, head) holds it all
+        strict = self._only_if_smaller(cfg)
+        if strict and seq_len <= self.pool.page_size:  # one page per (layer, head) holds it all
             raise NotSmallerError(f"a {seq_len}-token prompt fits one {self.pool.page_size}-token page per "
                                   f"(layer, KV head): compressing cannot save memory")
         t0 = time.perf_counter()
@@ -262,7 +270,7 @@ class CompressionManager:
         if self.shard is not None:
             policy = ShardedPolicy(policy, self.shard, g.num_kv_heads, self.gather)
         planned = policy.plan_budgets(seq_len, cfg.budget, g.num_layers, g.num_kv_heads)
-        if self.shard is not None and self.only_if_smaller:
+        if self.shard is not None and strict:
             # decided from the global plan, the same on every rank (a rank's own pages differ)
             whole = policy.planned_global
             need = (planned_pages(whole.clamp(max=seq_len), self.pool.page_size) if whole is not None
@@ -314,7 +322,7 @@ class CompressionManager:
             raise ValueError(f"{len(job.layers)} of {s.num_layers} layers compressed")
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
         need = job.need
-        if (self.only_if_smaller and self.shard is None
+        if (self._only_if_smaller(cfg) and self.shard is None
                 and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads):
             raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens hold at least the "
                                   f"{seq_len}-token prompt's full KV")
