@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from headkv_sglang.config import ModelShape
 from headkv_sglang.dev.haystack import needle_prompt
 from headkv_sglang.policies.decode import decode_chunk
 
@@ -75,7 +76,7 @@ def test_moving_generated_tokens_without_dropping_any_changes_no_token(kv_small_
     assert rep["tail_start"] >= rep["prompt_tokens"] + 64
 
 
-def test_a_short_prompt_with_a_decode_budget_moves_its_long_output_into_pages(kv_small_server):
+def test_a_short_prompt_with_a_decode_budget_moves_its_long_output_into_pages(kv_small_server, model_path):
     """A reasoning-style request: a prompt shorter than its budget (its pages would not be
     smaller than its full KV, so without a decode budget it stays whole) and a long output.
     With a decode budget it is compressed keeping every prompt token, its generated tokens
@@ -91,8 +92,9 @@ def test_a_short_prompt_with_a_decode_budget_moves_its_long_output_into_pages(kv
     assert moved == plain
     st = assert_all_returned(srv)
     rep = st["recent_requests"][rid]
-    layers_heads = rep["kept_head_tokens"] // rep["prompt_tokens"]
-    assert rep["prompt_tokens"] < BUDGET and rep["kept_head_tokens"] == layers_heads * rep["prompt_tokens"], rep
+    shape = ModelShape.from_model_path(model_path)  # every prompt token kept in every (layer, KV head)
+    assert rep["prompt_tokens"] < BUDGET, rep
+    assert rep["kept_head_tokens"] == shape.num_layers * shape.num_kv_heads * rep["prompt_tokens"], rep
     assert rep["decode_compressions"] == 2 and rep["decode_kept"] == 64, rep
     # 200 tokens under 32: the tail stays bounded, and every page and slot comes back
     samples: list[int] = []
