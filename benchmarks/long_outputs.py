@@ -131,13 +131,10 @@ def markdown(res: dict, meta: dict) -> str:
     lines += ["", "Bytes = token-pool slots outside the evictable radix cache (the tail; with full KV the locked "
               "prompt too) + the compressed pool's used pages. After each request every configuration is back "
               "to zero: " + ", ".join(f"{n}: {m['idle_after']['bytes']}" for n, m in res["memory"].items()) + "."]
-    if not res["rouge_l_vs_full"]:
-        return "\n".join(lines + ["", f"Decode compression on the server during the run: `{json.dumps(res['decode'])}`",
-                                  ""])
-    lines += ["", f"## Summaries of {meta['docs']} documents (~1.2k tokens), {meta['summary_tokens']} tokens each: "
-              "ROUGE-L F1 against the full-KV summary", "", "| configuration | ROUGE-L vs full |", "|---|---|"]
-    for name, r in res["rouge_l_vs_full"].items():
-        lines.append(f"| {name} | {r:.3f} |")
+    if res["rouge_l_vs_full"]:  # --docs 0: no summaries
+        lines += ["", f"## Summaries of {meta['docs']} documents (~1.2k tokens), {meta['summary_tokens']} tokens "
+                  "each: ROUGE-L F1 against the full-KV summary", "", "| configuration | ROUGE-L vs full |", "|---|---|"]
+        lines += [f"| {name} | {r:.3f} |" for name, r in res["rouge_l_vs_full"].items()]
     lines += ["", f"Decode compression on the server during the run: `{json.dumps(res['decode'])}`", ""]
     return "\n".join(lines)
 
