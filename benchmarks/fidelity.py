@@ -18,9 +18,12 @@ output) and exact agreement with the full-KV output; summaries by ROUGE-L F1 aga
 full-KV summary. "Relative to full" pools the short-answer tasks: the policy's total
 score over full's total score on the same cases. Greedy decoding throughout.
 
-Resumable: each finished case is appended to ``OUT.partial.jsonl``; a run killed part-way
-and started again with the same arguments asks only the cases not in it (``--fresh``
-starts over), so the grid can be run in parts. Writes ``OUT.json`` (every request's output and score, the per-request KV the server
+Resumable and extensible: each finished case's requests are appended to ``OUT.partial.jsonl``,
+one line per request, keyed by the case's prompt, the policy, the budget and the other kv_*
+keys; a run killed part-way and started again asks only the requests not in it, and a run
+with more policies, budgets or cases than a finished ``OUT.json`` asks only the new ones
+(``--redo POLICY`` asks a policy's rows again after its code changed; ``--fresh`` starts
+over), so the grid can be run in parts. Writes ``OUT.json`` (every request's output and score, the per-request KV the server
 reports, the machine), ``OUT.md`` (tables), ``OUT_accuracy.png`` (accuracy vs budget per
 task) and ``OUT_niah_<policy>.png`` (length x depth heatmaps, one panel per budget).
 """
@@ -112,34 +115,45 @@ def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def case_key(case: Case, policies: list[str], budgets: list[str], kv_params: dict | None) -> str:
-    """What identifies one case's rows in a journal: its prompt and everything asked of it."""
-    blob = json.dumps([case.task, case.prompt, case.max_tokens, policies, budgets, kv_params or {}], sort_keys=True)
+def request_key(case: Case, params: dict) -> str:
+    """What identifies one request's row in a journal: the case's prompt and what was asked of it
+    (policy, budget as given, every other ``kv_*`` key). Independent of the rest of the grid, so
+    adding a policy, a budget or a case to a finished grid asks only the new requests."""
+    blob = json.dumps([case.task, case.prompt, case.max_tokens, params], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def read_journal(path: Path | None) -> dict[str, list[dict]]:
-    """The rows of the cases a killed run finished (a torn last line is ignored)."""
-    done: dict[str, list[dict]] = {}
+def read_journal(path: Path | None) -> dict[str, dict]:
+    """The rows a killed run finished, by request key (a torn last line is ignored)."""
+    done: dict[str, dict] = {}
     if path is None or not path.exists():
         return done
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
-            done[entry["key"]] = entry["rows"]
+            done[entry["key"]] = entry["row"]
         except (ValueError, KeyError, TypeError):
             continue
     return done
 
 
+def finished_rows(out_json: Path) -> dict[str, dict]:
+    """The rows of a finished grid (``OUT.json``) by request key, to reuse when it is extended."""
+    if not out_json.exists():
+        return {}
+    rows = json.loads(out_json.read_text()).get("rows", [])
+    return {r["key"]: r for r in rows if r.get("key")}
+
+
 def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str], concurrency: int = 8,
-             progress: bool = True, kv_params: dict | None = None, journal: Path | None = None) -> list[dict]:
+             progress: bool = True, kv_params: dict | None = None, journal: Path | None = None,
+             reuse: dict[str, dict] | None = None) -> list[dict]:
     """Every case: full first, then every (policy, budget) concurrently. Returns one row per request.
 
     ``kv_params``: more ``kv_*`` keys sent with every compressed request (e.g. ``kv_scoring``).
-    ``journal``: a JSONL file each finished case's rows are appended to; cases already in it
-    (same prompt, policies, budgets and kv_params) are not asked again, so a killed run
-    continues where it stopped.
+    ``journal``: a JSONL file each finished case's rows are appended to, one line per request;
+    requests already in it or in ``reuse`` (same prompt, policy, budget and kv_params) are not
+    asked again, so a killed run continues where it stopped and a grid can be extended.
     """
     from tqdm import tqdm
 
@@ -147,49 +161,64 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
 
     rows: list[dict] = []
     lock = threading.Lock()
-    done = read_journal(journal)
+    done = {**(reuse or {}), **read_journal(journal)}
     bar = tqdm(total=len(cases) * (1 + len(policies) * len(budgets)), desc="fidelity", unit="req",
                disable=not progress)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for ci, case in enumerate(cases):
-            key = case_key(case, policies, budgets, kv_params)
-            if key in done:
-                rows += [{**r, "case": ci} for r in done[key]]
-                bar.update(1 + len(policies) * len(budgets))
-                continue
-            case_rows: list[dict] = []
-            full = chat(url, case, {"kv_policy": "full"})
+            fkey = request_key(case, {"kv_policy": "full"})
+            fresh: list[dict] = []
+            if fkey in done:
+                full_row = {**done[fkey], "case": ci}
+            else:
+                full = chat(url, case, {"kv_policy": "full"})
+                base = {"task": case.task, "target_tokens": case.meta["target_tokens"],
+                        "depth": case.meta.get("depth"), "answers": case.answers}
+                full_row = {"key": fkey, "case": ci, **base, "policy": "full", "budget": "full",
+                            "budget_tokens": full["prompt_tokens"], **full}
+                fresh.append(full_row)
             bar.update(1)
-            n_prompt = full["prompt_tokens"]
-            base = {"case": ci, "task": case.task, "target_tokens": case.meta["target_tokens"],
-                    "depth": case.meta.get("depth"), "answers": case.answers}
-            full_row = {**base, "policy": "full", "budget": "full", "budget_tokens": n_prompt, **full}
-            configs = [(p, b, budget_tokens(b, n_prompt)) for p in policies for b in budgets]
+            n_prompt = full_row["prompt_tokens"]
+            base = {k: full_row[k] for k in ("task", "target_tokens", "depth", "answers")}
+            got: list[dict] = []
+            todo = []
+            for pol in policies:
+                for b in budgets:
+                    key = request_key(case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": b})
+                    if key in done:
+                        got.append({**done[key], "case": ci})
+                        bar.update(1)
+                    else:
+                        todo.append((key, pol, b, budget_tokens(b, n_prompt)))
 
-            def one(cfg, case=case, base=base):
-                pol, b, bt = cfg
+            def one(cfg, case=case, base=base, ci=ci):
+                key, pol, b, bt = cfg
                 r = chat(url, case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": bt})
                 with lock:
                     bar.update(1)
-                return {**base, "policy": pol, "budget": b, "budget_tokens": bt, **r}
+                return {"key": key, "case": ci, **base, "policy": pol, "budget": b, "budget_tokens": bt, **r}
 
-            got = list(pool.map(one, configs))
-            reports = kv_report(url, [g["rid"] for g in got])
-            for g in [full_row, *got]:
-                kv = reports.get(g["rid"]) if g["policy"] != "full" else None
+            new = list(pool.map(one, todo))
+            reports = kv_report(url, [g["rid"] for g in new]) if new else {}
+            for g in new:
+                kv = reports.get(g["rid"])
                 g["kv"] = kv
                 g["kept_fraction"] = (kv["held_bytes"] / kv["full_bytes"]) if kv else (
-                    1.0 if g["policy"] == "full" or g["budget_tokens"] >= n_prompt else None)
+                    1.0 if g["budget_tokens"] >= n_prompt else None)
+            if fresh:
+                full_row["kv"], full_row["kept_fraction"] = None, 1.0
+            for g in [*fresh, *new]:
                 if case.task == "summary":
-                    g["score"] = rouge_l(g["output"], full["output"])
+                    g["score"] = rouge_l(g["output"], full_row["output"])
                 else:
                     g["score"] = score(case, g["output"])
-                    g["agrees_with_full"] = _norm(g["output"]) == _norm(full["output"])
-                case_rows.append(g)
-            rows += case_rows
-            if journal is not None:
+                    g["agrees_with_full"] = _norm(g["output"]) == _norm(full_row["output"])
+            fresh += new
+            order = {(p, b): i for i, (p, b) in enumerate((p, b) for p in policies for b in budgets)}
+            rows += [full_row, *sorted(got + new, key=lambda g: order[(g["policy"], g["budget"])])]
+            if journal is not None and fresh:
                 with journal.open("a") as f:
-                    f.write(json.dumps({"key": key, "rows": case_rows}) + "\n")
+                    f.writelines(json.dumps({"key": g["key"], "row": g}) + "\n" for g in fresh)
             bar.set_postfix(task=case.task, tokens=n_prompt)
     bar.close()
     return rows
@@ -237,7 +266,9 @@ def markdown(summary: dict, meta: dict, policies: list[str], budgets: list[str],
         f"Machine: {meta['machine']}. Model: SmolLM2-135M-Instruct (float32, torch_native), greedy.",
         f"{meta['cases']} generated cases ({', '.join(f'{t}: {n}' for t, n in meta['cases_per_task'].items())}), "
         f"prompts of {meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens; {meta['requests']} requests in "
-        f"{meta['wall_s'] / 60:.0f} min.",
+        f"{meta['wall_s'] / 60:.0f} min"
+        + (f" ({meta['reused_requests']} of them finished by earlier parts of the run, same code and cases)"
+           if meta.get("reused_requests") else "") + ".",
         f"Command: `{meta['command']}`",
         "",
         "Budget = prompt tokens kept per KV head (window and sinks included), as a share of each prompt.",
@@ -359,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/fidelity_cpu"))
     p.add_argument("--kv-params", type=json.loads, default={},
                    help='more kv_* keys for every compressed request, as JSON: \'{"kv_scoring": "window"}\'')
-    p.add_argument("--fresh", action="store_true", help="ignore OUT.partial.jsonl left by an interrupted run")
+    p.add_argument("--fresh", action="store_true",
+                   help="ask every request again (ignore OUT.partial.jsonl and the rows of an earlier OUT.json)")
+    p.add_argument("--redo", nargs="+", default=[], choices=["full", *POLICIES], metavar="POLICY",
+                   help="ask these policies' requests again (their code changed); the others are reused")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -390,13 +424,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             url = a.server.rstrip("/")
         journal = Path(f"{a.out}.partial.jsonl")
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        reuse: dict[str, dict] = {}
         if a.fresh:
             journal.unlink(missing_ok=True)
-        elif journal.exists():
-            print(f"resuming: {len(read_journal(journal))} finished cases in {journal}", file=sys.stderr)
-        journal.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            logged = read_journal(journal)
+            reuse = {**finished_rows(Path(f"{a.out}.json")), **logged}
+            if a.redo:
+                # the journal is rewritten without them, so a second kill does not bring them back
+                reuse = {k: r for k, r in reuse.items() if r["policy"] not in a.redo}
+                journal.write_text("".join(json.dumps({"key": k, "row": r}) + "\n" for k, r in logged.items()
+                                           if r["policy"] not in a.redo))
+            if reuse:
+                print(f"reusing {len(reuse)} finished requests from {a.out}.json / {journal.name}"
+                      + (f" (asking {', '.join(a.redo)} again)" if a.redo else ""), file=sys.stderr)
         rows = run_grid(url, cases, a.policies, a.budgets, a.concurrency, progress=not a.no_progress,
-                        kv_params=a.kv_params, journal=journal)
+                        kv_params=a.kv_params, journal=journal, reuse=reuse)
     finally:
         if srv is not None:
             srv.stop()
@@ -408,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             argv if argv is not None else sys.argv[1:]),
         "server_args": SERVER_ARGS if a.server is None else "external", "cases": len(cases),
         "cases_per_task": {t: sum(c.task == t for c in cases) for t in a.tasks}, "requests": len(rows),
-        "prompt_tokens": [min(toks), max(toks)], "wall_s": round(wall), "policies": a.policies,
+        "prompt_tokens": [min(toks), max(toks)], "wall_s": round(wall),
+        "reused_requests": sum(r.get("key") in reuse for r in rows), "policies": a.policies,
         "budgets": a.budgets, "tasks": a.tasks, "kv_params": a.kv_params,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

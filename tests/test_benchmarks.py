@@ -184,32 +184,71 @@ def test_fidelity_cli_writes_results_tables_and_plots(bench_server, tmp_path):
 
 @pytest.mark.server
 def test_fidelity_grid_resumes_from_its_journal(bench_server, tmp_path, count_tokens, monkeypatch):
-    """A killed grid run continues: cases already in the journal are not asked again, and the
-    rows come back the same; other kv_params make it a different case."""
+    """A killed grid run continues: requests already in the journal are not asked again and their
+    rows come back the same; a new policy or other kv_params ask only the new requests."""
     import benchmarks.fidelity as fid
 
     cases = [build("niah", 300, seed=s, depth=0.5, count_tokens=count_tokens) for s in (1, 2)]
-    asked: list[str] = []
+    asked: list[tuple[str, str]] = []
     real_chat = fid.chat
 
     def counting_chat(url, case, params):
-        asked.append(case.prompt)
+        asked.append((case.prompt, params["kv_policy"]))
         return real_chat(url, case, params)
 
     monkeypatch.setattr(fid, "chat", counting_chat)
     journal = tmp_path / "grid.partial.jsonl"
     first = fid.run_grid(bench_server.url, cases[:1], ["snapkv"], ["10%"], progress=False, journal=journal)
-    assert len(asked) == 2 and len(journal.read_text().splitlines()) == 1
+    assert len(asked) == 2 and len(journal.read_text().splitlines()) == 2  # one line per request
     with journal.open("a") as f:
         f.write('{"key": "torn')  # a run killed mid-write leaves a torn line: ignored
     asked.clear()
     both = fid.run_grid(bench_server.url, cases, ["snapkv"], ["10%"], progress=False, journal=journal)
-    assert asked == [cases[1].prompt] * 2  # only the second case was asked
+    assert asked == [(cases[1].prompt, "full"), (cases[1].prompt, "snapkv")]  # only the second case
     assert [r["output"] for r in both[:2]] == [r["output"] for r in first] and len(both) == 4
+    assert [(r["case"], r["policy"]) for r in both] == [(0, "full"), (0, "snapkv"), (1, "full"), (1, "snapkv")]
+    asked.clear()
+    more = fid.run_grid(bench_server.url, cases[:1], ["streamingllm", "snapkv"], ["10%"], progress=False,
+                        journal=journal)
+    assert asked == [(cases[0].prompt, "streamingllm")]  # full and snapkv came from the journal
+    assert [r["policy"] for r in more] == ["full", "streamingllm", "snapkv"]
+    assert more[2]["output"] == first[1]["output"] and more[1]["kv"]["policy"] == "streamingllm"
     asked.clear()
     fid.run_grid(bench_server.url, cases[:1], ["snapkv"], ["10%"], progress=False, journal=journal,
                  kv_params={"kv_scoring": "window"})
-    assert len(asked) == 2
+    assert asked == [(cases[0].prompt, "snapkv")]
+
+
+@pytest.mark.server
+def test_fidelity_cli_extends_a_finished_grid_and_redoes_a_policy(bench_server, tmp_path, monkeypatch):
+    """The CLI reuses the rows of a finished OUT.json when the grid grows, and --redo asks one
+    policy's requests again while keeping the others."""
+    import benchmarks.fidelity as fid
+
+    asked: list[str] = []
+    real_chat = fid.chat
+    monkeypatch.setattr(fid, "chat", lambda url, case, params: asked.append(params["kv_policy"]) or real_chat(
+        url, case, params))
+    out = tmp_path / "grid"
+    base = ["--server", bench_server.url, "--tasks", "niah", "--niah-lengths", "300", "--depths", "0.5",
+            "--budgets", "10%", "--out", str(out), "--no-plots", "--no-progress"]
+    assert fid.main([*base, "--policies", "snapkv"]) == 0
+    assert asked == ["full", "snapkv"] and not Path(f"{out}.partial.jsonl").exists()
+    first = json.loads(Path(f"{out}.json").read_text())
+    asked.clear()
+    assert fid.main([*base, "--policies", "snapkv", "streamingllm"]) == 0
+    grown = json.loads(Path(f"{out}.json").read_text())
+    assert asked == ["streamingllm"] and grown["meta"]["reused_requests"] == 2
+    assert [r["output"] for r in grown["rows"][:2]] == [r["output"] for r in first["rows"]]
+    assert "2 of them finished by earlier parts" in Path(f"{out}.md").read_text()
+    asked.clear()
+    assert fid.main([*base, "--policies", "snapkv", "streamingllm", "--redo", "snapkv"]) == 0
+    assert asked == ["snapkv"]
+    redone = json.loads(Path(f"{out}.json").read_text())
+    assert redone["rows"][1]["output"] == first["rows"][1]["output"]  # greedy: the same answer again
+    asked.clear()
+    assert fid.main([*base, "--policies", "snapkv", "--fresh"]) == 0
+    assert asked == ["full", "snapkv"]
 
 
 @pytest.mark.server
