@@ -1,7 +1,8 @@
 """One command for every committed result: the fidelity grid, capacity at headkv's 97% budget,
-and the README's results section (between its ``results:begin``/``results:end`` markers).
+the needle grid (30 cases per cell, resumable), and the README's results section (between its
+``results:begin``/``results:end`` markers).
 
-    python benchmarks/regenerate.py                 # run everything (CPU: ~1-2 h), then the README
+    python benchmarks/regenerate.py                 # run everything (CPU: ~4-5 h, the grids resumable), then the README
     python benchmarks/regenerate.py --report-only   # rebuild the README section from benchmarks/results/
 
 The capacity run uses the smallest budget at which headkv keeps >= 97% of full KV's
@@ -72,7 +73,66 @@ def equal_held_ranking(rel: dict, kept: dict, policies: list[str], budget: str, 
     return sorted(same, key=lambda p: -(rel[p][budget] or 0)), other
 
 
-def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
+def table_rows(s: dict, policies: list[str], budgets: list[str], bold: str | None = None) -> list[str]:
+    """One markdown row per policy: score relative to full KV (KV held) per budget."""
+    rel, kept, rows = s["relative_to_full"], s["kv_kept"], []
+    for p in policies:
+        cells = []
+        for b in budgets:
+            v = _pct(rel[p][b])
+            v = f"**{v}**" if p == "headkv" and b == bold else v
+            cells.append(f"{v} ({_held(kept[p][b])})")
+        rows.append(f"| {p} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def ranking_line(s: dict, policies: list[str], budgets: list[str]) -> str:
+    """Where headkv ranks at each budget among the policies holding the same KV."""
+    ranks = []
+    for b in budgets:
+        order, other = equal_held_ranking(s["relative_to_full"], s["kv_kept"], policies, b)
+        if "headkv" not in order:
+            ranks.append(f"{b}: headkv's KV held not measured")
+            continue
+        part = f"{b}: headkv ranks {order.index('headkv') + 1} of {len(order)} (best: {order[0]})"
+        if other:
+            part += " [not comparable: " + ", ".join(f"{p} holds {_held(k)}" for p, k in other.items()) + "]"
+        ranks.append(part)
+    return (f"Ranking by this score, among policies holding the same KV as headkv (±{HELD_TOLERANCE:.0%}) — "
+            + "; ".join(ranks) + ".")
+
+
+NEEDLES = "fidelity_needles30_cpu"
+#: The needle grid's command (issue 17: >= 30 needle cases per cell; resumable, run in parts).
+NEEDLES_ARGS = ["--tasks", "niah", "--policies", "headkv", "snapkv", "adakv", "pyramidkv", "--budgets", "1%", "2%",
+                "5%", "10%", "--niah-lengths", "1000", "2000", "4000", "7000", "3000", "5500", "--depths", "0.1",
+                "0.3", "0.5", "0.7", "0.9", "--kv-params", '{"kv_scoring": "question"}']
+
+
+def needles_part(fid: dict) -> list[str]:
+    """The needle grid: many single-needle cases per cell, so that one answer moves a cell little."""
+    meta, s = fid["meta"], fid["summary"]
+    budgets, policies = meta["budgets"], meta["policies"]
+    n = meta["cases_per_task"].get("niah", meta["cases"])
+    full = s["full_short_answer_total"]
+    lines = [
+        f"**Needles, {n} cases per cell** — one needle in {meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} "
+        f"tokens (6 lengths x 5 depths), the question scoring the prompt (`kv_scoring: question`); full KV "
+        f"finds {full:.0f} of {n}, one answer moves a cell by ~{100 / max(full, 1):.0f} points. Score relative to "
+        f"full KV (KV held):",
+        "",
+        "| policy | " + " | ".join(budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+        *table_rows(s, policies, budgets),
+        "",
+        ranking_line(s, policies, budgets),
+        f"Details and heatmaps: [needle grid](benchmarks/results/{NEEDLES}.md) (`{meta['command']}`).",
+        "",
+    ]
+    return lines
+
+
+def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None = None) -> str:
     meta, s = fid["meta"], fid["summary"]
     budgets, policies = meta["budgets"], meta["policies"]
     b97, met = headkv_budget(fid)
@@ -96,14 +156,7 @@ def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
         "| policy | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),
     ]
-    kept = s["kv_kept"]
-    for p in policies:
-        cells = []
-        for b in budgets:
-            v = _pct(rel[p][b])
-            v = f"**{v}**" if p == "headkv" and b == b97 and met else v
-            cells.append(f"{v} ({_held(kept[p][b])})")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += table_rows(s, policies, budgets, bold=b97 if met else None)
     if met:
         lines.append(f"\nheadkv keeps >= {TARGET:.0%} of full KV's score from **{b97}** of the prompt's KV up.")
     else:
@@ -113,23 +166,14 @@ def section(fid: dict, cap: dict | None, soak: dict | None) -> str:
     lines.append(f"Caveat: the 135M test model is weak at these tasks even with full KV ({fulls}), so the pooled "
                  "score is dominated by the needle tasks, and with this few cases one answer moves a cell by "
                  f"~{100 / max(s['full_short_answer_total'], 1):.0f} points: read the columns as trends, not decimals.")
-    ranks = []
-    for b in budgets:
-        order, other = equal_held_ranking(rel, kept, policies, b)
-        if "headkv" not in order:
-            ranks.append(f"{b}: headkv's KV held not measured")
-            continue
-        part = f"{b}: headkv ranks {order.index('headkv') + 1} of {len(order)} (best: {order[0]})"
-        if other:
-            part += " [not comparable: " + ", ".join(f"{p} holds {_held(k)}" for p, k in other.items()) + "]"
-        ranks.append(part)
-    lines.append(f"Ranking by this score, among policies holding the same KV as headkv (±{HELD_TOLERANCE:.0%}) — "
-                 + "; ".join(ranks) + ".")
+    lines.append(ranking_line(s, policies, budgets))
     if "summary" in meta["tasks"]:
         r = s["summary_rouge_l"]["headkv"]
         lines.append("Summaries, ROUGE-L of headkv's against full KV's: "
                      + ", ".join(f"{b} {r[b]:.2f}" for b in budgets if r[b] is not None) + ".")
     lines += ["", f"![accuracy vs budget](benchmarks/results/fidelity_cpu_accuracy.png)", ""]
+    if needles:
+        lines += needles_part(needles)
     if cap:
         cm = cap["meta"]
         lines += [
@@ -194,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if not a.skip_fidelity:
             fidelity.main(["--out", str(RESULTS / "fidelity_cpu")])
+            fidelity.main([*NEEDLES_ARGS, "--out", str(RESULTS / NEEDLES)])  # reuses rows already measured
         b97, _ = headkv_budget(load("fidelity_cpu"))
         capacity.main(["--budget", b97, "--out", str(RESULTS / "capacity_cpu")])
     fid = load("fidelity_cpu")
     if fid is None:
         raise SystemExit(f"no {RESULTS / 'fidelity_cpu.json'}: run without --report-only first")
-    update_readme(section(fid, load("capacity_cpu"), load("soak_cpu")))
+    update_readme(section(fid, load("capacity_cpu"), load("soak_cpu"), load(NEEDLES)))
     print(f"README results section rebuilt from {RESULTS}")
     return 0
 

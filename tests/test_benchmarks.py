@@ -375,3 +375,32 @@ def test_rankings_compare_only_cells_of_equal_held_kv():
                                                               {"snapkv": 0.0155, "razor": 0.169})
     kept["headkv"]["1%"] = None  # headkv not measured there: nothing is comparable
     assert equal_held_ranking(rel, kept, policies, "1%")[0] == []
+
+
+def _grid(policies, budgets, rel, kept, cases, full_total, command="python benchmarks/fidelity.py ..."):
+    return {"meta": {"machine": "test", "budgets": budgets, "policies": policies, "cases": cases,
+                     "cases_per_task": {"niah": cases}, "prompt_tokens": [1012, 7110], "tasks": ["niah"],
+                     "command": command},
+            "summary": {"relative_to_full": rel, "kv_kept": kept, "full_short_answer_total": full_total,
+                        "tasks": {"niah": {"full": full_total / cases}}}}
+
+
+def test_readme_section_shows_the_needle_grid_with_equal_held_rankings():
+    from benchmarks.regenerate import section
+
+    policies, budgets = ["headkv", "snapkv"], ["1%", "2%"]
+    fid = _grid(policies, budgets, {"headkv": {"1%": 0.5, "2%": 0.97}, "snapkv": {"1%": 0.2, "2%": 0.5}},
+                {"headkv": {"1%": 0.014, "2%": 0.023}, "snapkv": {"1%": 0.015, "2%": 0.022}}, 24, 10.0)
+    needles = _grid(policies, budgets, {"headkv": {"1%": 0.4, "2%": 0.6}, "snapkv": {"1%": 0.1, "2%": 0.7}},
+                    {"headkv": {"1%": 0.014, "2%": 0.023}, "snapkv": {"1%": 0.05, "2%": 0.022}}, 30, 25.0,
+                    command="python benchmarks/fidelity.py --tasks niah")
+    text = section(fid, None, None, needles)
+    part = text[text.index("**Needles, 30 cases per cell**"):]
+    assert "full KV finds 25 of 30, one answer moves a cell by ~4 points" in part
+    assert "| headkv | 40% (1.4%) | 60% (2.3%) |" in part and "| snapkv | 10% (5.0%) | 70% (2.2%) |" in part
+    # at 1% snapkv holds 3.6x headkv's KV: not ranked; at 2% it is, and it is ahead
+    assert ("1%: headkv ranks 1 of 1 (best: headkv) [not comparable: snapkv holds 5.0%]; "
+            "2%: headkv ranks 2 of 2 (best: snapkv)") in part
+    assert "`python benchmarks/fidelity.py --tasks niah`" in part
+    assert "**97%** (2.3%)" in text  # the main grid's 97% cell is still marked
+    assert "Needles" not in section(fid, None, None)
