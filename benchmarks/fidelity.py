@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import re
+import shlex
 import sys
 import threading
 import time
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows, a.policies, a.budgets, a.tasks)
     toks = [r["prompt_tokens"] for r in rows if r["policy"] == "full"]
     meta = {
-        "machine": machine(), "command": "python benchmarks/fidelity.py " + " ".join(
+        "machine": machine(), "command": "python benchmarks/fidelity.py " + shlex.join(
             argv if argv is not None else sys.argv[1:]),
         "server_args": SERVER_ARGS if a.server is None else "external", "cases": len(cases),
         "cases_per_task": {t: sum(c.task == t for c in cases) for t in a.tasks}, "requests": len(rows),

@@ -94,7 +94,11 @@ def ranking_line(s: dict, policies: list[str], budgets: list[str]) -> str:
         if "headkv" not in order:
             ranks.append(f"{b}: headkv's KV held not measured")
             continue
-        part = f"{b}: headkv ranks {order.index('headkv') + 1} of {len(order)} (best: {order[0]})"
+        rel = s["relative_to_full"]
+        tied = [p for p in order if p != "headkv" and rel[p][b] is not None and rel["headkv"][b] is not None
+                and abs(rel[p][b] - rel["headkv"][b]) < 1e-9]
+        part = f"{b}: headkv ranks {order.index('headkv') + 1} of {len(order)} (best: {order[0]}"
+        part += f"; tied with {', '.join(tied)})" if tied else ")"
         if other:
             part += " [not comparable: " + ", ".join(f"{p} holds {_held(k)}" for p, k in other.items()) + "]"
         ranks.append(part)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     fulls = [r for r in rows if r["policy"] == "full" and r["variant"] == a.variants[0]]
     full_mean = sum(r["score"] for r in fulls) / len(fulls)
     toks = [r["prompt_tokens"] for r in fulls]
-    meta = {"machine": machine(), "command": "python benchmarks/scoring.py " + " ".join(
+    meta = {"machine": machine(), "command": "python benchmarks/scoring.py " + shlex.join(
                 argv if argv is not None else sys.argv[1:]),
             "cases": len(cases), "cases_per_task": {t: sum(c.task == t for c in cases) for t in a.tasks},
             "requests": len(rows), "prompt_tokens": [min(toks), max(toks)], "wall_s": round(wall),

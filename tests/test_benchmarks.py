@@ -402,5 +402,7 @@ def test_readme_section_shows_the_needle_grid_with_equal_held_rankings():
     assert ("1%: headkv ranks 1 of 1 (best: headkv) [not comparable: snapkv holds 5.0%]; "
             "2%: headkv ranks 2 of 2 (best: snapkv)") in part
     assert "`python benchmarks/fidelity.py --tasks niah`" in part
+    needles["summary"]["relative_to_full"]["snapkv"]["2%"] = 0.6  # equal scores are said to be a tie
+    assert "2%: headkv ranks 1 of 2 (best: headkv; tied with snapkv)" in section(fid, None, None, needles)
     assert "**97%** (2.3%)" in text  # the main grid's 97% cell is still marked
     assert "Needles" not in section(fid, None, None)
