@@ -20,10 +20,11 @@ score over full's total score on the same cases. Greedy decoding throughout.
 
 Resumable and extensible: each finished case's requests are appended to ``OUT.partial.jsonl``,
 one line per request, keyed by the case's prompt, the policy, the budget and the other kv_*
-keys; a run killed part-way and started again asks only the requests not in it, and a run
-with more policies, budgets or cases than a finished ``OUT.json`` asks only the new ones
-(``--redo POLICY`` asks a policy's rows again after its code changed; ``--fresh`` starts
-over), so the grid can be run in parts. Writes ``OUT.json`` (every request's output and score, the per-request KV the server
+keys; a run killed part-way and started again asks only the requests not in it, so the grid
+can be run in parts (``--fresh`` starts over). ``--extend`` also reuses the rows of a finished
+``OUT.json`` (the same code), so a run with more policies, budgets or cases asks only the new
+ones; ``--redo POLICY`` asks a policy's rows again after its code changed. Without
+``--extend`` a finished grid is measured anew. Writes ``OUT.json`` (every request's output and score, the per-request KV the server
 reports, the machine), ``OUT.md`` (tables), ``OUT_accuracy.png`` (accuracy vs budget per
 task) and ``OUT_niah_<policy>.png`` (length x depth heatmaps, one panel per budget).
 """
@@ -391,13 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/fidelity_cpu"))
     p.add_argument("--kv-params", type=json.loads, default={},
                    help='more kv_* keys for every compressed request, as JSON: \'{"kv_scoring": "window"}\'')
-    p.add_argument("--fresh", action="store_true",
-                   help="ask every request again (ignore OUT.partial.jsonl and the rows of an earlier OUT.json)")
+    p.add_argument("--fresh", action="store_true", help="ignore OUT.partial.jsonl left by an interrupted run")
+    p.add_argument("--extend", action="store_true",
+                   help="also reuse the rows of a finished OUT.json (same code): ask only the requests it lacks")
     p.add_argument("--redo", nargs="+", default=[], choices=["full", *POLICIES], metavar="POLICY",
                    help="ask these policies' requests again (their code changed); the others are reused")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.fresh and (a.extend or a.redo):
+        p.error("--fresh asks every request again: it does not go with --extend or --redo")
     if not isinstance(a.kv_params, dict) or any(not str(k).startswith("kv_") or k in ("kv_policy", "kv_budget")
                                                  for k in a.kv_params):
         p.error("--kv-params: a JSON object of kv_* keys other than kv_policy and kv_budget")
@@ -431,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             journal.unlink(missing_ok=True)
         else:
             logged = read_journal(journal)
-            reuse = {**finished_rows(Path(f"{a.out}.json")), **logged}
+            reuse = {**(finished_rows(Path(f"{a.out}.json")) if a.extend else {}), **logged}
             if a.redo:
                 # the journal is rewritten without them, so a second kill does not bring them back
                 reuse = {k: r for k, r in reuse.items() if r["policy"] not in a.redo}

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not a.skip_fidelity:
             fidelity.main(["--out", str(RESULTS / "fidelity_cpu")])
-            fidelity.main([*NEEDLES_ARGS, "--out", str(RESULTS / NEEDLES)])  # reuses rows already measured
+            fidelity.main([*NEEDLES_ARGS, "--out", str(RESULTS / NEEDLES)])
         b97, _ = headkv_budget(load("fidelity_cpu"))
         capacity.main(["--budget", b97, "--out", str(RESULTS / "capacity_cpu")])
     fid = load("fidelity_cpu")

@@ -221,8 +221,9 @@ def test_fidelity_grid_resumes_from_its_journal(bench_server, tmp_path, count_to
 
 @pytest.mark.server
 def test_fidelity_cli_extends_a_finished_grid_and_redoes_a_policy(bench_server, tmp_path, monkeypatch):
-    """The CLI reuses the rows of a finished OUT.json when the grid grows, and --redo asks one
-    policy's requests again while keeping the others."""
+    """With --extend the CLI reuses the rows of a finished OUT.json when the grid grows, and
+    --redo asks one policy's requests again while keeping the others; without it a finished
+    grid is measured anew."""
     import benchmarks.fidelity as fid
 
     asked: list[str] = []
@@ -236,19 +237,21 @@ def test_fidelity_cli_extends_a_finished_grid_and_redoes_a_policy(bench_server, 
     assert asked == ["full", "snapkv"] and not Path(f"{out}.partial.jsonl").exists()
     first = json.loads(Path(f"{out}.json").read_text())
     asked.clear()
-    assert fid.main([*base, "--policies", "snapkv", "streamingllm"]) == 0
+    assert fid.main([*base, "--policies", "snapkv", "streamingllm", "--extend"]) == 0
     grown = json.loads(Path(f"{out}.json").read_text())
     assert asked == ["streamingllm"] and grown["meta"]["reused_requests"] == 2
     assert [r["output"] for r in grown["rows"][:2]] == [r["output"] for r in first["rows"]]
     assert "2 of them finished by earlier parts" in Path(f"{out}.md").read_text()
     asked.clear()
-    assert fid.main([*base, "--policies", "snapkv", "streamingllm", "--redo", "snapkv"]) == 0
+    assert fid.main([*base, "--policies", "snapkv", "streamingllm", "--extend", "--redo", "snapkv"]) == 0
     assert asked == ["snapkv"]
     redone = json.loads(Path(f"{out}.json").read_text())
     assert redone["rows"][1]["output"] == first["rows"][1]["output"]  # greedy: the same answer again
     asked.clear()
-    assert fid.main([*base, "--policies", "snapkv", "--fresh"]) == 0
+    assert fid.main([*base, "--policies", "snapkv"]) == 0  # without --extend a finished grid is measured anew
     assert asked == ["full", "snapkv"]
+    with pytest.raises(SystemExit):
+        fid.main([*base, "--policies", "snapkv", "--fresh", "--extend"])
 
 
 @pytest.mark.server
