@@ -166,32 +166,31 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
     done = {**(reuse or {}), **read_journal(journal)}
     bar = tqdm(total=len(cases) * (1 + len(policies) * len(budgets)), desc="fidelity", unit="req",
                disable=not progress)
+    configs = [(p, b) for p in policies for b in budgets]
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for ci, case in enumerate(cases):
+            base = {"task": case.task, "target_tokens": case.meta["target_tokens"],
+                    "depth": case.meta.get("depth"), "answers": case.answers}
             fkey = request_key(case, {"kv_policy": "full"})
             fresh: list[dict] = []
             if fkey in done:
                 full_row = {**done[fkey], "case": ci}
             else:
                 full = chat(url, case, {"kv_policy": "full"})
-                base = {"task": case.task, "target_tokens": case.meta["target_tokens"],
-                        "depth": case.meta.get("depth"), "answers": case.answers}
                 full_row = {"key": fkey, "case": ci, **base, "policy": "full", "budget": "full",
-                            "budget_tokens": full["prompt_tokens"], **full}
+                            "budget_tokens": full["prompt_tokens"], **full, "kv": None, "kept_fraction": 1.0}
                 fresh.append(full_row)
             bar.update(1)
             n_prompt = full_row["prompt_tokens"]
-            base = {k: full_row[k] for k in ("task", "target_tokens", "depth", "answers")}
-            got: list[dict] = []
+            by_cfg: dict[tuple[str, str], dict] = {}
             todo = []
-            for pol in policies:
-                for b in budgets:
-                    key = request_key(case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": b})
-                    if key in done:
-                        got.append({**done[key], "case": ci})
-                        bar.update(1)
-                    else:
-                        todo.append((key, pol, b, budget_tokens(b, n_prompt)))
+            for pol, b in configs:
+                key = request_key(case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": b})
+                if key in done:
+                    by_cfg[(pol, b)] = {**done[key], "case": ci}
+                    bar.update(1)
+                else:
+                    todo.append((key, pol, b, budget_tokens(b, n_prompt)))
 
             def one(cfg, case=case, base=base, ci=ci):
                 key, pol, b, bt = cfg
@@ -207,17 +206,15 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
                 g["kv"] = kv
                 g["kept_fraction"] = (kv["held_bytes"] / kv["full_bytes"]) if kv else (
                     1.0 if g["budget_tokens"] >= n_prompt else None)
-            if fresh:
-                full_row["kv"], full_row["kept_fraction"] = None, 1.0
-            for g in [*fresh, *new]:
+                by_cfg[(g["policy"], g["budget"])] = g
+            fresh += new
+            for g in fresh:
                 if case.task == "summary":
                     g["score"] = rouge_l(g["output"], full_row["output"])
                 else:
                     g["score"] = score(case, g["output"])
                     g["agrees_with_full"] = _norm(g["output"]) == _norm(full_row["output"])
-            fresh += new
-            order = {(p, b): i for i, (p, b) in enumerate((p, b) for p in policies for b in budgets)}
-            rows += [full_row, *sorted(got + new, key=lambda g: order[(g["policy"], g["budget"])])]
+            rows += [full_row, *(by_cfg[c] for c in configs)]
             if journal is not None and fresh:
                 with journal.open("a") as f:
                     f.writelines(json.dumps({"key": g["key"], "row": g}) + "\n" for g in fresh)
