@@ -88,13 +88,12 @@ def table_rows(s: dict, policies: list[str], budgets: list[str], bold: str | Non
 
 def ranking_line(s: dict, policies: list[str], budgets: list[str]) -> str:
     """Where headkv ranks at each budget among the policies holding the same KV."""
-    ranks = []
+    rel, ranks = s["relative_to_full"], []
     for b in budgets:
-        order, other = equal_held_ranking(s["relative_to_full"], s["kv_kept"], policies, b)
+        order, other = equal_held_ranking(rel, s["kv_kept"], policies, b)
         if "headkv" not in order:
             ranks.append(f"{b}: headkv's KV held not measured")
             continue
-        rel = s["relative_to_full"]
         tied = [p for p in order if p != "headkv" and rel[p][b] is not None and rel["headkv"][b] is not None
                 and abs(rel[p][b] - rel["headkv"][b]) < 1e-9]
         part = f"{b}: headkv ranks {order.index('headkv') + 1} of {len(order)} (best: {order[0]}"
