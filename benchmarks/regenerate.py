@@ -1,5 +1,5 @@
 """One command for every committed result: the fidelity grid, capacity at headkv's 97% budget,
-the needle grid (30 cases per cell, resumable), and the README's results section (between its
+the needle grid (48 cases per cell, resumable), and the README's results section (between its
 ``results:begin``/``results:end`` markers).
 
     python benchmarks/regenerate.py                 # run everything (CPU: ~4-5 h, the grids resumable), then the README
@@ -105,24 +105,42 @@ def ranking_line(s: dict, policies: list[str], budgets: list[str]) -> str:
             + "; ".join(ranks) + ".")
 
 
+#: The main grid's command: every task, the six policies measured side by side since the first grid
+#: (D2O and PoD have their own grids, ``fidelity_d2o_cpu`` and ``fidelity_pod_cpu``).
+MAIN_ARGS = ["--policies", "headkv", "snapkv", "pyramidkv", "adakv", "streamingllm", "razor"]
 NEEDLES = "fidelity_needles30_cpu"
-#: The needle grid's command (issue 17: >= 30 needle cases per cell; resumable, run in parts).
-NEEDLES_ARGS = ["--tasks", "niah", "--policies", "headkv", "snapkv", "adakv", "pyramidkv", "--budgets", "1%", "2%",
-                "5%", "10%", "--niah-lengths", "1000", "2000", "4000", "7000", "3000", "5500", "--depths", "0.1",
-                "0.3", "0.5", "0.7", "0.9", "--kv-params", '{"kv_scoring": "question"}']
+#: The needle grid's command (issue 17: >= 30 needle cases per cell, single and with same-shaped
+#: distractors; resumable, run in parts).
+NEEDLES_ARGS = ["--tasks", "niah", "multikey", "--policies", "headkv", "snapkv", "adakv", "pyramidkv", "--budgets",
+                "1%", "2%", "5%", "10%", "--niah-lengths", "1000", "2000", "4000", "7000", "3000", "5500",
+                "--depths", "0.1", "0.3", "0.5", "0.7", "0.9", "--lengths", "1000", "2000", "3000", "4000", "5500",
+                "7000", "--seeds", "3", "--kv-params", '{"kv_scoring": "question"}']
 
 
 def needles_part(fid: dict) -> list[str]:
-    """The needle grid: many single-needle cases per cell, so that one answer moves a cell little."""
+    """The needle grid: many needle cases per cell (single, and multikey with same-shaped distractors),
+    so that one answer moves a cell little; its shape and request parameters read from the grid."""
     meta, s = fid["meta"], fid["summary"]
     budgets, policies = meta["budgets"], meta["policies"]
-    n = meta["cases_per_task"].get("niah", meta["cases"])
+    per_task, n = meta["cases_per_task"], meta["cases"]
     full = s["full_short_answer_total"]
+    cases = [r for r in fid.get("rows", []) if r["policy"] == "full" and r["task"] == "niah"]
+    shape = (f" ({len({r['target_tokens'] for r in cases})} lengths x {len({r['depth'] for r in cases})} depths)"
+             if cases else "")
+    what = f"{per_task.get('niah', 0)} with one needle{shape}" if per_task.get("niah") else ""
+    if per_task.get("multikey"):
+        what += (" and " if what else "") + (f"{per_task['multikey']} with four same-shaped needles, the "
+                                             "question naming one (multikey)")
+    params = dict(meta.get("kv_params") or {})
+    how = []
+    if params.get("kv_scoring") == "question":
+        how.append("the question scoring the prompt (`kv_scoring: question`)")
+        del params["kv_scoring"]
+    how += [f"`{k}: {json.dumps(v)}`" for k, v in params.items()]
     lines = [
-        f"**Needles, {n} cases per cell** — one needle in {meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} "
-        f"tokens (6 lengths x 5 depths), the question scoring the prompt (`kv_scoring: question`); full KV "
-        f"finds {full:.0f} of {n}, one answer moves a cell by ~{100 / max(full, 1):.0f} points. Score relative to "
-        f"full KV (KV held):",
+        f"**Needles, {n} cases per cell** — {meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens, {what}"
+        + "".join(f", {h}" for h in how) + f"; full KV finds {full:.0f} of {n}, one answer "
+        f"moves a cell by ~{100 / max(full, 1):.0f} points. Score relative to full KV (KV held):",
         "",
         "| policy | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),
@@ -240,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import capacity, fidelity
 
         if not a.skip_fidelity:
-            fidelity.main(["--out", str(RESULTS / "fidelity_cpu")])
+            fidelity.main([*MAIN_ARGS, "--out", str(RESULTS / "fidelity_cpu")])
             fidelity.main([*NEEDLES_ARGS, "--out", str(RESULTS / NEEDLES)])
         b97, _ = headkv_budget(load("fidelity_cpu"))
         capacity.main(["--budget", b97, "--out", str(RESULTS / "capacity_cpu")])

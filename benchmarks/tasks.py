@@ -17,7 +17,11 @@ tokenizer, which the caller passes as a ``count_tokens`` function):
 - ``summary``: summarize a prose document; scored by ROUGE-L F1 against the full-KV
   summary of the same document (agreement with full KV, not with a reference).
 
-Scores are in [0, 1]. Nothing here imports SGLang.
+Each case's ``max_tokens`` leaves room for the whole answer in the words the test model uses at
+full KV (it restates the question first: "The special magic number for misty-quarry mentioned
+in the text is 79393." is 21 tokens); a cut-off answer would score the model 0 on a task it
+solves (multikey did, at 16 tokens, until 2026-12-04). Scores are in [0, 1]. Nothing here
+imports SGLang.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def _multikey(words: int, seed: int, depth: float) -> Case:
     facts = [f"One of the special magic numbers for {k} is: {n}." for k, n in zip(keys, nums)]
     body = _plant(haystack(words, seed), facts, rng)
     q = f"What is the special magic number for {keys[target]} mentioned in the text? Answer with the number only."
-    return Case("multikey", f"{body}\n\n{q}", [nums[target]], 16, {"key": keys[target], "distractors": nums})
+    return Case("multikey", f"{body}\n\n{q}", [nums[target]], 32, {"key": keys[target], "distractors": nums})
 
 
 def _multivalue(words: int, seed: int, depth: float) -> Case:
@@ -111,7 +115,7 @@ def _multivalue(words: int, seed: int, depth: float) -> Case:
     facts = [f"One of the special magic numbers for {key} is: {n}." for n in nums]
     body = _plant(haystack(words, seed), facts, rng)
     q = f"What are all the special magic numbers for {key} mentioned in the text? List the numbers only."
-    return Case("multivalue", f"{body}\n\n{q}", nums, 48, {"key": key})
+    return Case("multivalue", f"{body}\n\n{q}", nums, 64, {"key": key})
 
 
 def _vartrack(words: int, seed: int, depth: float) -> Case:
@@ -134,7 +138,7 @@ def _vartrack(words: int, seed: int, depth: float) -> Case:
     body = _plant(haystack(words, seed), facts + dfacts, rng, cd + dd)
     q = (f"Find all variables that are assigned the value {value} in the text above, directly or through "
          f"other variables. List the variable names only.")
-    return Case("vartrack", f"{body}\n\n{q}", chain, 32, {"value": value, "decoy": decoy})
+    return Case("vartrack", f"{body}\n\n{q}", chain, 96, {"value": value, "decoy": decoy})
 
 
 def _cwe(words: int, seed: int, depth: float) -> Case:
@@ -153,7 +157,7 @@ def _cwe(words: int, seed: int, depth: float) -> Case:
     listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
     q = ("Above is a numbered list of words. Some words appear much more often than others. "
          "What are the 10 most common words in the list? Answer with the words only.")
-    return Case("cwe", f"Below is a numbered list of words.\n{listing}\n\n{q}", common, 48,
+    return Case("cwe", f"Below is a numbered list of words.\n{listing}\n\n{q}", common, 96,
                 {"per_common": per_common})
 
 

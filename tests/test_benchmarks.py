@@ -42,6 +42,35 @@ def test_cases_hit_their_length_and_plant_their_answers(task, target, count_toke
     assert again.prompt == case.prompt and again.answers == case.answers
 
 
+def _model_style_answer(case) -> str:
+    """A complete right answer in the shape the test model gives at full KV (seen in the grid's
+    full-KV outputs): a restated question, then the answers, one per line for lists."""
+    a = case.answers
+    if case.task == "niah":
+        return f"The secret number is {a[0]}."
+    if case.task == "multikey":
+        return f"The special magic number for {case.meta['key']} mentioned in the text is {a[0]}."
+    if case.task == "multivalue":
+        return f"The special magic numbers for {case.meta['key']} are:\n\n" + "\n".join(f"- {n}" for n in a)
+    if case.task == "vartrack":
+        return (f"The variables assigned the value {case.meta['value']} are:\n\n"
+                + "\n".join(f"- VAR {v} = {case.meta['value']}" for v in a))
+    if case.task == "cwe":
+        return "The 10 most common words in the list are:\n" + "\n".join(f"{i + 1}. {w}" for i, w in enumerate(a))
+    raise AssertionError(case.task)
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "summary"])
+def test_a_full_answer_fits_in_the_tasks_output_tokens(task, count_tokens):
+    # multikey (16), vartrack (32) and cwe (48) once cut the full-KV answer off before its
+    # number or its last words: the grid then scored the model 0 on a task it solves
+    for seed in (1, 2, 3):
+        case = build(task, 500, seed=seed)
+        answer = _model_style_answer(case)
+        assert score(case, answer) == 1.0
+        assert count_tokens(answer) + 2 <= case.max_tokens, (task, count_tokens(answer), case.max_tokens)
+
+
 def test_niah_needle_sits_at_its_depth():
     for depth in (0.0, 0.5, 1.0):
         c = build("niah", 900, seed=4, depth=depth)
@@ -397,8 +426,17 @@ def test_readme_section_shows_the_needle_grid_with_equal_held_rankings():
     needles = _grid(policies, budgets, {"headkv": {"1%": 0.4, "2%": 0.6}, "snapkv": {"1%": 0.1, "2%": 0.7}},
                     {"headkv": {"1%": 0.014, "2%": 0.023}, "snapkv": {"1%": 0.05, "2%": 0.022}}, 30, 25.0,
                     command="python benchmarks/fidelity.py --tasks niah")
+    needles["meta"]["kv_params"] = {"kv_scoring": "question", "kv_beta": 1.5}
+    needles["rows"] = [{"policy": p, "task": "niah", "target_tokens": n, "depth": d}
+                       for p in ("full", "headkv") for n in (1000, 2000, 4000) for d in (0.1, 0.5)]
     text = section(fid, None, None, needles)
     part = text[text.index("**Needles, 30 cases per cell**"):]
+    # the grid's shape and its request parameters are read from the grid, not written in
+    assert ("1012–7110 tokens, 30 with one needle (3 lengths x 2 depths), the question scoring the prompt "
+            "(`kv_scoring: question`), `kv_beta: 1.5`; full KV") in part
+    needles["meta"]["cases_per_task"] = {"niah": 24, "multikey": 6}
+    assert ("24 with one needle (3 lengths x 2 depths) and 6 with four same-shaped needles, the question "
+            "naming one (multikey), the question") in section(fid, None, None, needles)
     assert "full KV finds 25 of 30, one answer moves a cell by ~4 points" in part
     assert "| headkv | 40% (1.4%) | 60% (2.3%) |" in part and "| snapkv | 10% (5.0%) | 70% (2.2%) |" in part
     # at 1% snapkv holds 3.6x headkv's KV: not ranked; at 2% it is, and it is ahead
