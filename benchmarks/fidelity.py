@@ -125,6 +125,18 @@ def request_key(case: Case, params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def policy_defaults() -> dict:
+    """The settings a compressed request takes from this checkout for every ``kv_*`` key it does not
+    send: the policy hyperparameters' defaults (``headkv_sglang/policies/defaults.py``) and the
+    automatic window and question lengths. Part of a compressed request's key, so rows measured
+    under other defaults are asked again, not reused; recorded in ``OUT.json``'s meta."""
+    from headkv_sglang import config
+    from headkv_sglang.policies import defaults
+
+    out = {k.lower(): v for k, v in vars(defaults).items() if k.isupper() and not isinstance(v, tuple)}
+    return {**out, "auto_window": config.AUTO_WINDOW, "auto_question": config.AUTO_QUESTION}
+
+
 def read_journal(path: Path | None) -> dict[str, dict]:
     """The rows a killed run finished, by request key (a torn last line is ignored)."""
     done: dict[str, dict] = {}
@@ -164,6 +176,7 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
     rows: list[dict] = []
     lock = threading.Lock()
     done = {**(reuse or {}), **read_journal(journal)}
+    settings = policy_defaults()
     bar = tqdm(total=len(cases) * (1 + len(policies) * len(budgets)), desc="fidelity", unit="req",
                disable=not progress)
     configs = [(p, b) for p in policies for b in budgets]
@@ -185,7 +198,8 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
             by_cfg: dict[tuple[str, str], dict] = {}
             todo = []
             for pol, b in configs:
-                key = request_key(case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": b})
+                key = request_key(case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": b,
+                                         "defaults": settings})
                 if key in done:
                     by_cfg[(pol, b)] = {**done[key], "case": ci}
                     bar.update(1)
@@ -456,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases_per_task": {t: sum(c.task == t for c in cases) for t in a.tasks}, "requests": len(rows),
         "prompt_tokens": [min(toks), max(toks)], "wall_s": round(wall),
         "reused_requests": sum(r.get("key") in reuse for r in rows), "policies": a.policies,
-        "budgets": a.budgets, "tasks": a.tasks, "kv_params": a.kv_params,
+        "budgets": a.budgets, "tasks": a.tasks, "kv_params": a.kv_params, "kv_defaults": policy_defaults(),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")

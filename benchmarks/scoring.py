@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fidelity import SERVER_ARGS, run_grid  # noqa: E402
+from benchmarks.fidelity import SERVER_ARGS, policy_defaults, run_grid  # noqa: E402
 from benchmarks.niah import machine  # noqa: E402
 from benchmarks.tasks import build  # noqa: E402
 from headkv_sglang.dev import models  # noqa: E402
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "cases": len(cases), "cases_per_task": {t: sum(c.task == t for c in cases) for t in a.tasks},
             "requests": len(rows), "prompt_tokens": [min(toks), max(toks)], "wall_s": round(wall),
             "variants": a.variants, "policies": a.policies, "budgets": a.budgets, "full_mean": full_mean,
-            "title": a.title}
+            "title": a.title, "kv_defaults": policy_defaults()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
     md = markdown(summary, full_mean, meta, a.variants, a.policies, a.budgets)

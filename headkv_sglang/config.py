@@ -41,6 +41,7 @@ REQUEST_KEYS = {
     "kv_floor_alpha": "floor_alpha",
     "kv_kernel_size": "kernel_size",
     "kv_pooling": "pooling",
+    "kv_pool_shift": "pool_shift",
     "kv_razor_fraction": "razor_fraction",
     "kv_razor_heads": "razor_heads",
     "kv_d2o_merge": "d2o_merge",
@@ -100,6 +101,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     floor_alpha: float = defaults.FLOOR_ALPHA  # AdaKV
     kernel_size: int = defaults.KERNEL_SIZE
     pooling: str = defaults.POOLING
+    pool_shift: int = defaults.POOL_SHIFT  # pooling window moved this many tokens to the past
     razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
     razor_heads: str = "fraction"  # RazorAttention: "fraction" (razor_fraction) or "budget" (matched)
     d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"off")
@@ -180,6 +182,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
         intval("kernel_size", 1, 63)
         if self.kernel_size % 2 == 0:
             raise bad("kernel_size", self.kernel_size, "expected an odd integer")
+        intval("pool_shift", 0, 31)
         if self.pooling not in POOLING_CHOICES:
             raise bad("pooling", self.pooling, f"choose one of {', '.join(POOLING_CHOICES)}")
         floatval("beta", 1.0, 1e6)

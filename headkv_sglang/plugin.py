@@ -88,6 +88,10 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                          help="Attention-sink tokens kept (StreamingLLM, RazorAttention, D2O, PoD).")),
     "--kv-floor-alpha": ("floor_alpha", dict(type=float, default=_DEFAULTS.floor_alpha, help="Ada-KV safeguard floor.")),
     "--kv-kernel-size": ("kernel_size", dict(type=int, default=_DEFAULTS.kernel_size, help="SnapKV pooling kernel (odd).")),
+    "--kv-pool-shift": ("pool_shift", dict(type=int, default=_DEFAULTS.pool_shift,
+                                           help="Moves the score pooling window this many tokens to the past "
+                                                "(at most --kv-kernel-size // 2), so the tokens right after an "
+                                                "attended phrase are kept with it (default 3; 0: centred, as SnapKV).")),
     "--kv-pooling": ("pooling", dict(type=str, default=_DEFAULTS.pooling, choices=POOLING_CHOICES, help="SnapKV pooling.")),
     "--kv-razor-fraction": ("razor_fraction", dict(type=float, default=_DEFAULTS.razor_fraction,
                                                    help="RazorAttention: fraction of heads kept whole.")),

@@ -246,6 +246,13 @@ def test_fidelity_grid_resumes_from_its_journal(bench_server, tmp_path, count_to
     fid.run_grid(bench_server.url, cases[:1], ["snapkv"], ["10%"], progress=False, journal=journal,
                  kv_params={"kv_scoring": "window"})
     assert asked == [(cases[0].prompt, "snapkv")]
+    # a changed default (here the pooling shift) asks the compressed requests again, not full's
+    from headkv_sglang.policies import defaults
+
+    asked.clear()
+    monkeypatch.setattr(defaults, "POOL_SHIFT", defaults.POOL_SHIFT + 1)
+    fid.run_grid(bench_server.url, cases[:1], ["snapkv"], ["10%"], progress=False, journal=journal)
+    assert asked == [(cases[0].prompt, "snapkv")]
 
 
 @pytest.mark.server

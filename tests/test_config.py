@@ -47,6 +47,8 @@ INVALID = [
     (dict(kernel_size=65), "--kv-kernel-size", "65", "expected an integer in [1, 63]"),
     (dict(kernel_size=6), "--kv-kernel-size", "6", "expected an odd integer"),
     (dict(pooling="sumpool"), "--kv-pooling", "'sumpool'", "choose one of maxpool, avgpool"),
+    (dict(pool_shift=-1), "--kv-pool-shift", "-1", "expected an integer in [0, 31]"),
+    (dict(pool_shift=32), "--kv-pool-shift", "32", "expected an integer in [0, 31]"),
     (dict(beta=0.5), "--kv-beta", "0.5", "expected a number in [1.0, 1000000.0]"),
     (dict(beta=math.nan), "--kv-beta", "nan", "expected a number in"),
     (dict(beta=math.inf), "--kv-beta", "inf", "expected a number in"),
@@ -189,6 +191,8 @@ def test_with_request_bad_budget_names_the_key(value, shown, allowed):
         ("kv_window", -1, "-1"),
         ("kv_kernel_size", 4, "4"),
         ("kv_pooling", "median", "'median'"),
+        ("kv_pool_shift", 40, "40"),
+        ("kv_pool_shift", 1.5, "1.5"),
         ("kv_window", 129, "129"),  # > the server's budget for snapkv
         ("kv_min_prompt", -1, "-1"),
         ("kv_sink_size", "4", "'4'"),

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from headkv_sglang.policies import defaults
 from headkv_sglang.policies import (
     POLICIES,
     AdaKV,
@@ -41,11 +42,14 @@ def make_policy(name: str, num_layers: int = L, num_heads: int = H, **kw) -> KVP
 # --------------------------------------------------------------------------- #
 # naive references
 # --------------------------------------------------------------------------- #
-def naive_scores(q_win, k, window_size, kernel_size, pooling, gqa_agg, q_end=None):
+def naive_scores(q_win, k, window_size, kernel_size, pooling, gqa_agg, q_end=None,
+                 pool_shift=defaults.POOL_SHIFT):
     """SnapKV scoring with explicit loops: one query head, one scoring query at a time.
 
     The queries sit at positions ``[q_end - n, q_end)`` (default: the last ``n`` of the
     prompt); the last ``min(window_size, T)`` tokens are the kept window (``+inf``).
+    Position ``s`` pools the prefix's mass at ``[s - r - shift, s + r - shift]``, ``r = kernel_size // 2``,
+    ``shift = min(pool_shift, r)``.
     """
     hq, w, d = q_win.shape
     h, t, _ = k.shape
@@ -71,7 +75,8 @@ def naive_scores(q_win, k, window_size, kernel_size, pooling, gqa_agg, q_end=Non
             r = kernel_size // 2
             pooled = []
             for s in range(prefix):
-                nb = [mass[u] for u in range(s - r, s + r + 1) if 0 <= u < prefix]
+                lo = s - r - min(pool_shift, r)
+                nb = [mass[u] for u in range(lo, lo + kernel_size) if 0 <= u < prefix]
                 pooled.append(sum(nb) / kernel_size if pooling == "avgpool" else max(nb))
             pooled_heads.append(pooled)
         for s in range(prefix):
@@ -183,7 +188,7 @@ def test_registry_names_and_lookup():
 def test_registry_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"unknown KV policy 'h2o'.*adakv.*streamingllm"):
         get_policy("h2o")
-    allowed = r"allowed: \['gqa_agg', 'kernel_size', 'pooling', 'window_size'\]"
+    allowed = r"allowed: \['gqa_agg', 'kernel_size', 'pool_shift', 'pooling', 'window_size'\]"
     with pytest.raises(ValueError, match=r"no hyperparameter 'floor_alpha'.*" + allowed):
         get_policy("snapkv", floor_alpha=0.2)
     with pytest.raises(ValueError, match=r"needs 'importance'"):
@@ -200,6 +205,8 @@ def test_registry_errors_name_the_problem():
         ("snapkv", "kernel_size", True),
         ("snapkv", "pooling", "sumpool"),
         ("snapkv", "gqa_agg", "median"),
+        ("snapkv", "pool_shift", -1),
+        ("headkv", "pool_shift", 1.5),
         ("pyramidkv", "beta", 0.5),
         ("adakv", "floor_alpha", 1.5),
         ("adakv", "floor_alpha", float("nan")),
@@ -288,6 +295,38 @@ def test_question_scores_match_naive_loops(seq_len, n, q_end, window, head_dim, 
     # without q_end, the last-n queries score as SnapKV's window does when n == window
     if q_end == seq_len and n == min(window, seq_len):
         torch.testing.assert_close(pol.token_scores(q, k, 0), got)
+
+
+@pytest.mark.parametrize("seq_len, kernel_size, shift", [(54, 5, 0), (54, 5, 2), (97, 13, 6), (23, 7, 3),
+                                                       (8, 3, 5), (40, 1, 2), (61, 9, 3)])
+@pytest.mark.parametrize("pooling", ["maxpool", "avgpool"])
+def test_shifted_pooling_matches_naive_loops(seq_len, kernel_size, shift, pooling):
+    """``pool_shift`` moves each position's pooling window to the past (at most to a window ending at the
+    position: (8, 3, 5) and (40, 1, 2) are clamped), scored by a question or by the window."""
+    torch.manual_seed(seq_len * 7 + kernel_size + shift)
+    n_kv, group, head_dim, window = 2, 3, 9, 4
+    q = torch.randn(n_kv * group, 5, head_dim) * 2
+    k = torch.randn(n_kv, seq_len, head_dim) * 2
+    pol = SnapKV(window_size=window, kernel_size=kernel_size, pooling=pooling, pool_shift=shift)
+    for q_end in (seq_len - 2, None):
+        got = pol.token_scores(q, k, 0, q_end=q_end) if q_end else pol.token_scores(q[:, :window], k, 0)
+        want = naive_scores(q if q_end else q[:, :window], k, window, kernel_size, pooling, "mean",
+                            q_end=q_end, pool_shift=shift)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_shifted_pooling_keeps_the_tokens_after_a_peak():
+    """One attended key at position 10: centred pooling spreads its score over 7..13, a shift
+    of 3 over 10..16 (the key and the six tokens after it)."""
+    seq_len, head_dim, window = 40, 8, 4
+    k = torch.zeros(1, seq_len, head_dim)
+    k[0, 10, 0] = 30.0
+    q = torch.zeros(1, 2, head_dim)
+    q[0, :, 0] = 1.0
+    for shift, want in ((0, range(7, 14)), (3, range(10, 17))):
+        scores = SnapKV(window_size=window, kernel_size=7, pool_shift=shift).token_scores(q, k, 0, q_end=seq_len)
+        top = scores[0, : seq_len - window]
+        assert (top > 0.5).nonzero().flatten().tolist() == list(want)
 
 
 def test_question_scores_reject_a_span_outside_the_prompt():

@@ -178,7 +178,7 @@ def test_server_and_class_defaults_agree():
     cfg = KVPolicyConfig()
     assert POOLING_CHOICES is defaults.POOLINGS
     for cls in (SnapKV, PyramidKV, AdaKV):
-        assert (cls().kernel_size, cls().pooling) == (cfg.kernel_size, cfg.pooling)
+        assert (cls().kernel_size, cls().pooling, cls().pool_shift) == (cfg.kernel_size, cfg.pooling, cfg.pool_shift)
     heads = torch.ones(2, 2)
     assert HeadKV(importance=heads).beta == cfg.beta == 1.005
     assert PyramidKV().beta == cfg.pyramid_beta

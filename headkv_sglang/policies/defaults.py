@@ -21,6 +21,12 @@ WINDOW_SIZE = 8
 #: Width of the score pooling (7 in the SnapKV, PyramidKV, AdaKV and HeadKV scripts).
 KERNEL_SIZE = 13
 POOLING = "maxpool"
+#: How far the score pooling window is moved to the past, at most ``KERNEL_SIZE // 2`` (0:
+#: centred, as in every SnapKV-family script). 3: a token also inherits the attention of the
+#: 9 tokens before it, so a needle's number is kept with its key words; on 24 calibration
+#: cases the fidelity grid does not use, headkv at 5% found 19/24 answers (full KV's 19)
+#: where centred pooling found 16/24 (benchmarks/results/pool_shift_calibration.md).
+POOL_SHIFT = 3
 GQA_AGG = "mean"
 #: HeadKV's pool size ``base // beta`` (1.005: the first value of the HeadKV sweep, and the
 #: best of 1.005 / 1.5 / 2 / 5 on 15 calibration cases the fidelity grid does not use,

@@ -37,6 +37,11 @@ class ObservationWindowPolicy(KVPolicy):
         measured here; 7 in SnapKV, PyramidKV, AdaKV and HeadKV).
     pooling : {"maxpool", "avgpool"}
         Pooling kind ("maxpool" in all four projects' scripts).
+    pool_shift : int
+        The pooling window moved that many tokens to the past, at most
+        ``kernel_size // 2`` (a window ending at the token), so the tokens right after
+        an attended phrase are kept with it (0: centred, as SnapKV; see
+        ``observation_window_scores``). 3, measured (README).
     gqa_agg : {"mean", "max"}
         How the query heads of a KV head's group are combined.
     """
@@ -44,6 +49,7 @@ class ObservationWindowPolicy(KVPolicy):
     window_size: int = defaults.WINDOW_SIZE
     kernel_size: int = defaults.KERNEL_SIZE
     pooling: PoolingKind = defaults.POOLING  # type: ignore[assignment]
+    pool_shift: int = defaults.POOL_SHIFT
     gqa_agg: GqaAggregation = defaults.GQA_AGG  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -55,12 +61,14 @@ class ObservationWindowPolicy(KVPolicy):
                 f"{cls}.kernel_size must be odd (the pooling is centred), got {self.kernel_size}"
             )
         check_choice(cls, "pooling", self.pooling, defaults.POOLINGS)
+        check_int(cls, "pool_shift", self.pool_shift, 0)
         check_choice(cls, "gqa_agg", self.gqa_agg, defaults.GQA_AGGREGATIONS)
 
     @staticmethod
     def observation_kwargs(cfg: KVPolicyConfig) -> dict[str, Any]:
         """The scoring fields as the server config sets them (window: ``cfg.obs_window``)."""
-        return dict(window_size=cfg.obs_window, kernel_size=cfg.kernel_size, pooling=cfg.pooling)
+        return dict(window_size=cfg.obs_window, kernel_size=cfg.kernel_size, pooling=cfg.pooling,
+                    pool_shift=cfg.pool_shift)
 
     @classmethod
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
@@ -69,7 +77,8 @@ class ObservationWindowPolicy(KVPolicy):
     def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
                      q_end: int | None = None) -> torch.Tensor:
         return observation_window_scores(
-            q_win, k, self.window_size, self.kernel_size, self.pooling, self.gqa_agg, q_end
+            q_win, k, self.window_size, self.kernel_size, self.pooling, self.gqa_agg, q_end,
+            self.pool_shift,
         )
 
 

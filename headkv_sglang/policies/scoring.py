@@ -52,6 +52,7 @@ def observation_window_scores(
     pooling: str,
     gqa_agg: str,
     q_end: int | None = None,
+    pool_shift: int = 0,
 ) -> torch.Tensor:
     """SnapKV token scores (arXiv 2404.14469), aggregated per KV head.
 
@@ -70,6 +71,12 @@ def observation_window_scores(
         (the request's question, which may end before the chat template's tail);
         the last ``w = min(window_size, T)`` tokens are still the kept window.
         None: ``q_end = T`` and ``n = w`` (SnapKV).
+    pool_shift : int
+        ``>= 0``: the pooling window of position ``p`` covers ``[p - r - s, p + r - s]``
+        with ``r = kernel_size // 2`` and ``s = min(pool_shift, r)`` (at most a window
+        ending at ``p``), so a token also inherits the attention of the ``r + s`` tokens
+        before it and the span kept around an attended phrase reaches further right (the
+        value after a key: a needle's number after its key words). 0: centred (SnapKV).
 
     Returns
     -------
@@ -77,7 +84,8 @@ def observation_window_scores(
         float32 ``[num_kv_heads, T]``: for positions ``< T - w`` the attention
         mass the scoring queries put on the key (causal: a query at position p
         sees keys <= p; softmax over them in float32, summed over the queries),
-        smoothed by a stride-1 pooling of width ``kernel_size``, then averaged (or
+        smoothed by a stride-1 pooling of width ``kernel_size`` (zero outside the
+        prefix; avgpool divides by ``kernel_size``), then averaged (or
         maxed) over the query heads of the KV head's group; ``+inf`` on the window.
     """
     group = check_scoring_inputs(q_win, k, window_size, q_end)
@@ -100,12 +108,17 @@ def observation_window_scores(
     mass = probs.sum(dim=2)[..., :prefix]  # [H, G, min(prefix, q_end)]
     if mass.shape[-1] < prefix:  # keys between the question and the window: no query sees them
         mass = F.pad(mass, (0, prefix - mass.shape[-1]))
-    flat = mass.reshape(num_kv_heads * group, 1, prefix)
-    pad = kernel_size // 2
+    r = kernel_size // 2
+    if pool_shift < 0:
+        raise ValueError(f"pool_shift must be >= 0, got {pool_shift}")
+    pool_shift = min(pool_shift, r)
+    # Zero padding (the mass is >= 0, so maxpool is unchanged by it; avgpool counts it, as
+    # SnapKV's padded avg_pool1d does), more of it before the prefix when shifted.
+    flat = F.pad(mass.reshape(num_kv_heads * group, 1, prefix), (r + pool_shift, r - pool_shift))
     if pooling == "avgpool":
-        pooled = F.avg_pool1d(flat, kernel_size=kernel_size, stride=1, padding=pad)
+        pooled = F.avg_pool1d(flat, kernel_size=kernel_size, stride=1)
     else:
-        pooled = F.max_pool1d(flat, kernel_size=kernel_size, stride=1, padding=pad)
+        pooled = F.max_pool1d(flat, kernel_size=kernel_size, stride=1)
     pooled = pooled.reshape(num_kv_heads, group, prefix)
     agg = pooled.mean(dim=1) if gqa_agg == "mean" else pooled.amax(dim=1)
     out[:, :prefix] = agg
