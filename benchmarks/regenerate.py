@@ -117,6 +117,19 @@ NEEDLES_ARGS = ["--tasks", "niah", "multikey", "--policies", "headkv", "snapkv",
                 "7000", "--seeds", "3", "--kv-params", '{"kv_scoring": "question"}']
 
 
+def defaults_note(meta: dict) -> str:
+    """A sentence naming the policy defaults a grid was measured under that this checkout has changed
+    since ("" when none): a grid is not re-run by every change of a default, but says so."""
+    from benchmarks.fidelity import policy_defaults
+
+    then = meta.get("kv_defaults")
+    if then is None:
+        return "Measured before grids recorded their policy defaults: re-run to compare with this checkout's. "
+    diff = [f"`{k}` {json.dumps(then.get(k))} (now {json.dumps(v)})" for k, v in policy_defaults().items()
+            if k not in then or then[k] != v]
+    return (f"Measured with defaults changed since: {', '.join(diff)}; re-run to update. " if diff else "")
+
+
 def needles_part(fid: dict) -> list[str]:
     """The needle grid: many needle cases per cell (single, and multikey with same-shaped distractors),
     so that one answer moves a cell little; its shape and request parameters read from the grid."""
@@ -140,7 +153,8 @@ def needles_part(fid: dict) -> list[str]:
     lines = [
         f"**Needles, {n} cases per cell** — {meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens, {what}"
         + "".join(f", {h}" for h in how) + f"; full KV finds {full:.0f} of {n}, one answer "
-        f"moves a cell by ~{100 / max(full, 1):.0f} points. Score relative to full KV (KV held):",
+        f"moves a cell by ~{100 / max(full, 1):.0f} points. {defaults_note(meta)}"
+        "Score relative to full KV (KV held):",
         "",
         "| policy | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),
@@ -172,7 +186,8 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
         f"{meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens), score relative to full KV on the same "
         f"cases (full KV scores {s['full_short_answer_total']:.1f} points in total), at a budget of tokens per "
         "KV head given as a share of the prompt; in brackets the share of the prompt's full KV each "
-        "policy actually held there (server-reported, page rounding included):",
+        "policy actually held there (server-reported, page rounding included). "
+        + defaults_note(meta).rstrip(),
         "",
         "| policy | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),

@@ -454,3 +454,14 @@ def test_readme_section_shows_the_needle_grid_with_equal_held_rankings():
     assert "2%: headkv ranks 1 of 2 (best: headkv; tied with snapkv)" in section(fid, None, None, needles)
     assert "**97%** (2.3%)" in text  # the main grid's 97% cell is still marked
     assert "Needles" not in section(fid, None, None)
+    # grids say which of the policy defaults they were measured under have changed since
+    from benchmarks.fidelity import policy_defaults
+
+    assert "Measured before grids recorded their policy defaults" in text
+    needles["meta"]["kv_defaults"] = fid["meta"]["kv_defaults"] = policy_defaults()
+    text = section(fid, None, None, needles)
+    assert "Measured before" not in text and "defaults changed" not in text
+    fid["meta"]["kv_defaults"] = {**policy_defaults(), "pool_shift": 0, "kernel_size": 7}
+    text = section(fid, None, None, needles)
+    assert text.count("Measured with defaults changed since") == 1
+    assert f"`kernel_size` 7 (now {policy_defaults()['kernel_size']}), `pool_shift` 0 (now " in text
