@@ -128,8 +128,8 @@ def request_key(case: Case, params: dict) -> str:
 def policy_defaults() -> dict:
     """The settings a compressed request takes from this checkout for every ``kv_*`` key it does not
     send: the policy hyperparameters' defaults (``headkv_sglang/policies/defaults.py``) and the
-    automatic window and question lengths. Part of a compressed request's key, so rows measured
-    under other defaults are asked again, not reused; recorded in ``OUT.json``'s meta."""
+    automatic window and question lengths. Recorded in ``OUT.json``'s meta and with every journal
+    line: compressed rows measured under other defaults are asked again, not reused."""
     from headkv_sglang import config
     from headkv_sglang.policies import defaults
 
@@ -138,25 +138,42 @@ def policy_defaults() -> dict:
 
 
 def read_journal(path: Path | None) -> dict[str, dict]:
-    """The rows a killed run finished, by request key (a torn last line is ignored)."""
+    """The rows a killed run finished, by request key (a torn last line is ignored); compressed rows
+    only if they were measured under this checkout's policy defaults (full KV's depend on none)."""
     done: dict[str, dict] = {}
     if path is None or not path.exists():
         return done
+    now = policy_defaults()
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
-            done[entry["key"]] = entry["row"]
+            if entry["row"]["policy"] == "full" or entry.get("defaults") == now:
+                done[entry["key"]] = entry["row"]
         except (ValueError, KeyError, TypeError):
             continue
     return done
 
 
+def changed_defaults(then: dict | None) -> list[str]:
+    """The policy defaults that differ between ``then`` (a grid's meta ``kv_defaults``; None: not
+    recorded) and this checkout, as ``name then -> now``; ``["not recorded"]`` for None."""
+    if then is None:
+        return ["not recorded"]
+    return [f"{k} {json.dumps(then.get(k))} -> {json.dumps(v)}" for k, v in policy_defaults().items()
+            if k not in then or then[k] != v]
+
+
 def finished_rows(out_json: Path) -> dict[str, dict]:
-    """The rows of a finished grid (``OUT.json``) by request key, to reuse when it is extended."""
+    """The rows of a finished grid (``OUT.json``) by request key, to reuse when it is extended; its
+    compressed rows only if the grid was measured under this checkout's policy defaults."""
     if not out_json.exists():
         return {}
-    rows = json.loads(out_json.read_text()).get("rows", [])
-    return {r["key"]: r for r in rows if r.get("key")}
+    grid = json.loads(out_json.read_text())
+    changed = changed_defaults(grid.get("meta", {}).get("kv_defaults"))
+    if changed:
+        print(f"{out_json.name}: policy defaults changed ({', '.join(changed)}): its compressed requests "
+              "are asked again", file=sys.stderr)
+    return {r["key"]: r for r in grid.get("rows", []) if r.get("key") and (r["policy"] == "full" or not changed)}
 
 
 def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str], concurrency: int = 8,
@@ -198,8 +215,7 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
             by_cfg: dict[tuple[str, str], dict] = {}
             todo = []
             for pol, b in configs:
-                key = request_key(case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": b,
-                                         "defaults": settings})
+                key = request_key(case, {**(kv_params or {}), "kv_policy": pol, "kv_budget": b})
                 if key in done:
                     by_cfg[(pol, b)] = {**done[key], "case": ci}
                     bar.update(1)
@@ -231,7 +247,8 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
             rows += [full_row, *(by_cfg[c] for c in configs)]
             if journal is not None and fresh:
                 with journal.open("a") as f:
-                    f.writelines(json.dumps({"key": g["key"], "row": g}) + "\n" for g in fresh)
+                    f.writelines(json.dumps({"key": g["key"], "row": g, "defaults": settings}) + "\n"
+                                 for g in fresh)
             bar.set_postfix(task=case.task, tokens=n_prompt)
     bar.close()
     return rows
@@ -450,8 +467,9 @@ def main(argv: list[str] | None = None) -> int:
             if a.redo:
                 # the journal is rewritten without them, so a second kill does not bring them back
                 reuse = {k: r for k, r in reuse.items() if r["policy"] not in a.redo}
-                journal.write_text("".join(json.dumps({"key": k, "row": r}) + "\n" for k, r in logged.items()
-                                           if r["policy"] not in a.redo))
+                now = policy_defaults()  # the rows read_journal kept were measured under these
+                journal.write_text("".join(json.dumps({"key": k, "row": r, "defaults": now}) + "\n"
+                                           for k, r in logged.items() if r["policy"] not in a.redo))
             if reuse:
                 print(f"reusing {len(reuse)} finished requests from {a.out}.json / {journal.name}"
                       + (f" (asking {', '.join(a.redo)} again)" if a.redo else ""), file=sys.stderr)

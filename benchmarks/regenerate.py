@@ -120,14 +120,12 @@ NEEDLES_ARGS = ["--tasks", "niah", "multikey", "--policies", "headkv", "snapkv",
 def defaults_note(meta: dict) -> str:
     """A sentence naming the policy defaults a grid was measured under that this checkout has changed
     since ("" when none): a grid is not re-run by every change of a default, but says so."""
-    from benchmarks.fidelity import policy_defaults
+    from benchmarks.fidelity import changed_defaults
 
-    then = meta.get("kv_defaults")
-    if then is None:
+    changed = changed_defaults(meta.get("kv_defaults"))
+    if changed == ["not recorded"]:
         return "Measured before grids recorded their policy defaults: re-run to compare with this checkout's. "
-    diff = [f"`{k}` {json.dumps(then.get(k))} (now {json.dumps(v)})" for k, v in policy_defaults().items()
-            if k not in then or then[k] != v]
-    return (f"Measured with defaults changed since: {', '.join(diff)}; re-run to update. " if diff else "")
+    return f"Measured with policy defaults changed since ({', '.join(changed)}); re-run to update. " if changed else ""
 
 
 def needles_part(fid: dict) -> list[str]:
@@ -186,8 +184,8 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
         f"{meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens), score relative to full KV on the same "
         f"cases (full KV scores {s['full_short_answer_total']:.1f} points in total), at a budget of tokens per "
         "KV head given as a share of the prompt; in brackets the share of the prompt's full KV each "
-        "policy actually held there (server-reported, page rounding included). "
-        + defaults_note(meta).rstrip(),
+        "policy actually held there (server-reported, page rounding included)"
+        + (f". {defaults_note(meta).rstrip()}" if defaults_note(meta) else ":"),
         "",
         "| policy | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),

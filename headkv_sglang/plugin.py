@@ -91,7 +91,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-pool-shift": ("pool_shift", dict(type=int, default=_DEFAULTS.pool_shift,
                                            help="Moves the score pooling window this many tokens to the past "
                                                 "(at most --kv-kernel-size // 2), so the tokens right after an "
-                                                "attended phrase are kept with it (default 3; 0: centred, as SnapKV).")),
+                                                "attended phrase are kept with it (default 0: centred, as SnapKV).")),
     "--kv-pooling": ("pooling", dict(type=str, default=_DEFAULTS.pooling, choices=POOLING_CHOICES, help="SnapKV pooling.")),
     "--kv-razor-fraction": ("razor_fraction", dict(type=float, default=_DEFAULTS.razor_fraction,
                                                    help="RazorAttention: fraction of heads kept whole.")),

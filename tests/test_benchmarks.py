@@ -152,6 +152,27 @@ def test_bad_inputs_are_named():
     assert r.returncode == 2 and "--budgets: invalid budget '0%'" in r.stderr, r.stderr
 
 
+def test_rows_measured_under_other_policy_defaults_are_not_reused(tmp_path, capsys):
+    """A finished grid or a journal measured under other policy defaults gives back only its full-KV
+    rows (which depend on none): the compressed ones are asked again, and the change is named."""
+    import benchmarks.fidelity as fid
+
+    now = fid.policy_defaults()
+    assert now["pool_shift"] == 0 and now["kernel_size"] == 13 and now["auto_question"] == 16
+    rows = [{"key": "f", "policy": "full"}, {"key": "s", "policy": "snapkv"}]
+    out = tmp_path / "grid.json"
+    for then, keys in ((now, {"f", "s"}), ({**now, "pool_shift": 3}, {"f"}), (None, {"f"})):
+        out.write_text(json.dumps({"meta": {} if then is None else {"kv_defaults": then}, "rows": rows}))
+        assert set(fid.finished_rows(out)) == keys
+    err = capsys.readouterr().err
+    assert "policy defaults changed (pool_shift 3 -> 0)" in err and "(not recorded)" in err
+    journal = tmp_path / "grid.partial.jsonl"
+    journal.write_text("".join(json.dumps({"key": r["key"], "row": r, "defaults": d}) + "\n"
+                               for r, d in ((rows[0], None), (rows[1], {**now, "kernel_size": 7}),
+                                            ({"key": "a", "policy": "adakv"}, now))))
+    assert set(fid.read_journal(journal)) == {"f", "a"}
+
+
 def test_calibration_variants_become_request_keys():
     from argparse import ArgumentTypeError
 
@@ -461,7 +482,7 @@ def test_readme_section_shows_the_needle_grid_with_equal_held_rankings():
     needles["meta"]["kv_defaults"] = fid["meta"]["kv_defaults"] = policy_defaults()
     text = section(fid, None, None, needles)
     assert "Measured before" not in text and "defaults changed" not in text
-    fid["meta"]["kv_defaults"] = {**policy_defaults(), "pool_shift": 0, "kernel_size": 7}
+    fid["meta"]["kv_defaults"] = {**policy_defaults(), "pool_shift": 3, "kernel_size": 7}
     text = section(fid, None, None, needles)
-    assert text.count("Measured with defaults changed since") == 1
-    assert f"`kernel_size` 7 (now {policy_defaults()['kernel_size']}), `pool_shift` 0 (now " in text
+    assert text.count("Measured with policy defaults changed since") == 1
+    assert "(kernel_size 7 -> 13, pool_shift 3 -> 0); re-run to update." in text

@@ -2,7 +2,7 @@
 
 >>> from headkv_sglang.policies import get_policy
 >>> get_policy("snapkv", window_size=16)
-SnapKV(window_size=16, kernel_size=13, pooling='maxpool', gqa_agg='mean')
+SnapKV(window_size=16, kernel_size=13, pooling='maxpool', pool_shift=0, gqa_agg='mean')
 
 Layout: ``base.py`` the :class:`KVPolicy` interface and :func:`compress_layer`;
 ``observation.py`` the SnapKV-scored base; one file per policy; ``scoring.py``,
