@@ -134,7 +134,8 @@ def policy_defaults() -> dict:
     from headkv_sglang.policies import defaults
 
     out = {k.lower(): v for k, v in vars(defaults).items() if k.isupper() and not isinstance(v, tuple)}
-    return {**out, "auto_window": config.AUTO_WINDOW, "auto_question": config.AUTO_QUESTION}
+    return {**out, "scoring": config.DEFAULT_SCORING, "auto_window": config.AUTO_WINDOW,
+            "auto_question": config.AUTO_QUESTION}
 
 
 def read_journal(path: Path | None) -> dict[str, dict]:
@@ -154,13 +155,14 @@ def read_journal(path: Path | None) -> dict[str, dict]:
     return done
 
 
-def changed_defaults(then: dict | None) -> list[str]:
+def changed_defaults(then: dict | None, kv_params: dict | None = None) -> list[str]:
     """The policy defaults that differ between ``then`` (a grid's meta ``kv_defaults``; None: not
-    recorded) and this checkout, as ``name then -> now``; ``["not recorded"]`` for None."""
+    recorded) and this checkout, as ``name then -> now``; ``["not recorded"]`` for None. A default
+    the grid's requests set themselves (``kv_params``: ``kv_<name>``) does not count."""
     if then is None:
         return ["not recorded"]
     return [f"{k} {json.dumps(then.get(k))} -> {json.dumps(v)}" for k, v in policy_defaults().items()
-            if k not in then or then[k] != v]
+            if (k not in then or then[k] != v) and f"kv_{k}" not in (kv_params or {})]
 
 
 def finished_rows(out_json: Path) -> dict[str, dict]:
@@ -169,7 +171,8 @@ def finished_rows(out_json: Path) -> dict[str, dict]:
     if not out_json.exists():
         return {}
     grid = json.loads(out_json.read_text())
-    changed = changed_defaults(grid.get("meta", {}).get("kv_defaults"))
+    meta = grid.get("meta", {})
+    changed = changed_defaults(meta.get("kv_defaults"), meta.get("kv_params"))
     if changed:
         print(f"{out_json.name}: policy defaults changed ({', '.join(changed)}): its compressed requests "
               "are asked again", file=sys.stderr)

@@ -51,7 +51,11 @@ REQUEST_KEYS = {
 }
 MAX_BUDGET = 1 << 20
 AUTO_WINDOW = 32
-AUTO_QUESTION = 16  # benchmarks/results/scoring_calibration.md
+AUTO_QUESTION = 16  # of 16/32/64: scoring_calibration.md before 2026-12-04 (git history)
+#: What scores by default: the question. On 24 calibration cases the fidelity grid does not use
+#: (benchmarks/results/scoring_calibration.md) it found as many answers as the window or more in
+#: every cell, headkv at 5%: 16/24 vs 11/24 (full KV 19/24).
+DEFAULT_SCORING = "question"
 #: What scores the prompt's tokens: its question (the last user turn, before the chat
 #: template's tail; see headkv_sglang/question.py) or SnapKV's window (the last tokens).
 SCORING_CHOICES = ("question", "window")
@@ -91,7 +95,7 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     budget: int = 128
     budget_ratio: float = 0.0  # > 0: the budget is this share of each prompt (see for_prompt)
     window: int = 0  # 0: automatic, see obs_window
-    scoring: str = "window"  # or "question": see headkv_sglang/question.py
+    scoring: str = DEFAULT_SCORING  # "question" or "window": see headkv_sglang/question.py
     question: int = 0  # 0: automatic, see question_len
     min_prompt: int = 0
     head_profile: str | None = None
@@ -123,7 +127,8 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     @property
     def question_len(self) -> int:
         """Most scoring queries taken from the question: ``question`` or, when 0, 16
-        (the best of 16/32/64 in ``benchmarks/results/scoring_calibration.md``)."""
+        (the best of 16/32/64 on 15 calibration cases: 6/15 answers at 2%, 0/15 with 32 or 64;
+        ``benchmarks/results/scoring_calibration.md`` before 2026-12-04, in the git history)."""
         return self.question or AUTO_QUESTION
 
     @property

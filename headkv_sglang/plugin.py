@@ -73,9 +73,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                    help="Recent prompt tokens always kept (with --kv-scoring window they also score the "
                                         "rest); 0, the default: min(32, budget/4).")),
     "--kv-scoring": ("scoring", dict(type=str, default=_DEFAULTS.scoring, choices=SCORING_CHOICES,
-                                     help="What ranks prompt tokens: 'window' (the default; SnapKV: the last "
-                                          "--kv-window tokens) or 'question' (the last user turn's last --kv-question "
-                                          "tokens, before the chat template's tail).")),
+                                     help="What ranks prompt tokens: 'question' (the default: the last user turn's "
+                                          "last --kv-question tokens, before the chat template's tail) or 'window' "
+                                          "(SnapKV: the last --kv-window tokens).")),
     "--kv-question": ("question", dict(type=int, default=_DEFAULTS.question,
                                        help="Most question tokens that score the prompt (0, the default: 16).")),
     "--kv-head-profile": ("head_profile", dict(type=str, default=None,

@@ -486,3 +486,9 @@ def test_readme_section_shows_the_needle_grid_with_equal_held_rankings():
     text = section(fid, None, None, needles)
     assert text.count("Measured with policy defaults changed since") == 1
     assert "(kernel_size 7 -> 13, pool_shift 3 -> 0); re-run to update." in text
+    # a default the grid's requests set themselves is not a change for it
+    fid["meta"]["kv_defaults"] = {**policy_defaults(), "scoring": "window"}
+    fid["meta"]["kv_params"] = {"kv_scoring": "question"}
+    assert "defaults changed" not in section(fid, None, None, needles)
+    del fid["meta"]["kv_params"]
+    assert '(scoring "window" -> "question")' in section(fid, None, None, needles)
