@@ -23,7 +23,7 @@ pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
 assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
-                   "kv_pod_share, kv_policy, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
+                   "kv_pod_share, kv_policy, kv_pool_shift, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
                    "kv_share, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
 POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor, d2o, pod"
@@ -125,6 +125,9 @@ INVALID = [
     ({"kv_pooling": "median"}, "custom_params.kv_pooling: invalid value 'median'; choose one of maxpool, avgpool"),
     ({"kv_pooling": "MaxPool"}, "custom_params.kv_pooling: invalid value 'MaxPool'; choose one of maxpool, avgpool"),
     ({"kv_pooling": 1}, "custom_params.kv_pooling: invalid value 1; expected str"),
+    # kv_pool_shift
+    ({"kv_pool_shift": -1}, "custom_params.kv_pool_shift: invalid value -1; expected an integer in [0, 31]"),
+    ({"kv_pool_shift": "3"}, "custom_params.kv_pool_shift: invalid value '3'; expected int"),
     # kv_razor_fraction
     ({"kv_razor_fraction": 1.5}, "custom_params.kv_razor_fraction: invalid value 1.5; expected a number in [0.0, 1.0]"),
     ({"kv_razor_fraction": -0.01},
