@@ -170,6 +170,7 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
     budgets, policies = meta["budgets"], meta["policies"]
     b97, met = headkv_budget(fid)
     rel = s["relative_to_full"]
+    changed = defaults_note(meta)
     lines = [
         BEGIN,
         "",
@@ -185,7 +186,7 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
         f"cases (full KV scores {s['full_short_answer_total']:.1f} points in total), at a budget of tokens per "
         "KV head given as a share of the prompt; in brackets the share of the prompt's full KV each "
         "policy actually held there (server-reported, page rounding included)"
-        + (f". {defaults_note(meta).rstrip()}" if defaults_note(meta) else ":"),
+        + (f". {changed.rstrip()}" if changed else ":"),
         "",
         "| policy | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),

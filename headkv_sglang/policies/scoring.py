@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 
 def check_scoring_inputs(q_win: torch.Tensor, k: torch.Tensor, window_size: int,
-                         q_end: int | None = None) -> int:
-    """Validate ``q_win`` / ``k`` (and ``q_end``) and return the GQA group size."""
+                         q_end: int | None = None, pool_shift: int = 0) -> int:
+    """Validate ``q_win`` / ``k`` (and ``q_end``, ``pool_shift``) and return the GQA group size."""
+    if pool_shift < 0:
+        raise ValueError(f"pool_shift must be >= 0, got {pool_shift}")
     if q_win.dim() != 3 or k.dim() != 3:
         raise ValueError(
             f"q_win must be [num_q_heads, w, head_dim] and k [num_kv_heads, T, head_dim]; "
@@ -88,7 +90,7 @@ def observation_window_scores(
         prefix; avgpool divides by ``kernel_size``), then averaged (or
         maxed) over the query heads of the KV head's group; ``+inf`` on the window.
     """
-    group = check_scoring_inputs(q_win, k, window_size, q_end)
+    group = check_scoring_inputs(q_win, k, window_size, q_end, pool_shift)
     num_kv_heads, seq_len, head_dim = k.shape
     n = q_win.shape[1]
     q_end = seq_len if q_end is None else q_end
@@ -109,8 +111,6 @@ def observation_window_scores(
     if mass.shape[-1] < prefix:  # keys between the question and the window: no query sees them
         mass = F.pad(mass, (0, prefix - mass.shape[-1]))
     r = kernel_size // 2
-    if pool_shift < 0:
-        raise ValueError(f"pool_shift must be >= 0, got {pool_shift}")
     pool_shift = min(pool_shift, r)
     # Zero padding (the mass is >= 0, so maxpool is unchanged by it; avgpool counts it, as
     # SnapKV's padded avg_pool1d does), more of it before the prefix when shifted.
