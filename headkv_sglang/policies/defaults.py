@@ -31,7 +31,7 @@ POOLING = "maxpool"
 POOL_SHIFT = 0
 GQA_AGG = "mean"
 #: HeadKV's pool size ``base // beta`` (1.005: the first value of the HeadKV sweep, and the
-#: best of 1.005 / 1.5 / 2 / 5 on 24 calibration cases the fidelity grid does not use, with
+#: best mean of 1.005 / 1.5 / 2 / 5 on 24 calibration cases the fidelity grid does not use, with
 #: question scoring: 0.17 / 0.67 of the answers at 2% / 5%, the others 0.08-0.17 / 0.42-0.58;
 #: benchmarks/results/beta_calibration.md).
 HEADKV_BETA = 1.005
