@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp())
     profile = synthetic_profile(L, Hq, H, D, tmp / "r2.json")
     rows = []
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    # on a GPU the flash kernel or an error, never a silent fallback to the math kernel
+    backends = [SDPBackend.FLASH_ATTENTION] if cuda else [SDPBackend.MATH]
     for T in contexts:
         x0 = rand(T, hidden)
 
@@ -109,7 +112,12 @@ def main(argv=None) -> int:
                 q = qkv[:, :Hq * D].view(T, Hq, D).transpose(0, 1)
                 k = qkv[:, Hq * D:(Hq + H) * D].view(T, H, D).transpose(0, 1)
                 v = qkv[:, (Hq + H) * D:].view(T, H, D).transpose(0, 1)
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                # K/V expanded to the query heads: SDPA's GQA path (enable_gqa) falls back to
+                # the math kernel, which materialises T x T scores (128 GiB at 32k)
+                k, v = k.repeat_interleave(Hq // H, 0), v.repeat_interleave(Hq // H, 0)
+                with sdpa_kernel(backends):
+                    o = torch.nn.functional.scaled_dot_product_attention(  # fused kernels: 4-D only
+                        q[None], k[None], v[None], is_causal=True)[0]
                 x = x + o.transpose(0, 1).reshape(T, Hq * D) @ w_o
                 g, u = (x @ w_gu).chunk(2, dim=-1)
                 x = x + (torch.nn.functional.silu(g) * u) @ w_down

@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", required=True)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also run N headkv steps under torch.profiler, the wrapper's parts labelled; "
+                        "tables of host and device time by part and by op in OUT.profile.txt")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny run on the CPU through torch_native + the torch kernel (checks the script, times nothing)")
     a = p.parse_args(argv)
@@ -230,6 +233,8 @@ def main(argv=None) -> int:
                  "host_tables_ms": statistics.median(time_steps(tables, 3, False))}
         # the ragged kernel alone for all layers: eager vs one CUDA-graph replay
         extra.update(graphed_kernel(kern, rows, manager, shape, kv, q.view(B, Hq, D), L, B, a, scale, cuda))
+        if a.profile:
+            profile_steps(wrapper, headkv_step, a.profile, cuda, Path(a.out).with_suffix(".profile.txt"))
     print(f"new batch: plan {extra['replan_ms']:.1f} ms, of which host tables {extra['host_tables_ms']:.1f} ms",
           flush=True)
     if "graph_ms" in extra:
@@ -304,6 +309,39 @@ def graphed_kernel(kern, rows, manager, shape, kv, q, L, B, a, scale, cuda) -> d
     return {"kernel_eager_ms": statistics.median(time_steps(eager, a.steps, True)),
             "graph_ms": statistics.median(time_steps(graph.replay, a.steps, True)),
             "graph_max_abs_diff_vs_eager": err}
+
+
+def profile_steps(wrapper, step, n: int, cuda: bool, path: Path) -> None:
+    """``n`` calls of ``step`` under torch.profiler, the wrapper's parts labelled (SGLang's plan
+    and decode, our plan, the ragged kernel, the step): where a step's host and device time go."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(name, fn):
+        def call(*args, **kw):
+            with record_function(name):
+                return fn(*args, **kw)
+        return call
+
+    patched = [(wrapper.inner, "init_forward_metadata"), (wrapper.inner, "forward_decode"),
+               (wrapper, "_plan"), (wrapper.kernel, "run")]
+    for obj, name in patched:
+        setattr(obj, name, labelled(f"## {type(obj).__name__}.{name}", getattr(obj, name)))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            with record_function("## step"):
+                step()
+        if cuda:
+            torch.cuda.synchronize()
+    for obj, name in patched:
+        delattr(obj, name)  # the class's method again
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    ka = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{n} steps; labelled parts (## ...) then ops, by {sort}\n\n"
+                    + ka.table(sort_by="cpu_time_total", row_limit=30) + "\n\n"
+                    + ka.table(sort_by=sort, row_limit=30) + "\n")
+    print(f"profile: {path}", flush=True)
 
 
 def graph_note(h: dict, L: int) -> str:

@@ -34,7 +34,7 @@ step() {  # step NAME TIMEOUT CMD...: run with at most TIMEOUT s, never past the
 step ragged_kernel 150 $T tests/test_flashinfer_ragged.py
 step flashinfer_ext 100 $T tests/test_flashinfer_gpu.py tests/test_flashinfer_plan.py
 step compress 100 python3 benchmarks/gpu_compress.py --out "$OUT/compress_h200"
-step decode_step 120 python3 benchmarks/gpu_decode_step.py --out "$OUT/decode_step_h200"
+step decode_step 120 python3 benchmarks/gpu_decode_step.py --profile 3 --out "$OUT/decode_step_h200"
 step backend_decode 80 $T tests/test_backend_kit.py -k "flashinfer and decode_rows"
 step backend_extend 220 $T tests/test_backend_kit.py -k "flashinfer and not decode_rows"
 # the device returns at most 8 files: logs go back in one archive, results as they are

@@ -402,7 +402,7 @@ def test_capacity_cli_measures_both_servers_through_bench_serving(tmp_path):
 @pytest.mark.parametrize("script,args", [
     ("gpu_compress.py", []),
     ("gpu_decode_step.py", ["--batch", "3", "--context", "200", "--tail", "5", "--budget", "16", "--layers", "2",
-                            "--steps", "2"]),
+                            "--steps", "2", "--profile", "1"]),
 ])
 def test_gpu_benchmarks_run_their_cpu_dry_run(script, args, tmp_path):
     """The GPU benchmarks' code paths on tiny CPU shapes (their times mean nothing here), so the
@@ -419,6 +419,9 @@ def test_gpu_benchmarks_run_their_cpu_dry_run(script, args, tmp_path):
     else:
         assert result["headkv"]["replan_ms"] > 0 and result["headkv"]["kept_fraction"] > 0
         assert "re-plan of the same batch" in md
+        prof = out.with_suffix(".profile.txt").read_text()  # the wrapper's parts, labelled
+        for part in ("## step", "## HeadKVAttnBackend._plan", "## TorchRaggedAttention.run"):
+            assert part in prof, part
 
 
 def test_rankings_compare_only_cells_of_equal_held_kv():
