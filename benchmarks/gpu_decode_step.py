@@ -338,7 +338,7 @@ def profile_steps(wrapper, step, n: int, cuda: bool, path: Path) -> None:
     sort = "cuda_time_total" if cuda else "cpu_time_total"
     ka = prof.key_averages()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{n} steps; labelled parts (## ...) then ops, by {sort}\n\n"
+    path.write_text(f"{n} steps; labelled parts (## ...) and ops, by host (CPU) time, then by {sort}\n\n"
                     + ka.table(sort_by="cpu_time_total", row_limit=30) + "\n\n"
                     + ka.table(sort_by=sort, row_limit=30) + "\n")
     print(f"profile: {path}", flush=True)
