@@ -188,6 +188,66 @@ def test_calibration_variants_become_request_keys():
             variant_params(bad)
 
 
+@pytest.fixture(scope="module")
+def hf_model():
+    from headkv_sglang.dev import models
+    from headkv_sglang.profile import load_model
+
+    return load_model(str(models.model_dir()))
+
+
+def test_kept_tokens_captures_the_queries_and_keys_the_model_attends_with(hf_model):
+    """``kept_tokens.capture_qk`` records every layer's post-RoPE queries and keys: their causal
+    softmax is the attention the model itself reports."""
+    import math
+
+    import torch
+
+    from benchmarks.kept_tokens import capture_qk
+
+    tok, model = hf_model
+    ids = tok("The secret number is 48213. A few more words follow, then the question: which number?").input_ids
+    qs, ks = capture_qk(model, ids)
+    with torch.no_grad():
+        atts = model(torch.tensor([ids]), output_attentions=True).attentions
+    assert len(qs) == len(atts) == model.config.num_hidden_layers
+    t = len(ids)
+    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    for layer in range(len(qs)):
+        q, k = qs[layer], ks[layer]
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(causal, -math.inf)
+        torch.testing.assert_close(torch.softmax(logits, -1), atts[layer][0], atol=1e-5, rtol=1e-4)
+
+
+def test_kept_tokens_cli_counts_the_answer_distractors_and_question(hf_model, tmp_path):
+    """At 100% every head keeps every token, so every count is known; at 5% headkv holds exactly
+    L * H * B tokens and at most every head keeps the answer."""
+    from benchmarks.kept_tokens import main
+
+    out = tmp_path / "kt"
+    assert main(["--lengths", "300", "--depths", "0.5", "--seeds", "1", "--policies", "headkv", "snapkv",
+                 "--budgets", "100%", "5%", "--variants", "question:8", "window", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    heads = result["meta"]["heads_per_case"]
+    assert heads == 90 and result["meta"]["cases_per_task"] == {"niah": 1, "multikey": 1}
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2
+    for r in rows:
+        if r["budget"] == "100%":
+            assert r["answer"] == heads and r["kept"] == heads * r["prompt_tokens"], r
+            assert r["distractor"] == (heads if r["task"] == "multikey" else 0), r
+            # the question and the template tail: 10-40 tokens of this prompt, kept by every head
+            assert r["question"] % heads == 0 and 10 <= r["question"] // heads <= 40, r
+        else:
+            assert r["budget_tokens"] == -(-5 * r["prompt_tokens"] // 100)
+            assert 0 <= r["answer"] <= heads and r["question"] < heads * r["budget_tokens"]
+            if r["policy"] == "headkv":
+                assert r["kept"] == heads * r["budget_tokens"], r
+    md = out.with_suffix(".md").read_text()
+    assert "| multikey | window | snapkv | 100% | 90 of 90 | 90 of 90 |" in md
+
+
 # -- through a real server ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
