@@ -100,18 +100,14 @@ def analyse(tok, model, shape: ModelShape, finder: QuestionFinder, case, cfgs: d
     for key, base in cfgs.items():
         cfg = base.for_prompt(len(ids))
         policy = build_policy(cfg, shape)
-        if cfg.scoring == "question":
-            start, end = finder.span(ids, cfg.question_len)
-        else:
-            end = len(ids)
-            start = end - min(cfg.obs_window, end)
+        start, end = cfg.scoring_span(finder, ids, len(ids))
         planned = policy.plan_budgets(len(ids), cfg.budget, shape.num_layers, shape.num_kv_heads)
         total = {"answer": 0, "distractor": 0, "question": 0, "kept": 0}
         prev = None
         for layer in range(shape.num_layers):
             k = ks[layer]
             prev = compress_layer(policy, layer, qs[layer][:, start:end], k, k, cfg.budget, planned,
-                                  q_end=end if cfg.scoring == "question" else None, prev=prev)
+                                  q_end=end, prev=prev)
             for name, n in kept_counts(prev.keep, answer, distractors, question_from).items():
                 total[name] += n
         out[key] = {**total, "budget_tokens": cfg.budget, "prompt_tokens": len(ids)}

@@ -14,13 +14,17 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Torch-free: the registry imports the policy classes only on lookup.
 from headkv_sglang.policies import defaults
 from headkv_sglang.policies.registry import POLICIES, policy_class
+
+if TYPE_CHECKING:
+    from headkv_sglang.question import QuestionFinder
 
 ENV_VAR = "HEADKV_SGLANG_CONFIG"
 #: The --kv-policy choices: the policies registered when this module was imported
@@ -134,6 +138,18 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
         (the best of 16/32/64 on 15 calibration cases: 6/15 answers at 2%, 0/15 with 32 or 64;
         ``benchmarks/results/scoring_calibration.md`` before 2026-12-04, in the git history)."""
         return self.question or AUTO_QUESTION
+
+    def scoring_span(self, finder: QuestionFinder, prompt_ids: Sequence[int], seq_len: int) -> tuple[int, int]:
+        """The positions ``[start, end)`` whose queries score a ``seq_len``-token prompt's tokens.
+
+        ``scoring="question"``: the question, found by ``finder`` (a
+        :class:`~headkv_sglang.question.QuestionFinder`) in ``prompt_ids`` (the original
+        prompt; a retracted request's ``seq_len`` also counts its outputs); ``"window"``: the
+        last ``obs_window`` tokens (SnapKV).
+        """
+        if self.scoring == "window":
+            return seq_len - min(self.obs_window, seq_len), seq_len
+        return finder.span(prompt_ids, self.question_len)
 
     @property
     def budget_label(self) -> str:

@@ -103,3 +103,19 @@ def test_a_tokenizer_without_template_gives_the_fallback():
     f = QuestionFinder.from_tokenizer(_NoTemplate())
     assert f == QuestionFinder()
     assert f.span(list(range(100)), 32) == (68, 100)
+
+
+def test_config_scoring_span_is_the_question_or_the_window():
+    """``KVPolicyConfig.scoring_span``, the one rule the server and ``benchmarks/kept_tokens.py``
+    use: the question by default, SnapKV's last ``obs_window`` tokens with ``scoring="window"``
+    (over ``seq_len``, which counts a retracted request's outputs too)."""
+    from headkv_sglang.config import KVPolicyConfig
+
+    finder = QuestionFinder(tail=(9, 8), header=(7,))
+    ids = [1, 7, 2, 3, 4, 5, 6, 9, 8]
+    cfg = KVPolicyConfig(policy="snapkv", budget=40)
+    assert cfg.scoring_span(finder, ids, len(ids)) == (2, 7) == finder.span(ids, cfg.question_len)
+    assert KVPolicyConfig(policy="snapkv", budget=40, question=2).scoring_span(finder, ids, len(ids)) == (5, 7)
+    window = KVPolicyConfig(policy="snapkv", budget=40, scoring="window")  # obs_window 10
+    assert window.scoring_span(finder, ids, len(ids)) == (0, 9)
+    assert window.scoring_span(finder, ids, 30) == (20, 30)

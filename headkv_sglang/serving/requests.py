@@ -79,12 +79,8 @@ def scoring_span(state: ServingState, req, cfg: KVPolicyConfig) -> tuple[int, in
     cached = getattr(req, "_headkv_span", None)
     if cached is not None:
         return cached
-    n = prompt_len(req)
-    if cfg.scoring == "window":
-        span = (n - min(cfg.obs_window, n), n)
-    else:
-        finder = state.questions if state.questions is not None else QuestionFinder()
-        span = finder.span(req.origin_input_ids, cfg.question_len)
+    finder = state.questions if state.questions is not None else QuestionFinder()
+    span = cfg.scoring_span(finder, req.origin_input_ids, prompt_len(req))
     req._headkv_span = span
     return span
 
