@@ -248,6 +248,65 @@ def test_kept_tokens_cli_counts_the_answer_distractors_and_question(hf_model, tm
     assert "| multikey | window | snapkv | 100% | 90 of 90 | 90 of 90 |" in md
 
 
+def test_headroom_masked_decode_is_greedy_decoding_and_a_hidden_token_is_not_read(hf_model):
+    """``headroom.MaskedDecoder``: with every prompt token kept its decode is HF's own greedy
+    ``generate``; with the needle's number hidden from every KV head the number cannot be copied."""
+    import torch
+
+    from benchmarks.headroom import MaskedDecoder
+    from benchmarks.kept_tokens import token_spans
+
+    tok, model = hf_model
+    text = tok.apply_chat_template([{"role": "user", "content": "Some words first. The secret number is 48213. "
+                                     "Then more words.\n\nWhat is the secret number? Answer with the number only."}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    ref_text = tok.decode([t for t in ref if t != tok.eos_token_id], skip_special_tokens=True)
+    assert "48213" in ref_text, ref_text  # the premise: with full KV the model copies the number
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    with MaskedDecoder(tok, model) as dec:
+        dec.prefill(ids)
+        assert len(dec.qs) == len(dec.ks) == layers and dec.ks[0].shape[:2] == (kv_heads, len(ids))
+        full, record = dec.decode(12, record=True)
+        everything = [torch.ones(kv_heads, len(ids), dtype=torch.bool)] * layers
+        kept_all, _ = dec.decode(12, keep=everything)
+        hidden = torch.ones(kv_heads, len(ids), dtype=torch.bool)
+        for a, b in token_spans(tok, text, "48213"):
+            hidden[:, a:b] = False
+        without, _ = dec.decode(12, keep=[hidden] * layers)
+        again, _ = dec.decode(12)  # the cache was cut back to the prompt after each decode
+    assert full == kept_all == again == ref_text
+    assert "48213" not in without and without != full, without
+    steps = len(tok.encode(full, add_special_tokens=False))
+    for r in record:  # attention on the prompt, summed over the decode steps: <= 1 per step and query head
+        assert r.shape == (model.config.num_attention_heads, len(ids)) and float(r.min()) >= 0
+        assert float(r.sum(dim=1).max()) <= steps + 1e-3
+
+
+def test_headroom_cli_keeps_everything_at_100_percent_and_the_budget_below(hf_model, tmp_path):
+    """At 100% every selection keeps the whole prompt and decodes the full-KV output; at 5% headkv's
+    selections (its own, the oracle's, the answer's) hold its budget exactly."""
+    from benchmarks.headroom import main
+
+    out = tmp_path / "hr"
+    assert main(["--lengths", "300", "--depths", "0.5", "--seeds", "1", "--policies", "headkv",
+                 "--budgets", "100%", "5%", "--variants", "question:8", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["meta"]["cases_per_task"] == {"niah": 1, "multikey": 1}
+    rows = result["rows"]
+    assert len(rows) == 2 * (1 + 2 * 3)
+    full = {r["task"]: r["output"] for r in rows if r["kind"] == "full"}
+    for r in rows:
+        if r["budget"] == "100%":
+            assert r["kept"] == 1.0 and r["output"] == full[r["task"]] and r["agrees_with_full"], r
+        elif r["budget"] == "5%":
+            assert r["kept"] == round(-(-5 * r["prompt_tokens"] // 100) / r["prompt_tokens"], 4), r
+    md = out.with_suffix(".md").read_text()
+    assert "| question:8 | headkv | 100% | oracle |" in md and "| - | full | full | full |" in md
+
+
 # -- through a real server ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
