@@ -37,13 +37,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kept_tokens import token_spans  # noqa: E402
+from benchmarks.kept_tokens import add_case_args, load, render, select  # noqa: E402
 from benchmarks.niah import machine  # noqa: E402
 from benchmarks.scoring import calibration_cases, variant_params  # noqa: E402
 from benchmarks.tasks import score  # noqa: E402
-from headkv_sglang.config import KVPolicyConfig, ModelShape, parse_budget  # noqa: E402
-from headkv_sglang.dev import models  # noqa: E402
-from headkv_sglang.policies.base import compress_layer  # noqa: E402
+from headkv_sglang.config import KVPolicyConfig, ModelShape  # noqa: E402
 from headkv_sglang.policies.registry import build_policy  # noqa: E402
 from headkv_sglang.question import QuestionFinder  # noqa: E402
 
@@ -139,8 +137,6 @@ def selections(dec: MaskedDecoder, cfg: KVPolicyConfig, shape: ModelShape, finde
     out = {}
     for kind in KINDS:
         policy = dataclasses.replace(build_policy(cfg, shape))  # a copy: build_policy may share instances
-        planned = policy.plan_budgets(len(ids), cfg.budget, shape.num_layers, shape.num_kv_heads)
-        start, end = cfg.scoring_span(finder, ids, len(ids))
         own = type(policy).token_scores.__get__(policy)
 
         def scores(q_win, k, layer, q_end=None, kind=kind, own=own):
@@ -156,22 +152,12 @@ def selections(dec: MaskedDecoder, cfg: KVPolicyConfig, shape: ModelShape, finde
             return s
 
         object.__setattr__(policy, "token_scores", scores)  # frozen dataclass: this instance only
-        keeps, prev = [], None
-        for layer in range(shape.num_layers):
-            k = dec.ks[layer]
-            prev = compress_layer(policy, layer, dec.qs[layer][:, start:end], k, k, cfg.budget, planned,
-                                  q_end=end, prev=prev)
-            keeps.append(prev.keep)
-        out[kind] = keeps
+        out[kind] = select(policy, cfg, finder, ids, dec.qs, dec.ks)
     return out
 
 
 def analyse(dec: MaskedDecoder, shape: ModelShape, finder: QuestionFinder, case, cfgs: dict) -> list[dict]:
-    tok = dec.tok
-    text = tok.apply_chat_template([{"role": "user", "content": case.prompt}], tokenize=False,
-                                   add_generation_prompt=True)
-    ids = tok.encode(text, add_special_tokens=False)
-    answer = [sp for a in case.answers for sp in token_spans(tok, text, a)]
+    _, ids, answer = render(dec.tok, case)
     dec.prefill(ids)
     full, oracle = dec.decode(case.max_tokens, record=True)
     rows = [{"variant": "-", "policy": "full", "budget": "full", "kind": "full", "output": full,
@@ -268,14 +254,7 @@ def markdown(summary: list[dict], checks: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=["question:16"],
-                   help="as in scoring.py: window, question:N, kv_KEY=VALUE (joined by ',')")
-    p.add_argument("--policies", nargs="+", default=["headkv", "snapkv"])
-    p.add_argument("--budgets", nargs="+", default=["2%", "5%"])
-    p.add_argument("--tasks", nargs="+", default=["niah", "multikey"])
-    p.add_argument("--lengths", nargs="+", type=int, default=[1000, 2000, 3000])
-    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
-    p.add_argument("--seeds", type=int, default=3, help="non-niah cases per length")
+    add_case_args(p, ["question:16"])
     p.add_argument("--grid", action="store_true",
                    help="the fidelity grid's 48 needle cases (niah 30, multikey 18; 1k-7k tokens) instead of "
                         "the calibration cases")
@@ -284,31 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default="Headroom: the policy's selection, an oracle's and the answer kept")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/headroom_cpu"))
     a = p.parse_args(argv)
-    try:
-        params = {v: variant_params(v) for v in a.variants}
-        for b in a.budgets:
-            parse_budget(b, "--budgets")
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        p.error(str(e))
     if a.compare and not Path(a.compare).is_file():
         p.error(f"--compare: no such file {a.compare}")
+    tok, model, shape, finder, cfgs = load(p, a)
     from tqdm import tqdm
 
     from benchmarks.fidelity import make_cases
-    from headkv_sglang.profile import load_model
 
-    mdir = models.model_dir()
-    tok, model = load_model(str(mdir))
-    shape = ModelShape.from_model_path(mdir)
-    finder = QuestionFinder.from_tokenizer(tok)
-    cfgs = {}
-    for v in a.variants:
-        for pol in a.policies:
-            for b in a.budgets:
-                try:
-                    cfgs[(v, pol, b)] = KVPolicyConfig(policy=pol).with_request({"kv_budget": b, **params[v]})
-                except ValueError as e:
-                    p.error(f"{v} / {pol} / {b}: {e}")
     count = lambda s: len(tok(s).input_ids)  # noqa: E731
     if a.grid:
         cases = make_cases(GRID["tasks"], GRID["lengths"], GRID["niah_lengths"], GRID["depths"], GRID["seeds"], count)

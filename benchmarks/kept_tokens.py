@@ -86,32 +86,81 @@ def kept_counts(keep: torch.Tensor, answer: list, distractors: list, question_fr
             "question": int(keep[:, question_from:].sum()), "kept": int(keep.sum())}
 
 
-def analyse(tok, model, shape: ModelShape, finder: QuestionFinder, case, cfgs: dict) -> dict:
-    """``{(variant, policy, budget): counts}`` for one case."""
+def render(tok, case) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """A case as the server sees it: the chat text, its token ids, the planted answer's token spans."""
     text = tok.apply_chat_template([{"role": "user", "content": case.prompt}], tokenize=False,
                                    add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=False)
+    return text, ids, [sp for a in case.answers for sp in token_spans(tok, text, a)]
+
+
+def select(policy, cfg: KVPolicyConfig, finder: QuestionFinder, ids: list[int],
+           qs: list[torch.Tensor], ks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the bool ``[H, T]`` keep mask ``policy`` chooses (the server's scoring span)."""
+    num_layers = len(ks)
+    start, end = cfg.scoring_span(finder, ids, len(ids))
+    planned = policy.plan_budgets(len(ids), cfg.budget, num_layers, ks[0].shape[0])
+    keeps, prev = [], None
+    for layer in range(num_layers):
+        k = ks[layer]
+        prev = compress_layer(policy, layer, qs[layer][:, start:end], k, k, cfg.budget, planned,
+                              q_end=end, prev=prev)
+        keeps.append(prev.keep)
+    return keeps
+
+
+def analyse(tok, model, shape: ModelShape, finder: QuestionFinder, case, cfgs: dict) -> dict:
+    """``{(variant, policy, budget): counts}`` for one case."""
+    text, ids, answer = render(tok, case)
     qs, ks = capture_qk(model, ids)
-    answer = [sp for a in case.answers for sp in token_spans(tok, text, a)]
     distractors = [sp for n in case.meta.get("distractors", []) if n not in case.answers
                    for sp in token_spans(tok, text, n)]
     question_from = len(tok.encode(text[:text.rfind("\n\n")], add_special_tokens=False))
     out = {}
     for key, base in cfgs.items():
         cfg = base.for_prompt(len(ids))
-        policy = build_policy(cfg, shape)
-        start, end = cfg.scoring_span(finder, ids, len(ids))
-        planned = policy.plan_budgets(len(ids), cfg.budget, shape.num_layers, shape.num_kv_heads)
         total = {"answer": 0, "distractor": 0, "question": 0, "kept": 0}
-        prev = None
-        for layer in range(shape.num_layers):
-            k = ks[layer]
-            prev = compress_layer(policy, layer, qs[layer][:, start:end], k, k, cfg.budget, planned,
-                                  q_end=end, prev=prev)
-            for name, n in kept_counts(prev.keep, answer, distractors, question_from).items():
+        for keep in select(build_policy(cfg, shape), cfg, finder, ids, qs, ks):
+            for name, n in kept_counts(keep, answer, distractors, question_from).items():
                 total[name] += n
         out[key] = {**total, "budget_tokens": cfg.budget, "prompt_tokens": len(ids)}
     return out
+
+
+def add_case_args(p: argparse.ArgumentParser, variants: list[str]) -> None:
+    """The options this tool and ``headroom.py`` share: what to select with, on which cases."""
+    p.add_argument("--variants", nargs="+", default=variants,
+                   help="as in scoring.py: window, question:N, kv_KEY=VALUE (joined by ',')")
+    p.add_argument("--policies", nargs="+", default=["headkv", "snapkv"])
+    p.add_argument("--budgets", nargs="+", default=["2%", "5%"])
+    p.add_argument("--tasks", nargs="+", default=["niah", "multikey"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[1000, 2000, 3000])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    p.add_argument("--seeds", type=int, default=3, help="cases per length of the tasks other than niah")
+
+
+def load(p: argparse.ArgumentParser, a: argparse.Namespace):
+    """``(tok, model, shape, finder, cfgs)`` for :func:`add_case_args`' options (``p.error`` on bad ones);
+    ``cfgs``: ``{(variant, policy, budget): KVPolicyConfig}``."""
+    try:
+        params = {v: variant_params(v) for v in a.variants}
+        for b in a.budgets:
+            parse_budget(b, "--budgets")
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        p.error(str(e))
+    cfgs = {}
+    for v in a.variants:
+        for pol in a.policies:
+            for b in a.budgets:
+                try:
+                    cfgs[(v, pol, b)] = KVPolicyConfig(policy=pol).with_request({"kv_budget": b, **params[v]})
+                except ValueError as e:
+                    p.error(f"{v} / {pol} / {b}: {e}")
+    from headkv_sglang.profile import load_model
+
+    mdir = models.model_dir()
+    tok, model = load_model(str(mdir))
+    return tok, model, ModelShape.from_model_path(mdir), QuestionFinder.from_tokenizer(tok), cfgs
 
 
 def markdown(summary: list[dict], meta: dict) -> str:
@@ -136,39 +185,13 @@ def markdown(summary: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=["question:16", "question:8"],
-                   help="as in scoring.py: window, question:N, kv_KEY=VALUE (joined by ',')")
-    p.add_argument("--policies", nargs="+", default=["headkv", "snapkv"])
-    p.add_argument("--budgets", nargs="+", default=["2%", "5%"])
-    p.add_argument("--tasks", nargs="+", default=["niah", "multikey"])
-    p.add_argument("--lengths", nargs="+", type=int, default=[1000, 2000, 3000])
-    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
-    p.add_argument("--seeds", type=int, default=3, help="multikey cases per length")
+    add_case_args(p, ["question:16", "question:8"])
     p.add_argument("--title", default="Which tokens are kept")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/kept_tokens_cpu"))
     a = p.parse_args(argv)
-    try:
-        params = {v: variant_params(v) for v in a.variants}
-        for b in a.budgets:
-            parse_budget(b, "--budgets")
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        p.error(str(e))
+    tok, model, shape, finder, cfgs = load(p, a)
     from tqdm import tqdm
 
-    from headkv_sglang.profile import load_model
-
-    mdir = models.model_dir()
-    tok, model = load_model(str(mdir))
-    shape = ModelShape.from_model_path(mdir)
-    finder = QuestionFinder.from_tokenizer(tok)
-    cfgs = {}
-    for v in a.variants:
-        for pol in a.policies:
-            for b in a.budgets:
-                try:
-                    cfgs[(v, pol, b)] = KVPolicyConfig(policy=pol).with_request({"kv_budget": b, **params[v]})
-                except ValueError as e:
-                    p.error(f"{v} / {pol} / {b}: {e}")
     count = lambda s: len(tok(s).input_ids)  # noqa: E731
     cases = calibration_cases(a.tasks, a.lengths, a.depths, a.seeds, count)
     t0 = time.time()
