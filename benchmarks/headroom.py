@@ -17,6 +17,11 @@ cache, expressed as a mask. The first output token comes from the full prefill i
   model's own reading while it answers, the best any ranking by attention can do at that budget.
 * ``answer``: the policy's ranking with the planted answer's tokens moved to the top of every
   head (same budgets: was the failure not keeping the number?).
+* ``lookahead:N`` (``--kinds``): the oracle's rule with only the first ``N`` decode steps: tokens
+  ranked by the attention the first ``N`` generated tokens of the full-KV answer paid them (the
+  queries a server could get by decoding ``N`` tokens before it compresses), decoded like the
+  others. ``N`` >= the answer's length is the oracle. Each full row records ``answer_step``: how
+  many output tokens precede the planted answer (lookahead steps up to it have not read it yet).
 
 Writes ``OUT.json`` and ``OUT.md``.
 """
@@ -45,7 +50,7 @@ from headkv_sglang.config import KVPolicyConfig, ModelShape  # noqa: E402
 from headkv_sglang.policies.registry import build_policy  # noqa: E402
 from headkv_sglang.question import QuestionFinder  # noqa: E402
 
-KINDS = ("policy", "oracle", "answer")
+KINDS = ("policy", "oracle", "answer")  # the default --kinds; also lookahead:N
 # The fidelity grid's needle cases (benchmarks/results/fidelity_needles30_cpu.md).
 GRID = dict(tasks=["niah", "multikey"], lengths=[1000, 2000, 3000, 4000, 5500, 7000],
             niah_lengths=[1000, 2000, 4000, 7000, 3000, 5500], depths=[0.1, 0.3, 0.5, 0.7, 0.9], seeds=3)
@@ -109,40 +114,64 @@ class MaskedDecoder:
         self.cache, self.first = out.past_key_values, int(out.logits[0, -1].argmax())
         self.state.prompt_len = len(ids)
 
-    def decode(self, max_tokens: int, keep: list | None = None, record: bool = False) -> tuple[str, list | None]:
-        """Greedy output text from the prefill; ``record``: also the summed decode attention."""
+    def decode(self, max_tokens: int, keep: list | None = None, record: bool = False,
+               snapshots: tuple[int, ...] = ()) -> tuple[str, list | None, dict]:
+        """Greedy output text from the prefill; ``record``: also the summed decode attention (per
+        layer ``[Hq, T]``), and in ``{n: record}`` the sum over the first ``n`` decode steps for each
+        ``n`` in ``snapshots`` (the whole sum when the output ends sooner)."""
         st = self.state
         st.keep = keep
         n_q = self.model.config.num_attention_heads
         st.record = [torch.zeros(n_q, st.prompt_len) for _ in self.qs] if record else None
+        taken: dict = {}
         out = [self.first]
         try:
             with torch.no_grad():
                 while len(out) < max_tokens and out[-1] not in self.eos:
                     logits = self.model(torch.tensor([[out[-1]]]), past_key_values=self.cache, use_cache=True).logits
                     out.append(int(logits[0, -1].argmax()))
+                    if record and len(out) - 1 in snapshots:
+                        taken[len(out) - 1] = [r.clone() for r in st.record]
         finally:
             grown = self.cache.get_seq_length() - st.prompt_len
             if grown:
                 self.cache.crop(-grown)
             st.keep = None
         text = self.tok.decode([t for t in out if t not in self.eos], skip_special_tokens=True)
-        return text, st.record
+        if record:
+            taken.update({n: st.record for n in snapshots if n not in taken})
+        return text, st.record, taken
+
+
+def lookahead_steps(kind: str) -> int:
+    """``N`` of a ``lookahead:N`` kind (0 for the others)."""
+    return int(kind.partition(":")[2]) if kind.startswith("lookahead:") else 0
+
+
+def check_kind(kind: str) -> str:
+    """``policy`` | ``oracle`` | ``answer`` | ``lookahead:N`` (N >= 1), else ArgumentTypeError."""
+    n = kind.partition(":")[2]
+    if kind in KINDS or (kind.startswith("lookahead:") and n.isdigit() and int(n) >= 1):
+        return kind
+    raise argparse.ArgumentTypeError(f"--kinds: {kind!r} is not one of {', '.join(KINDS)}, lookahead:N (N >= 1)")
 
 
 def selections(dec: MaskedDecoder, cfg: KVPolicyConfig, shape: ModelShape, finder: QuestionFinder,
-               ids: list[int], oracle: list[torch.Tensor], answer: list[tuple[int, int]]) -> dict:
-    """``{kind: per-layer keep masks}`` for one (variant, policy, budget)."""
+               ids: list[int], oracle: list[torch.Tensor], answer: list[tuple[int, int]],
+               kinds: tuple[str, ...] = KINDS, early: dict | None = None) -> dict:
+    """``{kind: per-layer keep masks}`` for one (variant, policy, budget); ``early``: ``{N: the
+    decode attention of the first N steps}`` for the ``lookahead:N`` kinds."""
     group = shape.num_q_heads // shape.num_kv_heads
     out = {}
-    for kind in KINDS:
+    for kind in kinds:
         policy = dataclasses.replace(build_policy(cfg, shape))  # a copy: build_policy may share instances
         own = type(policy).token_scores.__get__(policy)
 
         def scores(q_win, k, layer, q_end=None, kind=kind, own=own):
             s = own(q_win, k, layer, q_end=q_end)
-            if kind == "oracle":
-                read = oracle[layer].reshape(shape.num_kv_heads, group, -1).mean(dim=1)
+            if kind == "oracle" or kind.startswith("lookahead:"):
+                seen = oracle if kind == "oracle" else early[lookahead_steps(kind)]
+                read = seen[layer].reshape(shape.num_kv_heads, group, -1).mean(dim=1)
                 s = torch.where(torch.isinf(s), s, read)  # the policy's always-kept tokens stay
             elif kind == "answer":
                 top = s[torch.isfinite(s)].max() + 1.0
@@ -156,16 +185,20 @@ def selections(dec: MaskedDecoder, cfg: KVPolicyConfig, shape: ModelShape, finde
     return out
 
 
-def analyse(dec: MaskedDecoder, shape: ModelShape, finder: QuestionFinder, case, cfgs: dict) -> list[dict]:
+def analyse(dec: MaskedDecoder, shape: ModelShape, finder: QuestionFinder, case, cfgs: dict,
+            kinds: tuple[str, ...] = KINDS) -> list[dict]:
     _, ids, answer = render(dec.tok, case)
     dec.prefill(ids)
-    full, oracle = dec.decode(case.max_tokens, record=True)
+    steps = tuple(sorted({lookahead_steps(k) for k in kinds} - {0}))
+    full, oracle, early = dec.decode(case.max_tokens, record=True, snapshots=steps)
+    at = min((full.find(a) for a in case.answers if a in full), default=-1)
     rows = [{"variant": "-", "policy": "full", "budget": "full", "kind": "full", "output": full,
-             "score": score(case, full), "kept": 1.0}]
+             "score": score(case, full), "kept": 1.0,
+             "answer_step": len(dec.tok.encode(full[:at], add_special_tokens=False)) if at >= 0 else None}]
     for (v, pol, b), base in cfgs.items():
         cfg = base.for_prompt(len(ids))
-        for kind, keeps in selections(dec, cfg, shape, finder, ids, oracle, answer).items():
-            output, _ = dec.decode(case.max_tokens, keep=keeps)
+        for kind, keeps in selections(dec, cfg, shape, finder, ids, oracle, answer, kinds, early).items():
+            output, _, _ = dec.decode(case.max_tokens, keep=keeps)
             held = sum(int(k.sum()) for k in keeps) / (len(keeps) * keeps[0].shape[0] * len(ids))
             rows.append({"variant": v, "policy": pol, "budget": b, "kind": kind, "output": output,
                          "score": score(case, output), "kept": round(held, 4),
@@ -179,7 +212,7 @@ def analyse(dec: MaskedDecoder, shape: ModelShape, finder: QuestionFinder, case,
 
 def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
     out = []
-    order = lambda k: (k[0] != "-", k[0], k[1], _budget_order(k[2]), KINDS.index(k[3]) if k[3] in KINDS else -1)  # noqa: E731
+    order = lambda k: (k[0] != "-", k[0], k[1], _budget_order(k[2]), _kind_order(k[3]))  # noqa: E731
     keys = sorted({(r["variant"], r["policy"], r["budget"], r["kind"]) for r in rows}, key=order)
     for key in keys:
         mine = [r for r in rows if (r["variant"], r["policy"], r["budget"], r["kind"]) == key]
@@ -190,6 +223,10 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
         row["total"] = sum(r["score"] for r in mine)
         out.append(row)
     return out
+
+
+def _kind_order(kind: str) -> tuple[int, int]:
+    return (KINDS.index(kind), 0) if kind in KINDS else (len(KINDS), lookahead_steps(kind)) if kind != "full" else (-1, 0)
 
 
 def _budget_order(b: str) -> float:
@@ -221,6 +258,16 @@ def compare(rows: list[dict], server_file: str) -> list[dict]:
     return [{"variant": v, "policy": p, "budget": b, **c} for (v, p, b), c in out.items()]
 
 
+def answer_steps(rows: list[dict], tasks: list[str]) -> dict:
+    """Per task, the median number of full-KV output tokens before the planted answer (None: never found)."""
+    out = {}
+    for t in tasks:
+        steps = sorted(r["answer_step"] for r in rows if r["kind"] == "full" and r["task"] == t
+                       and r.get("answer_step") is not None)
+        out[t] = steps[len(steps) // 2] if steps else None
+    return out
+
+
 def markdown(summary: list[dict], checks: list[dict], meta: dict) -> str:
     tasks = meta["tasks"]
     lines = [f"# {meta['title']}", "",
@@ -232,8 +279,11 @@ def markdown(summary: list[dict], checks: list[dict], meta: dict) -> str:
              "Answers found (sum of scores) per task, decoding from one full-attention prefill with each KV head's "
              "attention limited to the prompt tokens a selection keeps: **policy** = the policy's own selection; "
              "**oracle** = the same per-head budgets, tokens ranked by the attention the full-KV answer paid them; "
-             "**answer** = the policy's ranking with the planted answer's tokens put first in every head. "
+             "**answer** = the policy's ranking with the planted answer's tokens put first in every head; "
+             "**lookahead:N** = the oracle's ranking from the first N decode steps of the full-KV answer only. "
              "kept = prompt KV held, share of L x H x T.", "",
+             "Output tokens before the planted answer in the full-KV answer (median): "
+             + ", ".join(f"{t} {n}" for t, n in meta.get("answer_step", {}).items()) + ".", "",
              "| variant | policy | budget | selection | " + " | ".join(tasks) + " | total | kept |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
     n_task = meta["cases_per_task"]
@@ -258,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", action="store_true",
                    help="the fidelity grid's 48 needle cases (niah 30, multikey 18; 1k-7k tokens) instead of "
                         "the calibration cases")
+    p.add_argument("--kinds", nargs="+", type=check_kind, default=list(KINDS),
+                   help="selections: policy, oracle, answer, lookahead:N (ranked by the first N decode steps)")
     p.add_argument("--limit", type=int, default=0, help="only the first N cases (0: all)")
     p.add_argument("--compare", help="a fidelity.py JSON over the same cases: check the simulated policy rows")
     p.add_argument("--title", default="Headroom: the policy's selection, an oracle's and the answer kept")
@@ -282,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with MaskedDecoder(tok, model) as dec:
         for case in tqdm(cases, desc="cases", disable=None):
-            rows += analyse(dec, shape, finder, case, cfgs)
+            rows += analyse(dec, shape, finder, case, cfgs, tuple(dict.fromkeys(a.kinds)))
     tasks = [t for t in a.tasks if any(c.task == t for c in cases)]
     summary = summarize(rows, tasks)
     checks = compare(rows, a.compare) if a.compare else []
@@ -292,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             "case_set": "the fidelity grid's needle cases" if a.grid else "calibration seeds from 900",
             "cases": len(cases), "tasks": tasks,
             "cases_per_task": {t: sum(c.task == t for c in cases) for t in tasks},
-            "prompt_tokens": [min(toks), max(toks)], "wall_s": round(time.time() - t0), "compare": a.compare}
+            "prompt_tokens": [min(toks), max(toks)], "wall_s": round(time.time() - t0), "compare": a.compare,
+            "answer_step": answer_steps(rows, tasks)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, "summary": summary, "checks": checks,
                                                  "rows": rows}, indent=1) + "\n")

@@ -250,7 +250,8 @@ def test_kept_tokens_cli_counts_the_answer_distractors_and_question(hf_model, tm
 
 def test_headroom_masked_decode_is_greedy_decoding_and_a_hidden_token_is_not_read(hf_model):
     """``headroom.MaskedDecoder``: with every prompt token kept its decode is HF's own greedy
-    ``generate``; with the needle's number hidden from every KV head the number cannot be copied."""
+    ``generate``; with the needle's number hidden from every KV head the number cannot be copied;
+    the first-N-steps snapshots of the recorded attention are partial sums of it."""
     import torch
 
     from benchmarks.headroom import MaskedDecoder
@@ -269,17 +270,23 @@ def test_headroom_masked_decode_is_greedy_decoding_and_a_hidden_token_is_not_rea
     with MaskedDecoder(tok, model) as dec:
         dec.prefill(ids)
         assert len(dec.qs) == len(dec.ks) == layers and dec.ks[0].shape[:2] == (kv_heads, len(ids))
-        full, record = dec.decode(12, record=True)
+        full, record, early = dec.decode(12, record=True, snapshots=(1, 3, 40))
         everything = [torch.ones(kv_heads, len(ids), dtype=torch.bool)] * layers
-        kept_all, _ = dec.decode(12, keep=everything)
+        kept_all, _, _ = dec.decode(12, keep=everything)
         hidden = torch.ones(kv_heads, len(ids), dtype=torch.bool)
         for a, b in token_spans(tok, text, "48213"):
             hidden[:, a:b] = False
-        without, _ = dec.decode(12, keep=[hidden] * layers)
-        again, _ = dec.decode(12)  # the cache was cut back to the prompt after each decode
-    assert full == kept_all == again == ref_text
+        without, _, none = dec.decode(12, keep=[hidden] * layers)
+        again, _, _ = dec.decode(12)  # the cache was cut back to the prompt after each decode
+    assert full == kept_all == again == ref_text and none == {}
     assert "48213" not in without and without != full, without
     steps = len(tok.encode(full, add_special_tokens=False))
+    assert steps < 12 and sorted(early) == [1, 3, 40]
+    for layer in range(layers):  # one step: <= one softmax row per query head; 40 > the output: all of it
+        one, three = early[1][layer].sum(dim=1), early[3][layer].sum(dim=1)
+        assert float(one.min()) > 0 and float(one.max()) <= 1 + 1e-4 and float(three.sum()) > float(one.sum()) + 1
+        assert torch.equal(early[40][layer], record[layer])
+        assert bool((early[1][layer] <= early[3][layer] + 1e-6).all() and (early[3][layer] <= record[layer] + 1e-6).all())
     for r in record:  # attention on the prompt, summed over the decode steps: <= 1 per step and query head
         assert r.shape == (model.config.num_attention_heads, len(ids)) and float(r.min()) >= 0
         assert float(r.sum(dim=1).max()) <= steps + 1e-3
@@ -292,12 +299,19 @@ def test_headroom_cli_keeps_everything_at_100_percent_and_the_budget_below(hf_mo
 
     out = tmp_path / "hr"
     assert main(["--lengths", "300", "--depths", "0.5", "--seeds", "1", "--policies", "headkv",
-                 "--budgets", "100%", "5%", "--variants", "question:8", "--out", str(out)]) == 0
+                 "--budgets", "100%", "5%", "--variants", "question:8", "--out", str(out),
+                 "--kinds", "policy", "oracle", "answer", "lookahead:2", "lookahead:99"]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["meta"]["cases_per_task"] == {"niah": 1, "multikey": 1}
     rows = result["rows"]
-    assert len(rows) == 2 * (1 + 2 * 3)
+    assert len(rows) == 2 * (1 + 2 * 5)
     full = {r["task"]: r["output"] for r in rows if r["kind"] == "full"}
+    for r in rows:  # 99 steps is more than the answer: the oracle's selection and output
+        if r["kind"] == "lookahead:99":
+            twin = [o for o in rows if o["kind"] == "oracle" and (o["task"], o["budget"]) == (r["task"], r["budget"])]
+            assert len(twin) == 1 and (twin[0]["kept"], twin[0]["output"]) == (r["kept"], r["output"]), (r, twin)
+        if r["kind"] == "full":  # the model restates the question before the number
+            assert r["score"] == 0 or r["answer_step"] > 0, r
     for r in rows:
         if r["budget"] == "100%":
             assert r["kept"] == 1.0 and r["output"] == full[r["task"]] and r["agrees_with_full"], r
@@ -305,6 +319,9 @@ def test_headroom_cli_keeps_everything_at_100_percent_and_the_budget_below(hf_mo
             assert r["kept"] == round(-(-5 * r["prompt_tokens"] // 100) / r["prompt_tokens"], 4), r
     md = out.with_suffix(".md").read_text()
     assert "| question:8 | headkv | 100% | oracle |" in md and "| - | full | full | full |" in md
+    assert md.index("| question:8 | headkv | 5% | lookahead:2 |") < md.index("| question:8 | headkv | 5% | lookahead:99 |")
+    with pytest.raises(SystemExit):
+        main(["--kinds", "lookahead:0", "--out", str(out)])
 
 
 # -- through a real server ---------------------------------------------------------------
