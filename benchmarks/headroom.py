@@ -226,7 +226,12 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
 
 
 def _kind_order(kind: str) -> tuple[int, int]:
-    return (KINDS.index(kind), 0) if kind in KINDS else (len(KINDS), lookahead_steps(kind)) if kind != "full" else (-1, 0)
+    """full, then KINDS in their order, then lookahead:N by N."""
+    if kind == "full":
+        return (-1, 0)
+    if kind in KINDS:
+        return (KINDS.index(kind), 0)
+    return (len(KINDS), lookahead_steps(kind))
 
 
 def _budget_order(b: str) -> float:
