@@ -1,10 +1,15 @@
 """KVPolicyConfig: the server's compression settings and per-request overrides.
 
-Pure Python + torch: the SGLang coupling (argparse hook, env transport) lives in
-``plugin.py``. The launcher resolves the flags into a :class:`KVPolicyConfig`, validates
-it against the model's ``config.json`` (before any weights load) and hands it to the
-scheduler processes as JSON in ``$HEADKV_SGLANG_CONFIG`` (``ServerArgs`` is pickled
-without unknown fields).
+Pure Python (torch is imported on first use of a policy's settings, not by this module):
+the SGLang coupling (argparse hook, env transport) lives in ``plugin.py``. Every setting is
+declared once, as a dataclass field with :func:`~headkv_sglang.policies.params.hyper`:
+the server's own below (budget, window, ...), each policy's hyperparameters on its class
+(``policies/*.py``). The flags (:func:`settings`, ``plugin.py``), the per-request keys
+(:func:`request_keys`), the validation messages (:meth:`KVPolicyConfig.validate`) and the
+config's attributes are generated from them. The launcher resolves the flags into a
+:class:`KVPolicyConfig`, validates it against the model's ``config.json`` (before any
+weights load) and hands it to the scheduler processes as JSON in ``$HEADKV_SGLANG_CONFIG``
+(``ServerArgs`` is pickled without unknown fields).
 """
 
 from __future__ import annotations
@@ -21,39 +26,21 @@ from typing import TYPE_CHECKING, Any
 
 # Torch-free: the registry imports the policy classes only on lookup.
 from headkv_sglang.policies import defaults
-from headkv_sglang.policies.registry import POLICIES, policy_class
+from headkv_sglang.policies.params import AS_DEFAULT, MAX_INT, ConfigError, Param, field_param, hyper
+from headkv_sglang.policies.registry import POLICIES, policy_class, policy_params
 
 if TYPE_CHECKING:
     from headkv_sglang.question import QuestionFinder
+
+__all__ = ["ConfigError", "KVPolicyConfig", "ModelShape", "parse_budget", "budget_fields", "settings",
+           "request_keys", "settings_table"]
 
 ENV_VAR = "HEADKV_SGLANG_CONFIG"
 #: The --kv-policy choices: the policies registered when this module was imported
 #: (validate() asks the live registry, so one registered later is accepted too).
 POLICY_CHOICES = tuple(POLICIES)
-POOLING_CHOICES = defaults.POOLINGS
 
-# Per-request keys accepted in sampling_params.custom_params, and the config field each sets.
-REQUEST_KEYS = {
-    "kv_policy": "policy",
-    "kv_budget": "budget",
-    "kv_window": "window",
-    "kv_scoring": "scoring",
-    "kv_question": "question",
-    "kv_min_prompt": "min_prompt",
-    "kv_sink_size": "sink_size",
-    "kv_beta": "beta",
-    "kv_floor_alpha": "floor_alpha",
-    "kv_kernel_size": "kernel_size",
-    "kv_pooling": "pooling",
-    "kv_pool_shift": "pool_shift",
-    "kv_razor_fraction": "razor_fraction",
-    "kv_razor_heads": "razor_heads",
-    "kv_d2o_merge": "d2o_merge",
-    "kv_pod_share": "pod_share",
-    "kv_decode_budget": "decode_budget",
-    "kv_share": "share",
-}
-MAX_BUDGET = 1 << 20
+MAX_BUDGET = MAX_INT
 AUTO_WINDOW = 32
 AUTO_QUESTION = 16  # of 16/32/64: scoring_calibration.md before 2026-12-04 (git history)
 # 8 found 9/24 answers at 2% against 16's 4/24 (5%: 15 vs 16; question_kernel_calibration.md) and
@@ -67,61 +54,129 @@ DEFAULT_SCORING = "question"
 #: What scores the prompt's tokens: its question (the last user turn, before the chat
 #: template's tail; see headkv_sglang/question.py) or SnapKV's window (the last tokens).
 SCORING_CHOICES = ("question", "window")
-#: How RazorAttention picks its retrieval heads: a fixed fraction of the heads (the
-#: paper's 15%), or as many as the budget pays for (held KV <= L * H * budget).
-RAZOR_HEADS_CHOICES = ("fraction", "budget")
+RAZOR_HEADS_CHOICES = defaults.RAZOR_HEADS
+POOLING_CHOICES = defaults.POOLINGS
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 BUDGET_FORMS = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
 
 
-class ConfigError(ValueError):
-    """An invalid setting; the message names the flag (or request key), the value and what is allowed."""
+def parse_budget(value: Any, where: str) -> tuple[int, float]:
+    """``(budget, budget_ratio)`` from a ``--kv-budget`` / ``kv_budget`` value.
+
+    Tokens per KV head (the integer ``128``) give ``(128, 0.0)``; a share of the prompt
+    (``"5%"``) gives ``(0, 0.05)`` (the token budget is then resolved per prompt).
+    Anything else raises ConfigError naming ``where``.
+    """
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: invalid value {value!r}; expected {BUDGET_FORMS}")
+
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= MAX_BUDGET:
+            raise bad()
+        return value, 0.0
+    m = _RATIO.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise bad()
+    share = float(m.group(1)) / 100.0
+    if not 0.0 < share <= 1.0:
+        raise bad()
+    return 0, share
+
+
+def budget_fields(value: Any, where: str) -> dict[str, Any]:
+    """The config fields a command-line or keyword budget sets: ``{"budget", "budget_ratio"}``.
+
+    As :func:`parse_budget`; a share leaves ``budget`` at the default (unused until
+    :meth:`KVPolicyConfig.for_prompt`)."""
+    budget, ratio = parse_budget(value, where)
+    return {"budget": budget if not ratio else _DEFAULT_BUDGET, "budget_ratio": ratio}
+
+
+def _budget_arg(text: str) -> Any:
+    """``--kv-budget`` as typed: ``"128"`` is tokens (an int), anything else is left for
+    :func:`parse_budget` (a share like ``"5%"``, or its error message)."""
+    raw = text.strip()
+    return int(raw) if raw.isdigit() else raw
+
+
+def _profile_exists(path: Any) -> str | None:
+    return None if path is None or Path(path).is_file() else "no such file"
+
+
+def _policy_names() -> tuple[str, ...]:
+    return tuple(POLICIES)
+
+
+_DEFAULT_BUDGET = 128
 
 
 @dataclass(frozen=True)
 class KVPolicyConfig:
     """Resolved compression settings (server defaults or one request's).
 
-    ``budget`` is tokens kept per KV head on average, window and sinks included
-    (see ``policies/base.py``); ``scoring``: what ranks the prompt's tokens, its question
-(``"question"``: at most ``question`` queries, 0 = :data:`AUTO_QUESTION`, from the last user
-turn before the template's tail) or SnapKV's window (``"window"``: the last ``window``
-tokens); ``budget_ratio`` > 0 makes the budget a share of each
-    prompt instead (``--kv-budget 5%``: :meth:`for_prompt` resolves it per request, at
-    least :meth:`~headkv_sglang.policies.base.KVPolicy.min_budget`); ``window``: observation window, ``0`` = automatic
-    (:attr:`obs_window`); ``min_prompt``: prompts with fewer tokens stay
-    uncompressed; ``pool_fraction``: share of SGLang's KV token capacity moved to the
-    compressed pool; ``page_size``: tokens per page of the compressed pool;
-    ``decode_budget``: generated tokens kept per KV head once they move into the pages
-    (decode-phase compression, ``policies/decode.py``; 0: the decode tail stays whole);
-    ``share``: a compressed prompt is reused by later requests whose prompts extend it
-    (``kv/manager.py``, shared prefixes). The
-    policies' hyperparameters default to ``policies/defaults.py``, as the classes do.
+    The fields are the server's own settings, each declared with its flag, request key,
+    help and rule (:func:`~headkv_sglang.policies.params.hyper`). ``budget`` is tokens kept
+    per KV head on average, window and sinks included (see ``policies/base.py``);
+    ``budget_ratio`` > 0 makes the budget a share of each prompt instead (``--kv-budget
+    5%``: :meth:`for_prompt` resolves it per request, at least
+    :meth:`~headkv_sglang.policies.base.KVPolicy.min_budget`).
+
+    The policies' hyperparameters (``beta``, ``sink_size``, ``kernel_size``, ...) are
+    declared on the policy classes (:func:`settings` lists them all) and read as attributes
+    (``cfg.sink_size``); they are passed to the constructor and to
+    :func:`dataclasses.replace` as keywords like the fields, and held in :attr:`params`
+    (only those that differ from their default, sorted by name, so that equal configs
+    compare and hash equal).
     """
 
-    policy: str = "full"
-    budget: int = 128
-    budget_ratio: float = 0.0  # > 0: the budget is this share of each prompt (see for_prompt)
-    window: int = 0  # 0: automatic, see obs_window
-    scoring: str = DEFAULT_SCORING  # "question" or "window": see headkv_sglang/question.py
-    question: int = 0  # 0: automatic, see question_len
-    min_prompt: int = 0
-    head_profile: str | None = None
-    beta: float = defaults.HEADKV_BETA  # HeadKV
-    pyramid_beta: float = defaults.PYRAMID_BETA  # PyramidKV
-    sink_size: int = defaults.SINK_SIZE  # StreamingLLM, RazorAttention, D2O
-    floor_alpha: float = defaults.FLOOR_ALPHA  # AdaKV
-    kernel_size: int = defaults.KERNEL_SIZE
-    pooling: str = defaults.POOLING
-    pool_shift: int = defaults.POOL_SHIFT  # pooling window moved this many tokens to the past
-    razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
-    razor_heads: str = "fraction"  # RazorAttention: "fraction" (razor_fraction) or "budget" (matched)
-    d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"off")
-    pod_share: float = defaults.POD_SHARE  # PoD: share of rows that reuse the layer below's distant attention
-    decode_budget: int = 0  # generated tokens kept per KV head (policies/decode.py); 0: the tail stays whole
-    share: bool = False  # the compressed prompt is shared with later requests that extend it (kv/manager.py)
-    pool_fraction: float = 0.5
-    page_size: int = 16
+    policy: str = hyper("full", "Head-level KV compression policy (headkv_sglang). Unset: plain SGLang.",
+                        choices=_policy_names, flag_default=None)
+    budget: int = hyper(_DEFAULT_BUDGET, "Prompt tokens kept per KV head on average, window and sinks included: "
+                        "a number of tokens (128) or a share of each prompt (5%).",
+                        low=1, parse=budget_fields, flag_type=_budget_arg)
+    budget_ratio: float = 0.0  # > 0: the budget is this share of each prompt (see for_prompt); set by --kv-budget
+    window: int = hyper(0, "Recent prompt tokens always kept (with --kv-scoring window they also score the rest); "
+                        "0, the default: min(32, budget/4).", low=0, high=4096)
+    scoring: str = hyper(DEFAULT_SCORING, "What ranks prompt tokens: 'question' (the default: the last user "
+                         "turn's last --kv-question tokens, before the chat template's tail) or 'window' (SnapKV: "
+                         "the last --kv-window tokens).", choices=SCORING_CHOICES)
+    question: int = hyper(0, "Most question tokens that score the prompt (0, the default: 16).", low=0, high=4096)
+    min_prompt: int = hyper(0, "Prompts shorter than this stay uncompressed.", low=0)
+    decode_budget: int = hyper(0, "Generated tokens kept per KV head of a compressed request: once its decode tail "
+                               "outgrows the window by a chunk, the older generated tokens are ranked by the recent "
+                               "queries and the best this many move into its pages (0, the default: the tail stays "
+                               "whole). A prompt too short to save memory by compressing is then kept whole in "
+                               "pages, so its output can move. Not with razor.", low=0)
+    share: bool = hyper(False, "Share compressed prompts: a request whose prompt extends an earlier compressed "
+                        "prompt under the same settings (a document sent once, then questions about it) reads "
+                        "that prompt's pages instead of compressing its own copy; its own extension stays whole. "
+                        "Per request: \"kv_share\": true.")
+    head_profile: str | None = hyper(None, "Head-importance profile JSON (default: the shipped one matching the "
+                                     "model).", type=str, request=False, check=_profile_exists)
+    pool_fraction: float = hyper(0.5, "Share of SGLang's KV token capacity moved to the compressed pool.",
+                                 low=0.0, low_open=True, high=0.95, request=False)
+    page_size: int = hyper(16, "Tokens per page of the compressed pool.", low=1, high=4096, request=False)
+    #: The policies' hyperparameters that differ from their declared defaults: sorted ``(name, value)``.
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: a policy hyperparameter at its default
+        # (set ones are in __dict__), or one registered after this config was made.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        entry = policy_params().get(name)
+        if entry is None:
+            raise AttributeError(f"KVPolicyConfig has no setting {name!r}; the registered ones: "
+                                 f"{', '.join(p.name for p in settings())}")
+        return entry[0].default
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting by name, the policies' hyperparameters flat (what :meth:`to_json` writes)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        out.update((name, getattr(self, name)) for name in policy_params())
+        return out
 
     @property
     def obs_window(self) -> int:
@@ -171,66 +226,30 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
 
     # ------------------------------------------------------------------ validation
     def validate(self, flag: str = "--kv-{}", changed: frozenset[str] = frozenset()) -> "KVPolicyConfig":
-        """Raise ConfigError naming ``flag.format(name)`` for the first invalid field.
+        """Raise ConfigError naming ``flag.format(name)`` for the first invalid setting.
 
-        ``changed``: fields a request overrode; a conflict between an overridden field and
-        a server default is reported under the overridden one.
+        The settings are checked in :func:`settings` order, each by its declared rule; then
+        the rules between settings (the policy's ``check_config``). ``changed``: settings a
+        request overrode; a conflict between an overridden setting and a server default is
+        reported under the overridden one.
         """
 
         def bad(name: str, value: Any, allowed: str) -> ConfigError:
             shown = name.replace("_", "-") if flag.startswith("--") else name
             return ConfigError(f"{flag.format(shown)}: invalid value {value!r}; {allowed}")
 
-        def intval(name: str, lo: int, hi: int = MAX_BUDGET) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise bad(name, v, f"expected an integer in [{lo}, {hi}]")
-
-        def floatval(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
-            if not ok:
-                raise bad(name, v, f"expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
-
-        if self.policy not in POLICIES:
-            raise bad("policy", self.policy, f"choose one of {', '.join(POLICIES)}")
-        intval("budget", 1)
-        if not (isinstance(self.budget_ratio, float) and 0.0 <= self.budget_ratio <= 1.0):
-            raise bad("budget", f"{self.budget_ratio * 100:g}%", "expected a share in (0%, 100%]")
-        intval("window", 0, 4096)
-        if self.scoring not in SCORING_CHOICES:
-            raise bad("scoring", self.scoring, f"choose one of {', '.join(SCORING_CHOICES)}")
-        intval("question", 0, 4096)
-        intval("min_prompt", 0)
-        intval("sink_size", 0, 4096)
-        intval("kernel_size", 1, 63)
-        if self.kernel_size % 2 == 0:
-            raise bad("kernel_size", self.kernel_size, "expected an odd integer")
-        intval("pool_shift", 0, 31)
-        if self.pooling not in POOLING_CHOICES:
-            raise bad("pooling", self.pooling, f"choose one of {', '.join(POOLING_CHOICES)}")
-        floatval("beta", 1.0, 1e6)
-        floatval("pyramid_beta", 1.0, 1e6)
-        floatval("floor_alpha", 0.0, 1.0)
-        floatval("razor_fraction", 0.0, 1.0)
-        if self.razor_heads not in RAZOR_HEADS_CHOICES:
-            raise bad("razor_heads", self.razor_heads, f"choose one of {', '.join(RAZOR_HEADS_CHOICES)}")
-        if self.d2o_merge not in defaults.D2O_MERGES:
-            raise bad("d2o_merge", self.d2o_merge, f"choose one of {', '.join(defaults.D2O_MERGES)}")
-        floatval("pod_share", 0.0, 0.5)
-        intval("decode_budget", 0)
-        if not isinstance(self.share, bool):
-            raise bad("share", self.share, "expected true or false")
+        for p in settings():
+            value = getattr(self, p.name)
+            allowed = p.problem(value)
+            if allowed is not None:
+                raise bad(p.name, value, allowed)
+            if p.name == "budget" and not (isinstance(self.budget_ratio, float) and 0.0 <= self.budget_ratio <= 1.0):
+                raise bad("budget", f"{self.budget_ratio * 100:g}%", "expected a share in (0%, 100%]")
         if self.share and self.decode_budget:
             name = "decode_budget" if "decode_budget" in changed else "share"
             raise bad(name, getattr(self, name), "kv_share and kv_decode_budget do not combine yet (a shared "
                       "prompt's pages cannot grow with one request's generated tokens)")
-        floatval("pool_fraction", 0.0, 0.95, lo_open=True)
-        intval("page_size", 1, 4096)
         policy_class(self.policy).check_config(self, bad, changed)  # its cross-field rules
-        if self.head_profile is not None and not Path(self.head_profile).is_file():
-            raise bad("head_profile", self.head_profile, "no such file")
         return self
 
     # ------------------------------------------------------------------ overrides
@@ -238,50 +257,43 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
         """This config with a request's ``kv_*`` overrides applied and validated.
 
         Keys not starting with ``kv_`` belong to other features and are ignored; an
-        unknown ``kv_*`` key is an error.
+        unknown ``kv_*`` key is an error, and so is a value of another JSON type than the
+        setting's (an integral float is an int, an int a float).
         """
         if not custom_params:
             return self
         if not isinstance(custom_params, dict):
             raise ConfigError(f"custom_params must be a JSON object, got {type(custom_params).__name__}")
+        keys = request_keys()
         changes: dict[str, Any] = {}
+        changed: set[str] = set()
         for key, value in custom_params.items():
             if not isinstance(key, str) or not key.startswith("kv_"):
                 continue
-            if key not in REQUEST_KEYS:
-                raise ConfigError(
-                    f"custom_params.{key}: unknown key; allowed: {', '.join(sorted(REQUEST_KEYS))}"
-                )
-            name = REQUEST_KEYS[key]
-            if name == "budget":
-                budget, ratio = parse_budget(value, f"custom_params.{key}")
-                changes["budget_ratio"] = ratio
-                if not ratio:
-                    changes["budget"] = budget
+            p = keys.get(key)
+            if p is None:
+                raise ConfigError(f"custom_params.{key}: unknown key; allowed: {', '.join(sorted(keys))}")
+            changed.add(p.name)
+            if p.parse is not None:
+                changes.update(p.parse(value, f"custom_params.{key}"))
                 continue
-            expected = _FIELD_TYPES[name]
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if expected is int and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            if type(value) is not expected:
-                raise ConfigError(
-                    f"custom_params.{key}: invalid value {value!r}; expected {expected.__name__}"
-                )
-            changes[name] = value
+            value = p.coerce(value)
+            if type(value) is not p.type:
+                raise ConfigError(f"custom_params.{key}: invalid value {value!r}; expected {p.type.__name__}")
+            changes[p.name] = value
         if not changes:
             return self
-        changed = frozenset("budget" if n == "budget_ratio" else n for n in changes)
-        return dataclasses.replace(self, **changes).validate(flag="custom_params.kv_{}", changed=changed)
+        return dataclasses.replace(self, **changes).validate(flag="custom_params.kv_{}", changed=frozenset(changed))
 
     # ------------------------------------------------------------------ transport
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.as_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "KVPolicyConfig":
+        """The config :meth:`to_json` wrote; unknown names (a newer version's) are ignored."""
         data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | set(policy_params())
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
@@ -290,43 +302,69 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
         return cls.from_json(text) if text else None
 
 
-def parse_budget(value: Any, where: str) -> tuple[int, float]:
-    """``(budget, budget_ratio)`` from a ``--kv-budget`` / ``kv_budget`` value.
+_fields_init = KVPolicyConfig.__init__
+_FIELDS = frozenset(f.name for f in dataclasses.fields(KVPolicyConfig))
 
-    Tokens per KV head (the integer ``128``) give ``(128, 0.0)``; a share of the prompt
-    (``"5%"``) gives ``(0, 0.05)`` (the token budget is then resolved per prompt).
-    Anything else raises ConfigError naming ``where``.
+
+def _init(self: KVPolicyConfig, *args: Any, params: Any = (), **kwargs: Any) -> None:
+    """The dataclass ``__init__``, plus the policies' hyperparameters as keywords.
+
+    ``params``: pairs (or a dict) as held in :attr:`KVPolicyConfig.params`; keywords win.
     """
-    def bad() -> ConfigError:
-        return ConfigError(f"{where}: invalid value {value!r}; expected {BUDGET_FORMS}")
-
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 1 <= value <= MAX_BUDGET:
-            raise bad()
-        return value, 0.0
-    m = _RATIO.match(value) if isinstance(value, str) else None
-    if m is None:
-        raise bad()
-    share = float(m.group(1)) / 100.0
-    if not 0.0 < share <= 1.0:
-        raise bad()
-    return 0, share
-
-
-def budget_fields(value: Any, where: str) -> dict[str, Any]:
-    """The config fields a command-line or keyword budget sets: ``{"budget", "budget_ratio"}``.
-
-    As :func:`parse_budget`; a share leaves ``budget`` at the default (unused until
-    :meth:`KVPolicyConfig.for_prompt`)."""
-    budget, ratio = parse_budget(value, where)
-    return {"budget": budget if not ratio else KVPolicyConfig.budget, "budget_ratio": ratio}
+    declared = policy_params()
+    given = dict(params.items() if isinstance(params, dict) else (tuple(kv) for kv in params))
+    given.update((k, kwargs.pop(k)) for k in list(kwargs) if k not in _FIELDS)
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise TypeError(f"KVPolicyConfig got unknown setting(s) {unknown}; the registered policies declare "
+                        f"{', '.join(declared)}")
+    kept: dict[str, Any] = {}
+    for name, value in given.items():
+        p = declared[name][0]
+        value = p.coerce(value) if p.type is float else value  # beta=2 is the float 2.0
+        if not (type(value) is type(p.default) and value == p.default):
+            kept[name] = value
+    _fields_init(self, *args, params=tuple(sorted(kept.items())), **kwargs)
+    for name, value in kept.items():  # plain attributes: cfg.beta without __getattr__
+        object.__setattr__(self, name, value)
 
 
-# Declared types of the config fields (a value built as ``beta=2`` is still a float field).
-_FIELD_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), object)
-                for f in dataclasses.fields(KVPolicyConfig)}
+KVPolicyConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+def settings() -> list[Param]:
+    """Every setting: the server's (``KVPolicyConfig``'s fields), then each registered
+    policy's hyperparameters in registration order. Flags, request keys and validation
+    come from these."""
+    own = [p for p in map(field_param, dataclasses.fields(KVPolicyConfig)) if p is not None]
+    names = {p.name for p in own}
+    extra = [p for p, _ in policy_params().values()]
+    clash = names & {p.name for p in extra}
+    assert not clash, f"policies declare settings that KVPolicyConfig has: {sorted(clash)}"
+    return own + extra
+
+
+def request_keys() -> dict[str, Param]:
+    """The per-request keys (``custom_params``) and the setting each sets."""
+    return {p.key: p for p in settings() if p.key is not None}
+
+
+def settings_table() -> str:
+    """A Markdown table of every setting: flag, request key, default, meaning (for the docs)."""
+    users = {name: used for name, (_, used) in policy_params().items()}
+    rows = ["| flag | request key | default | meaning |", "| --- | --- | --- | --- |"]
+    for p in settings():
+        default = p.default if p.flag_default is AS_DEFAULT else p.flag_default
+        shown = "unset" if default is None else ("off" if default is False else f"`{default}`")
+        meaning = p.help + (f" Policies: {', '.join(users[p.name])}." if p.name in users else "")
+        rows.append(f"| `{p.flag}` | {f'`{p.key}`' if p.key else '(server only)'} | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REQUEST_KEYS":  # request key -> setting name, of the policies registered now
+        return {key: p.name for key, p in request_keys().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

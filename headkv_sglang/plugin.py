@@ -16,9 +16,7 @@ import os
 import sys
 from typing import Any
 
-from headkv_sglang.config import (ENV_VAR, POLICY_CHOICES, POOLING_CHOICES, RAZOR_HEADS_CHOICES, SCORING_CHOICES,
-                                  ConfigError, KVPolicyConfig, budget_fields)
-from headkv_sglang.policies import defaults
+from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, settings
 
 logger = logging.getLogger("headkv_sglang")
 
@@ -61,69 +59,16 @@ SERVING_TARGETS = (
     _CPU_GRAPH,
 )
 
-# flag -> (KVPolicyConfig field, argparse kwargs)
-_DEFAULTS = KVPolicyConfig()
-FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--kv-policy": ("policy", dict(type=str, choices=POLICY_CHOICES, default=None,
-                                   help="Head-level KV compression policy (headkv_sglang). Unset: plain SGLang.")),
-    "--kv-budget": ("budget", dict(type=str, default=str(_DEFAULTS.budget),
-                                   help="Prompt tokens kept per KV head on average, window and sinks included: "
-                                        "a number of tokens (128) or a share of each prompt (5%%).")),
-    "--kv-window": ("window", dict(type=int, default=_DEFAULTS.window,
-                                   help="Recent prompt tokens always kept (with --kv-scoring window they also score the "
-                                        "rest); 0, the default: min(32, budget/4).")),
-    "--kv-scoring": ("scoring", dict(type=str, default=_DEFAULTS.scoring, choices=SCORING_CHOICES,
-                                     help="What ranks prompt tokens: 'question' (the default: the last user turn's "
-                                          "last --kv-question tokens, before the chat template's tail) or 'window' "
-                                          "(SnapKV: the last --kv-window tokens).")),
-    "--kv-question": ("question", dict(type=int, default=_DEFAULTS.question,
-                                       help="Most question tokens that score the prompt (0, the default: 16).")),
-    "--kv-head-profile": ("head_profile", dict(type=str, default=None,
-                                               help="Head-importance profile JSON (default: the shipped one matching the model).")),
-    "--kv-min-prompt": ("min_prompt", dict(type=int, default=_DEFAULTS.min_prompt,
-                                           help="Prompts shorter than this stay uncompressed.")),
-    "--kv-beta": ("beta", dict(type=float, default=_DEFAULTS.beta, help="HeadKV pool parameter beta (default 1.005, the paper's).")),
-    "--kv-pyramid-beta": ("pyramid_beta", dict(type=float, default=_DEFAULTS.pyramid_beta, help="PyramidKV beta.")),
-    "--kv-sink-size": ("sink_size", dict(type=int, default=_DEFAULTS.sink_size,
-                                         help="Attention-sink tokens kept (StreamingLLM, RazorAttention, D2O, PoD).")),
-    "--kv-floor-alpha": ("floor_alpha", dict(type=float, default=_DEFAULTS.floor_alpha, help="Ada-KV safeguard floor.")),
-    "--kv-kernel-size": ("kernel_size", dict(type=int, default=_DEFAULTS.kernel_size, help="SnapKV pooling kernel (odd).")),
-    "--kv-pool-shift": ("pool_shift", dict(type=int, default=_DEFAULTS.pool_shift,
-                                           help="Moves the score pooling window this many tokens to the past "
-                                                "(at most --kv-kernel-size // 2), so the tokens right after an "
-                                                "attended phrase are kept with it (default 0: centred, as SnapKV).")),
-    "--kv-pooling": ("pooling", dict(type=str, default=_DEFAULTS.pooling, choices=POOLING_CHOICES, help="SnapKV pooling.")),
-    "--kv-razor-fraction": ("razor_fraction", dict(type=float, default=_DEFAULTS.razor_fraction,
-                                                   help="RazorAttention: fraction of heads kept whole.")),
-    "--kv-razor-heads": ("razor_heads", dict(type=str, default=_DEFAULTS.razor_heads, choices=RAZOR_HEADS_CHOICES,
-                                             help="RazorAttention: 'fraction' (--kv-razor-fraction of the heads keep "
-                                                  "everything) or 'budget' (as many heads as the budget pays for: "
-                                                  "the KV held stays within L*H*budget).")),
-    "--kv-d2o-merge": ("d2o_merge", dict(type=str, default=_DEFAULTS.d2o_merge, choices=defaults.D2O_MERGES,
-                                         help="D2O: merge each dropped token into its most similar kept token "
-                                              "('on', the default) or drop it ('off').")),
-    "--kv-pod-share": ("pod_share", dict(type=float, default=_DEFAULTS.pod_share,
-                                         help="PoD: share of the (layer, KV head) rows, in [0, 0.5], that reuse the "
-                                              "layer below's attention over distant tokens and store no distant keys "
-                                              "(the most similar pairs by the 'pod' profile).")),
-    "--kv-decode-budget": ("decode_budget", dict(type=int, default=_DEFAULTS.decode_budget,
-                                                 help="Generated tokens kept per KV head of a compressed request: once "
-                                                      "its decode tail outgrows the window by a chunk, the older "
-                                                      "generated tokens are ranked by the recent queries and the best "
-                                                      "this many move into its pages (0, the default: the tail stays "
-                                                      "whole). A prompt too short to save memory by compressing "
-                                                      "is then kept whole in pages, so its output can move. Not "
-                                                      "with razor.")),
-    "--kv-share": ("share", dict(action="store_true",
-                                 help="Share compressed prompts: a request whose prompt extends an earlier compressed "
-                                      "prompt under the same settings (a document sent once, then questions about "
-                                      "it) reads that prompt's pages instead of compressing its own copy; its own "
-                                      "extension stays whole. Per request: \"kv_share\": true.")),
-    "--kv-pool-fraction": ("pool_fraction", dict(type=float, default=_DEFAULTS.pool_fraction,
-                                                 help="Share of SGLang's KV token capacity moved to the compressed pool.")),
-    "--kv-page-size": ("page_size", dict(type=int, default=_DEFAULTS.page_size,
-                                         help="Tokens per page of the compressed pool.")),
-}
+def cli_flags() -> dict[str, tuple[str, dict[str, Any]]]:
+    """flag -> (KVPolicyConfig setting, argparse kwargs), generated from the declarations
+    (:func:`headkv_sglang.config.settings`: the server's, then every registered policy's)."""
+    return {p.flag: (p.name, p.argparse_kwargs()) for p in settings()}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FLAGS":  # the flags of the policies registered now
+        return cli_flags()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cpu_auto() -> bool:
@@ -138,7 +83,7 @@ def active_config() -> KVPolicyConfig | None:
 # ------------------------------------------------------------------------- launcher side
 def _add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
     group = parser.add_argument_group("headkv_sglang (head-level KV-cache compression)")
-    for flag, (dest, kw) in FLAGS.items():
+    for flag, (dest, kw) in cli_flags().items():
         group.add_argument(flag, dest=f"headkv_{dest}", **kw)
     return result
 
@@ -147,9 +92,10 @@ def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
     """Resolve and validate the ``--kv-*`` flags (None when --kv-policy is not given)."""
     if getattr(ns, "headkv_policy", None) is None:
         return None
-    values = {dest: getattr(ns, f"headkv_{dest}") for dest, _ in FLAGS.values()}
-    raw = values["budget"].strip() if isinstance(values["budget"], str) else values["budget"]
-    values.update(budget_fields(int(raw) if str(raw).isdigit() else raw, "--kv-budget"))  # argv: "128" is tokens
+    values: dict[str, Any] = {}
+    for p in settings():
+        value = getattr(ns, f"headkv_{p.name}", p.default)  # a policy registered after the parser was built: default
+        values.update(p.parse(value, p.flag) if p.parse is not None else {p.name: value})
     cfg = KVPolicyConfig(**values).validate()
     from headkv_sglang.config import ModelShape
     from headkv_sglang.policies.registry import resolve_profile

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -11,9 +11,7 @@ from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import average_bound_pages, effective_window
 from headkv_sglang.policies.checks import check_float, check_request
 from headkv_sglang.policies.observation import ObservationWindowPolicy
-
-if TYPE_CHECKING:
-    from headkv_sglang.config import KVPolicyConfig, ModelShape
+from headkv_sglang.policies.params import hyper
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,15 +45,12 @@ class AdaKV(ObservationWindowPolicy):
 
     name: ClassVar[str] = "adakv"
 
-    floor_alpha: float = defaults.FLOOR_ALPHA
+    floor_alpha: float = hyper(defaults.FLOOR_ALPHA, "Ada-KV safeguard floor: each head keeps this share of "
+                               "its own best tokens before the layer-wide contest.", low=0.0, high=1.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float(type(self).__name__, "floor_alpha", self.floor_alpha, low=0.0, high=1.0)
-
-    @classmethod
-    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> AdaKV:
-        return cls(floor_alpha=cfg.floor_alpha, **cls.observation_kwargs(cfg))
 
     def plan_budgets(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int

@@ -49,14 +49,18 @@ What the server needs to know about a policy
 --------------------------------------------
 Each class carries it, so that adding a policy is one file plus one line in
 ``registry.py``: ``name``, ``needs_queries``, ``compresses``,
-``profile_method`` (class attributes), :meth:`KVPolicy.from_config` (built
-from the server/request config), :meth:`KVPolicy.check_config` (its
-cross-field rules on that config) and :meth:`KVPolicy.max_pages` (its
-worst-case pages, for admission).
+``profile_method`` (class attributes), its hyperparameters (fields declared
+with :func:`~headkv_sglang.policies.params.hyper`: each becomes a ``--kv-*``
+flag, a ``kv_*`` request key and a ``KVPolicyConfig`` attribute),
+:meth:`KVPolicy.from_config` (built from the server/request config; by
+default from those fields), :meth:`KVPolicy.check_config` (its cross-field
+rules on that config) and :meth:`KVPolicy.max_pages` (its worst-case pages,
+for admission).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -64,11 +68,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from headkv_sglang.policies.budgets import uniform_pages
+from headkv_sglang.policies import defaults
 from headkv_sglang.policies.checks import BadValue, check_request
+from headkv_sglang.policies.params import field_param, hyper
 from headkv_sglang.policies.scoring import select_mask, select_tokens
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
+
+
+def sink_size_field() -> Any:
+    """The ``sink_size`` hyperparameter, one declaration for every policy that keeps sinks."""
+    return hyper(defaults.SINK_SIZE, "Attention-sink tokens kept (the first prompt tokens).", low=0, high=4096)
 
 
 # --------------------------------------------------------------------------- #
@@ -107,11 +118,22 @@ class KVPolicy(ABC):
 
     window_size: int
 
+    def __post_init__(self) -> None:
+        """Every declared hyperparameter within its declared rule (a subclass with its own
+        ``__post_init__`` checks its fields itself)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            p = field_param(f)
+            allowed = None if p is None else p.problem(getattr(self, f.name))
+            if allowed is not None:
+                raise ValueError(f"{type(self).__name__}.{f.name}: {allowed}, got {getattr(self, f.name)!r}")
+
     # ------------------------------------------------------------------ server hooks
     @classmethod
-    @abstractmethod
     def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> KVPolicy:
         """The policy a (validated) server or request config asks for.
+
+        Default: ``cls(**cls.config_kwargs(cfg))``. A policy built from a profile (or
+        anything else than its declared fields) overrides it.
 
         Parameters
         ----------
@@ -122,6 +144,20 @@ class KVPolicy(ABC):
         profile : headkv_sglang.profiles.HeadProfile | None
             The head profile loaded for :attr:`profile_method` (None when that is None).
         """
+        return cls(**cls.config_kwargs(cfg))
+
+    @classmethod
+    def config_kwargs(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
+        """The fields the config sets: each declared hyperparameter from its setting
+        (``cfg.<name>``), and ``window_size`` from ``cfg.obs_window``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            p = field_param(f)
+            if p is not None:
+                out[f.name] = getattr(cfg, p.name)
+            elif f.name == "window_size" and f.init:
+                out[f.name] = cfg.obs_window
+        return out
 
     @classmethod
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:

@@ -11,6 +11,7 @@ from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import average_bound_pages, effective_window, waterfill
 from headkv_sglang.policies.checks import check_choice, check_model_shape, check_request
 from headkv_sglang.policies.observation import SinkObservationPolicy
+from headkv_sglang.policies.params import hyper
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -88,7 +89,8 @@ class D2O(SinkObservationPolicy):
     merges_dropped: ClassVar[bool] = True
 
     density: torch.Tensor = field(compare=False, repr=False)
-    merge: str = defaults.D2O_MERGE
+    merge: str = hyper(defaults.D2O_MERGE, "D2O: merge each dropped token into its most similar kept token "
+                       "('on', the default) or drop it ('off').", name="d2o_merge", choices=defaults.D2O_MERGES)
 
     def __post_init__(self) -> None:
         super().__post_init__()

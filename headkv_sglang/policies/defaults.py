@@ -1,8 +1,8 @@
 """The default of every policy hyperparameter, defined once.
 
-The policy classes use these as their field defaults and ``KVPolicyConfig`` (the
-server's ``--kv-*`` flags) as its own, so a policy built by hand and one built by the
-server agree. Where a value differs from the paper's, the paper's is given beside it;
+The policy classes use these as their field defaults, which are also the defaults of
+the server's ``--kv-*`` flags (declared on those fields, ``policies/params.py``), so a
+policy built by hand and one built by the server agree. Where a value differs from the paper's, the paper's is given beside it;
 the values here are the ones measured best on this project's benchmarks (README).
 
 No torch here: ``config.py`` reads this module at import time.
@@ -48,6 +48,9 @@ SINK_SIZE = 4
 RAZOR_ECHO_FRACTION = 0.01
 RAZOR_INDUCTION_FRACTION = 0.14
 RAZOR_FRACTION = 0.15  # not 0.01 + 0.14, which is 0.15000000000000002 in floating point
+#: How RazorAttention picks its retrieval heads: a fixed fraction of the heads (the
+#: paper's 15%), or as many as the budget pays for (held KV <= L * H * budget).
+RAZOR_HEADS: tuple[str, ...] = ("fraction", "budget")
 #: D2O: merge each dropped token into its most similar kept token ("on", as the paper) or not.
 D2O_MERGES: tuple[str, ...] = ("on", "off")
 D2O_MERGE = "on"

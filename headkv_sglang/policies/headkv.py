@@ -11,6 +11,7 @@ from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import average_bound_pages, effective_window, waterfill
 from headkv_sglang.policies.checks import check_float, check_head_table, check_model_shape, check_request
 from headkv_sglang.policies.observation import ObservationWindowPolicy
+from headkv_sglang.policies.params import hyper
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -67,7 +68,8 @@ class HeadKV(ObservationWindowPolicy):
     profile_method: ClassVar[str | None] = "r2"
 
     importance: torch.Tensor = field(compare=False, repr=False)
-    beta: float = defaults.HEADKV_BETA
+    beta: float = hyper(defaults.HEADKV_BETA, "HeadKV pool parameter beta (default 1.005, the paper's).",
+                        low=1.0, high=1e6)
     temp: float = defaults.HEADKV_TEMP
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ class HeadKV(ObservationWindowPolicy):
         """Importance: the profile's per-KV-head Retrieval-Reasoning (``r2``) scores."""
         assert profile is not None, "HeadKV needs its 'r2' head profile (registry.resolve_profile)"
         importance = torch.as_tensor(profile.kv_scores, dtype=torch.float64)
-        return cls(importance=importance, beta=cfg.beta, **cls.observation_kwargs(cfg))
+        return cls(importance=importance, **cls.config_kwargs(cfg))
 
     @classmethod
     def from_profile(

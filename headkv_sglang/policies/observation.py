@@ -9,7 +9,9 @@ import torch
 
 from headkv_sglang.policies import defaults
 from headkv_sglang.policies.base import KVPolicy
+from headkv_sglang.policies.base import sink_size_field
 from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_sinks_fit, check_window_fits
+from headkv_sglang.policies.params import hyper
 from headkv_sglang.policies.scoring import observation_window_scores
 
 if TYPE_CHECKING:
@@ -47,10 +49,12 @@ class ObservationWindowPolicy(KVPolicy):
         How the query heads of a KV head's group are combined.
     """
 
-    window_size: int = defaults.WINDOW_SIZE
-    kernel_size: int = defaults.KERNEL_SIZE
-    pooling: PoolingKind = defaults.POOLING  # type: ignore[assignment]
-    pool_shift: int = defaults.POOL_SHIFT
+    window_size: int = defaults.WINDOW_SIZE  # the server's --kv-window (KVPolicyConfig.obs_window)
+    kernel_size: int = hyper(defaults.KERNEL_SIZE, "SnapKV pooling kernel (odd).", low=1, high=63, odd=True)
+    pooling: PoolingKind = hyper(defaults.POOLING, "SnapKV pooling.", choices=defaults.POOLINGS)
+    pool_shift: int = hyper(defaults.POOL_SHIFT, "Moves the score pooling window this many tokens to the past "
+                            "(at most --kv-kernel-size // 2), so the tokens right after an attended phrase are "
+                            "kept with it (default 0: centred, as SnapKV).", low=0, high=31)
     gqa_agg: GqaAggregation = defaults.GQA_AGG  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -93,7 +97,7 @@ class SinkObservationPolicy(ObservationWindowPolicy):
         First prompt tokens scored ``+inf`` (kept first after the window).
     """
 
-    sink_size: int = defaults.SINK_SIZE
+    sink_size: int = sink_size_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()

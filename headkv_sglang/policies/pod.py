@@ -11,6 +11,7 @@ from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import effective_window, uniform_pages
 from headkv_sglang.policies.checks import check_float, check_model_shape, check_request
 from headkv_sglang.policies.observation import SinkObservationPolicy
+from headkv_sglang.policies.params import hyper
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -87,7 +88,9 @@ class PoD(SinkObservationPolicy):
     row_pages_slack: ClassVar[int] = 1
 
     similarity: torch.Tensor = field(compare=False, repr=False)
-    share: float = defaults.POD_SHARE
+    share: float = hyper(defaults.POD_SHARE, "PoD: share of the (layer, KV head) rows, in [0, 0.5], that reuse "
+                         "the layer below's attention over distant tokens and store no distant keys (the most "
+                         "similar pairs by the 'pod' profile).", name="pod_share", low=0.0, high=0.5)
 
     def __post_init__(self) -> None:
         super().__post_init__()

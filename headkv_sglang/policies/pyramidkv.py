@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -11,9 +11,7 @@ from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import average_bound_pages, effective_window, waterfill
 from headkv_sglang.policies.checks import check_float, check_request
 from headkv_sglang.policies.observation import ObservationWindowPolicy
-
-if TYPE_CHECKING:
-    from headkv_sglang.config import KVPolicyConfig, ModelShape
+from headkv_sglang.policies.params import hyper
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,15 +42,12 @@ class PyramidKV(ObservationWindowPolicy):
 
     name: ClassVar[str] = "pyramidkv"
 
-    beta: float = defaults.PYRAMID_BETA
+    beta: float = hyper(defaults.PYRAMID_BETA, "PyramidKV beta: the last layer keeps about 1/beta of the average "
+                        "prefix budget.", name="pyramid_beta", low=1.0, high=1e6, request=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float(type(self).__name__, "beta", self.beta, low=1.0)
-
-    @classmethod
-    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> PyramidKV:
-        return cls(beta=cfg.pyramid_beta, **cls.observation_kwargs(cfg))
 
     def layer_prefix_budgets(self, seq_len: int, budget: int, num_layers: int) -> torch.Tensor:
         """float64 ``[num_layers]`` real prefix budgets before rounding (``B < T``)."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from headkv_sglang.policies import defaults
-from headkv_sglang.policies.base import KVPolicy
+from headkv_sglang.policies.base import KVPolicy, sink_size_field
 from headkv_sglang.policies.budgets import planned_pages
 from headkv_sglang.policies.checks import (
     BadValue,
@@ -20,6 +20,7 @@ from headkv_sglang.policies.checks import (
     check_request,
     check_sinks_fit,
 )
+from headkv_sglang.policies.params import Param, param
 from headkv_sglang.policies.scoring import sink_recency_scores
 
 if TYPE_CHECKING:
@@ -68,8 +69,16 @@ class RazorAttention(KVPolicy):
     needs_queries: ClassVar[bool] = False
     profile_method: ClassVar[str | None] = "razor"
 
+    #: Settings from_config reads to choose ``retrieval_heads`` / ``head_order`` (not fields).
+    razor_fraction: ClassVar[Param] = param(
+        "razor_fraction", defaults.RAZOR_FRACTION, "RazorAttention: fraction of heads kept whole.", low=0.0, high=1.0)
+    razor_heads: ClassVar[Param] = param(
+        "razor_heads", "fraction", "RazorAttention: 'fraction' (--kv-razor-fraction of the heads keep everything) "
+        "or 'budget' (as many heads as the budget pays for: the KV held stays within L*H*budget).",
+        choices=defaults.RAZOR_HEADS)
+
     retrieval_heads: torch.Tensor = field(compare=False, repr=False)
-    sink_size: int = defaults.SINK_SIZE
+    sink_size: int = sink_size_field()
     window_size: int = defaults.WINDOW_SIZE
     head_order: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
@@ -177,7 +186,7 @@ class RazorAttention(KVPolicy):
             echo, induction,
             echo_fraction=min(defaults.RAZOR_ECHO_FRACTION, frac),
             induction_fraction=max(0.0, frac - defaults.RAZOR_ECHO_FRACTION),
-            sink_size=cfg.sink_size, window_size=cfg.obs_window,
+            **cls.config_kwargs(cfg),
         )
         if cfg.razor_heads == "budget":
             object.__setattr__(policy, "head_order", cls.ranking(echo, induction))

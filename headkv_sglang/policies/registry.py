@@ -2,11 +2,14 @@
 
 Everything the server knows about a policy lives on its class (``needs_queries``,
 ``compresses``, ``profile_method``, ``from_config``, ``check_config``, ``max_pages``;
-see :class:`~headkv_sglang.policies.base.KVPolicy`), so adding one is a file in this
+see :class:`~headkv_sglang.policies.base.KVPolicy`), its hyperparameters included (fields
+declared with :func:`~headkv_sglang.policies.params.hyper`: :func:`policy_params` collects
+them for the flags, request keys and ``KVPolicyConfig``), so adding one is a file in this
 package plus a line in ``_BUILTIN`` below (or one :func:`register` call from outside).
 
 Built-in classes are imported on first lookup: ``config.py`` lists the names (the
-``--kv-policy`` choices) at import time without importing torch.
+``--kv-policy`` choices) at import time without importing torch. This module never
+imports ``config.py`` (which imports it).
 
 >>> policy_class("snapkv").needs_queries, policy_class("full").compresses
 (True, False)
@@ -20,6 +23,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+
+from headkv_sglang.policies.params import ConfigError, Param, params_of
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
@@ -96,6 +101,7 @@ def register(cls: type[KVPolicy]) -> type[KVPolicy]:
     """
     POLICIES.add(cls)
     build_policy.cache_clear()
+    policy_params.cache_clear()
     return cls
 
 
@@ -103,6 +109,7 @@ def unregister(name: str) -> type[KVPolicy]:
     """Remove the policy registered as ``name`` and return its class (KeyError if none)."""
     cls = POLICIES.remove(name)
     build_policy.cache_clear()
+    policy_params.cache_clear()
     return cls
 
 
@@ -124,10 +131,30 @@ def policy_names() -> list[str]:
 def policy_class(name: str) -> type[KVPolicy]:
     """The class registered as ``name`` (exact). Raises ConfigError for an unknown name."""
     if name not in POLICIES:
-        from headkv_sglang.config import ConfigError
-
         raise ConfigError(f"--kv-policy: unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[name]
+
+
+@lru_cache(maxsize=1)
+def policy_params() -> dict[str, tuple[Param, tuple[str, ...]]]:
+    """Every hyperparameter the registered policies declare: name -> (its Param, the names
+    of the policies that use it), in registration and declaration order.
+
+    Raises AssertionError when two policies declare one name differently (one name, one
+    meaning: give one of them another ``name=``).
+    """
+    out: dict[str, tuple[Param, tuple[str, ...]]] = {}
+    for policy, cls in POLICIES.items():
+        for _, p in params_of(cls):
+            if p.name in out:
+                first, users = out[p.name]
+                assert first == p, (f"policy {policy!r} declares setting {p.name!r} as {p}, but "
+                                    f"{users[0]!r} as {first}; declare it the same way or name it apart")
+                if policy not in users:
+                    out[p.name] = (first, users + (policy,))
+            else:
+                out[p.name] = (p, (policy,))
+    return out
 
 
 def get_policy(name: str, **hyperparams: Any) -> KVPolicy:
@@ -177,7 +204,6 @@ def resolve_profile(cfg: KVPolicyConfig, shape: ModelShape) -> HeadProfile | Non
     if method is None:
         return None
     from headkv_sglang import profiles
-    from headkv_sglang.config import ConfigError
 
     path = cfg.head_profile
     if path is None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from headkv_sglang.policies.budgets import uniform_pages
 from headkv_sglang.policies.checks import check_request
 from headkv_sglang.policies.observation import ObservationWindowPolicy
-
-if TYPE_CHECKING:
-    from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,10 +29,6 @@ class SnapKV(ObservationWindowPolicy):
     """
 
     name: ClassVar[str] = "snapkv"
-
-    @classmethod
-    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> SnapKV:
-        return cls(**cls.observation_kwargs(cfg))
 
     def plan_budgets(
         self, seq_len: int, budget: int, num_layers: int, num_kv_heads: int

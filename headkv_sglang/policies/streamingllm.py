@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from headkv_sglang.policies import defaults
-from headkv_sglang.policies.base import KVPolicy
+from headkv_sglang.policies.base import KVPolicy, sink_size_field
 from headkv_sglang.policies.budgets import uniform_pages
 from headkv_sglang.policies.checks import BadValue, check_int, check_request, check_sinks_fit
 from headkv_sglang.policies.scoring import sink_recency_scores
 
 if TYPE_CHECKING:
-    from headkv_sglang.config import KVPolicyConfig, ModelShape
+    from headkv_sglang.config import KVPolicyConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,17 +39,13 @@ class StreamingLLM(KVPolicy):
     name: ClassVar[str] = "streamingllm"
     needs_queries: ClassVar[bool] = False
 
-    sink_size: int = defaults.SINK_SIZE
+    sink_size: int = sink_size_field()
     window_size: int = defaults.WINDOW_SIZE
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
         check_int(cls, "sink_size", self.sink_size, 0)
         check_int(cls, "window_size", self.window_size, 1)
-
-    @classmethod
-    def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> StreamingLLM:
-        return cls(sink_size=cfg.sink_size, window_size=cfg.obs_window)
 
     @classmethod
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
