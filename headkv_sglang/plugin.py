@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Any
 
-from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, settings
+from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, ModelShape, settings
+from headkv_sglang.unsupported import layer_error, model_error, server_args_error
 
 logger = logging.getLogger("headkv_sglang")
 
@@ -97,7 +98,6 @@ def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
         value = getattr(ns, f"headkv_{p.name}", p.default)  # a policy registered after the parser was built: default
         values.update(p.parse(value, p.flag) if p.parse is not None else {p.name: value})
     cfg = KVPolicyConfig(**values).validate()
-    from headkv_sglang.config import ModelShape
     from headkv_sglang.policies.registry import resolve_profile
 
     shape = ModelShape.from_model_path(ns.model_path)
@@ -162,10 +162,36 @@ def _resolve_once(server_args, *args, **kwargs):
                 print(f"error: --kv-policy needs --{flag.replace('_', '-')} unset or equal to --attention-backend "
                       f"({backend})", file=sys.stderr)
                 raise SystemExit(2)
-        if getattr(server_args, "speculative_algorithm", None):
-            print("error: --kv-policy does not support speculative decoding", file=sys.stderr)
+        err = server_args_error(server_args) or _model_error(getattr(server_args, "model_path", None))
+        if err:
+            print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2)
     return None
+
+
+def _model_error(model_path) -> str | None:
+    """:func:`~headkv_sglang.unsupported.model_error` of the served model's config.json (None
+    when it cannot be read here: a hub id; the scheduler checks the built layers then)."""
+    if not model_path:
+        return None
+    try:
+        hf_config = ModelShape.from_model_path(model_path).hf_config
+    except (ConfigError, KeyError, ValueError):
+        return None
+    return model_error(hf_config)
+
+
+def _check_resolved(result, server_args, *args, **kwargs):
+    """AFTER ServerArgs.resolve_once: SGLang's resolution may have changed a default (the page
+    size of some backends, the KV cache dtype of some checkpoints): check again."""
+    if active_config() is not None:
+        from sglang.srt.arg_groups.overrides import resolution_result
+
+        err = server_args_error(server_args, lambda a, name: resolution_result(a, name))
+        if err:
+            print(f"error: {err} (set by SGLang's resolution of the other flags)", file=sys.stderr)
+            raise SystemExit(2)
+    return result
 
 
 def _verify_sampling_params(result, sampling_params, *args, **kwargs):
@@ -283,6 +309,21 @@ def _add_internal_state(serving, result, *args, **kwargs):
     return result
 
 
+def _built_model_error(model_runner) -> str | None:
+    """The start-up checks once more on what was built (a model whose config.json did not
+    say): every attention layer's scaling, soft-capping and window, and the KV cache dtype."""
+    dtype = str(getattr(model_runner, "kv_cache_dtype", ""))
+    if "float8" in dtype or "float4" in dtype:
+        return f"--kv-policy does not support a {dtype} KV cache yet (compressed pages are kept in the model's dtype)"
+    model = getattr(model_runner, "model", None)
+    for module in (model.modules() if model is not None else ()):
+        if type(module).__name__ == "RadixAttention":
+            err = layer_error(module)
+            if err:
+                return err
+    return None
+
+
 def _register_serving(cfg: KVPolicyConfig):
     """Install the serving layer's hooks, each bound to one per-process ServingState."""
     from sglang.srt.layers.attention import attention_registry
@@ -317,8 +358,9 @@ def _register_serving(cfg: KVPolicyConfig):
             missing = [t for t in SERVING_TARGETS if t not in HookRegistry._patched]
             if missing:
                 raise SystemExit(f"headkv_sglang: --kv-policy given but hooks failed to install: {missing}")
-            from headkv_sglang.config import ModelShape
-
+            err = _built_model_error(model_runner)
+            if err:
+                raise SystemExit(f"headkv_sglang: {err}")
             state.shape = ModelShape.from_model_path(model_runner.model_config.model_path)
             return factory(model_runner)
 
@@ -334,6 +376,7 @@ def register() -> None:
         HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", _add_cli_args, HookType.AFTER)
         HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", _from_cli_args, HookType.BEFORE)
         HookRegistry.register(f"{_SERVER_ARGS}.resolve_once", _resolve_once, HookType.BEFORE)
+        HookRegistry.register(f"{_SERVER_ARGS}.resolve_once", _check_resolved, HookType.AFTER)
         HookRegistry.register(_SAMPLING_VERIFY, _verify_sampling_params, HookType.AFTER)
         HookRegistry.register(_VALIDATE_REQUEST, _reject_empty_prompt, HookType.BEFORE)
         HookRegistry.register(_RUN_BATCH, _track_batch, HookType.BEFORE)

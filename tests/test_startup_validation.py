@@ -1,4 +1,5 @@
-"""Invalid --kv-* flags stop the launcher before any weights load, with one line naming the flag."""
+"""Invalid --kv-* flags, SGLang options and model features that --kv-policy cannot serve stop the
+launcher before any weights load, with one line naming the flag (or the config field)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,30 @@ BAD_FLAGS = [
     (["--kv-policy", "snapkv", "--decode-attention-backend", "triton"],
      "error: --kv-policy needs --decode-attention-backend unset or equal to --attention-backend (torch_native)"),
 ]
+# SGLang options --kv-policy refuses (headkv_sglang/unsupported.py): the message names the flag.
+UNSUPPORTED = [
+    (["--page-size", "16"], "error: --kv-policy does not support --page-size 16: SGLang's token pool must have "
+     "pages of 1 token"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "error: --kv-policy does not support --kv-cache-dtype fp8_e4m3 yet: "
+     "compressed pages are kept in the model's dtype"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "error: --kv-policy does not support --kv-cache-dtype fp8_e5m2 yet"),
+    (["--speculative-algorithm", "EAGLE"], "error: --kv-policy does not support speculative decoding "
+     "(--speculative-algorithm EAGLE)"),
+    (["--enable-dp-attention"], "error: --kv-policy does not support --enable-dp-attention: "),
+    (["--pp-size", "2"], "error: --kv-policy does not support --pp-size 2: with pipeline parallelism"),
+    (["--dcp-size", "2"], "error: --kv-policy does not support --dcp-size 2 (decode context parallelism)"),
+    (["--enable-prefill-cp"], "error: --kv-policy does not support --enable-prefill-cp (context-parallel prefill)"),
+    (["--enable-hierarchical-cache"], "error: --kv-policy does not support --enable-hierarchical-cache yet: "),
+    (["--enable-lmcache"], "error: --kv-policy does not support --enable-lmcache yet"),
+    (["--disaggregation-mode", "prefill"], "error: --kv-policy does not support --disaggregation-mode prefill: "),
+    (["--enable-two-batch-overlap"], "error: --kv-policy does not support --enable-two-batch-overlap: "),
+    (["--enable-pdmux"], "error: --kv-policy does not support --enable-pdmux: "),
+    (["--enable-streaming-session"], "error: --kv-policy does not support --enable-streaming-session: "),
+    (["--enable-page-major-kv-layout"], "error: --kv-policy does not support --enable-page-major-kv-layout: "),
+    (["--is-embedding"], "error: --kv-policy does not support --is-embedding: "),
+    (["--enable-multimodal"], "error: --kv-policy does not support --enable-multimodal yet"),
+]
+BAD_FLAGS += [(["--kv-policy", "snapkv", *flags], message) for flags, message in UNSUPPORTED]
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS[:2])
@@ -76,7 +101,7 @@ def sglang_parser():
     return parser
 
 
-@pytest.mark.parametrize("flags, message", BAD_FLAGS)
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=lambda x: " ".join(x)[-40:] if isinstance(x, list) else "")
 def test_bad_flag_is_one_line_naming_it(sglang_parser, model_path, flags, message, capsys, monkeypatch):
     """The launcher's two hooks, in order: ServerArgs.from_cli_args (our flags), then resolve_once
     (what --kv-policy needs of SGLang's flags), on the parsed command line; CPU as on CI."""
@@ -142,3 +167,158 @@ def test_flags_are_listed_in_help():
     for flag in FLAGS:
         assert flag in r.stdout, flag
     assert "share of each prompt (5%)" in " ".join(r.stdout.split())
+
+
+@pytest.mark.parametrize("flags", [["--page-size", "1"], ["--kv-cache-dtype", "bfloat16"], ["--kv-cache-dtype", "auto"],
+                                   ["--enable-mixed-chunk"], ["--pp-size", "1"], ["--disaggregation-mode", "null"]],
+                         ids=" ".join)
+def test_supported_options_pass(sglang_parser, model_path, flags, capsys, monkeypatch):
+    """What the refusals above must not catch: the same options at values --kv-policy serves."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR
+
+    monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", "1")
+    monkeypatch.setenv(ENV_VAR, "")
+    ns = sglang_parser.parse_args(["--model-path", str(model_path), "--kv-policy", "snapkv", *flags])
+    plugin._from_cli_args(None, ns)
+    plugin._resolve_once(types.SimpleNamespace(**vars(ns)))
+    assert capsys.readouterr().err == ""
+
+
+def test_options_are_ignored_without_kv_policy(sglang_parser, model_path, monkeypatch):
+    """Plain SGLang (no --kv-policy) keeps every option."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR
+
+    monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", "1")
+    monkeypatch.setenv(ENV_VAR, "")
+    ns = sglang_parser.parse_args(["--model-path", str(model_path), "--page-size", "16", "--enable-dp-attention"])
+    plugin._from_cli_args(None, ns)
+    plugin._resolve_once(types.SimpleNamespace(**vars(ns)))
+
+
+# Model features --kv-policy refuses, read from config.json (the test model's, with one field
+# added): (added fields, the message). Then ones it serves.
+MODEL_FEATURES = [
+    ({"attn_logit_softcapping": 50.0}, "error: --kv-policy does not support the model's config.json "
+     "attn_logit_softcapping=50.0: the compressed rows' attention applies no logit soft-capping"),
+    ({"sliding_window": 4096}, "error: --kv-policy does not support the model's config.json sliding_window=4096: "
+     "sliding-window attention"),
+    ({"sliding_window": 4096, "use_sliding_window": True}, "config.json sliding_window=4096: "),
+    ({"layer_types": ["sliding_attention", "full_attention"] * 15}, "config.json layer_types='... "
+     "sliding_attention ...': only full-attention layers can be compressed"),
+    ({"layer_types": ["linear_attention", "full_attention"] * 15}, "layer_types='... linear_attention ...'"),
+    ({"sliding_window_pattern": 6}, "config.json sliding_window_pattern=6: "),
+    ({"kv_lora_rank": 512}, "config.json kv_lora_rank=512: MLA models (DeepSeek-V2/V3 style)"),
+    ({"query_pre_attn_scalar": 144}, "config.json query_pre_attn_scalar=144: attention is scaled by 144**-0.5, "
+     "and the compressed rows by head_dim**-0.5 = 64**-0.5"),
+    ({"attention_multiplier": 0.015625}, "config.json attention_multiplier=0.015625: attention is scaled by "
+     "0.015625, and the compressed rows by head_dim**-0.5 = 0.125"),
+    ({"attention_chunk_size": 8192}, "config.json attention_chunk_size=8192: chunked attention"),
+    ({"alibi": True}, "config.json alibi=True: ALiBi"),
+    ({"vision_config": {"hidden_size": 8}}, "config.json vision_config='{...}': multimodal models"),
+    ({"quantization_config": {"quant_method": "fp8", "kv_cache_quant_algo": "FP8"}},
+     "config.json quantization_config.kv_cache_quant_algo='FP8': the checkpoint asks for an FP8 KV cache"),
+]
+SERVED_FEATURES = [
+    {"sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21},  # Qwen2's config
+    {"final_logit_softcapping": 30.0},  # caps the LM head's logits, after attention
+    {"query_pre_attn_scalar": 64},  # equal to head_dim
+    {"attention_multiplier": 0.125},  # equal to head_dim ** -0.5
+    {"layer_types": ["full_attention"] * 30},
+    {"attn_logit_softcapping": None, "sliding_window": None},
+]
+
+
+def model_with(tmp_path, model_path, extra: dict, links: bool = False):
+    """A model directory: the test model's config.json with ``extra`` fields (and, with
+    ``links``, symlinks to its other files, weights included, for a real launch)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    cfg = json.loads((model_path / "config.json").read_text())
+    cfg.update(extra)
+    (d / "config.json").write_text(json.dumps(cfg))
+    if links:
+        for f in model_path.iterdir():
+            if f.name != "config.json":
+                (d / f.name).symlink_to(f)
+    return d
+
+
+def run_hooks(sglang_parser, model_dir, monkeypatch, *flags: str) -> None:
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR
+
+    monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", "1")
+    monkeypatch.setenv(ENV_VAR, "")
+    ns = sglang_parser.parse_args(["--model-path", str(model_dir), "--kv-policy", "snapkv", *flags])
+    plugin._from_cli_args(None, ns)
+    plugin._resolve_once(types.SimpleNamespace(**vars(ns)))
+
+
+@pytest.mark.parametrize("extra, message", MODEL_FEATURES, ids=lambda x: next(iter(x)) if isinstance(x, dict) else "")
+def test_unsupported_model_feature_is_one_line_naming_it(sglang_parser, model_path, tmp_path, extra, message,
+                                                         capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        run_hooks(sglang_parser, model_with(tmp_path, model_path, extra), monkeypatch)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra", SERVED_FEATURES, ids=lambda x: ",".join(x))
+def test_served_model_features_pass(sglang_parser, model_path, tmp_path, extra, capsys, monkeypatch):
+    run_hooks(sglang_parser, model_with(tmp_path, model_path, extra), monkeypatch)
+    assert capsys.readouterr().err == ""
+
+
+def test_unsupported_model_exits_before_weights_load(model_path, tmp_path):
+    """End to end through a real launcher: the model check runs in resolve_once, before weights."""
+    d = model_with(tmp_path, model_path, {"sliding_window": 512}, links=True)
+    r = launch(d, "--kv-policy", "snapkv", "--kv-budget", "64")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "error: --kv-policy does not support the model's config.json sliding_window=512" in r.stderr, r.stderr[-3000:]
+    assert "Load weight begin" not in r.stderr + r.stdout
+
+
+def test_resolved_page_size_is_checked_after_resolution(monkeypatch, capsys):
+    """SGLang's resolution may pick a page size (some backends force 64): the AFTER hook reads
+    the resolved value, not the (unset) attribute."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR, KVPolicyConfig
+
+    monkeypatch.setenv(ENV_VAR, KVPolicyConfig(policy="snapkv").to_json())
+    args = types.SimpleNamespace(page_size=None, _resolved_overrides=[("a backend", {"page_size": 64})])
+    with pytest.raises(SystemExit):
+        plugin._check_resolved(None, args)
+    assert "--kv-policy does not support --page-size 64" in capsys.readouterr().err
+    ok = types.SimpleNamespace(page_size=None, _resolved_overrides=[("a backend", {"page_size": 1})])
+    assert plugin._check_resolved("result", ok) == "result"
+    monkeypatch.setenv(ENV_VAR, "")  # without --kv-policy nothing is checked
+    assert plugin._check_resolved("result", args) == "result"
+
+
+def test_built_layers_are_checked_when_the_backend_is_made():
+    """The last net, for a model whose config.json did not say: the built attention layers."""
+    import torch
+
+    from headkv_sglang.plugin import _built_model_error
+
+    class RadixAttention(torch.nn.Module):  # the attributes SGLang's layer has
+        def __init__(self, layer_id, scaling=64 ** -0.5, logit_cap=0.0, sliding_window_size=-1):
+            super().__init__()
+            self.layer_id, self.qk_head_dim, self.head_dim, self.scaling = layer_id, 64, 64, scaling
+            self.logit_cap, self.sliding_window_size, self.is_cross_attention = logit_cap, sliding_window_size, False
+
+    def runner(*layers, dtype=torch.float32):
+        return types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(2, 2), *layers), kv_cache_dtype=dtype)
+
+    assert _built_model_error(runner(RadixAttention(0), RadixAttention(1))) is None
+    assert _built_model_error(runner(RadixAttention(0), RadixAttention(1, scaling=0.0625))) == (
+        "--kv-policy does not support attention layer 1's scaling 0.0625: the compressed rows scale by "
+        "head_dim**-0.5 = 0.125")
+    assert "layer 0's logit soft-capping (30.0)" in _built_model_error(runner(RadixAttention(0, logit_cap=30.0)))
+    assert "layer 0's sliding window (4096 tokens)" in _built_model_error(
+        runner(RadixAttention(0, sliding_window_size=4096)))
+    assert "torch.float8_e4m3fn KV cache yet" in _built_model_error(runner(RadixAttention(0),
+                                                                          dtype=torch.float8_e4m3fn))
