@@ -38,7 +38,7 @@ def tp_shard() -> HeadShard:
     return HeadShard(group.world_size, group.rank_in_group)
 
 
-def tp_ops(shard: HeadShard, num_kv_heads: int):
+def tp_ops(shard: HeadShard, num_kv_heads: int, group: Any = None):
     """``(gather, min_over_ranks, gather_objects, gather_queries)`` over SGLang's
     tensor-parallel CPU group.
 
@@ -46,11 +46,13 @@ def tp_ops(shard: HeadShard, num_kv_heads: int):
     every control request to all ranks of the group, so all of them call it alike).
     ``gather_queries(q)`` (None unless KV heads are replicated): ``[Hq_local, n, D]`` of every
     rank replicating this rank's KV head, concatenated in rank order: the head's whole query
-    group."""
+    group. ``group``: another process group to use (tests: a gloo world of CPU processes)."""
     import torch.distributed as dist
-    from sglang.srt.distributed import parallel_state
 
-    group = parallel_state.get_tp_group().cpu_group
+    if group is None:
+        from sglang.srt.distributed import parallel_state
+
+        group = parallel_state.get_tp_group().cpu_group
     owners = shard.head_owners(num_kv_heads)  # fewer KV heads than ranks: one copy of each head
 
     def gather(scores: torch.Tensor) -> torch.Tensor:
@@ -72,9 +74,9 @@ def tp_ops(shard: HeadShard, num_kv_heads: int):
     replicas = shard.replica_ranks(num_kv_heads)
 
     def gather_queries(q: torch.Tensor) -> torch.Tensor:
-        local = q.detach().to("cpu").contiguous()
+        local = q.detach().to("cpu", torch.float32).contiguous()
         parts = [torch.empty_like(local) for _ in range(shard.tp_size)]
         dist.all_gather(parts, local, group=group)
-        return torch.cat([parts[r] for r in replicas]).to(q.device)
+        return torch.cat([parts[r] for r in replicas]).to(q.device, q.dtype)
 
     return gather, min_over_ranks, gather_objects, (gather_queries if len(replicas) > 1 else None)
