@@ -123,6 +123,13 @@ def prefill_failure(rank, world, shape, cases, fail_rank, T, seed):
 
 
 @scenario
+def failures(rank, world, shape, cases, decode_kw, fail_rank, T, seed):
+    """:func:`prefill_failure`'s cases, then :func:`decode_failure`, in one world."""
+    return {**prefill_failure(rank, world, shape, cases, fail_rank, T, seed),
+            "decode": decode_failure(rank, world, shape, decode_kw, fail_rank, T - 22, seed + 1)}
+
+
+@scenario
 def decode_failure(rank, world, shape, kw, fail_rank, T, seed):
     """A compressed request's decode move fails on ``fail_rank`` (no decode queries of layer 1
     captured there): every rank keeps its record as it was, and stops moving."""
@@ -134,7 +141,7 @@ def decode_failure(rank, world, shape, kw, fail_rank, T, seed):
     lo, hi = shard.kv_heads(shape.num_kv_heads)
     qlo, qhi = shard.q_heads(shape.num_q_heads)
     out = _prefill(m, shard, shape, 0, cfg, T, [x[:T] for x in q], k, v)
-    assert type(out).__name__ == "str", out
+    assert out == "ok", out
     before = m.records[0]
     seq = T
     due = None
@@ -158,8 +165,14 @@ def decode_failure(rank, world, shape, kw, fail_rank, T, seed):
 
 
 @scenario
-def replicated(rank, world, shape, configs, T, seed, query_gather=True, decode_steps=0):
-    """Compress one prompt per config; return every layer's kept rows (this rank's heads)."""
+def replicated(rank, world, shape, configs, T, seed, decode_steps=0, partial_configs=()):
+    """Compress one prompt per config; return every layer's kept rows (this rank's heads).
+    ``partial_configs``: the same, by replicas that score with their own queries only."""
+    return {"configs": _replicated(rank, world, shape, configs, T, seed, True, decode_steps),
+            "partial": _replicated(rank, world, shape, partial_configs, T, seed, False, 0)}
+
+
+def _replicated(rank, world, shape, configs, T, seed, query_gather, decode_steps):
     from headkv_sglang.config import KVPolicyConfig
 
     m, shard = _manager(rank, world, shape, query_gather=query_gather)
@@ -186,4 +199,4 @@ def replicated(rank, world, shape, configs, T, seed, query_gather=True, decode_s
                 moves += 1
         out.append({"outcome": "ok", "heads": [lo, hi], "moves": moves, "layers": _rows(m, m.records[i])})
         m.release_row(i)
-    return {"configs": out}
+    return out

@@ -5,16 +5,18 @@ A request row (SGLang's ``req_pool_idx``) that the manager hears of gets one
 manager's hooks move it between phases and freeing the row drops it (so nothing about a
 request can outlive its row)::
 
-    begin_extend ──▶ CAPTURING ──(layer 0 of the forward that completes the prompt)──▶ COMPRESSING
-                        │  ▲                                                      │        │
-           pin (kv_share)│  └─ begin_extend (a later chunk)                         │ ok     │ error (any rank)
-                        ▼                                                         ▼        ▼
-                      PINNED ──adopt──▶ SHARED ◀──publish── COMPRESSED            WHOLE
-                        │ error                │  ▲           │  ▲                  ▲
-                        └──────────────────────┼──┼───────────┼──┼──────────────────┘
-                                   decode move │  │           │  │ decode move
-                                               └──┘           └──┘
-    free (finish, abort, retraction) from any phase: pages / pin released, state dropped
+    admission                    prefill forward (per layer)              result processing / decode
+    ---------                    ---------------------------              --------------------------
+    begin_extend ─▶ CAPTURING ─(layer 0)─▶ COMPRESSING ─(last layer, all ranks ok)─▶ COMPRESSED
+                        │                      │                                    │  ▲ decode move
+                        │                      └─(error on any rank)─▶ WHOLE         │  └─┘ (new record)
+                        │ drop_capture / not wanted / compress() failed ─▶ WHOLE     │ publish (kv_share)
+                        │                                                           ▼
+    pin (kv_share) ─▶ PINNED ─(last layer of the forward completing it: adopt)─▶ SHARED (reader)
+                        │ adopt failed (the pin is released) ─▶ WHOLE
+
+    release_row (finish, abort, retraction), from any phase: its pages, its reference to a
+    shared prompt and its reservation go with the state.
 
 * CAPTURING: its scoring queries (question span or window) are kept per layer during its
   prefill; ``compress_at`` is the prompt length whose forward compresses it.
