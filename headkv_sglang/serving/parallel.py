@@ -22,7 +22,7 @@ what a scheduler does must come out the same on every rank:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
