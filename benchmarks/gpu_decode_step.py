@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             lp._page_size = a.page_size
             rec.layers.append(lp)
             rec.kept_tokens += int(ln.sum())
-        manager.records[r] = rec
+        manager.install_record(r, rec)
     kernel_name, kernel = make_kernel(manager.pool, shape, torch.device(dev), scale)
     wrapper = HeadKVAttnBackend(inner, manager, kernel, runner.req_to_token_pool, kv)
     layers = [RadixAttention(num_heads=Hq, head_dim=D, scaling=scale, num_kv_heads=H, layer_id=i) for i in range(L)]

@@ -33,6 +33,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 
 from headkv_sglang.config import KVPolicyConfig, ModelShape  # noqa: E402
 from headkv_sglang.kv.manager import CompressionManager  # noqa: E402
+from headkv_sglang.kv.request_state import FORWARD_OK, Phase  # noqa: E402
 from headkv_sglang.kv.pool import RequestPages  # noqa: E402
 from headkv_sglang.serving.backend import HeadKVAttnBackend, graph_allowed, make_kernel, stand_in_batch  # noqa: E402
 from headkv_sglang.serving.state import ServingState  # noqa: E402
@@ -197,8 +198,9 @@ def test_the_prefill_forward_compresses_the_rows_it_completes(backend_name, devi
                              compress_at=(cfg, target))
     out, q = attention(fx, wrapper)
     torch.testing.assert_close(out, inner_out, atol=0, rtol=0)
-    assert set(manager.records) == {0, 1} and manager.compressed_in_forward == {0, 1}
-    assert not manager.failed_in_forward and set(manager._captures) == {2}
+    assert set(manager.records) == {0, 1} and {r: manager.forward_outcome(r) for r in range(4)} == {
+        0: FORWARD_OK, 1: FORWARD_OK, 2: None, 3: None}
+    assert [r for r in range(4) if manager.capturing(r)] == [2]
 
     pool = fx.runner.token_to_kv_pool
     req_to_token = fx.runner.req_to_token_pool.req_to_token
@@ -216,7 +218,7 @@ def test_the_prefill_forward_compresses_the_rows_it_completes(backend_name, devi
             torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
     manager.free(0), manager.free(1), manager.free(2)
     manager.check_integrity()
-    assert manager.allocator.used_pages == 0 and not manager.compressed_in_forward
+    assert manager.allocator.used_pages == 0 and not manager.states()
 
 
 def test_a_failure_inside_the_forward_is_kept_for_result_processing_and_allocates_nothing():
@@ -229,11 +231,12 @@ def test_a_failure_inside_the_forward_is_kept_for_result_processing_and_allocate
     manager.capture_queries(0, 5, torch.randn(3, 4, 8, generator=gen))  # layer 1 never captured
     for layer in range(2):
         manager.compress_in_forward(layer, 5, 40, lambda: (k, k))
-    assert isinstance(manager.failed_in_forward[5], RuntimeError) and "layer 1" in str(manager.failed_in_forward[5])
+    err = manager.forward_outcome(5)
+    assert isinstance(err, RuntimeError) and "layer 1" in str(err) and manager.phase(5) is Phase.WHOLE
     assert not manager.records and manager.allocator.free_pages == 64
     manager.compress_in_forward(0, 5, 41, lambda: (k, k))  # another end: not this request's prompt
     manager.free(5)
-    assert not manager.failed_in_forward and not manager._captures
+    assert manager.state(5) is None and not manager.states()
 
 
 def test_graph_runners_are_told_no_for_compressed_or_capturing_batches():
@@ -316,13 +319,13 @@ def test_admission_counts_a_compressed_rows_pages_once():
     assert 0 < need < m.allocator.num_pages // 2, need
     taken = m.allocator.num_pages - need  # what the row compressed in the last forward holds
     ids = m.allocator.allocate(taken, owner=5)
-    m.records[5] = RequestPages(prompt_len=203, policy="snapkv", budget=32, page_ids=ids)
-    state.reserved[5] = taken
+    m.install_record(5, RequestPages(prompt_len=203, policy="snapkv", budget=32, page_ids=ids))
+    m.reserve(5, taken)
     assert available_pages(state) == need
     scheduler = types.SimpleNamespace(waiting_queue=[waiting], result_queue=[])
     before_get_new_batch_prefill(state, scheduler)
     assert scheduler.waiting_queue == [waiting] and state.admission_waits == 0
-    state.reserved[7] = 1  # admitted, not compressed yet: its promise stands
+    m.reserve(7, 1)  # admitted, not compressed yet: its promise stands
     assert available_pages(state) == need - 1
     before_get_new_batch_prefill(state, scheduler)
     assert scheduler.waiting_queue == [] and state.held == [waiting] and state.admission_waits == 1

@@ -256,14 +256,14 @@ def test_capture_keeps_exactly_the_last_window_queries(window, chunks):
             mgr.capture_queries(layer, 2, p.q[layer][seen:seen + c])
         seen += c
         for layer in range(SHAPE.num_layers):
-            got = mgr._captures[2].layers[layer]
+            got = mgr.state(2).queries[layer]
             want = p.q[layer][max(0, seen - window):seen]
             assert torch.equal(got, want), f"after {seen} tokens, layer {layer}: {got.shape[0]} captured"
     # A new extend of the same request keeps the capture; a different rid starts afresh.
     mgr.begin_extend(2, "rid", window)
-    assert 0 in mgr._captures[2].layers
+    assert 0 in mgr.state(2).queries
     mgr.begin_extend(2, "other", window)
-    assert not mgr._captures[2].layers
+    assert not mgr.state(2).queries
 
 
 @pytest.mark.parametrize("span, chunks, start", [
@@ -291,7 +291,7 @@ def test_question_span_capture_and_compression_equal_compress_layer(span, chunks
     assert pos == T
     first = max(span[0], start)
     for layer in range(SHAPE.num_layers):
-        assert torch.equal(mgr._captures[1].layers[layer], p.q[layer][first:span[1]])
+        assert torch.equal(mgr.state(1).queries[layer], p.q[layer][first:span[1]])
     rec = mgr.compress(1, cfg, T, p.get_kv)
     pol = oracle_policy(cfg, 3)
     planned = pol.plan_budgets(T, cfg.budget, SHAPE.num_layers, SHAPE.num_kv_heads)
@@ -426,7 +426,7 @@ def test_a_failed_page_write_frees_its_pages_and_the_request_stays_whole(monkeyp
     req = types.SimpleNamespace(rid="r2", skip_radix_cache_insert=False, lock="held")
     assert compress_and_release(state, req, 2, cfg, 40, tree, mgr) is False
     assert state.fallbacks == {"error": 1} and not freed and req.lock == "held"
-    assert mgr.allocator.free_pages == free_before and 2 not in mgr._captures
+    assert mgr.allocator.free_pages == free_before and not mgr.capturing(2)
     mgr.check_integrity()
 
 
@@ -481,7 +481,7 @@ def test_free_returns_every_page():
         assert mgr.free(idx) is False  # second free: nothing held
         mgr.check_integrity()
     assert mgr.allocator.free_pages == mgr.allocator.num_pages
-    assert not mgr.records and not mgr._captures
+    assert not mgr.records and not any(mgr.capturing(i) for i in range(64))
 
 
 def test_free_drops_a_pending_capture():

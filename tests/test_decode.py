@@ -116,7 +116,7 @@ class Request:
         if rec is None:
             return
         self.moves += 1
-        self.m.decoded_in_forward.pop(self.idx)  # what the serving layer does with its slots
+        self.m.take_moved()  # what the serving layer does with its slots
         slots = self.req_to_token[self.idx, start:end].long()
         for layer in range(SHAPE.num_layers):
             dropped = []  # D2O: (head, candidate, best cosine, its best kept candidate)
@@ -245,7 +245,7 @@ def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budge
     r.check_attention()
     # all of it comes back with the row
     assert r.m.free(r.idx) and r.m.allocator.free_pages == r.m.allocator.num_pages
-    assert not r.m._decode_q
+    assert not any(st.decode_q for st in r.m.states())
     t = r.m.decode_totals
     assert t["compressions"] == r.moves and t["pool_full"] == 0 and t["errors"] == 0
     assert t["head_tokens_merged"] == r.merged
@@ -279,7 +279,7 @@ def test_no_decode_budget_leaves_the_tail_whole():
     for _ in range(60):
         r.step()
     rec = r.m.records[r.idx]
-    assert r.moves == 0 and rec.tail_start == rec.prompt_len and not r.m._decode_q
+    assert r.moves == 0 and rec.tail_start == rec.prompt_len and not any(st.decode_q for st in r.m.states())
 
 
 def test_a_full_pool_leaves_the_request_unchanged_and_retries_a_chunk_later():

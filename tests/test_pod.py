@@ -266,7 +266,7 @@ def test_decode_compression_keeps_the_values_only_pages(tmp_path):
         due = s.m.decode_due(0, seq)
         if due is not None:
             assert s.m.compress_decode(0, *due, s.kv_of(0, *due), SCALE) is not None
-            s.m.decoded_in_forward.pop(0)
+            s.m.take_moved()
             moves += 1
     rec = s.m.records[0]
     for layer, lp in enumerate(rec.layers):

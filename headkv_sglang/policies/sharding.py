@@ -6,7 +6,10 @@ plan of the whole model (``plan_budgets`` with the global head count: it depends
 profile and the positions only, so every rank gets the same plan without talking to
 the others) and keeps the rows of its own heads. Scoring needs only the rank's own
 query and KV heads (a KV head's scores aggregate its GQA group, which lives on the same
-rank). A policy whose budgets depend on the scores of every head of a layer (Ada-KV's
+rank). With fewer KV heads than ranks SGLang replicates each KV head on ``tp / H_kv``
+ranks, each with part of the head's query group: the replicas then all-gather their
+scoring queries (``gather_queries``) and score with the whole group, so every replica
+keeps the same tokens. A policy whose budgets depend on the scores of every head of a layer (Ada-KV's
 layer-wide contest) gathers the layer's scores from all ranks first (``gather``), so
 the ranks again agree on one global allocation.
 
@@ -59,6 +62,17 @@ class HeadShard:
         per = num_q_heads // self.tp_size
         return self.tp_rank * per, (self.tp_rank + 1) * per
 
+    def replicas(self, num_kv_heads: int) -> int:
+        """How many ranks hold each KV head (1 unless there are fewer KV heads than ranks)."""
+        return max(1, self.tp_size // num_kv_heads)
+
+    def replica_ranks(self, num_kv_heads: int) -> list[int]:
+        """The ranks holding this rank's KV heads, in rank order (itself alone unless
+        replicated); their query heads, in that order, are the head's whole query group."""
+        n = self.replicas(num_kv_heads)
+        first = self.tp_rank - self.tp_rank % n
+        return list(range(first, first + n))
+
     def all_ranks(self) -> list["HeadShard"]:
         return [HeadShard(self.tp_size, r) for r in range(self.tp_size)]
 
@@ -79,12 +93,20 @@ class ShardedPolicy(KVPolicy):
     slice it. ``gather(scores)`` (``[H_local, T] -> [H_kv, T]``, every rank's scores in
     rank order) is needed by policies that plan from the scores (``plan_budgets``
     returns None, Ada-KV) and by D2O's merge (its threshold is a mean over the layer);
-    without it (one rank) the local scores are the global ones.
+    without it (one rank) the local scores are the global ones. ``gather_queries``
+    (``[Hq_local, n, D] -> [G, n, D]``, the replica ranks' queries in rank order) is
+    needed when KV heads are replicated (:meth:`HeadShard.replicas`).
     """
 
     def __init__(self, policy: KVPolicy, shard: HeadShard, num_kv_heads: int,
-                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 gather_queries: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if shard.replicas(num_kv_heads) > 1 and gather_queries is None and policy.needs_queries:
+            raise ValueError(f"--tp {shard.tp_size} replicates the {num_kv_heads} KV heads: each replica holds part "
+                             f"of a head's query group, and {policy.name} scores with the queries; pass "
+                             "gather_queries (the replicas' queries, rank order) so that replicas keep the same tokens")
         self.inner = policy
+        self.gather_queries = gather_queries if shard.replicas(num_kv_heads) > 1 else None
         self.shard = shard
         self.num_kv_heads = num_kv_heads  # global
         self.lo, self.hi = shard.kv_heads(num_kv_heads)
@@ -126,6 +148,8 @@ class ShardedPolicy(KVPolicy):
 
     # ------------------------------------------------------------------ per layer, local heads
     def token_scores(self, q_win, k, layer, q_end=None):
+        if self.gather_queries is not None and self.needs_queries:  # replicated head: its whole group
+            q_win = self.gather_queries(q_win)
         return (self.inner.token_scores(q_win, k, layer) if q_end is None
                 else self.inner.token_scores(q_win, k, layer, q_end=q_end))
 

@@ -53,7 +53,7 @@ def available_pages(state: ServingState) -> int:
     compressed prompts that no request reads count as available: they are evicted on demand. The check and
     the free count run in the scheduler's thread, in the same order on every rank."""
     m = state.manager
-    unreleased = sum(n for idx, n in state.reserved.items() if idx not in m.records)
+    unreleased = m.reserved_pages(uncommitted_only=True)
     # a compressed request's decode budget keeps its pages promised until it finishes; shared
     # compressed prompts that no request reads are freed when pages are needed (kv_share)
     available = m.allocator.free_pages + m.evictable_pages() - unreleased - m.decode_pages_pending()
@@ -78,12 +78,18 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
         if entry is None and not manager.capturing(idx):
             entry = shared_prefix(state, req, cfg)
             if entry is not None:  # its prefill ends by reading the shared prompt (lifecycle.after_prefill)
-                manager.pin(idx, entry, at=prompt_len(req))
+                try:
+                    manager.pin(idx, entry, at=prompt_len(req))
+                except ValueError as e:  # gone since it was looked up: compress its own prompt
+                    logger.warning("headkv_sglang: rid=%s cannot read a shared prompt (%s); compressing its own",
+                                   req.rid, e)
+                    entry = None
+            if entry is not None:
                 # Its own tokens after the shared prompt will be its tail: keep them its own
                 # (SGLang would hand a finished prefill to the radix tree, evictable under it).
-                state.pinned_reqs[idx] = (req, bool(req.skip_radix_cache_insert))
+                st = manager.state(idx)
+                st.req, st.restore_skip = req, bool(req.skip_radix_cache_insert)
                 req.skip_radix_cache_insert = True
-                req._headkv_published = False  # a retracted publisher now reads its own copy
         if entry is not None:
             continue
         if policy_class(cfg.policy).compresses:
@@ -93,7 +99,7 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
             target = prompt_len(req)
             at = (cfg, target) if id(req) not in decoding and wants_compression(cfg, target) else None
             manager.begin_extend(idx, req.rid, cfg.obs_window, span=span, compress_at=at)
-            state.reserved.setdefault(idx, pages_bound(state, req, cfg))
+            manager.reserve(idx, pages_bound(state, req, cfg))
     return None
 
 

@@ -210,7 +210,7 @@ class HeadKVAttnBackend:
         o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         if b is not None:
             o = self._attend_compressed(o, q, layer, forward_batch, b)
-        if self.manager._captures or self.manager._pins:
+        if self.manager.prefill_work():
             self._capture_window(q, layer, forward_batch)
             self._compress_completed(layer, forward_batch)
         return o
@@ -252,10 +252,9 @@ class HeadKVAttnBackend:
         """Keep each capturing row's scoring queries of this chunk (question or window)."""
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         start = 0
-        captures = self.manager._captures
         for idx, n, pos in zip(self._rows(fb), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
             n = int(n)
-            if idx in captures:
+            if self.manager.capturing(idx):
                 self.manager.capture_queries(layer.layer_id, idx, q_[start:start + n], pos=int(pos))
             start += n
 
@@ -266,23 +265,16 @@ class HeadKVAttnBackend:
         on, :meth:`CompressionManager.adopt_in_forward`). Nothing then runs between this prefill and the next forward but
         releasing the prompt's token slots (``serving.lifecycle``), so the overlap scheduler can
         launch the next batch, which already treats these rows as compressed."""
-        captures = self.manager._captures
         lid = layer.layer_id
         for idx, n, pos in zip(self._rows(fb), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
-            cap = captures.get(idx)
             end = int(pos) + int(n)
-            if cap is None and self.manager.pinned(idx) is not None:  # kv_share: reads a shared prompt
-                self.manager.adopt_in_forward(lid, idx, end)
-                continue
-            if cap is None or cap.compress_at is None or cap.compress_at[1] != end:
-                continue
 
             def get_kv(idx=idx, end=end):
                 slots = self.req_to_token_pool.req_to_token[idx, :end].to(torch.int64)
                 pool = self.token_to_kv_pool
                 return pool.get_key_buffer(lid)[slots], pool.get_value_buffer(lid)[slots]
 
-            self.manager.compress_in_forward(lid, idx, end, get_kv)
+            self.manager.on_prefill_layer(lid, idx, end, get_kv)
 
 
 # ---------------------------------------------------------------------------- construction
@@ -313,16 +305,17 @@ def backend_factory(state: ServingState, name: str, original: Callable) -> Calla
         dtype = kv_pool.get_key_buffer(0).dtype
         device = torch.device(runner.device)
         shard = tp_shard()
-        gather = None
+        gather = gather_queries = None
         if shard.tp_size > 1:
-            gather, state.min_over_ranks, state.gather_objects = tp_ops(shard, state.shape.num_kv_heads)
+            gather, state.min_over_ranks, state.gather_objects, gather_queries = tp_ops(shard, state.shape.num_kv_heads)
         state.tp_rank, state.tp_size = shard.tp_rank, shard.tp_size
         lo, hi = shard.kv_heads(state.shape.num_kv_heads)
         num_pages = compressed_pool_pages(state, hi - lo)
         if state.min_over_ranks is not None:  # every rank's pool the same size: admission agrees
             num_pages = state.min_over_ranks(num_pages)
         manager = CompressionManager(state.shape, num_pages, state.cfg.page_size, dtype, device,
-                                     shard=shard, gather=gather, min_over_ranks=state.min_over_ranks)
+                                     shard=shard, gather=gather, min_over_ranks=state.min_over_ranks,
+                                     gather_queries=gather_queries)
         kernel_name, kernel = make_kernel(manager.pool, manager.shape, device, state.shape.head_dim ** -0.5)
         state.manager, state.inner_backend, state.kernel = manager, name, kernel_name
         state.questions = question_finder(runner.server_args)
@@ -343,10 +336,9 @@ def graph_allowed(state: ServingState, result, runner, forward_batch, *args, **k
     kernel or window capture runs eagerly instead (this batch only).
     """
     m = state.manager
-    if not result or m is None or not (m.records or m._captures) or forward_batch.req_pool_indices is None:
+    if not result or m is None or not m.states() or forward_batch.req_pool_indices is None:
         return result
-    idxs = forward_batch.req_pool_indices.tolist()
-    if not any(i in m.records or i in m._captures for i in idxs):
+    if not m.has_rows(forward_batch.req_pool_indices.tolist()):
         return result
     if state.graph_fallback_batches == 0:
         logger.info("headkv_sglang: batches with compressed or capturing rows run eagerly, not as CUDA graphs "

@@ -29,6 +29,7 @@ import torch
 
 from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
+from headkv_sglang.kv.request_state import FORWARD_OK
 from headkv_sglang.serving import metrics
 from headkv_sglang.serving.requests import (needs_queries, prompt_ids, request_config, share_key,
                                            wants_compression)
@@ -43,10 +44,10 @@ def before_prefill(state: ServingState, processor, batch, *args, **kwargs):
     ends with its prefill)."""
     if state.manager is None or batch is None:
         return None
+    state.completing = {id(req) for req in batch.reqs if req.inflight_middle_chunks <= 0}
     for req in batch.reqs:
-        req._headkv_prefill_done = req.inflight_middle_chunks <= 0
         idx = req.kv.req_pool_idx
-        if req._headkv_prefill_done and idx in state.manager.compressed_in_forward:
+        if id(req) in state.completing and state.manager.forward_outcome(idx) is FORWARD_OK:
             publish(state, req, idx, state.manager)
     return None
 
@@ -59,12 +60,12 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
     tree_cache = processor.tree_cache
     decoding = set(id(r) for r in (getattr(batch, "decoding_reqs", None) or []))
     released = False
+    completing, state.completing = state.completing, set()
     for req in batch.reqs:
         idx = req.kv.req_pool_idx
-        done = getattr(req, "_headkv_prefill_done", False)
-        req._headkv_prefill_done = False
+        done = id(req) in completing
         if idx is not None and done:
-            state.reserved.pop(idx, None)
+            manager.release_reservation(idx)
         if idx is None or not done or id(req) in decoding or req.finished() or req.is_retracted:
             continue
         cfg = request_config(state, req)
@@ -78,10 +79,10 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
             release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="shared")
             released = True
             continue
-        if idx in manager.compressed_in_forward:  # compressed by the forward: release its prompt slots
-            manager.compressed_in_forward.discard(idx)
+        outcome = manager.take_forward_outcome(idx)
+        if outcome is FORWARD_OK:  # compressed by the forward: release its prompt slots
             rec = manager.records[idx]
-            read = rec.shared is not None and not getattr(req, "_headkv_published", False)
+            read = rec.shared is not None and not manager.state(idx).published
             if rec.prompt_len == seq_len or read and rec.prompt_len <= seq_len:
                 release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="shared" if read else "forward")
                 released = True
@@ -91,9 +92,8 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
             manager.free(idx)
             state.count(state.fallbacks, "error")
             continue
-        err = manager.failed_in_forward.pop(idx, None)
-        if err is not None:
-            stays_whole(state, req, idx, manager, err)
+        if isinstance(outcome, Exception):  # the forward failed (on this rank or another): it stays whole
+            stays_whole(state, req, idx, manager, outcome)
             continue
         if idx in manager.records:
             continue
@@ -119,10 +119,7 @@ def publish(state: ServingState, req, idx: int, manager: CompressionManager) -> 
     if not cfg.share or rec is None or rec.shared is not None:
         return False
     ids = prompt_ids(req)[:rec.prompt_len]
-    if len(ids) != rec.prompt_len or manager.publish(idx, share_key(cfg), ids) is None:
-        return False
-    req._headkv_published = True
-    return True
+    return len(ids) == rec.prompt_len and manager.publish(idx, share_key(cfg), ids) is not None
 
 
 def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache,
@@ -179,15 +176,15 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
     full_len, seq_len = seq_len, rec.prompt_len
     if where != "shared" and publish(state, req, idx, manager):  # compressed after the forward
         rec = manager.records[idx]
-    shared = ("published" if getattr(req, "_headkv_published", False) else "read") if rec.shared is not None else None
+    st = manager.state(idx)
+    shared = ("published" if st.published else "read") if rec.shared is not None else None
     # Give the prompt's token-pool slots back: hand the whole prompt to the radix tree (a
     # later request sharing it gets a prefix hit), then drop this request's lock so it is
     # evictable cache. Anything the request still owns beyond the tree's part (a partial
     # page, or everything when the radix cache is off) is freed now and marked protected so
     # that the release at finish frees only the decode tail.
-    pinned = state.pinned_reqs.pop(idx, None)
-    if pinned is not None:  # its own tokens stayed out of the tree (admission.before_run_batch)
-        req.skip_radix_cache_insert = pinned[1]
+    if st.restore_skip is not None:  # its own tokens stayed out of the tree (admission.before_run_batch)
+        req.skip_radix_cache_insert = st.restore_skip
     if not req.skip_radix_cache_insert:
         try:
             tree_cache.checkpoint(req, up_to=seq_len)
@@ -199,7 +196,7 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
         req.kv.cache_protected_len = seq_len
     tree_cache.unlock(req.lock)
     req.lock = None
-    state.compressed_reqs[idx] = (req, bool(req.skip_radix_cache_insert))
+    st.req, st.restore_skip, st.released = req, bool(req.skip_radix_cache_insert), True
     # The prompt slots may be evicted and reused from now on: nothing may insert this
     # request's stale row into the tree.
     req.skip_radix_cache_insert = True
@@ -227,7 +224,7 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
         "shared_bytes": int(pages_bytes) if rec.shared is not None else None,
         # the prompt positions whose queries ranked its tokens (None: position-based policy)
         "scoring": cfg.scoring if needs_queries(cfg) else None,
-        "scoring_span": list(req._headkv_span) if needs_queries(cfg) and getattr(req, "_headkv_span", None) else None,
+        "scoring_span": list(st.span) if needs_queries(cfg) and st.span else None,
     })
     metrics.update(state, cfg.policy)
 
@@ -240,16 +237,14 @@ def before_decode(state: ServingState, processor, batch, *args, **kwargs):
     A row retracted or aborted between the forward and this call freed its whole tail with
     its row (``before_free_rows`` then dropped the entry), so nothing is freed twice."""
     manager = state.manager
-    if manager is None or not manager.decoded_in_forward:
+    if manager is None or not manager.has_moved():
         return None
     allocator = processor.tree_cache.token_to_kv_pool_allocator
     req_to_token = processor.tree_cache.req_to_token_pool.req_to_token
-    for idx, (start, end) in list(manager.decoded_in_forward.items()):
-        manager.decoded_in_forward.pop(idx, None)
-        entry = state.compressed_reqs.get(idx)
-        if entry is None:
+    for st, start, end in manager.take_moved():
+        if not st.released:
             continue
-        req = entry[0]
+        idx, req = st.idx, st.req
         if req.kv.cache_protected_len != start:
             logger.error("headkv_sglang: rid=%s: its own KV starts at %d, decode compression moved [%d, %d): "
                          "slots left to SGLang", req.rid, req.kv.cache_protected_len, start, end)
@@ -257,7 +252,7 @@ def before_decode(state: ServingState, processor, batch, *args, **kwargs):
             continue
         allocator.free(req_to_token[idx, start:end])
         req.kv.cache_protected_len = end
-        rec = manager.records.get(idx)
+        rec = st.record
         report = state.recent.get(str(req.rid))
         if rec is not None and report is not None:
             report.update(decode_compressions=rec.decode_compressions, decode_kept=rec.decode_kept,
@@ -282,15 +277,14 @@ def before_free_rows(state: ServingState, pool, indices, *args, **kwargs):
         return None
     freed = False
     for idx in list(indices):
-        state.reserved.pop(int(idx), None)
-        pinned = state.pinned_reqs.pop(int(idx), None)
-        if pinned is not None:  # it never read its shared prompt (aborted, retracted, done at prefill)
-            pinned[0].skip_radix_cache_insert = pinned[1]
-        freed |= manager.free(int(idx))
-        entry = state.compressed_reqs.pop(int(idx), None)
-        if entry is not None:  # a retracted request re-enters the radix tree normally
-            req, orig_skip = entry
-            req.skip_radix_cache_insert = orig_skip
+        st = manager.release_row(int(idx))  # its state goes: reservation, pin, pages
+        if st is None:
+            continue
+        freed |= st.record is not None
+        if st.req is not None and st.restore_skip is not None:
+            # a pinned row that never read its shared prompt (aborted, retracted, done at
+            # prefill), or a released one: a retracted request re-enters the radix tree normally
+            st.req.skip_radix_cache_insert = st.restore_skip
     if freed:
         metrics.update(state)
     return None

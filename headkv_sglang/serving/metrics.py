@@ -77,12 +77,11 @@ def report(state: ServingState) -> dict[str, Any]:
         "recent_requests": dict(state.recent),
         "admission": {"waits": state.admission_waits, "held_last_pass": state.held_last_pass,
                       "prefix_waits": state.prefix_waits,
-                      "reserved_pages": sum(state.reserved.values())},
+                      "reserved_pages": m.reserved_pages() if m is not None else 0},
     }
     if m is not None:
         out.update(m.stats())
-        out["peak_running_compressed_requests_since_last_read"] = max(m.peak_records, len(m.records))
-        m.peak_records = len(m.records)
+        out["peak_running_compressed_requests_since_last_read"] = m.take_peak_records()
         try:
             m.check_integrity()
             out["integrity"] = "ok"

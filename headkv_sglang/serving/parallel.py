@@ -11,12 +11,18 @@ what a scheduler does must come out the same on every rank:
 * policies that budget from every head's scores (Ada-KV), and D2O's merge threshold,
   all-gather the layer's scores (``gather``) inside the prefill forward, which every rank
   runs with the same rows;
+* every compression step ends with a vote of the ranks (``min_over_ranks``, see
+  ``kv/ranks.py``): a failure on one rank leaves the request whole on every rank, and no
+  rank skips a collective the others wait in;
+* with fewer KV heads than ranks (a head replicated on ``tp / H_kv`` ranks, each holding
+  part of its query group) the replicas all-gather their scoring queries
+  (``gather_queries``) and score with the whole group, so that they keep the same tokens;
 * /server_info reports every rank's pool (``gather_objects`` in the internal-state hook).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -32,16 +38,21 @@ def tp_shard() -> HeadShard:
     return HeadShard(group.world_size, group.rank_in_group)
 
 
-def tp_ops(shard: HeadShard, num_kv_heads: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                            Callable[[int], int], Callable[[Any], list]]:
-    """``(gather, min_over_ranks, gather_objects)`` over SGLang's tensor-parallel CPU group.
+def tp_ops(shard: HeadShard, num_kv_heads: int, group: Any = None):
+    """``(gather, min_over_ranks, gather_objects, gather_queries)`` over SGLang's
+    tensor-parallel CPU group.
 
     ``gather_objects(x)``: every rank's ``x`` in rank order, for /server_info (SGLang hands
-    every control request to all ranks of the group, so all of them call it alike)."""
+    every control request to all ranks of the group, so all of them call it alike).
+    ``gather_queries(q)`` (None unless KV heads are replicated): ``[Hq_local, n, D]`` of every
+    rank replicating this rank's KV head, concatenated in rank order: the head's whole query
+    group. ``group``: another process group to use (tests: a gloo world of CPU processes)."""
     import torch.distributed as dist
-    from sglang.srt.distributed import parallel_state
 
-    group = parallel_state.get_tp_group().cpu_group
+    if group is None:
+        from sglang.srt.distributed import parallel_state
+
+        group = parallel_state.get_tp_group().cpu_group
     owners = shard.head_owners(num_kv_heads)  # fewer KV heads than ranks: one copy of each head
 
     def gather(scores: torch.Tensor) -> torch.Tensor:
@@ -60,4 +71,12 @@ def tp_ops(shard: HeadShard, num_kv_heads: int) -> tuple[Callable[[torch.Tensor]
         dist.all_gather_object(out, obj, group=group)
         return out
 
-    return gather, min_over_ranks, gather_objects
+    replicas = shard.replica_ranks(num_kv_heads)
+
+    def gather_queries(q: torch.Tensor) -> torch.Tensor:
+        local = q.detach().to("cpu", torch.float32).contiguous()
+        parts = [torch.empty_like(local) for _ in range(shard.tp_size)]
+        dist.all_gather(parts, local, group=group)
+        return torch.cat([parts[r] for r in replicas]).to(q.device, q.dtype)
+
+    return gather, min_over_ranks, gather_objects, (gather_queries if len(replicas) > 1 else None)

@@ -38,19 +38,17 @@ class ServingState:
     gather_objects: Any = None  # every rank's object, in rank order (None: one rank)
     # the chat template's markers, to find each prompt's question (None: not loaded yet)
     questions: QuestionFinder | None = None
-    # req_pool_idx -> (req, its original skip_radix_cache_insert)
-    compressed_reqs: dict[int, tuple[Any, bool]] = field(default_factory=dict)
-    # kv_share: req_pool_idx -> (req, its original skip_radix_cache_insert) of a request that
-    # will read a shared compressed prompt (kept out of the radix tree until then)
-    pinned_reqs: dict[int, tuple[Any, bool]] = field(default_factory=dict)
+    # Per-request state (reservation, pin, pages, the request object and its radix-insert
+    # switch to restore) lives in the manager's RequestState (kv/request_state.py), one per row.
+    # Scratch of one process_batch_result_prefill call: id(req) of the requests whose prompt
+    # completes in the batch being processed (noted BEFORE it, used AFTER it)
+    completing: set[int] = field(default_factory=set)
     # requests served uncompressed against their config: reason -> count
     fallbacks: dict[str, int] = field(default_factory=dict)
     # requests left uncompressed by design (compressing would not save memory): reason -> count
     not_compressed: dict[str, int] = field(default_factory=dict)
     # decode batches that ran eagerly instead of replaying a CUDA graph (compressed rows)
     graph_fallback_batches: int = 0
-    # admission: req_pool_idx -> worst-case pages of a request admitted but not yet compressed
-    reserved: dict[int, int] = field(default_factory=dict)
     held: list[Any] = field(default_factory=list)  # held back during one get_new_batch_prefill call
     admission_waits: int = 0
     prefix_waits: int = 0  # steps a request waited for a shared prefix to reach the radix tree
