@@ -305,13 +305,7 @@ class CompressionManager:
         comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe, prev=prev)
         if prev is not None:
             prev.keep = None  # only the layer below's is ever needed
-        lengths = comp.lengths.cpu()
-        pages = self.pool.pages_for(lengths)
-        if comp.values_only is not None:  # PoD: whole tokens in pages, values-only ones two pages' worth a page
-            vo = values_only_counts(comp)
-            pages = self.pool.pages_for(lengths - vo) + (vo + 2 * self.pool.page_size - 1) // (2 * self.pool.page_size)
-        job.need += int(pages.sum())
-        job.layers.append((comp, lengths, pages))
+        job.layers.append((comp, None, None))  # lengths, pages: finish_compression reads them (one host sync)
         job.ms += 1000 * (time.perf_counter() - t0)
 
     def finish_compression(self, job: _Job) -> RequestPages:
@@ -321,6 +315,16 @@ class CompressionManager:
         if len(job.layers) != s.num_layers:
             raise ValueError(f"{len(job.layers)} of {s.num_layers} layers compressed")
         assert req_pool_idx not in self.records, f"request row {req_pool_idx} is already compressed"
+        all_lengths = torch.stack([comp.lengths for comp, _, _ in job.layers]).cpu()  # every layer's, one sync
+        job.need = 0
+        for i, (comp, _, _) in enumerate(job.layers):
+            lengths = all_lengths[i]
+            pages = self.pool.pages_for(lengths)
+            if comp.values_only is not None:  # PoD: whole tokens in pages, values-only ones two pages' worth a page
+                vo = values_only_counts(comp)
+                pages = self.pool.pages_for(lengths - vo) + (vo + 2 * self.pool.page_size - 1) // (2 * self.pool.page_size)
+            job.need += int(pages.sum())
+            job.layers[i] = (comp, lengths, pages)
         need = job.need
         if (self._only_if_smaller(cfg) and self.shard is None
                 and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads):
