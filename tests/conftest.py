@@ -20,6 +20,10 @@ from headkv_sglang.dev.server import SGLangServer, log_tail
 # allocate on this machine) so servers start faster; still > 8 full 8k-token contexts.
 TEST_SERVER_ARGS = ["--max-total-tokens", "65536", "--sleep-on-idle"]
 
+# The suite's servers walk every page on each /server_info (serving/metrics.py), not only
+# the counters a production server checks.
+os.environ.setdefault("HEADKV_SGLANG_CHECK_INTEGRITY", "1")
+
 _servers: list[SGLangServer] = []
 _module_servers: list[SGLangServer] = []
 

@@ -132,13 +132,7 @@ class PrefillCompression:
         comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe, prev=prev)
         if prev is not None:
             prev.keep = None  # only the layer below's is ever needed
-        lengths = comp.lengths.cpu()
-        pages = self.pool.pages_for(lengths)
-        if comp.values_only is not None:  # PoD: whole tokens in pages, values-only ones two pages' worth a page
-            vo = values_only_counts(comp)
-            pages = self.pool.pages_for(lengths - vo) + (vo + 2 * self.pool.page_size - 1) // (2 * self.pool.page_size)
-        job.need += int(pages.sum())
-        job.layers.append((comp, lengths, pages))
+        job.layers.append((comp, None, None))  # lengths, pages: finish_compression reads them (one host sync)
         job.ms += 1000 * (time.perf_counter() - t0)
 
     def finish_compression(self, job: Job) -> RequestPages:
@@ -151,8 +145,19 @@ class PrefillCompression:
             raise ValueError(f"{len(job.layers)} of {s.num_layers} layers compressed")
         st = self._states.get(req_pool_idx)
         assert st is None or st.record is None, f"request row {req_pool_idx} is already compressed ({st!r})"
-        need, ids, rec, err = job.need, None, None, None
+        ids, rec, err = None, None, None
         try:
+            all_lengths = torch.stack([comp.lengths for comp, _, _ in job.layers]).cpu()  # every layer's, one sync
+            job.need = 0
+            for i, (comp, _, _) in enumerate(job.layers):
+                lengths = all_lengths[i]
+                pages = self.pool.pages_for(lengths)
+                if comp.values_only is not None:  # PoD: whole tokens in pages, values-only ones two pages' worth a page
+                    vo = values_only_counts(comp)
+                    pages = self.pool.pages_for(lengths - vo) + (vo + 2 * self.pool.page_size - 1) // (2 * self.pool.page_size)
+                job.need += int(pages.sum())
+                job.layers[i] = (comp, lengths, pages)
+            need = job.need
             if (self._only_if_smaller(cfg) and self.shard is None
                     and need * self.pool.page_size >= seq_len * s.num_layers * s.num_kv_heads):
                 raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens hold at least the "

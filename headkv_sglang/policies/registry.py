@@ -217,7 +217,7 @@ def resolve_profile(cfg: KVPolicyConfig, shape: ModelShape) -> HeadProfile | Non
             )
         path = str(found)
     try:
-        prof = profiles.load_profile(path)
+        prof = profiles.cached_profile(path)  # parsed once per file: a ratio budget builds per prompt length
         prof.check_model(shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim)
     except ValueError as e:
         raise ConfigError(f"--kv-head-profile: {e}") from e

@@ -28,6 +28,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,24 @@ def load_profile(path: str | os.PathLike) -> HeadProfile:
         raise ValueError(f"{path}: {e}") from e
 
 
+def cached_profile(path: str | os.PathLike) -> HeadProfile:
+    """:func:`load_profile`, parsed once per version of the file (path, mtime, size) in a
+    process: the server resolves a profile for every new budget (``--kv-budget 5%`` makes
+    one per prompt length), in admission and in the forward. The object is shared by every
+    caller: read it, do not modify it."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return load_profile(p)  # its error names the path and the reason
+    return _load_version(os.path.abspath(p), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=32)
+def _load_version(path: str, mtime_ns: int, size: int) -> HeadProfile:
+    return load_profile(path)
+
+
 def shipped_profiles() -> list[Path]:
     """All profile JSONs shipped in ``headkv_sglang/profiles/data``, sorted."""
     return sorted(DATA_DIR.glob("*.json"))
@@ -274,7 +293,7 @@ def shipped_profile(model_config: dict, method: str) -> Path | None:
     matches = []
     for path in shipped_profiles():
         try:
-            prof = load_profile(path)
+            prof = cached_profile(path)
         except ValueError:
             continue  # a broken shipped file is the test suite's to report, not a reason to fail here
         mine = (prof.num_layers, prof.num_q_heads, prof.num_kv_heads, prof.head_dim)
@@ -288,6 +307,7 @@ __all__ = [
     "FORMAT_VERSION",
     "METHODS",
     "HeadProfile",
+    "cached_profile",
     "kv_mean",
     "load_profile",
     "shipped_profile",
