@@ -303,3 +303,24 @@ def test_an_unchanged_batch_plans_no_prompt_tables(monkeypatch):
         assert calls["wrapper"] - before["wrapper"] == tail_plans
         kernel.plan(rows_for_queries(records[:2], req_to_token, [0, 1], [30] * 2, [32, 34]))  # one left
         assert calls["assemble"] == before["assemble"] + 1
+
+
+def test_the_plan_cost_benchmark_runs(tmp_path):
+    """``benchmarks/plan_cost.py`` at a tiny shape (its numbers are measured by hand, not here)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import plan_cost
+
+    out = tmp_path / "plan"
+    assert plan_cost.main(["--layers", "3", "--kv-heads", "2", "--q-heads", "4", "--head-dim", "8", "--requests", "3",
+                           "--context", "300", "--budget", "20", "--tail", "5", "--page-size", "4", "--comp-every", "2",
+                           "--kernels", "flashinfer", "torch", "--repeats", "2", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    for kernel in ("flashinfer", "torch"):
+        for case in plan_cost.CASES:
+            times = res["runs"]["this tree"][0][kernel][case]
+            assert len(times) == 2 and all(t >= 0 for t in times)
+    assert "| flashinfer | one in + one out |" in out.with_suffix(".md").read_text()
