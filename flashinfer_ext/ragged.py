@@ -52,7 +52,8 @@ class FlashInferRaggedAttention(RaggedAttention):
 
     def __init__(self, pool: RaggedHeadKVPool, num_layers: int, num_kv_heads: int, num_q_heads: int,
                  scale: float, *, workspace_bytes: int = 256 << 20, cuda_graph: bool = False,
-                 max_rows: int = 0, max_pages: int = 0, max_tail: int = 0) -> None:
+                 max_rows: int = 0, max_pages: int = 0, max_tail: int = 0,
+                 workspace: torch.Tensor | None = None) -> None:
         super().__init__(pool, num_layers, num_kv_heads)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -64,7 +65,9 @@ class FlashInferRaggedAttention(RaggedAttention):
         self.cuda_graph = cuda_graph
         self.max_rows, self.max_pages, self.max_tail = max_rows, max_pages, max_tail
         device = pool.k_pages.device
-        self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        # ``workspace``: share another kernel's float workspace (runs that never overlap)
+        self.workspace = workspace if workspace is not None else torch.empty(workspace_bytes, dtype=torch.uint8,
+                                                                             device=device)
         # every layer's wrapper (and, graphed, its fixed buffers) at start-up, not in the first plan
         self._ragged: list[RaggedDecode] = [self._new_ragged() for _ in range(num_layers)]
         # graphed: every row (padding too) has >= 1 tail slot and may have a dummy page
@@ -112,6 +115,9 @@ class FlashInferRaggedAttention(RaggedAttention):
     def _plan_prompt(self, records) -> None:
         """Every layer's prompt rows, from one assembly of the records' cached pieces: per layer
         only FlashInfer's own plan is called."""
+        if not records and self.cuda_graph:  # a graph's capture, or a batch with no compressed row
+            self._plan_padding()
+            return
         bt = self.tables.batch(records, pad_to=self.max_rows if self.cuda_graph else None)
         if bt.values_only:  # the plugin refuses pod before this
             raise NotImplementedError("PoD's values-only rows have no FlashInfer kernel: "
@@ -137,6 +143,18 @@ class FlashInferRaggedAttention(RaggedAttention):
             ck.copy_(bt.comp[0])
             cv.copy_(bt.comp[1])
             bias.copy_(bt.comp[2])
+
+    def _plan_padding(self) -> None:
+        """Graphed, no compressed row: every row padding (one dummy token of page 0, masked)."""
+        pool, n = self.pool, self.max_rows * self.num_kv_heads
+        indptr = torch.arange(n + 1, dtype=torch.int32)
+        ids = torch.zeros(n, dtype=torch.int32, device=pool.k_pages.device)
+        last = torch.ones(n, dtype=torch.int32)
+        empty = torch.ones(n, dtype=torch.bool, device=pool.k_pages.device)
+        for wrapper in self._ragged:
+            wrapper.plan_rows(indptr, ids, last, empty, True, self.num_kv_heads, self.group, pool.head_dim,
+                              pool.page_size, pool.dtype, self.scale)
+        self._comp[2].fill_(-math.inf)
 
     def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             scale: float) -> torch.Tensor:

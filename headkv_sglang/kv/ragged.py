@@ -279,6 +279,62 @@ class TorchRaggedAttention(RaggedAttention):
         return out.reshape(R, Hq, D).to(q.dtype)
 
 
+class GraphRows:
+    """Where a graphed kernel's rows sit in a padded decode batch, in fixed buffers.
+
+    A CUDA graph of a decode batch of ``bs`` rows (SGLang pads a batch up to a captured size)
+    always runs a graphed :class:`RaggedAttention` over ``max_rows`` rows, whichever of the
+    batch's rows are compressed at replay. Before each replay :meth:`fill` writes which
+    batch rows are compressed; inside the graph :meth:`queries` gathers their queries
+    (``max_rows`` of them, padding rows read batch row 0) and :meth:`merge` writes the
+    kernel's outputs over those rows of the wrapped backend's output, leaving every other
+    row (uncompressed, padding) as it was. Fixed shapes, no host reads: both can be captured.
+
+    Buffers (int64 / bool, on the device): ``q_index [max_rows]`` batch row of each kernel
+    row; ``row_of [max_bs]`` kernel row of each batch row (0 where not compressed);
+    ``is_comp [max_bs]``.
+    """
+
+    def __init__(self, max_bs: int, max_rows: int, device: torch.device | str) -> None:
+        if max_bs <= 0 or max_rows <= 0:
+            raise ValueError(f"GraphRows needs max_bs > 0 and max_rows > 0, got {max_bs}, {max_rows}")
+        self.max_bs, self.max_rows = max_bs, max_rows
+        self.q_index = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.row_of = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.is_comp = torch.zeros(max_bs, dtype=torch.bool, device=device)
+
+    def fill(self, positions: list[int], bs: int) -> None:
+        """Batch rows ``positions`` (each ``< bs``) are the kernel's rows 0, 1, ... (host work and
+        three copies; before a replay, outside the graph)."""
+        if not 0 < bs <= self.max_bs:
+            raise ValueError(f"a graphed batch of {bs} rows, the buffers hold 1..{self.max_bs}")
+        if len(positions) > self.max_rows:
+            raise ValueError(f"{len(positions)} compressed rows in a graphed batch, the graphed kernel holds at "
+                             f"most {self.max_rows}")
+        if positions and not (0 <= min(positions) and max(positions) < bs):
+            raise ValueError(f"compressed rows {positions} outside the batch's {bs} rows")
+        pos = torch.tensor(positions, dtype=torch.int64)
+        q_index = torch.zeros(self.max_rows, dtype=torch.int64)
+        q_index[:len(positions)] = pos
+        row_of = torch.zeros(self.max_bs, dtype=torch.int64)
+        row_of[pos] = torch.arange(len(positions), dtype=torch.int64)
+        is_comp = torch.zeros(self.max_bs, dtype=torch.bool)
+        is_comp[pos] = True
+        self.q_index.copy_(q_index)
+        self.row_of.copy_(row_of)
+        self.is_comp.copy_(is_comp)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``[max_rows, Hq, D]``: the kernel rows' queries, out of the batch's ``q`` ``[bs, Hq, D]``."""
+        return q.index_select(0, self.q_index)
+
+    def merge(self, o: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the kernel's ``out`` ``[max_rows, Hq, Dv]`` over the compressed rows of ``o``
+        ``[bs, Hq, Dv]`` (in place)."""
+        bs = o.shape[0]
+        o.copy_(torch.where(self.is_comp[:bs, None, None], out.index_select(0, self.row_of[:bs]).to(o.dtype), o))
+
+
 def rows_for_queries(records: list[RequestPages], req_to_token: torch.Tensor, req_pool_indices: list[int],
                      tail_starts: list[int], tail_ends: list[int]) -> RaggedRows:
     """Rows whose tails are ``req_to_token[idx, start:end]``, one gather for all of them.
