@@ -217,7 +217,6 @@ class HeadKVAttnBackend:
         batch (compressed rows 1 token long), plus the graphed kernel's plan and the rows it
         fills. At capture every row is padding; a replay's padding rows (``fb.num_padding``, at
         the end) are never compressed rows, whatever their request index."""
-        self._seen_fb, self._batch = fb, None
         if self.graph_kernel is None or not fb.forward_mode.is_decode():
             self.inner.init_forward_metadata_out_graph(fb, in_capture=in_capture)
             return
