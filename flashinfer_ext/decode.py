@@ -64,8 +64,10 @@ class _PagedDecode:
                       paged_kv_last_page_len_buffer=torch.zeros(max_rows, dtype=torch.int32, device=self.device))
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_cuda_graph=cuda_graph,
                                                              use_tensor_cores=use_tensor_cores, backend=backend, **kw)
-        self._out: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None  # views of the first rows of the buffers below
         self._lse: torch.Tensor | None = None
+        self._out_buf: torch.Tensor | None = None
+        self._lse_buf: torch.Tensor | None = None
 
     def _plan(self, indptr, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size, dtype, scale,
               **options):
@@ -73,15 +75,21 @@ class _PagedDecode:
         if self.cuda_graph and (rows != self.max_rows or indices.numel() > self.max_pages):
             raise ValueError(f"a graphed wrapper plans exactly {self.max_rows} rows and at most {self.max_pages} "
                              f"pages, got {rows} rows and {indices.numel()} pages")
-        # host tables: FlashInfer plans the split-KV schedule on the CPU and copies them over
-        self.wrapper.plan(indptr.to("cpu", torch.int32), indices.to("cpu", torch.int32),
+        # FlashInfer plans the split-KV schedule from host indptr / last_page_len and copies the
+        # tables to the device; the page ids may already be there (no round trip through the host)
+        self.wrapper.plan(indptr.to("cpu", torch.int32), indices.to(torch.int32),
                           last.to("cpu", torch.int32), num_qo_heads, num_kv_heads, head_dim, page_size,
                           pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype, sm_scale=scale,
                           **options)
-        shape_o = (rows, num_qo_heads, head_dim)
-        if self._out is None or self._out.shape != shape_o or self._out.dtype != dtype:
-            self._out = torch.empty(shape_o, dtype=dtype, device=self.device)
-            self._lse = torch.empty(rows, num_qo_heads, dtype=torch.float32, device=self.device)
+        out = self._out
+        if out is not None and out.shape == (rows, num_qo_heads, head_dim) and out.dtype == dtype:
+            return
+        buf = self._out_buf
+        if buf is None or buf.shape[0] < rows or buf.shape[1:] != (num_qo_heads, head_dim) or buf.dtype != dtype:
+            # grown, never shrunk: a batch change of a row or two allocates nothing
+            self._out_buf = torch.empty(rows, num_qo_heads, head_dim, dtype=dtype, device=self.device)
+            self._lse_buf = torch.empty(rows, num_qo_heads, dtype=torch.float32, device=self.device)
+        self._out, self._lse = self._out_buf[:rows], self._lse_buf[:rows]
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._out is not None and self._lse is not None, "plan() before run()"
@@ -118,26 +126,41 @@ class RaggedDecode(_PagedDecode):
             # the kernel's rows are the chunks; each padding chunk reads one page
             max_rows, max_pages = max_chunks, max_pages + max_chunks
         super().__init__(device, cuda_graph=cuda_graph, max_rows=max_rows, max_pages=max_pages, **kw)
+        if cuda_graph and not chunk_pages:  # a captured run always masks: later plans may have empty rows
+            self._empty = torch.zeros(self.max_rows, dtype=torch.bool, device=self.device)
 
     def plan(self, plan: DecodePlan, group: int, head_dim: int, dtype: torch.dtype, scale: float,
              **options) -> None:
         """``options``: FlashInfer plan options (``disable_split_kv``, ``fixed_split_size`` with tensor cores)."""
-        self._rows, self._kv_heads = plan.num_rows, plan.num_kv_heads
         if self.chunk_pages:
+            self._rows, self._kv_heads = plan.num_rows, plan.num_kv_heads
             self._plan_chunks(plan, group, head_dim, dtype, scale, **options)
             return
         # one dummy page for each empty row, masked out after the kernel
         indptr, indices, last, empty = fill_empty_rows(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
-        self._plan(indptr, indices, last, group, 1, head_dim, plan.page_size, dtype, scale, **options)
-        empty_d = empty.to(self.device)
-        if self.cuda_graph:  # a captured run always masks: later plans may have empty rows
-            if not hasattr(self, "_empty"):
-                self._empty = torch.zeros(self.max_rows, dtype=torch.bool, device=self.device)
-            self._empty.copy_(empty_d)
+        self.plan_rows(indptr, indices, last, empty.to(self.device), bool(empty.any()), plan.num_kv_heads, group,
+                       head_dim, plan.page_size, dtype, scale, **options)
+
+    def plan_rows(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor,
+                  empty: torch.Tensor, any_empty: bool, num_kv_heads: int, group: int, head_dim: int,
+                  page_size: int, dtype: torch.dtype, scale: float, **options) -> None:
+        """Plan rows whose empty ones already hold one dummy token (``headkv_sglang.kv.plan_tables``).
+
+        ``kv_indptr`` int32 ``[rows + 1]`` and ``kv_last_page_len`` int32 ``[rows]`` on the host,
+        ``kv_indices`` int32 on the host or the device, ``empty`` bool ``[rows]`` on the device
+        (rows whose output is masked to the empty state), ``any_empty`` whether any is set;
+        rows are ``r * num_kv_heads + h``.
+        """
+        if self.chunk_pages:
+            raise ValueError("plan_rows does not chunk rows: use plan() with a DecodePlan")
+        self._rows, self._kv_heads = kv_last_page_len.numel(), num_kv_heads
+        self._plan(kv_indptr, kv_indices, kv_last_page_len, group, 1, head_dim, page_size, dtype, scale, **options)
+        if self.cuda_graph:
+            self._empty.copy_(empty)
             self._mask = True
         else:
-            self._empty = empty_d
-            self._mask = bool(empty.any())
+            self._empty = empty
+            self._mask = any_empty
 
     def _plan_chunks(self, plan: DecodePlan, group, head_dim, dtype, scale, **options) -> None:
         if self.cuda_graph:

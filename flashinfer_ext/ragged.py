@@ -3,8 +3,12 @@
 Per layer, for the planned compressed rows:
 
 * prompt pages: :class:`~flashinfer_ext.decode.RaggedDecode`, one ``num_kv_heads=1`` row per
-  (row, KV head); one wrapper per layer, planned only when the batch's records change
-  (pages do not change while a request decodes);
+  (row, KV head); one wrapper per layer, all created at start-up, planned only when the
+  batch's records change (pages do not change while a request decodes). The tables come
+  from :mod:`headkv_sglang.kv.plan_tables`: each request's rows of every layer are built
+  once and a batch's tables assembled from them with a fixed number of torch operations
+  (page ids stay on the device), so a batch change costs, per layer, only FlashInfer's
+  own plan;
 * tail: :class:`~flashinfer_ext.decode.DenseDecode` over SGLang's token pool viewed as
   1-token pages (``[slots, 1, Hkv, D]``), indices = the tail slots; planned once per
   batch (shared by every layer);
@@ -33,9 +37,9 @@ import math
 import torch
 
 from flashinfer_ext.decode import DenseDecode, RaggedDecode
-from flashinfer_ext.plan import build_decode_plan, pad_plan
+from headkv_sglang.kv.plan_tables import TableCache
 from headkv_sglang.kv.pool import RaggedHeadKVPool
-from headkv_sglang.kv.ragged import RaggedAttention, RaggedRows, stack_compensation
+from headkv_sglang.kv.ragged import RaggedAttention, RaggedRows
 from headkv_sglang.reference import merge_states
 
 
@@ -48,7 +52,8 @@ class FlashInferRaggedAttention(RaggedAttention):
 
     def __init__(self, pool: RaggedHeadKVPool, num_layers: int, num_kv_heads: int, num_q_heads: int,
                  scale: float, *, workspace_bytes: int = 256 << 20, cuda_graph: bool = False,
-                 max_rows: int = 0, max_pages: int = 0, max_tail: int = 0) -> None:
+                 max_rows: int = 0, max_pages: int = 0, max_tail: int = 0,
+                 workspace: torch.Tensor | None = None) -> None:
         super().__init__(pool, num_layers, num_kv_heads)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -60,19 +65,24 @@ class FlashInferRaggedAttention(RaggedAttention):
         self.cuda_graph = cuda_graph
         self.max_rows, self.max_pages, self.max_tail = max_rows, max_pages, max_tail
         device = pool.k_pages.device
-        self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
-        self._ragged: list[RaggedDecode | None] = [None] * num_layers
+        # ``workspace``: share another kernel's float workspace (runs that never overlap)
+        self.workspace = workspace if workspace is not None else torch.empty(workspace_bytes, dtype=torch.uint8,
+                                                                             device=device)
+        # every layer's wrapper (and, graphed, its fixed buffers) at start-up, not in the first plan
+        self._ragged: list[RaggedDecode] = [self._new_ragged() for _ in range(num_layers)]
         # graphed: every row (padding too) has >= 1 tail slot and may have a dummy page
         graph_kw = dict(cuda_graph=True, max_rows=max_rows, max_pages=max_tail + max_rows) if cuda_graph else {}
         self._tail = DenseDecode(device, workspace=self.workspace, **graph_kw)
         self._prompt_key: tuple[int, ...] | None = None
-        self._comp: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        if cuda_graph:  # compensation states in fixed buffers, always applied (-inf bias: weight 0)
+        # each request's rows of every layer, built once (empty rows with their dummy page)
+        self.tables = TableCache(pool.page_size, pool.head_dim, pool.dtype, device, dummy_empty=True)
+        # Razor's compensation of the planned rows, all layers: k, v [L, rows, H, D], bias [L, rows, H]
+        self._comp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if cuda_graph:  # in fixed buffers, always applied (-inf bias: weight 0)
             H, D = num_kv_heads, pool.head_dim
-            self._comp = [(torch.zeros(max_rows, H, D, dtype=pool.dtype, device=device),
-                           torch.zeros(max_rows, H, D, dtype=pool.dtype, device=device),
-                           torch.full((max_rows, H), -math.inf, dtype=torch.float32, device=device))
-                          for _ in range(num_layers)]
+            self._comp = (torch.zeros(num_layers, max_rows, H, D, dtype=pool.dtype, device=device),
+                          torch.zeros(num_layers, max_rows, H, D, dtype=pool.dtype, device=device),
+                          torch.full((num_layers, max_rows, H), -math.inf, dtype=torch.float32, device=device))
 
     def _new_ragged(self) -> RaggedDecode:
         device = self.pool.k_pages.device
@@ -89,30 +99,7 @@ class FlashInferRaggedAttention(RaggedAttention):
         if self.cuda_graph and R > self.max_rows:
             raise ValueError(f"{R} compressed rows, the graphed kernel holds at most {self.max_rows}")
         if rows.prompt_key() != self._prompt_key:
-            for layer in range(self.num_layers):
-                lps = [rec.layers[layer] for rec in rows.records]
-                if any(lp.vo_lengths is not None for lp in lps):  # the plugin refuses pod before this
-                    raise NotImplementedError("PoD's values-only rows have no FlashInfer kernel: "
-                                              "HEADKV_SGLANG_RAGGED_KERNEL=torch")
-                if self._ragged[layer] is None:
-                    self._ragged[layer] = self._new_ragged()
-                plan = build_decode_plan(lps, pool.page_size)
-                if self.cuda_graph:
-                    if plan.kv_indices.numel() > self.max_pages:
-                        raise ValueError(f"layer {layer} needs {plan.kv_indices.numel()} pages, the graphed "
-                                         f"kernel holds at most {self.max_pages}")
-                    plan = pad_plan(plan, self.max_rows * self.num_kv_heads)
-                self._ragged[layer].plan(plan, self.group, D, dtype, self.scale)
-                comp = stack_compensation(lps, self.num_kv_heads, D, dtype, pool.k_pages.device)
-                if not self.cuda_graph:
-                    self._comp[layer] = comp
-                    continue
-                ck, cv, bias = self._comp[layer]
-                bias.fill_(-math.inf)
-                if comp is not None:
-                    ck[:R].copy_(comp[0])
-                    cv[:R].copy_(comp[1])
-                    bias[:R].copy_(comp[2])
+            self._plan_prompt(rows.records)
             self._prompt_key = rows.prompt_key()
         indptr, slots = rows.tail_indptr.to(torch.int32), rows.tail_slots.to("cpu", torch.int32)
         if self.cuda_graph:
@@ -124,6 +111,50 @@ class FlashInferRaggedAttention(RaggedAttention):
         last = torch.ones(indptr.numel() - 1, dtype=torch.int32)
         self._tail.plan(indptr, slots, last, self.num_q_heads, self.num_kv_heads, D, 1, dtype, self.scale)
         self.rows = rows
+
+    def _plan_prompt(self, records) -> None:
+        """Every layer's prompt rows, from one assembly of the records' cached pieces: per layer
+        only FlashInfer's own plan is called."""
+        if not records and self.cuda_graph:  # a graph's capture, or a batch with no compressed row
+            self._plan_padding()
+            return
+        bt = self.tables.batch(records, pad_to=self.max_rows if self.cuda_graph else None)
+        if bt.values_only:  # the plugin refuses pod before this
+            raise NotImplementedError("PoD's values-only rows have no FlashInfer kernel: "
+                                      "HEADKV_SGLANG_RAGGED_KERNEL=torch")
+        if bt.kv_indptr.shape[0] != self.num_layers:
+            raise ValueError(f"the records have {bt.kv_indptr.shape[0]} layers, the kernel {self.num_layers}")
+        if self.cuda_graph:
+            worst = max(range(self.num_layers), key=lambda l: bt.pages[l])
+            if bt.pages[worst] > self.max_pages:
+                raise ValueError(f"layer {worst} needs {bt.pages[worst]} pages, the graphed kernel holds at most "
+                                 f"{self.max_pages}")
+        pool = self.pool
+        for wrapper, (indptr, indices, last, empty, any_empty) in zip(self._ragged, bt.per_layer()):
+            wrapper.plan_rows(indptr, indices, last, empty, any_empty, self.num_kv_heads, self.group, pool.head_dim,
+                              pool.page_size, pool.dtype, self.scale)
+        if not self.cuda_graph:
+            self._comp = bt.comp
+            return
+        ck, cv, bias = self._comp
+        if bt.comp is None:
+            bias.fill_(-math.inf)
+        else:  # padded to max_rows by the assembly
+            ck.copy_(bt.comp[0])
+            cv.copy_(bt.comp[1])
+            bias.copy_(bt.comp[2])
+
+    def _plan_padding(self) -> None:
+        """Graphed, no compressed row: every row padding (one dummy token of page 0, masked)."""
+        pool, n = self.pool, self.max_rows * self.num_kv_heads
+        indptr = torch.arange(n + 1, dtype=torch.int32)
+        ids = torch.zeros(n, dtype=torch.int32, device=pool.k_pages.device)
+        last = torch.ones(n, dtype=torch.int32)
+        empty = torch.ones(n, dtype=torch.bool, device=pool.k_pages.device)
+        for wrapper in self._ragged:
+            wrapper.plan_rows(indptr, ids, last, empty, True, self.num_kv_heads, self.group, pool.head_dim,
+                              pool.page_size, pool.dtype, self.scale)
+        self._comp[2].fill_(-math.inf)
 
     def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             scale: float) -> torch.Tensor:
@@ -144,9 +175,9 @@ class FlashInferRaggedAttention(RaggedAttention):
         o_p, lse_p = self._ragged[layer].run(q.view(R, H, G, D), self.pool.k_pages, self.pool.v_pages)
         o_t, lse_t = self._tail.run(q, k_buffer.unsqueeze(1), v_buffer.unsqueeze(1))
         o, lse = merge_states(o_p.reshape(R, Hq, D), lse_p.reshape(R, Hq), o_t, lse_t)
-        comp = self._comp[layer]
+        comp = self._comp
         if comp is not None:
-            ck, cv, bias = comp  # [R, H, D], [R, H, D], [R, H]
+            ck, cv, bias = comp[0][layer], comp[1][layer], comp[2][layer]  # [R, H, D], [R, H, D], [R, H]
             lc = torch.einsum("rhgd,rhd->rhg", q.view(R, H, G, D).float(), ck.float()) * scale + bias[:, :, None]
             o_c = cv.float()[:, :, None, :].expand(R, H, G, D).reshape(R, Hq, D)
             o, lse = merge_states(o, lse, o_c, lc.reshape(R, Hq))

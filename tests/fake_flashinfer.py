@@ -30,8 +30,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     def plan(self, indptr, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size, *,
              pos_encoding_mode, q_data_type, kv_data_type, sm_scale, **_):
-        for t in (indptr, indices, last):
+        for t in (indptr, last):  # FlashInfer reads these on the host; indices it only copies to the device
             assert t.device.type == "cpu" and t.dtype == torch.int32, "FlashInfer plans from int32 host tables"
+        assert indices.dtype == torch.int32, f"page ids must be int32, got {indices.dtype}"
         if bool((indptr[1:] == indptr[:-1]).any()):
             raise RuntimeError("FlashInfer has no empty rows")
         if self.graph:

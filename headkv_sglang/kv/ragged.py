@@ -13,8 +13,9 @@ as one softmax over the union (equivalently, three states merged by log-sum-exp)
 
 The serving layer calls :meth:`RaggedAttention.plan` once per forward batch (the kernel
 keeps the prompt part of its plan while the batch's compressed requests stay the same:
-their pages do not change while they decode) and :meth:`RaggedAttention.run` once per
-layer. Two kernels implement it:
+their pages do not change while they decode; when they change, the tables of all layers
+are assembled from per-request pieces built once, :mod:`headkv_sglang.kv.plan_tables`) and
+:meth:`RaggedAttention.run` once per layer. Two kernels implement it:
 
 * :class:`TorchRaggedAttention` (here): batched torch — one gather and one softmax per
   layer for all rows and heads, no Python loop over rows. The CPU serving kernel.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headkv_sglang.kv.plan_tables import TableCache
 from headkv_sglang.kv.pool import RaggedHeadKVPool, RequestPages, values_only_addresses
 
 
@@ -136,8 +138,8 @@ def _padded_rows(counts: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tens
 
 @dataclass
 class _LayerPlan:
-    tok: torch.Tensor  # int64 [R*H, Lmax] token ids into the pool's [num_pages*page_size, D] view
-    mask: torch.Tensor  # bool [R*H, Lmax]
+    pages: torch.Tensor  # int64 [R*H, P] page ids of each row (0 past its pages), P: the layer's widest row
+    lengths: torch.Tensor  # int64 [R*H] tokens of each row
     comp_k: torch.Tensor | None  # [R, H, D]
     comp_v: torch.Tensor | None
     comp_bias: torch.Tensor | None  # float32 [R, H]: log(count), -inf where nothing was dropped
@@ -151,8 +153,10 @@ class _LayerPlan:
 class TorchRaggedAttention(RaggedAttention):
     """Batched torch kernel: padded gathers, one softmax over [pages ⊕ tail ⊕ compensation].
 
-    Work per layer is ``R * Hkv * (max row length + max tail)``, no Python loop over rows
-    or heads. The prompt tables are rebuilt only when the batch's records change.
+    Work per layer is ``R * Hkv * (widest row + max tail)``, no Python loop over rows or
+    heads. The prompt tables are rebuilt only when the batch's records change, from each
+    request's cached pieces (:mod:`headkv_sglang.kv.plan_tables`): a fixed number of torch
+    operations for all layers and rows.
     """
 
     def __init__(self, pool: RaggedHeadKVPool, num_layers: int, num_kv_heads: int) -> None:
@@ -161,11 +165,12 @@ class TorchRaggedAttention(RaggedAttention):
         self._layers: list[_LayerPlan] = []
         self._tail_idx = self._tail_mask = None
         self._stash: tuple[int, torch.Tensor] | None = None  # PoD: (layer, its logits the layer above reuses)
+        self.tables = TableCache(pool.page_size, pool.head_dim, pool.dtype, pool.k_pages.device, dummy_empty=False)
 
     def plan(self, rows: RaggedRows) -> None:
         device = self.pool.k_pages.device
         if rows.prompt_key() != self._prompt_key:
-            self._layers = [self._plan_layer(rows.records, layer, device) for layer in range(self.num_layers)]
+            self._layers = self._plan_prompt(rows.records, device)
             self._prompt_key = rows.prompt_key()
         idx, mask = _padded_rows(rows.tail_lengths, rows.tail_indptr[:-1])
         slots = rows.tail_slots.to(torch.int64).cpu()
@@ -174,26 +179,35 @@ class TorchRaggedAttention(RaggedAttention):
         self._stash = None
         self.rows = rows
 
-    def _plan_layer(self, records: list[RequestPages], layer: int, device) -> _LayerPlan:
-        ps = self.pool.page_size
-        lps = [rec.layers[layer] for rec in records]
-        lengths = torch.cat([lp.lengths for lp in lps]).to(torch.int64)  # [R*H]
-        # token t of row r sits in page kv_indices[page_start[r] + t // ps], slot t % ps
-        pages = torch.cat([lp.kv_indices for lp in lps]).to(torch.int64)
-        counts = torch.cat([lp.kv_indptr[1:] - lp.kv_indptr[:-1] for lp in lps]).to(torch.int64)
-        page_start = torch.zeros_like(counts)
-        if counts.numel() > 1:
-            page_start[1:] = torch.cumsum(counts, 0)[:-1]
-        t, mask = _padded_rows(lengths, torch.zeros_like(lengths))
-        page = page_start[:, None] + torch.div(t, ps, rounding_mode="floor")
-        tok = torch.where(mask, pages[page.clamp(max=max(pages.numel() - 1, 0))] * ps + t % ps if pages.numel()
-                          else torch.zeros_like(t), torch.zeros_like(t))
-        comp = stack_compensation(lps, self.num_kv_heads, self.pool.head_dim, self.pool.dtype, device)
-        comp_k, comp_v, bias = comp if comp is not None else (None, None, None)
-        plan = _LayerPlan(tok.to(device), mask.to(device), comp_k, comp_v, bias)
-        if any(lp.vo_lengths is not None for lp in lps):
-            self._plan_values_only(plan, lps, device)
-        return plan
+    def _plan_prompt(self, records: list[RequestPages], device) -> list[_LayerPlan]:
+        """Every layer's padded page table, from one assembly of the records' cached pieces."""
+        bt = self.tables.batch(records)
+        L = self.num_layers
+        if bt.kv_indptr.shape[0] != L:
+            raise ValueError(f"the records have {bt.kv_indptr.shape[0]} layers, the kernel {L}")
+        indptr = bt.kv_indptr.to(torch.int64)
+        counts = indptr[:, 1:] - indptr[:, :-1]  # [L, R*H]
+        widths = [max(w, 1) for w in counts.max(dim=1).values.tolist()]
+        col = torch.arange(max(widths))
+        start = indptr[:, :-1] + torch.tensor(bt.layer_start[:-1], dtype=torch.int64)[:, None]
+        valid = (col < counts[..., None]).to(device)
+        flat = bt.flat_indices.to(torch.int64)
+        if flat.numel():
+            pos = (start[..., None] + col).clamp(max=flat.numel() - 1).to(device)
+            pages = torch.where(valid, flat[pos], 0)  # [L, R*H, widest row of all layers]
+        else:
+            pages = torch.zeros(valid.shape, dtype=torch.int64, device=device)
+        lengths = bt.lengths.to(device)
+        comp = bt.comp
+        plans = [_LayerPlan(pages[l, :, :widths[l]], lengths[l], *((comp[0][l], comp[1][l], comp[2][l])
+                                                                   if comp is not None else (None, None, None)))
+                 for l in range(L)]
+        if bt.values_only:
+            for l, plan in enumerate(plans):
+                lps = [rec.layers[l] for rec in records]
+                if any(lp.vo_lengths is not None for lp in lps):
+                    self._plan_values_only(plan, lps, device)
+        return plans
 
     def _plan_values_only(self, plan: _LayerPlan, lps: list, device) -> None:
         """PoD: where each row's values-only tokens are, and which of the layer below's row
@@ -229,11 +243,12 @@ class TorchRaggedAttention(RaggedAttention):
         qf = q.float().view(R, H, G, D)
         kflat = self.pool.k_pages.view(-1, D)
         vflat = self.pool.v_pages.view(-1, D)
-        L = lp.tok.shape[1]
-        kp = kflat[lp.tok].float().view(R, H, L, D)
-        vp = vflat[lp.tok].float().view(R, H, L, D)
+        L = lp.pages.shape[1] * self.pool.page_size  # token j of a row is slot j of its pages laid end to end
+        kp = self.pool.k_pages[lp.pages].float().view(R, H, L, D)
+        vp = self.pool.v_pages[lp.pages].float().view(R, H, L, D)
+        mask = torch.arange(L, device=kp.device)[None, :] < lp.lengths[:, None]
         logits = [torch.einsum("rhgd,rhld->rhgl", qf, kp).mul_(scale)
-                  .masked_fill_(~lp.mask.view(R, H, 1, L), -math.inf)]
+                  .masked_fill_(~mask.view(R, H, 1, L), -math.inf)]
         vals = [vp]
         below = self._stash
         above = self._layers[layer + 1] if layer + 1 < self.num_layers else None
@@ -264,29 +279,60 @@ class TorchRaggedAttention(RaggedAttention):
         return out.reshape(R, Hq, D).to(q.dtype)
 
 
-def stack_compensation(lps, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Razor's compensation states of one layer for a batch of rows, or None if no row has one.
+class GraphRows:
+    """Where a graphed kernel's rows sit in a padded decode batch, in fixed buffers.
 
-    ``lps``: the rows' :class:`~headkv_sglang.kv.pool.LayerPages`. Returns ``k, v``
-    ``[R, Hkv, D]`` (zeros for rows without compensation) and float32 ``bias`` ``[R, Hkv]``
-    = ``log(n_dropped)``, ``-inf`` where nothing was dropped (the state then weighs 0).
+    A CUDA graph of a decode batch of ``bs`` rows (SGLang pads a batch up to a captured size)
+    always runs a graphed :class:`RaggedAttention` over ``max_rows`` rows, whichever of the
+    batch's rows are compressed at replay. Before each replay :meth:`fill` writes which
+    batch rows are compressed; inside the graph :meth:`queries` gathers their queries
+    (``max_rows`` of them, padding rows read batch row 0) and :meth:`merge` writes the
+    kernel's outputs over those rows of the wrapped backend's output, leaving every other
+    row (uncompressed, padding) as it was. Fixed shapes, no host reads: both can be captured.
+
+    Buffers (int64 / bool, on the device): ``q_index [max_rows]`` batch row of each kernel
+    row; ``row_of [max_bs]`` kernel row of each batch row (0 where not compressed);
+    ``is_comp [max_bs]``.
     """
-    if all(lp.comp_count is None for lp in lps):
-        return None
-    ck, cv, cnt = [], [], []
-    for lp in lps:
-        if lp.comp_count is None:
-            ck.append(torch.zeros(num_kv_heads, head_dim, dtype=dtype, device=device))
-            cv.append(torch.zeros(num_kv_heads, head_dim, dtype=dtype, device=device))
-            cnt.append(torch.zeros(num_kv_heads, dtype=torch.int64))
-        else:
-            ck.append(lp.comp_k.to(device, dtype))
-            cv.append(lp.comp_v.to(device, dtype))
-            cnt.append(lp.comp_count.cpu().to(torch.int64))
-    c = torch.stack(cnt).float()
-    bias = torch.where(c > 0, torch.log(c.clamp(min=1)), torch.full_like(c, -math.inf)).to(device)
-    return torch.stack(ck), torch.stack(cv), bias
+
+    def __init__(self, max_bs: int, max_rows: int, device: torch.device | str) -> None:
+        if max_bs <= 0 or max_rows <= 0:
+            raise ValueError(f"GraphRows needs max_bs > 0 and max_rows > 0, got {max_bs}, {max_rows}")
+        self.max_bs, self.max_rows = max_bs, max_rows
+        self.q_index = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.row_of = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.is_comp = torch.zeros(max_bs, dtype=torch.bool, device=device)
+
+    def fill(self, positions: list[int], bs: int) -> None:
+        """Batch rows ``positions`` (each ``< bs``) are the kernel's rows 0, 1, ... (host work and
+        three copies; before a replay, outside the graph)."""
+        if not 0 < bs <= self.max_bs:
+            raise ValueError(f"a graphed batch of {bs} rows, the buffers hold 1..{self.max_bs}")
+        if len(positions) > self.max_rows:
+            raise ValueError(f"{len(positions)} compressed rows in a graphed batch, the graphed kernel holds at "
+                             f"most {self.max_rows}")
+        if positions and not (0 <= min(positions) and max(positions) < bs):
+            raise ValueError(f"compressed rows {positions} outside the batch's {bs} rows")
+        pos = torch.tensor(positions, dtype=torch.int64)
+        q_index = torch.zeros(self.max_rows, dtype=torch.int64)
+        q_index[:len(positions)] = pos
+        row_of = torch.zeros(self.max_bs, dtype=torch.int64)
+        row_of[pos] = torch.arange(len(positions), dtype=torch.int64)
+        is_comp = torch.zeros(self.max_bs, dtype=torch.bool)
+        is_comp[pos] = True
+        self.q_index.copy_(q_index)
+        self.row_of.copy_(row_of)
+        self.is_comp.copy_(is_comp)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``[max_rows, Hq, D]``: the kernel rows' queries, out of the batch's ``q`` ``[bs, Hq, D]``."""
+        return q.index_select(0, self.q_index)
+
+    def merge(self, o: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the kernel's ``out`` ``[max_rows, Hq, Dv]`` over the compressed rows of ``o``
+        ``[bs, Hq, Dv]`` (in place)."""
+        bs = o.shape[0]
+        o.copy_(torch.where(self.is_comp[:bs, None, None], out.index_select(0, self.row_of[:bs]).to(o.dtype), o))
 
 
 def rows_for_queries(records: list[RequestPages], req_to_token: torch.Tensor, req_pool_indices: list[int],

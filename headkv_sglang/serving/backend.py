@@ -16,9 +16,17 @@ adds only:
 
 In a decode batch the inner backend sees each compressed row as a 1-token row (its
 newest token; its prompt slots have been released), so it spends no time on the prompt
-the ragged kernel attends. Batches holding compressed rows or capturing queries run
-eagerly: the CUDA-graph runners' ``can_run_graph`` is hooked to say no for them
-(:func:`graph_allowed`), counted in ``/server_info`` — per batch, not per server.
+the ragged kernel attends.
+
+CUDA graphs: with the FlashInfer kernel, a decode graph is captured with a graphed ragged
+kernel (fixed buffers, ``max_bs`` rows, padding rows masked) after the inner backend's
+attention, and every replay's metadata plans it for the batch's compressed rows
+(:meth:`HeadKVAttnBackend.init_forward_metadata_out_graph`), so decode batches with
+compressed rows replay graphs. What runs eagerly — the CUDA-graph runners'
+``can_run_graph`` is hooked to say no (:func:`graph_allowed`), counted in ``/server_info``,
+per batch — is: every batch with compressed rows under the torch kernel, extend batches with
+compressed or capturing rows, and decode batches where a row captures decode queries or
+moves its tail into pages that step (host work inside the forward).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from headkv_sglang.kv.manager import CompressionManager
-from headkv_sglang.kv.ragged import RaggedAttention, TorchRaggedAttention, rows_for_queries
+from headkv_sglang.kv.ragged import GraphRows, RaggedAttention, RaggedRows, TorchRaggedAttention, rows_for_queries
 from headkv_sglang.serving.parallel import tp_ops, tp_shard
 from headkv_sglang.serving.pool_sizing import compressed_pool_pages
 from headkv_sglang.serving.requests import question_finder
@@ -93,6 +101,12 @@ class HeadKVAttnBackend:
         self.token_to_kv_pool = token_to_kv_pool  # SGLang's KV pool: get_key_buffer(layer) [slots, Hkv, D]
         self._batch: _Batch | None = None
         self._seen_fb: Any = None
+        # CUDA graphs of decode batches with compressed rows (init_cuda_graph_state): a graphed
+        # kernel, where its rows sit in the padded batch, and the batches captured with them
+        self.graph_kernel: RaggedAttention | None = None
+        self.graph_rows: GraphRows | None = None
+        self._graph_fbs: dict[int, Any] = {}
+        self.graph_compressed_batches = 0  # decode batches with compressed rows a graph ran
 
     def __getattr__(self, name: str):
         inner = self.__dict__.get("inner")
@@ -173,12 +187,90 @@ class HeadKVAttnBackend:
         self.kernel.plan(rows)
         return _Batch(fb, inner_fb, torch.tensor(q_index, dtype=torch.int64, device=device))
 
+    # ------------------------------------------------------------------ CUDA graphs
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
+        """The inner backend's graph state, and (FlashInfer kernel) a graphed ragged kernel whose
+        fixed buffers hold ``max_bs`` compressed rows, every page of the compressed pool in one
+        layer and every slot of SGLang's token pool as tails: any decode batch a graph runs fits."""
+        self.inner.init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self.graph_kernel = make_graph_kernel(self.kernel, max_bs, self.token_to_kv_pool.get_key_buffer(0).shape[0])
+        if self.graph_kernel is not None:
+            self.graph_rows = GraphRows(max_bs, max_bs, self.manager.pool.k_pages.device)
+
+    def graph_fits(self, fb) -> bool:
+        """Whether a CUDA graph can run decode batch ``fb``'s compressed rows: a graphed kernel
+        exists and no row captures decode queries or moves its tail into pages this step (host
+        work inside the forward)."""
+        if self.graph_kernel is None or not fb.forward_mode.is_decode() or self.manager._captures:
+            return False
+        idxs = fb.req_pool_indices.tolist()
+        seq_lens = fb.seq_lens_cpu.tolist() if getattr(fb, "seq_lens_cpu", None) is not None else fb.seq_lens.tolist()
+        for idx, seq_len in zip(idxs, seq_lens):
+            rec = self.manager.records.get(idx)
+            if rec is not None and rec.decode_budget > 0 and (
+                    not rec.decode_recency or self.manager.decode_due(idx, seq_len) is not None):
+                return False
+        return len(idxs) <= self.graph_rows.max_bs
+
+    def init_forward_metadata_out_graph(self, fb, in_capture: bool = False) -> None:
+        """SGLang's per-replay (and capture) metadata: the inner backend's, over the stand-in
+        batch (compressed rows 1 token long), plus the graphed kernel's plan and the rows it
+        fills. At capture every row is padding; a replay's padding rows (``fb.num_padding``, at
+        the end) are never compressed rows, whatever their request index."""
+        if self.graph_kernel is None or not fb.forward_mode.is_decode():
+            self.inner.init_forward_metadata_out_graph(fb, in_capture=in_capture)
+            return
+        bs = fb.batch_size
+        if in_capture:
+            self.inner.init_forward_metadata_out_graph(fb, in_capture=True)
+            self._graph_fbs[id(fb)] = fb  # its forward is the graphed one
+            self.graph_kernel.plan(RaggedRows([], torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)))
+            self.graph_rows.fill([], bs)
+            return
+        real = bs - int(getattr(fb, "num_padding", 0) or 0)
+        recs = self.manager.records
+        idxs = fb.req_pool_indices[:real].tolist()
+        positions = [i for i, idx in enumerate(idxs) if idx in recs]
+        if not positions:
+            self.inner.init_forward_metadata_out_graph(fb)
+            self.graph_rows.fill([], bs)
+            return
+        view = copy.copy(fb)
+        for name in ("seq_lens", "seq_lens_cpu"):
+            if getattr(fb, name, None) is not None:
+                lens = getattr(fb, name).clone()
+                lens[torch.tensor(positions, dtype=torch.int64, device=lens.device)] = 1
+                setattr(view, name, lens)
+        if getattr(fb, "seq_lens_sum", None) is not None:
+            view.seq_lens_sum = int(view.seq_lens_cpu.sum()) if view.seq_lens_cpu is not None \
+                else int(view.seq_lens.sum())
+        self.inner.init_forward_metadata_out_graph(view)
+        seq_lens = (fb.seq_lens_cpu if getattr(fb, "seq_lens_cpu", None) is not None else fb.seq_lens).tolist()
+        records = [recs[idxs[i]] for i in positions]
+        rows = rows_for_queries(records, self.req_to_token_pool.req_to_token, [idxs[i] for i in positions],
+                                [r.tail_start for r in records], [seq_lens[i] for i in positions])
+        self.graph_kernel.plan(rows)
+        self.graph_rows.fill(positions, bs)
+
+    def _forward_graphed(self, q, k, v, layer, fb, save_kv_cache: bool, **kwargs):
+        """A captured decode forward: the inner backend's attention, then the graphed kernel over
+        its fixed rows written over the compressed ones. Only fixed-shape device work: the
+        graph replays it after :meth:`init_forward_metadata_out_graph` refilled the buffers."""
+        o = self.inner.forward_decode(q, k, v, layer, fb, save_kv_cache=save_kv_cache, **kwargs)
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        pool = self.token_to_kv_pool
+        out = self.graph_kernel.run(layer.layer_id, self.graph_rows.queries(q_), pool.get_key_buffer(layer.layer_id),
+                                    pool.get_value_buffer(layer.layer_id), layer.scaling)
+        self.graph_rows.merge(o.view(-1, layer.tp_q_head_num, layer.v_head_dim), out)
+        return o
+
     def _batch_for(self, fb) -> _Batch | None:
         if self._seen_fb is fb:
             return self._batch
-        # A path that initialised the inner backend without us (a CUDA-graph runner):
-        # graphs never run batches with compressed rows (graph_allowed), so when capturing
-        # there is nothing to do; otherwise plan now, the inner backend having seen all rows.
+        # A path that initialised the inner backend without us: a CUDA graph being captured
+        # (decode graphs take _forward_graphed; other graphs never run compressed rows,
+        # graph_allowed) has nothing to plan; otherwise plan now, the inner backend having
+        # seen all rows.
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return None
         self._seen_fb = fb
@@ -196,6 +288,8 @@ class HeadKVAttnBackend:
         return self.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        if self._graph_fbs.get(id(forward_batch)) is forward_batch:
+            return self._forward_graphed(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         b = self._batch_for(forward_batch)
         if b is None:
             return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
@@ -277,6 +371,19 @@ class HeadKVAttnBackend:
             self.manager.on_prefill_layer(lid, idx, end, get_kv)
 
 
+def make_graph_kernel(kernel: RaggedAttention, max_rows: int, max_tail: int) -> RaggedAttention | None:
+    """A CUDA-graph version of ``kernel`` (FlashInfer only; None for the torch kernel: its
+    batches run eagerly) holding ``max_rows`` rows, every page of its pool in one layer and
+    ``max_tail`` tail slots; it shares ``kernel``'s float workspace (they never run at once)."""
+    from flashinfer_ext.ragged import FlashInferRaggedAttention
+
+    if not isinstance(kernel, FlashInferRaggedAttention):
+        return None
+    return FlashInferRaggedAttention(kernel.pool, kernel.num_layers, kernel.num_kv_heads, kernel.num_q_heads,
+                                     kernel.scale, cuda_graph=True, max_rows=max_rows,
+                                     max_pages=kernel.pool.num_pages, max_tail=max_tail, workspace=kernel.workspace)
+
+
 # ---------------------------------------------------------------------------- construction
 def make_kernel(pool, shape, device: torch.device, scale: float) -> tuple[str, RaggedAttention]:
     """The RaggedAttention kernel for ``device``: FlashInfer on CUDA, batched torch elsewhere.
@@ -340,6 +447,10 @@ def graph_allowed(state: ServingState, result, runner, forward_batch, *args, **k
         return result
     if not m.has_rows(forward_batch.req_pool_indices.tolist()):
         return result
+    backend = getattr(runner, "attn_backend", None)
+    if isinstance(backend, HeadKVAttnBackend) and backend.graph_fits(forward_batch):
+        backend.graph_compressed_batches += 1
+        return True
     if state.graph_fallback_batches == 0:
         logger.info("headkv_sglang: batches with compressed or capturing rows run eagerly, not as CUDA graphs "
                     "(counted in /server_info attention_backend.graph_fallback_batches)")
