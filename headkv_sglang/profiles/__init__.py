@@ -197,7 +197,11 @@ class HeadProfile:
 
     def heatmap(self, png: str | os.PathLike) -> Path:
         """Layers x query heads heatmap(s) of the tables, KV groups marked, titled with model + method."""
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError as e:
+            raise ModuleNotFoundError("the profile heat map needs matplotlib, which serving does not: "
+                                      "pip install 'headkv-sglang[plots]'", name="matplotlib") from e
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
