@@ -1,8 +1,12 @@
-"""Head-importance profiler: ``python -m headkv_sglang.profile --model DIR --method M --out FILE``.
+"""Head-importance profiler: ``headkv-sglang profile --model DIR --method M --out FILE``
+(or ``python -m headkv_sglang.profile ...``).
 
 Runs any HF causal LM in transformers with ``attn_implementation="eager"`` (so
-attention weights can be read), with fixed seeds, and writes a
-:class:`~headkv_sglang.profiles.HeadProfile` (JSON + heatmap PNG). Methods:
+attention weights can be read), with fixed seeds, on a CUDA device when there is one
+(``--device``, ``--dtype``), and writes a :class:`~headkv_sglang.profiles.HeadProfile`
+(JSON + heatmap PNG) and prints the flag to serve with. Partial results are saved to
+``<out>.partial`` after every trial (:class:`Checkpoint`); the same command resumes from
+them and ends bit-identical to an uninterrupted run. Methods:
 
 ``retrieval`` — retrieval heads (Wu et al. 2024, https://arxiv.org/abs/2404.15574).
     A needle sentence holding random words is planted at depth ``d`` of a

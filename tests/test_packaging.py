@@ -109,3 +109,28 @@ def test_wheel_alone_in_a_fresh_venv_selects_the_shipped_profiles(wheel, tmp_pat
     assert json.loads(r.stdout) == ["Meta-Llama-3-8B-Instruct.r2.json", "Mistral-7B-Instruct-v0.2.r2.json"]
     r = subprocess.run([str(py), "-m", "headkv_sglang.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "profile" in r.stdout, r.stderr
+
+
+def test_missing_extras_are_named(monkeypatch, tmp_path, capsys):
+    """Serving installs neither [dev] nor [plots]: what needs them says which extra to install."""
+    import importlib.util
+
+    from headkv_sglang.dev import models
+    from test_profile import _profile
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(models.ModelError, match=r"needs gguf, which serving does not: pip install 'headkv-sglang\[dev\]'"):
+        models.require_dev_extra()
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    models.require_dev_extra()  # installed here: no error
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'headkv-sglang\[plots\]'"):
+        _profile().save(tmp_path / "p.json")
+    assert (tmp_path / "p.json").is_file()  # the JSON is written before the heat map fails
+    from headkv_sglang.profile import main
+
+    (tmp_path / "config.json").write_text("{}")  # no weights: the check must come before any loading
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--method", "r2", "--out", str(tmp_path / "x.json")])
+    assert "the heat-map PNG needs matplotlib: pip install 'headkv-sglang[plots]'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ alone (``max_tokens=0``, ``kv_share``), whose compressed prompt the server publi
 every branch (``kv_share`` too) extends it, so it reads that copy instead of compressing
 its own; N decodes then hold one compressed document plus N short question tails. The
 shared copy is scored without the questions (by the document's last tokens: the
-instruction), so it suits query-agnostic policies best (README, ``--kv-share``).
+instruction), so it suits query-agnostic policies best (docs/serving-and-flags.md, ``--kv-share``).
 
     python -m headkv_sglang.programs.long_doc_qa --doc headkv_sglang/programs/examples/orbital_report.txt \\
         --question "Who founded Halvorsen Orbital?" --question "..." \\
