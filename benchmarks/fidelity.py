@@ -191,7 +191,7 @@ def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str
     """
     from tqdm import tqdm
 
-    from programs.endpoint import kv_report
+    from headkv_sglang.programs.endpoint import kv_report
 
     rows: list[dict] = []
     lock = threading.Lock()

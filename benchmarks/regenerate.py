@@ -1,13 +1,14 @@
 """One command for every committed result: the fidelity grid, capacity at headkv's 97% budget,
-the needle grid (48 cases per cell, resumable), and the README's results section (between its
-``results:begin``/``results:end`` markers).
+the needle grid (48 cases per cell, resumable), the results section of
+``docs/benchmarks-and-results.md`` (between its ``results:begin``/``results:end`` markers) and
+the README's one results table (between ``summary:begin``/``summary:end``).
 
-    python benchmarks/regenerate.py                 # run everything (CPU: ~4-5 h, the grids resumable), then the README
-    python benchmarks/regenerate.py --report-only   # rebuild the README section from benchmarks/results/
+    python benchmarks/regenerate.py                 # run everything (CPU: ~4-5 h, the grids resumable), then the docs
+    python benchmarks/regenerate.py --report-only   # rebuild both blocks from benchmarks/results/
 
 The capacity run uses the smallest budget at which headkv keeps >= 97% of full KV's
 short-answer score in the fidelity results (or the largest budget measured, said so, if
-none does). Every number the README section shows is read from the JSON files here.
+none does). Every number the two blocks show is read from the JSON files here.
 The soak (``benchmarks/soak.py``) is a reliability run, not part of this; its summary is
 quoted when ``soak_cpu.json`` exists.
 """
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
+README, RESULTS_DOC = ROOT / "README.md", ROOT / "docs" / "benchmarks-and-results.md"
 BEGIN, END = "<!-- results:begin (benchmarks/regenerate.py) -->", "<!-- results:end -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- summary:begin (benchmarks/regenerate.py) -->", "<!-- summary:end -->"
 TARGET = 0.97
 
 
@@ -128,7 +131,7 @@ def defaults_note(meta: dict) -> str:
     return f"Measured with policy defaults changed since ({', '.join(changed)}); re-run to update. " if changed else ""
 
 
-def needles_part(fid: dict) -> list[str]:
+def needles_part(fid: dict, root: str = "") -> list[str]:
     """The needle grid: many needle cases per cell (single, and multikey with same-shaped distractors),
     so that one answer moves a cell little; its shape and request parameters read from the grid."""
     meta, s = fid["meta"], fid["summary"]
@@ -159,13 +162,14 @@ def needles_part(fid: dict) -> list[str]:
         *table_rows(s, policies, budgets),
         "",
         ranking_line(s, policies, budgets),
-        f"Details and heatmaps: [needle grid](benchmarks/results/{NEEDLES}.md) (`{meta['command']}`).",
+        f"Details and heatmaps: [needle grid]({root}benchmarks/results/{NEEDLES}.md) (`{meta['command']}`).",
         "",
     ]
     return lines
 
 
-def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None = None) -> str:
+def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None = None, root: str = "") -> str:
+    """The results block; ``root`` prefixes its links (``"../"`` for a file under docs/)."""
     meta, s = fid["meta"], fid["summary"]
     budgets, policies = meta["budgets"], meta["policies"]
     b97, met = headkv_budget(fid)
@@ -176,9 +180,9 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
         "",
         f"Measured on {meta['machine']} with the test model (SmolLM2-135M-Instruct); regenerate with "
         "`python benchmarks/regenerate.py`. Details, per-task tables and plots: "
-        "[fidelity](benchmarks/results/fidelity_cpu.md)"
-        + (", [capacity](benchmarks/results/capacity_cpu.md)" if cap else "")
-        + (", [soak](benchmarks/results/soak_cpu.md)" if soak else "") + ".",
+        f"[fidelity]({root}benchmarks/results/fidelity_cpu.md)"
+        + (f", [capacity]({root}benchmarks/results/capacity_cpu.md)" if cap else "")
+        + (f", [soak]({root}benchmarks/results/soak_cpu.md)" if soak else "") + ".",
         "",
         f"**Quality kept** — short-answer tasks (needles over length x depth, multi-key with distractors, "
         f"multi-value, variable tracking, common words; {meta['cases']} cases of "
@@ -206,9 +210,9 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
         r = s["summary_rouge_l"]["headkv"]
         lines.append("Summaries, ROUGE-L of headkv's against full KV's: "
                      + ", ".join(f"{b} {r[b]:.2f}" for b in budgets if r[b] is not None) + ".")
-    lines += ["", f"![accuracy vs budget](benchmarks/results/fidelity_cpu_accuracy.png)", ""]
+    lines += ["", f"![accuracy vs budget]({root}benchmarks/results/fidelity_cpu_accuracy.png)", ""]
     if needles:
-        lines += needles_part(needles)
+        lines += needles_part(needles, root)
     if cap:
         cm = cap["meta"]
         lines += [
@@ -238,7 +242,7 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
                 parts.append(part)
             lines.append("\nCompression overhead at concurrency 1, same server and prompts: " + "; ".join(parts)
                          + ". " + capacity_where_note(cm))
-        lines += ["", "![capacity](benchmarks/results/capacity_cpu.png)", ""]
+        lines += ["", f"![capacity]({root}benchmarks/results/capacity_cpu.png)", ""]
     if soak:
         lines.append(f"**Soak** — {soak['requests']} mixed requests on a deliberately small pool in "
                      f"{soak['wall_s'] / 60:.0f} min: {soak['unexpected_errors']} unexpected errors, "
@@ -250,12 +254,60 @@ def section(fid: dict, cap: dict | None, soak: dict | None, needles: dict | None
     return "\n".join(lines)
 
 
-def update_readme(text: str, readme: Path = ROOT / "README.md") -> None:
-    body = readme.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+def summary_table(fid: dict, cap: dict | None, policies: tuple[str, ...] = ("headkv", "snapkv", "streamingllm")
+                  ) -> str:
+    """The README's one table: quality kept per budget (KV held) and requests held at once."""
+    meta, s = fid["meta"], fid["summary"]
+    budgets = meta["budgets"]
+    held: dict[str, str] = {}
+    note = ""
+    if cap:
+        cm = cap["meta"]
+        top = max(r["max_concurrency"] for r in cap["runs"])
+        length = max(r["prompt_tokens"] for r in cap["runs"])
+        for r in cap["runs"]:
+            if r["max_concurrency"] == top and r["prompt_tokens"] == length:
+                held[r["server"]] = f"{r['peak_running']}" + (f" (at {cm['budget']})" if r["server"] != "full" else "")
+        note = (f" *Requests held*: peak running requests with {length}-token prompts in the same KV memory "
+                f"({cm['kv_memory_tokens']} tokens of this model), {top} sent at once.")
+    lines = [
+        SUMMARY_BEGIN,
+        "| policy | " + " | ".join(f"{b} budget" for b in budgets) + " | requests held |",
+        "|---|" + "---|" * (len(budgets) + 1),
+        "| full KV | " + " | ".join("100%" for _ in budgets) + f" | {held.get('full', '—')} |",
+    ]
+    for p in (p for p in policies if p in meta["policies"]):
+        cells = [f"{_pct(s['relative_to_full'][p][b])} ({_held(s['kv_kept'][p][b])})" for b in budgets]
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {held.get(p, '—')} |")
+    lines += [
+        "",
+        f"*Quality kept*: score relative to full KV on {meta['cases']} short-answer cases of "
+        f"{meta['prompt_tokens'][0]}–{meta['prompt_tokens'][1]} tokens, each KV head keeping a budget of tokens "
+        "given as a share of the prompt (in brackets: the share of the prompt's KV actually held)." + note
+        + " Test model (SmolLM2-135M), CPU; every policy, the needle grid and the commands: "
+        "[benchmarks and results](docs/benchmarks-and-results.md).",
+        SUMMARY_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_block(text: str, path: Path, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the ``begin ... end`` block of ``path`` (which ``text`` starts and ends with)."""
+    body = path.read_text()
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(body):
-        raise SystemExit(f"{readme}: no results markers ({BEGIN} ... {END})")
-    readme.write_text(pattern.sub(lambda _: text, body))
+        raise SystemExit(f"{path}: no results markers ({begin} ... {end})")
+    path.write_text(pattern.sub(lambda _: text, body))
+
+
+def blocks() -> dict[Path, tuple[str, str, str]]:
+    """Each file's generated block from the committed results: path -> (begin, end, text)."""
+    fid = load("fidelity_cpu")
+    if fid is None:
+        raise SystemExit(f"no {RESULTS / 'fidelity_cpu.json'}: run without --report-only first")
+    cap = load("capacity_cpu")
+    return {RESULTS_DOC: (BEGIN, END, section(fid, cap, load("soak_cpu"), load(NEEDLES), root="../")),
+            README: (SUMMARY_BEGIN, SUMMARY_END, summary_table(fid, cap))}
 
 
 def load(name: str) -> dict | None:
@@ -265,7 +317,7 @@ def load(name: str) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--report-only", action="store_true", help="only rebuild the README section")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the docs' and README's blocks")
     p.add_argument("--skip-fidelity", action="store_true", help="reuse fidelity_cpu.json")
     a = p.parse_args(argv)
     if not a.report_only:
@@ -276,11 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             fidelity.main([*NEEDLES_ARGS, "--out", str(RESULTS / NEEDLES)])
         b97, _ = headkv_budget(load("fidelity_cpu"))
         capacity.main(["--budget", b97, "--out", str(RESULTS / "capacity_cpu")])
-    fid = load("fidelity_cpu")
-    if fid is None:
-        raise SystemExit(f"no {RESULTS / 'fidelity_cpu.json'}: run without --report-only first")
-    update_readme(section(fid, load("capacity_cpu"), load("soak_cpu"), load(NEEDLES)))
-    print(f"README results section rebuilt from {RESULTS}")
+    for path, (begin, end, text) in blocks().items():
+        update_block(text, path, begin, end)
+    print(f"{RESULTS_DOC.relative_to(ROOT)} and README.md results rebuilt from {RESULTS}")
     return 0
 
 

@@ -1,8 +1,12 @@
-"""Head-importance profiler: ``python -m headkv_sglang.profile --model DIR --method M --out FILE``.
+"""Head-importance profiler: ``headkv-sglang profile --model DIR --method M --out FILE``
+(or ``python -m headkv_sglang.profile ...``).
 
 Runs any HF causal LM in transformers with ``attn_implementation="eager"`` (so
-attention weights can be read), with fixed seeds, and writes a
-:class:`~headkv_sglang.profiles.HeadProfile` (JSON + heatmap PNG). Methods:
+attention weights can be read), with fixed seeds, on a CUDA device when there is one
+(``--device``, ``--dtype``), and writes a :class:`~headkv_sglang.profiles.HeadProfile`
+(JSON + heatmap PNG) and prints the flag to serve with. Partial results are saved to
+``<out>.partial`` after every trial (:class:`Checkpoint`); the same command resumes from
+them and ends bit-identical to an uninterrupted run. Methods:
 
 ``retrieval`` — retrieval heads (Wu et al. 2024, https://arxiv.org/abs/2404.15574).
     A needle sentence holding random words is planted at depth ``d`` of a
@@ -67,13 +71,15 @@ without returning weights, so memory stays ``O(layers x heads x context)``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import random
 import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,13 +114,26 @@ CITIES = (("Paris", "France"), ("Tokyo", "Japan"), ("Cairo", "Egypt"), ("Rome", 
 
 
 # ----------------------------------------------------------------------------- model + prompts
-def load_model(model_dir: str):
-    """(tokenizer, model): float32, eager attention, eval mode, CPU."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
+    return dev
+
+
+def load_model(model_dir: str, device: str | torch.device = "cpu", dtype: str = "float32"):
+    """(tokenizer, model): eager attention (attention weights readable), eval mode, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    return tok, model.eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation="eager")
+    return tok, model.to(device).eval()
 
 
 @dataclass(frozen=True)
@@ -183,14 +202,15 @@ def _stop_ids(tok, model) -> set[int]:
 # ----------------------------------------------------------------------------- decoding with attention
 @torch.inference_mode()
 def _prefill(model, ids: list[int]):
-    return model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    return model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
 
 
 @torch.inference_mode()
 def _step(model, cache, token: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: (logits [V], attention float32 [L, H_q, context]) of the new query."""
-    out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True, output_attentions=True)
-    att = torch.stack([a[0, :, -1, :] for a in out.attentions]).float()
+    out = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True,
+                output_attentions=True)
+    att = torch.stack([a[0, :, -1, :] for a in out.attentions]).float().cpu()
     return out.logits[0, -1], att
 
 
@@ -263,10 +283,80 @@ def razor_scores(att: torch.Tensor, offset: int, period: int, repeats: int) -> t
     if att.shape[-2:] != (S, S):
         raise ValueError(f"attention is {list(att.shape)}, expected [..., {S}, {S}] for offset={offset}, "
                          f"period={period}, repeats={repeats}")
+    rows = rows.to(att.device)
     a = att[..., rows, :].float()
-    echo = (a * echo_m[rows]).sum(-1).mean(-1)
-    ind = (a * ind_m[rows]).sum(-1).mean(-1)
-    return echo, ind
+    echo = (a * echo_m.to(att.device)[rows]).sum(-1).mean(-1)
+    ind = (a * ind_m.to(att.device)[rows]).sum(-1).mean(-1)
+    return echo.cpu(), ind.cpu()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoint:
+    """Partial results of one profiling run, saved after every trial so a stopped run resumes.
+
+    ``key`` names the run (model, method, every parameter); a file written for another key is
+    refused rather than mixed in. ``done`` counts finished units (trials or prompts) in the
+    method's fixed order and ``state`` holds the method's running sums and RNG states as
+    JSON (float64 values round-trip exactly), so a resumed run ends bit-identical to an
+    uninterrupted one. ``path=None`` keeps nothing (the library default).
+    """
+
+    path: Path | None
+    key: dict[str, Any]
+    done: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None, key: dict[str, Any], restart: bool = False) -> "Checkpoint":
+        """Resume from ``path`` if it holds this run's partial results (``restart``: discard them)."""
+        key = json.loads(json.dumps(key))  # the form it has after a round trip (tuples -> lists)
+        if path is None:
+            return cls(None, key)
+        path = Path(path)
+        if restart or not path.is_file():
+            return cls(path, key)
+        try:
+            data = json.loads(path.read_text())
+            old_key, done, state, elapsed = data["key"], int(data["done"]), data["state"], float(data["elapsed_s"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: unreadable profiling checkpoint ({e}); delete it or pass --restart") from e
+        if old_key != key:
+            diff = sorted(k for k in set(key) | set(old_key) if key.get(k) != old_key.get(k))
+            raise ValueError(f"{path} holds partial results of another run (differs in {diff}); "
+                             f"pass --restart to discard them, or choose another --out")
+        return cls(path, key, done, state, elapsed)
+
+    def save(self, done: int, state: dict[str, Any], elapsed_s: float) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(dict(key=self.key, done=done, state=state, elapsed_s=elapsed_s)))
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _units(ck: Checkpoint, cases: list, desc: str, unit: str, progress: bool):
+    """A tqdm bar (rate + ETA) over the cases not yet done, counting the resumed ones."""
+    from tqdm import tqdm
+
+    return tqdm(cases[ck.done:], desc=desc, unit=unit, total=len(cases), initial=ck.done, disable=not progress,
+                dynamic_ncols=True)
+
+
+def _saver(ck: Checkpoint):
+    t0 = time.time()
+    return lambda done, state: ck.save(done, state, ck.elapsed_s + time.time() - t0)
+
+
+def _table(state: dict[str, Any], name: str, shape: tuple[int, int]) -> torch.Tensor:
+    if name in state:
+        return torch.tensor(state[name], dtype=torch.float64)
+    return torch.zeros(*shape, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -288,17 +378,19 @@ def _first_named(text: str, names: tuple[str, ...]) -> str | None:
 
 
 def profile_retrieval(tok, model, lengths: list[int], depths: int, trials: int, seed: int,
-                      progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
-    from tqdm import tqdm
-
+                      progress: bool = True, ckpt: Checkpoint | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     cfg = model.config
-    scores = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    ck = ckpt or Checkpoint(None, {})
+    scores = _table(ck.state, "scores", (cfg.num_hidden_layers, cfg.num_attention_heads))
     stop_ids = _stop_ids(tok, model)
     stop = lambda t: t in stop_ids or "\n" in tok.decode([t])  # noqa: E731
     grid = _trial_grid(lengths, depths, trials)
-    ok, prompt_lens = 0, []
-    bar = tqdm(grid, desc="retrieval", unit="trial", disable=not progress)
-    for n, depth, t in bar:
+    ok, prompt_lens = ck.state.get("ok", 0), ck.state.get("prompt_lens", [])
+    bar = _units(ck, grid, "retrieval", "trial", progress)
+    save = _saver(ck)
+    for i, (n, depth, t) in enumerate(bar, ck.done):
+        if i > ck.done:
+            save(i, dict(scores=scores.tolist(), ok=ok, prompt_lens=prompt_lens))
         rng = random.Random(f"retrieval-{seed}-{n}-{depth}-{t}")
         name, words = rng.choice(NAMES), rng.sample(WORDS, 4)
         needle = f"The secret recipe of {name}'s grandmother uses {', '.join(words[:3])} and {words[3]}."
@@ -316,6 +408,7 @@ def profile_retrieval(tok, model, lengths: list[int], depths: int, trials: int, 
         scores += hits.double() / (span[1] - span[0])
         ok += 1
         bar.set_postfix(correct=f"{ok}/{bar.n + 1}")
+    save(len(grid), dict(scores=scores.tolist(), ok=ok, prompt_lens=prompt_lens))
     params = dict(correct_trials=ok, prompt_tokens=[min(prompt_lens), max(prompt_lens)],
                   needle="The secret recipe of <name>'s grandmother uses <4 random words>.")
     return scores / max(ok, 1), params
@@ -337,17 +430,19 @@ def _r2_case(rng: random.Random) -> tuple[str, str, str, str, str]:
 
 
 def profile_r2(tok, model, lengths: list[int], depths: int, trials: int, seed: int,
-               progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
-    from tqdm import tqdm
-
+               progress: bool = True, ckpt: Checkpoint | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     cfg = model.config
-    scores = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    ck = ckpt or Checkpoint(None, {})
+    scores = _table(ck.state, "scores", (cfg.num_hidden_layers, cfg.num_attention_heads))
     stop_ids = _stop_ids(tok, model)
     stop = lambda t: t in stop_ids or "\n" in tok.decode([t])  # noqa: E731
     grid = _trial_grid(lengths, depths, trials)
-    ok, forced_n, prompt_lens = 0, 0, []
-    bar = tqdm(grid, desc="r2", unit="trial", disable=not progress)
-    for n, depth, t in bar:
+    ok, forced_n, prompt_lens = ck.state.get("ok", 0), ck.state.get("forced", 0), ck.state.get("prompt_lens", [])
+    bar = _units(ck, grid, "r2", "trial", progress)
+    save = _saver(ck)
+    for i, (n, depth, t) in enumerate(bar, ck.done):
+        if i > ck.done:
+            save(i, dict(scores=scores.tolist(), ok=ok, forced=forced_n, prompt_lens=prompt_lens))
         rng = random.Random(f"r2-{seed}-{n}-{depth}-{t}")
         right, wrong, question, name, other = _r2_case(rng)
         other_depth = (depth + 0.35) % 1.0  # the distractor sits elsewhere, sometimes before
@@ -370,6 +465,7 @@ def profile_r2(tok, model, lengths: list[int], depths: int, trials: int, seed: i
         scores += trial.double() / (n_top * len(answer))
         ok += 1
         bar.set_postfix(correct=f"{ok}/{bar.n + 1}")
+    save(len(grid), dict(scores=scores.tolist(), ok=ok, forced=forced_n, prompt_lens=prompt_lens))
     params = dict(correct_trials=ok, teacher_forced_trials=forced_n,
                   prompt_tokens=[min(prompt_lens), max(prompt_lens)],
                   cases=["<A> is <x> years old. / <B> is <y> years old. -> who is older",
@@ -385,10 +481,10 @@ def _attention_modules(model) -> list[torch.nn.Module]:
 
 @torch.inference_mode()
 def profile_razor(tok, model, period: int, repeats: int, trials: int, seed: int,
-                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    from tqdm import tqdm
-
+                  progress: bool = True, ckpt: Checkpoint | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     cfg = model.config
+    ck = ckpt or Checkpoint(None, {})
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
     pool = torch.tensor([i for i in range(min(len(tok), cfg.vocab_size)) if i not in special])
@@ -396,8 +492,7 @@ def profile_razor(tok, model, period: int, repeats: int, trials: int, seed: int,
         raise ValueError(f"--period {period} exceeds the {pool.numel()} usable vocabulary tokens")
     bos = tok.bos_token_id
     offset = 1 if bos is not None else 0
-    echo = torch.zeros(L, H, dtype=torch.float64)
-    ind = torch.zeros(L, H, dtype=torch.float64)
+    echo, ind = _table(ck.state, "echo", (L, H)), _table(ck.state, "induction", (L, H))
     mods = _attention_modules(model)
     layer_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -408,17 +503,21 @@ def profile_razor(tok, model, period: int, repeats: int, trials: int, seed: int,
 
     handles = [m.register_forward_hook(hook) for m in mods]
     gen = torch.Generator().manual_seed(seed)
+    if "generator" in ck.state:
+        gen.set_state(torch.tensor(ck.state["generator"], dtype=torch.uint8))
+    save = _saver(ck)
     try:
-        for _ in tqdm(range(trials), desc="razor", unit="trial", disable=not progress):
+        for i in _units(ck, list(range(trials)), "razor", "trial", progress):
             seq = pool[torch.randperm(pool.numel(), generator=gen)[:period]].tolist()
             ids = [bos] * offset + seq * repeats
             layer_scores.clear()
-            out = model(input_ids=torch.tensor([ids]), use_cache=False, output_attentions=not mods)
+            out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, output_attentions=not mods)
             if not mods:  # no hookable attention modules: fall back to the returned weights
                 layer_scores.extend(razor_scores(a[0], offset, period, repeats) for a in out.attentions)
             assert len(layer_scores) == L, f"got attention of {len(layer_scores)} layers, model has {L}"
             echo += torch.stack([e for e, _ in layer_scores]).double()
             ind += torch.stack([i for _, i in layer_scores]).double()
+            save(i + 1, dict(echo=echo.tolist(), induction=ind.tolist(), generator=gen.get_state().tolist()))
     finally:
         for h in handles:
             h.remove()
@@ -430,36 +529,38 @@ def profile_razor(tok, model, period: int, repeats: int, trials: int, seed: int,
 
 @torch.inference_mode()
 def profile_d2o(tok, model, lengths: list[int], trials: int, seed: int,
-                progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+                progress: bool = True, ckpt: Checkpoint | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """float64 ``[L, H_q]``: the mean over prompts of each head's accumulated-attention variance."""
-    from tqdm import tqdm
-
     cfg = model.config
+    ck = ckpt or Checkpoint(None, {})
     L = cfg.num_hidden_layers
     mods = _attention_modules(model)
     per_layer: list[torch.Tensor] = []
 
     def variance(att: torch.Tensor) -> torch.Tensor:  # [H, S, S] -> [H]
-        return att.to(torch.float64).sum(dim=1).var(dim=-1)
+        return att.to(torch.float64).sum(dim=1).var(dim=-1).cpu()
 
     def hook(module, args, output):
         per_layer.append(variance(output[1][0]))
         return (output[0], None, *output[2:])
 
     handles = [m.register_forward_hook(hook) for m in mods]
-    total = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)
-    n_tokens = []
+    total = _table(ck.state, "total", (L, cfg.num_attention_heads))
+    n_tokens = ck.state.get("n_tokens", [])
     cases = [(n, t) for n in lengths for t in range(trials)]
+    save = _saver(ck)
     try:
-        for n, t in tqdm(cases, desc="d2o", unit="prompt", disable=not progress):
+        for n, t in _units(ck, cases, "d2o", "prompt", progress):
             prompt = build_prompt(tok, n, [], D2O_QUESTION, seed + 1000 * t + n)
             per_layer.clear()
-            out = model(input_ids=torch.tensor([prompt.ids]), use_cache=False, output_attentions=not mods)
+            out = model(input_ids=torch.tensor([prompt.ids], device=model.device), use_cache=False,
+                        output_attentions=not mods)
             if not mods:
                 per_layer.extend(variance(a[0]) for a in out.attentions)
             assert len(per_layer) == L, f"got attention of {len(per_layer)} layers, model has {L}"
             total += torch.stack(per_layer)
             n_tokens.append(len(prompt.ids))
+            save(len(n_tokens), dict(total=total.tolist(), n_tokens=n_tokens))
     finally:
         for h in handles:
             h.remove()
@@ -483,36 +584,41 @@ def distant_overlap(att_lo: torch.Tensor, att_hi: torch.Tensor, sink: int, windo
 
 
 def profile_pod(tok, model, lengths: list[int], trials: int, seed: int,
-                progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+                progress: bool = True, ckpt: Checkpoint | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """float64 ``[L, H_q]``: each head's distant-attention overlap with the layer below."""
-    from tqdm import tqdm
-
     cfg = model.config
+    ck = ckpt or Checkpoint(None, {})
     L = cfg.num_hidden_layers
     mods = _attention_modules(model)
     rows: list[torch.Tensor] = []  # per layer: its last queries' attention [H, Q, S]
 
     def hook(module, args, output):
-        rows.append(output[1][0, :, -POD_QUERIES:].detach().clone())
+        rows.append(output[1][0, :, -POD_QUERIES:].detach().cpu().clone())
         return (output[0], None, *output[2:])
 
     handles = [m.register_forward_hook(hook) for m in mods]
-    total = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)
-    n_tokens = []
+    total = _table(ck.state, "total", (L, cfg.num_attention_heads))
+    n_tokens = ck.state.get("n_tokens", [])
     rng = random.Random(seed)
+    if "rng" in ck.state:
+        version, internal, gauss = ck.state["rng"]
+        rng.setstate((version, tuple(internal), gauss))
     cases = [(n, t) for n in lengths for t in range(trials)]
+    save = _saver(ck)
     try:
-        for n, t in tqdm(cases, desc="pod", unit="prompt", disable=not progress):
+        for n, t in _units(ck, cases, "pod", "prompt", progress):
             fact, _, question, _, _ = _r2_case(rng)
             prompt = build_prompt(tok, n, [(rng.random(), fact)], question, seed + 1000 * t + n)
             rows.clear()
-            out = model(input_ids=torch.tensor([prompt.ids]), use_cache=False, output_attentions=not mods)
+            out = model(input_ids=torch.tensor([prompt.ids], device=model.device), use_cache=False,
+                        output_attentions=not mods)
             if not mods:
-                rows.extend(a[0, :, -POD_QUERIES:] for a in out.attentions)
+                rows.extend(a[0, :, -POD_QUERIES:].cpu() for a in out.attentions)
             assert len(rows) == L, f"got attention of {len(rows)} layers, model has {L}"
             for layer in range(1, L):
                 total[layer] += distant_overlap(rows[layer - 1], rows[layer], POD_SINK, POD_WINDOW)
             n_tokens.append(len(prompt.ids))
+            save(len(n_tokens), dict(total=total.tolist(), n_tokens=n_tokens, rng=rng.getstate()))
     finally:
         for h in handles:
             h.remove()
@@ -526,8 +632,14 @@ def profile_pod(tok, model, lengths: list[int], trials: int, seed: int,
 # ----------------------------------------------------------------------------- driver
 def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths: int | None = None,
         trials: int | None = None, seed: int = 0, max_length: int | None = None, period: int | None = None,
-        repeats: int | None = None, progress: bool = True) -> HeadProfile:
-    """Profile the model in ``model_dir`` with ``method``; unset arguments take :data:`DEFAULTS`."""
+        repeats: int | None = None, progress: bool = True, checkpoint: str | os.PathLike | None = None,
+        restart: bool = False, device: str = "cpu", dtype: str = "float32") -> HeadProfile:
+    """Profile the model in ``model_dir`` with ``method``; unset arguments take :data:`DEFAULTS`.
+
+    ``checkpoint``: a file the partial results are saved to after every trial; a run with the
+    same model and parameters resumes from it (``restart=True`` discards it). The caller
+    deletes it once the profile is written (:func:`main` does).
+    """
     if method not in METHODS:
         raise ValueError(f"--method: unknown method {method!r}; choose one of {list(METHODS)}")
     import transformers
@@ -536,19 +648,29 @@ def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths
     torch.manual_seed(seed)
     random.seed(seed)
     t0 = time.time()
-    tok, model = load_model(model_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    dev = resolve_device(device)
+    tok, model = load_model(model_dir, dev, dtype)
     cfg = model.config
     ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
     max_length = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
     params: dict[str, Any] = dict(seed=seed, max_length=max_length)
     echo = induction = None
+
+    def open_checkpoint(**run_params: Any) -> Checkpoint:
+        key = dict(model=str(Path(model_dir).resolve()), method=method, seed=seed, max_length=max_length,
+                   dtype=dtype, **run_params)
+        return Checkpoint.open(checkpoint, key, restart)
+
     if method == "razor":
         period = period or d["period"]
         repeats = repeats or d["repeats"]
         trials = trials or d["trials"]
         if max_length and 1 + period * repeats > max_length:
             raise ValueError(f"--period {period} x --repeats {repeats} (+ BOS) exceeds --max-length {max_length}")
-        e, i, extra = profile_razor(tok, model, period, repeats, trials, seed, progress)
+        ck = open_checkpoint(period=period, repeats=repeats, trials=trials)
+        e, i, extra = profile_razor(tok, model, period, repeats, trials, seed, progress, ck)
         echo, induction = e.tolist(), i.tolist()
         scores = torch.maximum(e / e.max().clamp_min(1e-12), i / i.max().clamp_min(1e-12))
         params.update(period=period, repeats=repeats, trials=trials, **extra)
@@ -556,18 +678,24 @@ def run(model_dir: str, method: str, *, lengths: list[int] | None = None, depths
         lengths = _clip_lengths(list(lengths or d["lengths"]), max_length, room_for_decode=0)
         trials = trials or d["trials"]
         fn = profile_d2o if method == "d2o" else profile_pod
-        scores, extra = fn(tok, model, lengths, trials, seed, progress)
+        ck = open_checkpoint(lengths=lengths, trials=trials)
+        scores, extra = fn(tok, model, lengths, trials, seed, progress, ck)
         params.update(lengths=lengths, trials_per_length=trials, **extra)
     else:
         lengths = _clip_lengths(list(lengths or d["lengths"]), max_length, room_for_decode=64)
         depths = depths or d["depths"]
         trials = trials or d["trials"]
         fn = profile_retrieval if method == "retrieval" else profile_r2
-        scores, extra = fn(tok, model, lengths, depths, trials, seed, progress)
+        ck = open_checkpoint(lengths=lengths, depths=depths, trials=trials)
+        scores, extra = fn(tok, model, lengths, depths, trials, seed, progress, ck)
         params.update(lengths=lengths, depths=depths, trials_per_cell=trials,
                       trials=len(lengths) * depths * trials, **extra)
-    params.update(elapsed_s=round(time.time() - t0, 1), torch=torch.__version__,
+    if ck.done:
+        params.update(resumed_after=ck.done)
+    params.update(elapsed_s=round(time.time() - t0 + ck.elapsed_s, 1), torch=torch.__version__,
                   transformers=transformers.__version__, attn_implementation="eager")
+    if dtype != "float32" or dev.type != "cpu":  # the shipped test-model files: float32 on the CPU, unrecorded
+        params.update(dtype=dtype, device=str(dev))
     return HeadProfile(
         architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
         model_name=Path(model_dir).resolve().name,
@@ -644,11 +772,21 @@ def summary(prof: HeadProfile) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m headkv_sglang.profile",
-                                description="Measure per-head importance of an HF causal LM and write a head profile.")
+def policies_reading(method: str) -> list[str]:
+    """The ``--kv-policy`` names whose policy reads a ``method`` profile."""
+    from headkv_sglang.policies.registry import policy_class, policy_names
+
+    return [name for name in policy_names() if policy_class(name).profile_method == method]
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m headkv_sglang.profile") -> int:
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Measure per-head importance of an HF causal LM and write a head profile "
+                                            "(JSON + heat-map PNG). Progress is saved after every trial to "
+                                            "<out>.partial: run the same command again to resume.")
     p.add_argument("--model", required=True, help="HF model directory (config.json + weights + tokenizer)")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="r2: --kv-policy headkv; razor: razor; d2o: d2o; pod: pod; retrieval: Wu et al.'s heads")
     p.add_argument("--out", required=True, help="profile JSON to write; a heatmap <stem>.png goes next to it")
     p.add_argument("--lengths", type=int, nargs="+", help=f"prompt lengths in tokens (retrieval/r2/d2o/pod; default "
                    f"{DEFAULTS['r2']['lengths']}, d2o {DEFAULTS['d2o']['lengths']}, pod {DEFAULTS['pod']['lengths']})")
@@ -661,6 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help=f"razor: copies (default {DEFAULTS['razor']['repeats']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, help="cap on prompt tokens (default: the model's context)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA device when there is one, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="model weights and attention (float32: 4 bytes a parameter; bfloat16 halves that)")
+    p.add_argument("--restart", action="store_true", help="discard <out>.partial instead of resuming from it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         p.error(f"--model: {args.model} has no config.json (expected a local HF model directory)")
@@ -670,19 +813,36 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
     if args.lengths and min(args.lengths) < 64:
         p.error(f"--lengths: each must be >= 64 tokens, got {args.lengths}")
+    try:  # the heat map needs matplotlib: say so before hours of profiling, not after
+        import matplotlib  # noqa: F401
+    except ImportError:
+        p.error("the heat-map PNG needs matplotlib: pip install 'headkv-sglang[plots]'")
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
     t0 = time.time()
     try:
         prof = run(args.model, args.method, lengths=args.lengths, depths=args.depths, trials=args.trials,
-                   seed=args.seed, max_length=args.max_length, period=args.period, repeats=args.repeats)
+                   seed=args.seed, max_length=args.max_length, period=args.period, repeats=args.repeats,
+                   progress=not args.no_progress, checkpoint=partial, restart=args.restart,
+                   device=args.device, dtype=args.dtype)
     except ValueError as e:
         p.error(str(e))
+    except KeyboardInterrupt:
+        print(f"\nstopped; partial results are in {partial}: run the same command again to resume", file=sys.stderr)
+        return 130
     # the exact command, so the shipped profile says how to make it again
-    prof.parameters["command"] = shlex.join(["python", "-m", "headkv_sglang.profile",
-                                             *(sys.argv[1:] if argv is None else argv)])
-    path = prof.save(args.out)
+    prof.parameters["command"] = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+    path = prof.save(out)
+    partial.unlink(missing_ok=True)
     print(f"{args.method} profile of {prof.model_name}: {path} (+ {path.with_suffix('.png').name}) "
           f"in {time.time() - t0:.0f} s")
     print(summary(prof))
+    users = policies_reading(args.method)
+    flag = f"--kv-head-profile {shlex.quote(str(path.resolve()))}"
+    if users:
+        print("serve with: " + " or ".join(f"--kv-policy {u} {flag}" for u in users))
+    else:
+        print(f"no built-in --kv-policy reads '{args.method}' profiles; pass it to your own policy with {flag}")
     return 0
 
 

@@ -10,9 +10,9 @@ set -euo pipefail
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export HEADKV_SGLANG_HOME="${HEADKV_SGLANG_HOME:-$HOME/.cache/headkv_sglang}"
 _venv="${HEADKV_SGLANG_VENV:-$HEADKV_SGLANG_HOME/venv}"
-_py="${HEADKV_SGLANG_PYTHON:-python3.11}"
+_py="${HEADKV_SGLANG_PYTHON:-python3.11}"  # 3.12 works too (HEADKV_SGLANG_PYTHON=python3.12)
 command -v "$_py" >/dev/null 2>&1 || _py=python3
-"$_py" -c 'import sys; assert sys.version_info[:2]==(3,11), "headkv-sglang needs Python 3.11 (SGLang 0.5.23 pins); set HEADKV_SGLANG_PYTHON"' 
+"$_py" -c 'import sys; v = sys.version_info[:2]; assert v in ((3, 11), (3, 12)), f"headkv-sglang needs Python 3.11 or 3.12 (what SGLang 0.5.23 supports), {sys.executable} is {v[0]}.{v[1]}: set HEADKV_SGLANG_PYTHON"' 
 
 _hash="$("$_py" - "$_repo/pyproject.toml" <<'PY'
 import hashlib, json, sys, tomllib

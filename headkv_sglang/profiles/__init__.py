@@ -17,9 +17,17 @@ name, shape), the method and the parameters it ran with, and the tables:
   the D2O policy turns into layer budgets.
 
 Tables are plain nested lists (JSON-native); ``torch.as_tensor(p.kv_scores)``
-gives a tensor. Each file ships with a heatmap PNG of the same stem. Profiles
-for the test model ship in ``profiles/data/``; :func:`shipped_profile` finds the
-one matching a model's HF ``config.json``. Nothing here imports SGLang.
+gives a tensor. Each file ships with a heatmap PNG of the same stem. An optional
+``config_match`` object lists ``config.json`` entries a model must have for the file
+to be picked automatically (the shape alone does not tell Llama-3-8B from
+Llama-3.1-8B).
+
+Shipped in ``profiles/data/``: every method for the test model (SmolLM2-135M-Instruct),
+and ``retrieval`` / ``r2`` for Meta-Llama-3-8B-Instruct and Mistral-7B-Instruct-v0.2,
+converted from the HeadKV authors' published scores by :mod:`.convert`.
+:func:`shipped_profile` finds the one matching a model's HF ``config.json``;
+:func:`missing_profile_message` says what to run when none does. Nothing here
+imports SGLang.
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ class HeadProfile:
     kv_scores: Table | None = None
     kv_echo: Table | None = None
     kv_induction: Table | None = None
+    config_match: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -121,6 +130,8 @@ class HeadProfile:
             raise ValueError(f"field 'method' must be one of {list(METHODS)}, got {self.method!r}")
         if not isinstance(self.parameters, dict):
             raise ValueError(f"field 'parameters' must be a JSON object, got {type(self.parameters).__name__}")
+        if self.config_match is not None and not isinstance(self.config_match, dict):
+            raise ValueError(f"field 'config_match' must be a JSON object, got {type(self.config_match).__name__}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"field 'format_version' is {self.format_version!r}; this version of headkv_sglang reads "
@@ -160,7 +171,7 @@ class HeadProfile:
     def to_json(self) -> str:
         data = asdict(self)
         order = ["format_version", "model_name", "architecture", *_SHAPE_FIELDS, "method", "parameters",
-                 "scores", "kv_scores", "echo", "kv_echo", "induction", "kv_induction"]
+                 "config_match", "scores", "kv_scores", "echo", "kv_echo", "induction", "kv_induction"]
         # One line per scalar and per layer keeps the file diffable and readable.
         items = []
         for k in order:
@@ -187,7 +198,11 @@ class HeadProfile:
 
     def heatmap(self, png: str | os.PathLike) -> Path:
         """Layers x query heads heatmap(s) of the tables, KV groups marked, titled with model + method."""
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError as e:
+            raise ModuleNotFoundError("the profile heat map needs matplotlib, which serving does not: "
+                                      "pip install 'headkv-sglang[plots]'", name="matplotlib") from e
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -280,12 +295,20 @@ def _config_shape(model_config: dict) -> tuple[str, tuple[int | None, ...], str]
     return arch, shape, name
 
 
+def _config_agrees(prof: HeadProfile, model_config: dict) -> bool:
+    cfg = model_config.get("text_config") or model_config
+    return all(cfg.get(k) == v for k, v in (prof.config_match or {}).items())
+
+
 def shipped_profile(model_config: dict, method: str) -> Path | None:
     """The shipped ``method`` profile for a model, given its HF ``config.json`` as a dict.
 
     A profile matches when architecture and shape (layers, query heads, KV heads,
-    head_dim) agree; among several matches one whose model name equals the
-    config's ``_name_or_path`` wins. Returns None when nothing matches.
+    head_dim) agree and, if the profile has ``config_match``, each of those
+    ``config.json`` entries equals the model's (so scores measured on one checkpoint
+    are not picked for another of the same shape); among several matches one whose
+    model name equals the config's ``_name_or_path`` wins. Returns None when nothing
+    matches.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -297,9 +320,25 @@ def shipped_profile(model_config: dict, method: str) -> Path | None:
         except ValueError:
             continue  # a broken shipped file is the test suite's to report, not a reason to fail here
         mine = (prof.num_layers, prof.num_q_heads, prof.num_kv_heads, prof.head_dim)
-        if prof.method == method and prof.architecture == arch and mine == shape:
+        if prof.method == method and prof.architecture == arch and mine == shape and _config_agrees(prof, model_config):
             matches.append((prof.model_name != name, path))
     return min(matches)[1] if matches else None
+
+
+def missing_profile_message(model_config: dict, method: str, model_path: str | None = None) -> str:
+    """What to tell a user whose model has no shipped ``method`` profile: the exact command that makes one.
+
+    ``model_path`` (the server's ``--model-path``) fills in the command when known.
+    """
+    arch, (layers, q, kv, _), name = _config_shape(model_config)
+    name = Path(str(model_path)).name if model_path else (name or "MODEL")
+    out = f"{name}.{method}.json"
+    have = [m for m in METHODS if shipped_profile(model_config, m) is not None]
+    also = f"; shipped for this model: {', '.join(have)}" if have else ""
+    return (f"no shipped '{method}' profile matches this model ({arch}, {layers} layers, {q} query / {kv} KV heads"
+            f"{also}); make one on a GPU with `headkv-sglang profile --model {model_path or 'MODEL_DIR'} "
+            f"--method {method} --out {out}` (needs the weights; see docs/policies-and-profiles.md) and pass "
+            f"`--kv-head-profile {out}`")
 
 
 __all__ = [
@@ -310,6 +349,7 @@ __all__ = [
     "cached_profile",
     "kv_mean",
     "load_profile",
+    "missing_profile_message",
     "shipped_profile",
     "shipped_profiles",
     "top_heads",

@@ -5,7 +5,7 @@ SGLang's frontend turns ``gen(...)`` into ``SglSamplingParams``, which has no
 server for a per-request policy or budget. :class:`KVEndpoint` adds them::
 
     import sglang as sgl
-    from programs.endpoint import KVEndpoint
+    from headkv_sglang.programs.endpoint import KVEndpoint
 
     ep = KVEndpoint("http://127.0.0.1:30000", kv_policy="headkv", kv_budget=128)
     sgl.set_default_backend(ep)

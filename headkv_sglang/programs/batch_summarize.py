@@ -1,13 +1,13 @@
 """Batch summarization job: a JSONL of documents in, a JSONL of summaries out.
 
-    python -m programs.batch_summarize --input docs.jsonl --output summaries.jsonl \\
+    python -m headkv_sglang.programs.batch_summarize --input docs.jsonl --output summaries.jsonl \\
         [--server URL | --engine --model-path DIR] --concurrency 4 \\
         [--kv-policy headkv --kv-budget 128]
 
 Input lines: ``{"id": ..., "text": ...}`` (``id`` optional: ``line-N`` is used). Each
-document is summarized by :class:`programs.summarize.Summarizer` (single pass, or
+document is summarized by :class:`headkv_sglang.programs.summarize.Summarizer` (single pass, or
 map-reduce past the model's context), with its key names (``--key-names``, see
-``programs.summarize``) given to the model. Output lines: ``{"id", "summary", "mode",
+``headkv_sglang.programs.summarize``) given to the model. Output lines: ``{"id", "summary", "mode",
 "document_tokens", "key_names", "prompt_tokens",
 "completion_tokens", "kv_held_bytes", "kv_full_bytes", "seconds"}``, or ``{"id", "error"}``
 for a document that failed (a malformed line, a server error): it is recorded and the job
@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from programs.endpoint import DEFAULT_URL, KVEndpoint, budget_arg, fmt_bytes
-from programs.summarize import DEFAULT_KEY_NAMES, Summarizer
+from headkv_sglang.programs.endpoint import DEFAULT_URL, KVEndpoint, budget_arg, fmt_bytes
+from headkv_sglang.programs.summarize import DEFAULT_KEY_NAMES, Summarizer
 
 
 @dataclass
@@ -137,7 +137,7 @@ def run(jobs: list[Job], out_path: Path, summarizer: Summarizer, *, concurrency:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m programs.batch_summarize", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m headkv_sglang.programs.batch_summarize", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, type=Path, help="JSONL, one {\"id\", \"text\"} per line")
     p.add_argument("--output", required=True, type=Path, help="JSONL of results (appended; resumable)")
     p.add_argument("--concurrency", type=int, default=4, help="documents in flight (default %(default)s)")
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--key-names", type=int, default=DEFAULT_KEY_NAMES, metavar="N",
                    help="give the model each document's N most frequent proper names to mention "
-                        "(see programs.summarize; 0: off; default %(default)s)")
+                        "(see headkv_sglang.programs.summarize; 0: off; default %(default)s)")
     p.add_argument("--retry-failed", action="store_true", help="redo documents recorded with an error")
     p.add_argument("--server", default=DEFAULT_URL, help="SGLang server URL (default %(default)s)")
     p.add_argument("--engine", action="store_true", help="run in-process on SGLang's offline Engine instead")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.engine:
             from headkv_sglang.dev import models
             from headkv_sglang.engine import kv_engine
-            from programs.endpoint import EngineBackend
+            from headkv_sglang.programs.endpoint import EngineBackend
 
             extra = {}
             for kv in a.engine_arg:

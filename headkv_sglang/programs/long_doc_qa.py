@@ -11,9 +11,9 @@ alone (``max_tokens=0``, ``kv_share``), whose compressed prompt the server publi
 every branch (``kv_share`` too) extends it, so it reads that copy instead of compressing
 its own; N decodes then hold one compressed document plus N short question tails. The
 shared copy is scored without the questions (by the document's last tokens: the
-instruction), so it suits query-agnostic policies best (README, ``--kv-share``).
+instruction), so it suits query-agnostic policies best (docs/serving-and-flags.md, ``--kv-share``).
 
-    python -m programs.long_doc_qa --doc programs/examples/orbital_report.txt \\
+    python -m headkv_sglang.programs.long_doc_qa --doc headkv_sglang/programs/examples/orbital_report.txt \\
         --question "Who founded Halvorsen Orbital?" --question "..." \\
         --kv-policy headkv --kv-budget 128 [--server http://127.0.0.1:30000]
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import sglang as sgl
 
-from programs.endpoint import DEFAULT_URL, KVEndpoint, budget_arg, fmt_bytes
+from headkv_sglang.programs.endpoint import DEFAULT_URL, KVEndpoint, budget_arg, fmt_bytes
 
 INSTRUCTION = "Answer the question using only the document above. Reply with the answer only."
 
@@ -102,7 +102,7 @@ def doc_and_endpoint(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m programs.long_doc_qa", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m headkv_sglang.programs.long_doc_qa", description=__doc__.split("\n\n")[0])
     p.add_argument("--question", action="append", default=[], help="a question (repeat for several)")
     p.add_argument("--questions-file", type=Path, help="one question per line")
     p.add_argument("--max-tokens", type=int, default=32)

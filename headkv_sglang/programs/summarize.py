@@ -21,7 +21,7 @@ always keeps. The reduce step also sees each distinct sentence of the partial su
 once (near-duplicates, the loops a small model writes, are dropped). ``--key-names 0``
 gives the plain instructions.
 
-    python -m programs.summarize --doc programs/examples/harbor_chronicle.txt \\
+    python -m headkv_sglang.programs.summarize --doc headkv_sglang/programs/examples/harbor_chronicle.txt \\
         [--mode auto|single|map-reduce|refine] [--kv-policy headkv --kv-budget 128] [--server URL]
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import sglang as sgl
 
-from programs.endpoint import KVEndpoint, fmt_bytes
+from headkv_sglang.programs.endpoint import KVEndpoint, fmt_bytes
 
 # Measured with the test model: asking for the title keeps the summary on the document's
 # subject under compression ("Summarize the text above" drifted off-topic at 5% of the KV).
@@ -298,9 +298,9 @@ class Summarizer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from programs.long_doc_qa import add_server_args, doc_and_endpoint
+    from headkv_sglang.programs.long_doc_qa import add_server_args, doc_and_endpoint
 
-    p = argparse.ArgumentParser(prog="python -m programs.summarize", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m headkv_sglang.programs.summarize", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", default="auto", choices=["auto", "single", "map-reduce", "refine"])
     p.add_argument("--max-tokens", type=int, default=160, help="tokens per summary call")
     p.add_argument("--context", type=int, default=None,

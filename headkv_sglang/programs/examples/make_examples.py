@@ -1,6 +1,6 @@
-"""Generate the example inputs under programs/examples/ (deterministic; run to refresh).
+"""Generate the example inputs under headkv_sglang/programs/examples/ (deterministic; run to refresh).
 
-    python -m programs.examples.make_examples
+    python -m headkv_sglang.programs.examples.make_examples
 
 Documents are generated from templates about fictional organisations, so every fact is
 known and can be planted: ``orbital_report.txt`` (~2k tokens, 4 planted facts, questions
