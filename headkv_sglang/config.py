@@ -393,3 +393,7 @@ class ModelShape:
             architecture=(cfg.get("architectures") or [""])[0],
             hf_config=cfg,
         )
+
+
+if __name__ == "__main__":  # python -m headkv_sglang.config: the settings table for the docs
+    print(settings_table())

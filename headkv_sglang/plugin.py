@@ -163,9 +163,31 @@ def _resolve_once(server_args, *args, **kwargs):
                       f"({backend})", file=sys.stderr)
                 raise SystemExit(2)
         err = server_args_error(server_args) or _model_error(getattr(server_args, "model_path", None))
+        tp = int(getattr(server_args, "tp_size", None) or 1)
+        if err is None and tp > 1 and active_config().share:
+            err = f"--kv-share does not work with --tp-size {tp} yet ({SHARE_TP_WHY}); leave it off"
         if err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2)
+        os.environ[TP_ENV_VAR] = str(tp)  # for the request check (this process) and the schedulers
+    return None
+
+
+#: The launcher's --tp-size, published by _resolve_once for the per-request checks.
+TP_ENV_VAR = "HEADKV_SGLANG_TP_SIZE"
+SHARE_TP_WHY = "each rank evicts its shared prompts on its own, so ranks could disagree on what is shared"
+
+
+def request_error(cfg: KVPolicyConfig, params: dict) -> str | None:
+    """Why this server cannot honour a request's valid ``kv_*`` settings (``cfg``: the server's
+    config with them applied), naming the key; None when it can."""
+    err = pod_kernel_error(cfg, "custom_params.kv_policy")
+    if err:
+        return err
+    tp = int(os.environ.get(TP_ENV_VAR) or 1)
+    if params.get("kv_share") is True and tp > 1:
+        return (f"custom_params.kv_share: invalid value True; this server runs --tp-size {tp}, where prompts are "
+                f"not shared yet ({SHARE_TP_WHY}); send false or leave it out")
     return None
 
 
@@ -210,7 +232,7 @@ def _verify_sampling_params(result, sampling_params, *args, **kwargs):
         return result
     if cfg is None:
         raise ValueError("custom_params kv_*: this server was started without --kv-policy")
-    err = pod_kernel_error(cfg.with_request(params), "custom_params.kv_policy")  # raises ConfigError if invalid
+    err = request_error(cfg.with_request(params), params)  # with_request raises ConfigError if invalid
     if err:
         raise ConfigError(err)
     return result

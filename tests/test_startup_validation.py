@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import types
@@ -77,6 +78,8 @@ UNSUPPORTED = [
     (["--enable-multimodal"], "error: --kv-policy does not support --enable-multimodal yet"),
 ]
 BAD_FLAGS += [(["--kv-policy", "snapkv", *flags], message) for flags, message in UNSUPPORTED]
+BAD_FLAGS += [(["--kv-policy", "snapkv", "--kv-share", "--tp-size", "2"],
+               "error: --kv-share does not work with --tp-size 2 yet (each rank evicts its shared prompts on its own")]
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS[:2])
@@ -110,6 +113,7 @@ def test_bad_flag_is_one_line_naming_it(sglang_parser, model_path, flags, messag
 
     monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", "1")
     monkeypatch.setenv(ENV_VAR, "")  # restored after the test; the hook sets it on success
+    monkeypatch.setenv(plugin.TP_ENV_VAR, "1")  # likewise
     ns = sglang_parser.parse_args(["--model-path", str(model_path), *flags])
     with pytest.raises(SystemExit) as exc:
         plugin._from_cli_args(None, ns)
@@ -179,6 +183,7 @@ def test_supported_options_pass(sglang_parser, model_path, flags, capsys, monkey
 
     monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", "1")
     monkeypatch.setenv(ENV_VAR, "")
+    monkeypatch.setenv(plugin.TP_ENV_VAR, "1")
     ns = sglang_parser.parse_args(["--model-path", str(model_path), "--kv-policy", "snapkv", *flags])
     plugin._from_cli_args(None, ns)
     plugin._resolve_once(types.SimpleNamespace(**vars(ns)))
@@ -322,3 +327,25 @@ def test_built_layers_are_checked_when_the_backend_is_made():
         runner(RadixAttention(0, sliding_window_size=4096)))
     assert "torch.float8_e4m3fn KV cache yet" in _built_model_error(runner(RadixAttention(0),
                                                                           dtype=torch.float8_e4m3fn))
+
+
+def test_kv_share_request_on_a_tp_server_is_refused(monkeypatch):
+    """A per-request setting the server cannot honour is a 400 naming the key: kv_share on --tp 2
+    (each rank evicts its shared prompts on its own), published by the launcher's hook."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR, KVPolicyConfig
+
+    monkeypatch.setenv(ENV_VAR, KVPolicyConfig(policy="snapkv").to_json())
+    monkeypatch.setenv(plugin.TP_ENV_VAR, "1")
+    ns = types.SimpleNamespace(model_path=None, tp_size=2, device="cpu", attention_backend="torch_native")
+    plugin._resolve_once(ns)
+    assert os.environ[plugin.TP_ENV_VAR] == "2"
+    share = types.SimpleNamespace(custom_params={"kv_policy": "snapkv", "kv_share": True})
+    with pytest.raises(ValueError) as err:
+        plugin._verify_sampling_params("r", share)
+    assert str(err.value) == ("custom_params.kv_share: invalid value True; this server runs --tp-size 2, where "
+                              "prompts are not shared yet (each rank evicts its shared prompts on its own, so ranks "
+                              "could disagree on what is shared); send false or leave it out")
+    assert plugin._verify_sampling_params("r", types.SimpleNamespace(custom_params={"kv_share": False})) == "r"
+    monkeypatch.setenv(plugin.TP_ENV_VAR, "1")
+    assert plugin._verify_sampling_params("r", share) == "r"
