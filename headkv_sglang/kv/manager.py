@@ -237,7 +237,7 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
         if st.phase is not Phase.CAPTURING:
             self._unpin(st)
             self._set_phase(st, Phase.CAPTURING)
-        st.compress_at, st.job, st.outcome = compress_at, None, None
+        st.compress_at, st.job = compress_at, None  # a pending outcome stays for the result processing
 
     def capture_queries(self, layer: int, req_pool_idx: int, q: torch.Tensor, pos: int | None = None) -> None:
         """Keep this chunk's scoring queries. ``q``: ``[n, num_q_heads, head_dim]``, the queries of
