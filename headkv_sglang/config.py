@@ -49,6 +49,7 @@ REQUEST_KEYS = {
     "kv_razor_fraction": "razor_fraction",
     "kv_razor_heads": "razor_heads",
     "kv_d2o_merge": "d2o_merge",
+    "kv_d2o_layers": "d2o_layers",
     "kv_pod_share": "pod_share",
     "kv_decode_budget": "decode_budget",
     "kv_share": "share",
@@ -116,7 +117,8 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
     pool_shift: int = defaults.POOL_SHIFT  # pooling window moved this many tokens to the past
     razor_fraction: float = defaults.RAZOR_FRACTION  # RazorAttention: share of heads kept whole
     razor_heads: str = "fraction"  # RazorAttention: "fraction" (razor_fraction) or "budget" (matched)
-    d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"off")
+    d2o_merge: str = defaults.D2O_MERGE  # D2O: merge dropped tokens into similar kept ones ("on"/"mean"/"off")
+    d2o_layers: str = defaults.D2O_LAYERS  # D2O: layer budgets from the profile's density or uniform
     pod_share: float = defaults.POD_SHARE  # PoD: share of rows that reuse the layer below's distant attention
     decode_budget: int = 0  # generated tokens kept per KV head (policies/decode.py); 0: the tail stays whole
     share: bool = False  # the compressed prompt is shared with later requests that extend it (kv/manager.py)
@@ -218,6 +220,8 @@ tokens); ``budget_ratio`` > 0 makes the budget a share of each
             raise bad("razor_heads", self.razor_heads, f"choose one of {', '.join(RAZOR_HEADS_CHOICES)}")
         if self.d2o_merge not in defaults.D2O_MERGES:
             raise bad("d2o_merge", self.d2o_merge, f"choose one of {', '.join(defaults.D2O_MERGES)}")
+        if self.d2o_layers not in defaults.D2O_LAYER_CHOICES:
+            raise bad("d2o_layers", self.d2o_layers, f"choose one of {', '.join(defaults.D2O_LAYER_CHOICES)}")
         floatval("pod_share", 0.0, 0.5)
         intval("decode_budget", 0)
         if not isinstance(self.share, bool):

@@ -101,7 +101,11 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                   "the KV held stays within L*H*budget).")),
     "--kv-d2o-merge": ("d2o_merge", dict(type=str, default=_DEFAULTS.d2o_merge, choices=defaults.D2O_MERGES,
                                          help="D2O: merge each dropped token into its most similar kept token "
-                                              "('on', the default) or drop it ('off').")),
+                                              "('on': the paper's similarity weights; 'mean': the authors' code) "
+                                              "or drop it ('off').")),
+    "--kv-d2o-layers": ("d2o_layers", dict(type=str, default=_DEFAULTS.d2o_layers, choices=defaults.D2O_LAYER_CHOICES,
+                                           help="D2O: layer budgets from the 'd2o' profile's attention density "
+                                                "('profile') or the same for every layer ('uniform').")),
     "--kv-pod-share": ("pod_share", dict(type=float, default=_DEFAULTS.pod_share,
                                          help="PoD: share of the (layer, KV head) rows, in [0, 0.5], that reuse the "
                                               "layer below's attention over distant tokens and store no distant keys "

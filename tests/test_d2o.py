@@ -29,9 +29,11 @@ def naive_layer_budgets(dens: torch.Tensor, seq_len: int, budget: int, window: i
     return [len(v) * (budget - w) * x / sum(e) + w for x in e]
 
 
-def naive_merge(k, v, keep, prev=None, ema=0.5):
+def naive_merge(k, v, keep, prev=None, ema=0.5, weighting="similarity"):
     """One (head, dropped token) at a time: best kept key by cosine, mean threshold (with
-    ``prev``: its moving average ``ema * prev + (1 - ema) * mean``), weighted mean."""
+    ``prev``: its moving average ``ema * prev + (1 - ema) * mean``), then per kept token the
+    paper's softmax weights (``e^1`` for itself, ``e^s`` for each source) or, with
+    ``weighting="mean"``, the authors' code's ``(k_j + sum s k) / (1 + n)``."""
     H, T, D = k.shape
     kept = [[t for t in range(T) if keep[h, t]] for h in range(H)]
     cand = []  # (h, t, best similarity, kept token)
@@ -55,10 +57,18 @@ def naive_merge(k, v, keep, prev=None, ema=0.5):
     for h in range(H):
         for j in kept[h]:
             srcs = [(t, s) for (hh, t, s, a) in cand if hh == h and a == j and s >= thr - 1e-6]
-            kk = k[h, j].double() + sum((s * k[h, t].double() for t, s in srcs), torch.zeros(D, dtype=torch.float64))
-            vv = v[h, j].double() + sum((s * v[h, t].double() for t, s in srcs), torch.zeros(D, dtype=torch.float64))
-            ko.append(kk / (1 + len(srcs)))
-            vo.append(vv / (1 + len(srcs)))
+            if weighting == "mean":
+                w_self, ws, denom = 1.0, [s for _, s in srcs], 1.0 + len(srcs)
+            else:
+                w_self, ws = math.e, [math.exp(s) for _, s in srcs]
+                denom = w_self + sum(ws)
+            kk = w_self * k[h, j].double()
+            vv = w_self * v[h, j].double()
+            for (t, _), w in zip(srcs, ws):
+                kk = kk + w * k[h, t].double()
+                vv = vv + w * v[h, t].double()
+            ko.append(kk / denom)
+            vo.append(vv / denom)
     return torch.stack(ko), torch.stack(vo)
 
 
@@ -86,6 +96,14 @@ def test_layer_budgets_capped_at_the_prompt_give_the_excess_to_the_others():
     assert plan[:, 0].tolist()[:2] == [20, 20] and int(plan.sum()) == 48
 
 
+@pytest.mark.parametrize("L, H, T, B, w", [(7, 3, 301, 37, 5), (5, 2, 97, 11, 3)])
+def test_uniform_layers_ignore_the_density_and_match_snapkv(L, H, T, B, w):
+    pol = D2O(density=density(L, H, seed=T), window_size=w, layers="uniform")
+    assert torch.equal(pol.plan_budgets(T, B, L, H), SnapKV(window_size=w).plan_budgets(T, B, L, H))
+    with pytest.raises(ValueError, match="layers"):
+        D2O(density=density(L, H), layers="dynamic")
+
+
 def test_budget_at_least_the_prompt_keeps_everything_and_equal_densities_are_uniform():
     pol = D2O(density=torch.ones(4, 2, dtype=torch.float64), window_size=4)
     assert (pol.plan_budgets(30, 30, 4, 2) == 30).all()
@@ -93,8 +111,9 @@ def test_budget_at_least_the_prompt_keeps_everything_and_equal_densities_are_uni
 
 
 # --------------------------------------------------------------------------- token level
+@pytest.mark.parametrize("weighting", ["similarity", "mean"])
 @pytest.mark.parametrize("seed", range(6))
-def test_merge_equals_the_naive_loop_on_random_odd_sizes(seed):
+def test_merge_equals_the_naive_loop_on_random_odd_sizes(seed, weighting):
     g = torch.Generator().manual_seed(seed)
     H, T, D = [(3, 37, 5), (2, 53, 7), (1, 19, 3), (4, 29, 9), (3, 41, 1), (2, 11, 4)][seed]
     k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
@@ -107,11 +126,39 @@ def test_merge_equals_the_naive_loop_on_random_odd_sizes(seed):
     lengths = keep.sum(1)
     indptr = torch.zeros(H + 1, dtype=torch.int64)
     indptr[1:] = lengths.cumsum(0)
-    got_k, got_v = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr)
-    want_k, want_v = naive_merge(k, v, keep)
+    got_k, got_v = merge_dropped(k, v, keep, k[head_of, pos], v[head_of, pos], indptr, weighting=weighting)
+    want_k, want_v = naive_merge(k, v, keep, weighting=weighting)
     torch.testing.assert_close(got_k.double(), want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_v.double(), want_v, atol=1e-5, rtol=1e-5)
     assert got_k.dtype == k.dtype
+
+
+def test_similarity_merge_is_a_convex_combination_and_equal_values_stay_equal():
+    """The paper's weights sum to 1, so tokens that all carry the same value ``u`` merge into
+    ``u``; the authors' code divides ``v_j + sum s_i v_i`` by the count and shrinks it to
+    ``(1 + sum s_i) / (1 + n) u`` (what made merging lose every answer here)."""
+    g = torch.Generator().manual_seed(3)
+    H, T, D = 1, 41, 8
+    base = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+    perp = torch.randn(T, D, generator=g)
+    perp = torch.nn.functional.normalize(perp - (perp @ base)[:, None] * base, dim=-1)
+    k = (0.5 * base + (0.75 ** 0.5) * perp)[None]  # cosine 0.5 to base: equal similarities, all merge
+    keep = torch.zeros(H, T, dtype=torch.bool)
+    keep[0, 7] = True
+    k[0, 7] = base
+    u = torch.randn(D, generator=g)
+    v = u.expand(H, T, D).clone()
+    indptr = torch.tensor([0, 1])
+    stats: dict = {}
+    every = dict(prev_threshold=0.0, ema=1.0)  # threshold 0: every dropped token merges
+    sim_k, sim_v = merge_dropped(k, v, keep, k[0, [7]], v[0, [7]], indptr, weighting="similarity", stats=stats,
+                                 **every)
+    _, mean_v = merge_dropped(k, v, keep, k[0, [7]], v[0, [7]], indptr, weighting="mean", **every)
+    assert stats["merged"] == T - 1
+    torch.testing.assert_close(sim_v[0], u)
+    torch.testing.assert_close(mean_v[0], u * (1 + 0.5 * (T - 1)) / T, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="weighting"):
+        merge_dropped(k, v, keep, k[0, [7]], v[0, [7]], indptr, weighting="max")
 
 
 def random_layer(seed: int, H: int, T: int, D: int, share: float):
@@ -173,8 +220,9 @@ def test_merge_does_not_touch_the_inputs_and_merged_keys_move_towards_their_sour
     # token 4 (cosine ~ -1 to key 0, ~0.05 to key 3) is below the mean and is not merged
     s1 = float(torch.nn.functional.cosine_similarity(k[0, 1], k[0, 0], dim=0))
     s2 = float(torch.nn.functional.cosine_similarity(k[0, 2], k[0, 0], dim=0))
-    torch.testing.assert_close(mk[0], (k[0, 0] + s1 * k[0, 1] + s2 * k[0, 2]) / 3)
-    torch.testing.assert_close(mv[0], (v[0, 0] + s1 * v[0, 1] + s2 * v[0, 2]) / 3)
+    e, e1, e2 = math.e, math.exp(s1), math.exp(s2)
+    torch.testing.assert_close(mk[0], (e * k[0, 0] + e1 * k[0, 1] + e2 * k[0, 2]) / (e + e1 + e2))
+    torch.testing.assert_close(mv[0], (e * v[0, 0] + e1 * v[0, 1] + e2 * v[0, 2]) / (e + e1 + e2))
     torch.testing.assert_close(mk[1], k[0, 3])
 
 
@@ -243,7 +291,11 @@ def test_server_config_builds_it_from_the_shipped_profile():
     assert isinstance(pol, D2O) and (pol.merge, pol.sink_size) == ("off", 2)
     assert torch.equal(pol.density, torch.as_tensor(prof.kv_scores, dtype=torch.float64))
     assert KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "on"}).d2o_merge == "on"
-    with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_merge: invalid value 'no'; choose one of on, off"):
+    cfg = KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "mean", "kv_d2o_layers": "uniform"})
+    assert (build_policy(cfg.validate(), shape).merge, build_policy(cfg.validate(), shape).layers) == ("mean", "uniform")
+    with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_layers: invalid value 'x'; choose one of profile"):
+        KVPolicyConfig(policy="d2o").with_request({"kv_d2o_layers": "x"})
+    with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_merge: invalid value 'no'; choose one of on, mean, off"):
         KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "no"})
     with pytest.raises(ConfigError, match=r"--kv-sink-size: invalid value 8; sinks must leave room"):
         KVPolicyConfig(policy="d2o", budget=8, sink_size=8).validate()

@@ -48,9 +48,15 @@ SINK_SIZE = 4
 RAZOR_ECHO_FRACTION = 0.01
 RAZOR_INDUCTION_FRACTION = 0.14
 RAZOR_FRACTION = 0.15  # not 0.01 + 0.14, which is 0.15000000000000002 in floating point
-#: D2O: merge each dropped token into its most similar kept token ("on", as the paper) or not.
-D2O_MERGES: tuple[str, ...] = ("on", "off")
+#: D2O: merge each dropped token into its most similar kept token: "on" (the paper's weights,
+#: a softmax of the similarities with the kept token's own similarity 1), "mean" (the authors'
+#: code: ``(k_j + sum s_i k_i) / (1 + n_j)``, prompt only) or not ("off").
+D2O_MERGES: tuple[str, ...] = ("on", "mean", "off")
 D2O_MERGE = "on"
+#: D2O: how the layers share the budget: "profile" (the paper's ``softmax(-variance)``, with the
+#: variances of the ``d2o`` profile) or "uniform" (every layer the same, as SnapKV).
+D2O_LAYER_CHOICES: tuple[str, ...] = ("profile", "uniform")
+D2O_LAYERS = "profile"
 #: PoD: target share of the (layer, KV head) rows that reuse the layer below's distant
 #: attention and store no distant keys (at most ~0.5: a sharing row is no one's source).
 #: 0.1: on the test model's 15 needle cases it kept 100% of full KV's score without token
