@@ -104,6 +104,82 @@ def test_uniform_layers_ignore_the_density_and_match_snapkv(L, H, T, B, w):
         D2O(density=density(L, H), layers="dynamic")
 
 
+def naive_request_budgets(dens, layer_scores, T, B, w):
+    """``layers="request"`` one layer at a time, in plain Python: each layer's variance of its
+    heads' normalised finite scores, the later ones predicted as ``c *`` the profile's, min-max
+    normalised, ``exp(-v)``; this layer's share of what is left, the rest by the profile's shares."""
+    L = len(layer_scores)
+    prof = [sum(r) / len(r) for r in dens.tolist()]
+    lo, hi = min(prof), max(prof)
+    pn = [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in prof]
+    pshare = [math.exp(-x) for x in pn]
+    left = L * (B - w)
+    seen, out = [], []
+    for l, sc in enumerate(layer_scores):
+        vs = []
+        for row in sc.tolist():
+            xs = [max(x, 0.0) for x, ok in zip(row, torch.isfinite(sc).all(0).tolist()) if ok]
+            tot = sum(xs)
+            ps = [x / tot for x in xs] if tot > 0 else [1 / len(xs)] * len(xs)
+            m = sum(ps) / len(ps)
+            vs.append(sum((x - m) ** 2 for x in ps) / len(ps))
+        seen.append(sum(vs) / len(vs))
+        c = sum(seen) / sum(prof[:l + 1])
+        v = seen + [c * x for x in prof[l + 1:]]
+        a, b = min(v), max(v)
+        v = [(x - a) / (b - a) if b > a else 0.0 for x in v]
+        e = [math.exp(-x) for x in v][l:]
+        mine = min(round(left * e[0] / sum(e)), T - w, left)
+        mine = max(mine, left - (L - l - 1) * (T - w))
+        out.append(mine + w)
+        left -= mine
+    return out
+
+
+@pytest.mark.parametrize("L, H, T, B, w, seed", [(7, 3, 301, 37, 5, 0), (5, 2, 97, 11, 3, 1), (6, 1, 40, 30, 4, 2)])
+def test_request_layers_equal_the_naive_sequential_allocation(L, H, T, B, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    dens = density(L, H, seed=seed)
+    pol = D2O(density=dens, window_size=w, sink_size=2, layers="request")
+    plan = pol.plan_budgets(T, B, L, H)
+    total = int(plan.sum())
+    layer_scores, got = [], []
+    for layer in range(L):
+        sc = torch.rand(H, T, generator=g) ** (1 + 6 * torch.rand(1, generator=g).item())  # sparser or denser
+        sc[:, :2] = math.inf
+        sc[:, T - w:] = math.inf
+        layer_scores.append(sc)
+        got.append(pol.layer_budgets(layer, T, B, sc, plan).tolist())
+        assert len(set(got[-1])) == 1  # the heads of a layer share its budget
+    assert int(plan.sum()) == total == L * H * B  # the request's total is unchanged
+    assert [row[0] for row in got] == naive_request_budgets(dens, layer_scores, T, B, w)
+    assert all(w <= row[0] <= T for row in got)
+    assert not pol._seen  # the last layer forgets the request
+
+
+def test_request_layers_follow_the_profile_when_the_request_is_alike_and_restart_at_layer_0():
+    dens = torch.tensor([[1.0], [3.0], [2.0], [0.5]], dtype=torch.float64)
+    T, B, w = 200, 40, 4
+    prof = D2O(density=dens, window_size=w).plan_budgets(T, B, 4, 1)
+    pol = D2O(density=dens, window_size=w, layers="request")
+    for attempt in range(2):  # an abandoned request (attempt 0 stops after 2 layers) leaves nothing behind
+        plan = pol.plan_budgets(T, B, 4, 1)
+        for layer in range(4 if attempt else 2):
+            # a head whose distribution's variance is proportional to the profile's
+            sc = torch.zeros(1, T)
+            sc[0, T - w:] = math.inf
+            n = T - w
+            var_target = float(dens[layer, 0]) * 1e-4
+            # one position at a, the others alike: var(p) = (a - 1/n)^2 / (n - 1)
+            a = 1 / n + math.sqrt(var_target * (n - 1))
+            rest = (1 - a) / (n - 1)
+            sc[0, :n] = rest
+            sc[0, 0] = a
+            pol.layer_budgets(layer, T, B, sc, plan)
+        if attempt:
+            assert (plan - prof).abs().max() <= 1 and int(plan.sum()) == int(prof.sum())
+
+
 def test_budget_at_least_the_prompt_keeps_everything_and_equal_densities_are_uniform():
     pol = D2O(density=torch.ones(4, 2, dtype=torch.float64), window_size=4)
     assert (pol.plan_budgets(30, 30, 4, 2) == 30).all()
@@ -293,7 +369,7 @@ def test_server_config_builds_it_from_the_shipped_profile():
     assert KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "on"}).d2o_merge == "on"
     cfg = KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "mean", "kv_d2o_layers": "uniform"})
     assert (build_policy(cfg.validate(), shape).merge, build_policy(cfg.validate(), shape).layers) == ("mean", "uniform")
-    with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_layers: invalid value 'x'; choose one of profile"):
+    with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_layers: invalid value 'x'; choose one of request, profile"):
         KVPolicyConfig(policy="d2o").with_request({"kv_d2o_layers": "x"})
     with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_merge: invalid value 'no'; choose one of on, mean, off"):
         KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "no"})

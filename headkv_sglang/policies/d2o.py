@@ -116,6 +116,7 @@ class D2O(SinkObservationPolicy):
         object.__setattr__(self, "density", table)
         check_choice(cls, "merge", self.merge, defaults.D2O_MERGES)
         check_choice(cls, "layers", self.layers, defaults.D2O_LAYER_CHOICES)
+        object.__setattr__(self, "_seen", {})  # layers="request": id(planned) -> variances seen
 
     @classmethod
     def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> D2O:
@@ -161,6 +162,61 @@ class D2O(SinkObservationPolicy):
         """At most ``min(B, T)`` tokens per row on average, rows of any length."""
         return average_bound_pages(seq_len, budget, num_layers, num_kv_heads, page_size)
 
+    def layer_budgets(self, layer: int, seq_len: int, budget: int, scores: torch.Tensor,
+                      planned: torch.Tensor | None) -> torch.Tensor:
+        """``layers="request"``: this layer's budget from this request's attention density.
+
+        The server compresses layer ``l`` right after its attention, before the later layers
+        exist, so the allocation is sequential: ``v_l`` is the request's variance, over the
+        scored prefix positions, of each KV head's attention distribution (the scores
+        normalised to sum 1; the window and the sinks left out), averaged over the heads. The
+        later layers' variances are predicted as the profile's times ``c``, the ratio of the
+        request's to the profile's variances summed over the layers seen so far. With those
+        ``L`` values min-max normalised, ``w = exp(-v)``, layer ``l`` gets the share
+        ``w_l / sum_{m >= l} w_m`` of the budget the layers ``>= l`` have left (what
+        ``planned[l:]`` holds beyond their windows), at most the prompt; ``planned[l + 1:]``
+        is rewritten with the rest, spread by the profile's shares, so the request's total
+        stays ``sum(planned)``. Other settings: ``planned[layer]``.
+        """
+        if self.layers != "request":
+            return super().layer_budgets(layer, seq_len, budget, scores, planned)
+        assert planned is not None and 0 <= layer < planned.shape[0], (
+            f"D2O plans its budgets up front; got layer {layer} of {None if planned is None else list(planned.shape)}")
+        L = planned.shape[0]
+        w = effective_window(self.window_size, budget, seq_len)
+        if budget >= seq_len or w >= seq_len:
+            return planned[layer]
+        seen = self._seen  # type: ignore[attr-defined]
+        key = id(planned)
+        if layer == 0 or key not in seen:
+            if len(seen) > 256:  # requests aborted mid-prefill leave theirs: drop the oldest
+                seen.pop(next(iter(seen)))
+            seen[key] = []
+        observed = seen[key]
+        observed.append(request_variance(scores))
+        prof = self.density.mean(dim=1)
+        c = sum(observed) / max(float(prof[:layer + 1].sum()), 1e-30)
+        v = torch.cat([torch.tensor(observed, dtype=torch.float64), c * prof[layer + 1:]])
+        span = float(v.max() - v.min())
+        v = (v - v.min()) / span if span > 0 else torch.zeros_like(v)
+        weight = torch.exp(-v)[layer:]
+        rest = planned[layer:, 0].to(torch.float64) - w  # the non-window budget left, per layer
+        left = float(rest.sum())
+        mine = min(int(round(left * float(weight[0] / weight.sum()))), seq_len - w, int(left))
+        if layer + 1 < L:
+            later = L - layer - 1
+            shares = self.layer_shares()[layer + 1:]
+            caps = torch.full((later,), seq_len - w, dtype=torch.int64)
+            total = int(round(left)) - mine
+            if total > int(caps.sum()):  # the later layers cannot hold it: this one keeps more
+                mine += total - int(caps.sum())
+                total = int(caps.sum())
+            planned[layer + 1:] = (waterfill(shares * total / float(shares.sum()), caps, shares, total) + w)[:, None]
+        else:
+            seen.pop(key, None)
+        planned[layer] = mine + w
+        return planned[layer]
+
     # ------------------------------------------------------------------ token level
     def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                       kept: CompressedLayer, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +225,21 @@ class D2O(SinkObservationPolicy):
             return kept.k_flat, kept.v_flat
         return merge_dropped(k, v, keep, kept.k_flat, kept.v_flat, kept.indptr, gather=gather,
                              weighting="mean" if self.merge == "mean" else "similarity")
+
+
+def request_variance(scores: torch.Tensor) -> float:
+    """The mean over KV heads of the variance of a head's attention distribution.
+
+    ``scores``: float ``[H, T]`` (``+inf`` on the window and the sinks, which are left out);
+    each head's finite scores are normalised to sum 1 (a head whose scores sum to 0 counts
+    as uniform, variance 0)."""
+    finite = torch.isfinite(scores).all(dim=0)
+    x = scores[:, finite].to(torch.float64).clamp(min=0)
+    if x.shape[1] < 2:
+        return 0.0
+    total = x.sum(dim=1, keepdim=True)
+    p = torch.where(total > 0, x / total.clamp(min=1e-300), torch.full_like(x, 1.0 / x.shape[1]))
+    return float(p.var(dim=1, unbiased=False).mean())
 
 
 def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: torch.Tensor,

@@ -53,9 +53,10 @@ RAZOR_FRACTION = 0.15  # not 0.01 + 0.14, which is 0.15000000000000002 in floati
 #: code: ``(k_j + sum s_i k_i) / (1 + n_j)``, prompt only) or not ("off").
 D2O_MERGES: tuple[str, ...] = ("on", "mean", "off")
 D2O_MERGE = "on"
-#: D2O: how the layers share the budget: "profile" (the paper's ``softmax(-variance)``, with the
-#: variances of the ``d2o`` profile) or "uniform" (every layer the same, as SnapKV).
-D2O_LAYER_CHOICES: tuple[str, ...] = ("profile", "uniform")
+#: D2O: how the layers share the budget: "request" (the paper's ``softmax(-variance)`` with each
+#: request's own attention variances, layer by layer), "profile" (the same with the variances of
+#: the ``d2o`` profile) or "uniform" (every layer the same, as SnapKV).
+D2O_LAYER_CHOICES: tuple[str, ...] = ("request", "profile", "uniform")
 D2O_LAYERS = "profile"
 #: PoD: target share of the (layer, KV head) rows that reuse the layer below's distant
 #: attention and store no distant keys (at most ~0.5: a sharing row is no one's source).
