@@ -67,28 +67,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", nargs="+", default=["0.1", "0.3", "0.5", "0.7", "0.9"])
     p.add_argument("--kv-params", type=json.loads, default={"kv_scoring": "question"})
     p.add_argument("--concurrency", default="4")
+    p.add_argument("--server", default=None, help="an existing --kv-policy server's URL (default: start one)")
     a = p.parse_args(argv)
     if any(not isinstance(s, dict) or not all(str(k).startswith("kv_") for k in s) for s in a.settings):
         p.error("--settings: each one a JSON object of kv_* keys")
     common = ["--tasks", "niah", "--budgets", *a.budgets, "--niah-lengths", *a.niah_lengths, "--depths", *a.depths,
               "--concurrency", a.concurrency, "--no-progress", "--no-plots"]
     t0 = time.time()
-    srv = SGLangServer(models.model_dir(), fidelity.SERVER_ARGS, log_path=f"{a.out}.server.log").start()
+    srv = (None if a.server else
+           SGLangServer(models.model_dir(), fidelity.SERVER_ARGS, log_path=f"{a.out}.server.log").start())
+    url = a.server or srv.url
     grids: list[dict] = []
     try:
         first = f"{a.out}_{a.baseline}"
-        fidelity.main([*common, "--server", srv.url, "--policies", a.baseline,
+        fidelity.main([*common, "--server", url, "--policies", a.baseline,
                        "--kv-params", json.dumps(a.kv_params), "--out", first])
         grids.append(json.loads(Path(f"{first}.json").read_text()))
         for i, setting in enumerate(a.settings):
             out = f"{a.out}_{i}"
             shutil.copy(f"{first}.json", f"{out}.json")  # its full-KV rows are reused (--extend)
-            fidelity.main([*common, "--server", srv.url, "--policies", a.policy, "--extend",
+            fidelity.main([*common, "--server", url, "--policies", a.policy, "--extend",
                            "--kv-params", json.dumps({**a.kv_params, **setting}), "--out", out])
             grids.append(json.loads(Path(f"{out}.json").read_text()))
             Path(f"{a.out}.md").write_text(table(a.policy, a.baseline, a.settings, grids, a.budgets))
     finally:
-        srv.stop()
+        if srv is not None:
+            srv.stop()
     md = table(a.policy, a.baseline, a.settings, grids, a.budgets) + f"\nWall time: {round(time.time() - t0)} s.\n"
     Path(f"{a.out}.md").write_text(md)
     print(md)
