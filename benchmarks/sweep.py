@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     grids: list[dict] = []
     try:
         first = f"{a.out}_{a.baseline}"
-        fidelity.main([*common, "--server", url, "--policies", a.baseline,
+        fidelity.main([*common, "--server", url, "--policies", a.baseline, "--extend",  # a finished one is reused
                        "--kv-params", json.dumps(a.kv_params), "--out", first])
         grids.append(json.loads(Path(f"{first}.json").read_text()))
         for i, setting in enumerate(a.settings):
