@@ -76,7 +76,7 @@ def naive_merge(k, v, keep, prev=None, ema=0.5, weighting="similarity"):
 @pytest.mark.parametrize("L, H, T, B, w", [(7, 3, 301, 37, 5), (5, 2, 97, 11, 3), (9, 1, 54, 50, 8), (3, 4, 13, 5, 5)])
 def test_layer_budgets_follow_the_density_and_sum_to_the_budget(L, H, T, B, w):
     dens = density(L, H, seed=L * T)
-    pol = D2O(density=dens, window_size=w)
+    pol = D2O(density=dens, window_size=w, layers="profile")
     plan = pol.plan_budgets(T, B, L, H)
     assert plan.shape == (L, H) and plan.dtype == torch.int64
     assert int(plan.sum()) == L * H * min(B, T)
@@ -92,7 +92,7 @@ def test_layer_budgets_follow_the_density_and_sum_to_the_budget(L, H, T, B, w):
 
 def test_layer_budgets_capped_at_the_prompt_give_the_excess_to_the_others():
     dens = torch.tensor([[0.0], [0.0], [10.0]], dtype=torch.float64)
-    plan = D2O(density=dens, window_size=2).plan_budgets(20, 16, 3, 1)
+    plan = D2O(density=dens, window_size=2, layers="profile").plan_budgets(20, 16, 3, 1)
     assert plan[:, 0].tolist()[:2] == [20, 20] and int(plan.sum()) == 48
 
 
@@ -160,7 +160,7 @@ def test_request_layers_equal_the_naive_sequential_allocation(L, H, T, B, w, see
 def test_request_layers_follow_the_profile_when_the_request_is_alike_and_restart_at_layer_0():
     dens = torch.tensor([[1.0], [3.0], [2.0], [0.5]], dtype=torch.float64)
     T, B, w = 200, 40, 4
-    prof = D2O(density=dens, window_size=w).plan_budgets(T, B, 4, 1)
+    prof = D2O(density=dens, window_size=w, layers="profile").plan_budgets(T, B, 4, 1)
     pol = D2O(density=dens, window_size=w, layers="request")
     for attempt in range(2):  # an abandoned request (attempt 0 stops after 2 layers) leaves nothing behind
         plan = pol.plan_budgets(T, B, 4, 1)
@@ -287,7 +287,7 @@ def test_merge_does_not_touch_the_inputs_and_merged_keys_move_towards_their_sour
     v = torch.arange(10, dtype=torch.float32).reshape(1, 5, 2)
     keep = torch.tensor([[True, False, False, True, False]])
     k0, v0 = k.clone(), v.clone()
-    pol = D2O(density=torch.ones(1, 1, dtype=torch.float64), window_size=1, kernel_size=1)
+    pol = D2O(density=torch.ones(1, 1, dtype=torch.float64), window_size=1, kernel_size=1, merge="on")
     kept = compress_layer(SnapKV(window_size=1), 0, torch.zeros(1, 1, 2), k, v, 2, torch.tensor([[2]]))
     kept.indices.copy_(torch.tensor([0, 3]))
     kept.k_flat, kept.v_flat = k[0, [0, 3]], v[0, [0, 3]]
@@ -309,8 +309,8 @@ def test_compress_layer_keeps_sinks_window_and_top_tokens_and_merges(T, B):
     dens = density(L, H, seed=5)
     q = torch.randn(Hq, w, D, generator=g)
     k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
-    on = D2O(density=dens, window_size=w, sink_size=4)
-    off = D2O(density=dens, window_size=w, sink_size=4, merge="off")
+    on = D2O(density=dens, window_size=w, sink_size=4, merge="on", layers="profile")
+    off = D2O(density=dens, window_size=w, sink_size=4, merge="off", layers="profile")
     plan = on.plan_budgets(T, B, L, H)
     for layer in range(L):
         a = compress_layer(on, layer, q, k, v, B, plan)
@@ -366,6 +366,8 @@ def test_server_config_builds_it_from_the_shipped_profile():
     prof = load_profile(shipped_profile(smol, "d2o"))
     assert isinstance(pol, D2O) and (pol.merge, pol.sink_size) == ("off", 2)
     assert torch.equal(pol.density, torch.as_tensor(prof.kv_scores, dtype=torch.float64))
+    dflt = build_policy(KVPolicyConfig(policy="d2o", budget=64).validate(), shape)
+    assert (dflt.merge, dflt.layers) == ("off", "uniform")  # the measured settings (d2o_settings_cpu.md)
     assert KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "on"}).d2o_merge == "on"
     cfg = KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "mean", "kv_d2o_layers": "uniform"})
     assert (build_policy(cfg.validate(), shape).merge, build_policy(cfg.validate(), shape).layers) == ("mean", "uniform")
