@@ -145,15 +145,16 @@ class Request:
                 self.thresholds[layer] = threshold = mean if prev is None else 0.5 * prev + 0.5 * mean
             for h, (cands, keys, vals, order) in enumerate(chosen):
                 new_k, new_v = keys[order].clone(), vals[order].clone()
-                if merge:
-                    count = torch.ones(len(order))
+                if merge:  # the paper's weights: e for the kept token, e^s for each merged one
+                    weight = torch.full((len(order),), math.e)
+                    new_k, new_v = new_k * math.e, new_v * math.e
                     for dh, i, best, j in dropped:
                         if dh == h and best >= threshold:
-                            new_k[j] += best * keys[i]
-                            new_v[j] += best * vals[i]
-                            count[j] += 1
+                            new_k[j] += math.exp(best) * keys[i]
+                            new_v[j] += math.exp(best) * vals[i]
+                            weight[j] += math.exp(best)
                             self.merged += 1
-                    new_k, new_v = new_k / count[:, None], new_v / count[:, None]
+                    new_k, new_v = new_k / weight[:, None], new_v / weight[:, None]
                 self.kept[layer][h] = [cands[i] for i in order]
                 self.kv[layer][h] = (new_k, new_v)
 

@@ -145,7 +145,8 @@ def test_d2o_merges_the_generated_tokens_it_drops(kv_small_server):
     ones (the merge itself is checked against naive loops in test_decode.py)."""
     srv = kv_small_server
     before = srv.plugin_state()["decode"]
-    rid, text = stream(srv, {"kv_policy": "d2o", "kv_budget": BUDGET, "kv_decode_budget": 16}, 110)
+    rid, text = stream(srv, {"kv_policy": "d2o", "kv_budget": BUDGET, "kv_decode_budget": 16, "kv_d2o_merge": "on"},
+                       110)
     assert text
     st = assert_all_returned(srv)
     rep, after = st["recent_requests"][rid], st["decode"]

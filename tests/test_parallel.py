@@ -90,7 +90,9 @@ def client(server):
 def ask(server, prompt: str, policy: str, budget, max_tokens: int = 12):
     o = client(server).chat.completions.create(
         model="default", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        extra_body={"custom_params": {"kv_policy": policy, "kv_budget": budget, "kv_scoring": "question"}})
+        extra_body={"custom_params": {"kv_policy": policy, "kv_budget": budget, "kv_scoring": "question",
+                                      # d2o merges only when asked (its default is off): the threshold's gather
+                                      **({"kv_d2o_merge": "on"} if policy == "d2o" else {})}})
     return o.choices[0].message.content, o.id
 
 

@@ -22,7 +22,7 @@ from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPo
 pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
-assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
+assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
                    "kv_pod_share, kv_policy, kv_pool_shift, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
                    "kv_share, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
@@ -61,7 +61,7 @@ INVALID = [
     ({"kv_question": 4097}, "custom_params.kv_question: invalid value 4097; expected an integer in [0, 4096]"),
     ({"kv_question": "32"}, "custom_params.kv_question: invalid value '32'; expected int"),
     ({"kv_razor_heads": "all"}, "custom_params.kv_razor_heads: invalid value 'all'; choose one of fraction, budget"),
-    ({"kv_d2o_merge": "yes"}, "custom_params.kv_d2o_merge: invalid value 'yes'; choose one of on, off"),
+    ({"kv_d2o_merge": "yes"}, "custom_params.kv_d2o_merge: invalid value 'yes'; choose one of on, mean, off"),
     ({"kv_d2o_merge": True}, "custom_params.kv_d2o_merge: invalid value True; expected str"),
     # kv_pod_share
     ({"kv_pod_share": 0.51}, "custom_params.kv_pod_share: invalid value 0.51; expected a number in [0.0, 0.5]"),

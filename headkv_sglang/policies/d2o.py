@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,6 +23,8 @@ _SIM_CHUNK = 1 << 22
 #: Weight of the previous threshold in decode-time merging's moving average (the
 #: reference's ``alpha``; its ``belta``, the new mean's weight, is ``1 - alpha`` = 0.5).
 DECODE_EMA = 0.5
+#: How a kept token and the dropped tokens merged into it are averaged (:func:`merge_dropped`).
+MERGE_WEIGHTINGS: tuple[str, ...] = ("similarity", "mean")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +47,13 @@ class D2O(SinkObservationPolicy):
     tokens the scoring queries attend to most (SnapKV's scores). Every dropped token
     then finds its most similar kept token of the same head (cosine of the keys); when
     that similarity ``s`` reaches the threshold (the mean of those best similarities
-    over the layer's dropped tokens), it is merged into it: a kept token ``j`` with
-    merged tokens ``i`` becomes ``(k_j + sum_i s_i k_i) / (1 + n_j)``, and likewise
-    ``v_j`` (the reference's ``scatter_reduce(mean, include_self)`` of ``s * k``).
+    over the layer's dropped tokens), it is merged into it with the paper's weights, a
+    softmax over the similarities in which the kept token's own similarity is 1: a kept
+    token ``j`` with merged tokens ``i`` becomes
+    ``(e k_j + sum_i e^{s_i} k_i) / (e + sum_i e^{s_i})``, and likewise ``v_j``, a convex
+    combination (``merge="mean"``: the authors' code, ``scatter_reduce(mean, include_self)``
+    of ``s * k``, i.e. ``(k_j + sum_i s_i k_i) / (1 + n_j)``, which shrinks ``k_j`` and
+    ``v_j`` towards 0 when the ``s_i`` are below 1).
 
     Differences from the reference, each forced by serving or kept deliberately:
 
@@ -78,8 +85,13 @@ class D2O(SinkObservationPolicy):
         (the profile's ``kv_scores``); a layer's ``v_l`` is the mean of its row.
     sink_size : int
         First prompt tokens always kept (4, as the reference).
-    merge : {"on", "off"}
-        Merge dropped tokens into similar kept ones (``"off"``: plain eviction).
+    merge : {"on", "mean", "off"}
+        Merge dropped tokens into similar kept ones with the paper's weights (``"on"``),
+        the authors' code's mean (``"mean"``, prompt only: decode-time merging uses the
+        paper's) or not (``"off"``: plain eviction).
+    layers : {"profile", "uniform"}
+        Layer budgets from the profile's attention variances (the paper's allocation) or
+        the same for every layer.
     window_size, kernel_size, pooling, gqa_agg
         See :class:`~headkv_sglang.policies.observation.ObservationWindowPolicy`.
     """
@@ -90,7 +102,12 @@ class D2O(SinkObservationPolicy):
 
     density: torch.Tensor = field(compare=False, repr=False)
     merge: str = hyper(defaults.D2O_MERGE, "D2O: merge each dropped token into its most similar kept token "
-                       "('on', the default) or drop it ('off').", name="d2o_merge", choices=defaults.D2O_MERGES)
+                       "with the paper's similarity weights ('on'), with the authors' code's count mean "
+                       "('mean', prompt only), or drop it ('off', the default).",
+                       name="d2o_merge", choices=defaults.D2O_MERGES)
+    layers: str = hyper(defaults.D2O_LAYERS, "D2O: how layers share the budget: 'request' (each request's own "
+                        "attention variances), 'profile' (the d2o profile's) or 'uniform' (the default).",
+                        name="d2o_layers", choices=defaults.D2O_LAYER_CHOICES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,13 +121,16 @@ class D2O(SinkObservationPolicy):
             raise ValueError(f"{cls}.density must be finite and >= 0")
         object.__setattr__(self, "density", table)
         check_choice(cls, "merge", self.merge, defaults.D2O_MERGES)
+        check_choice(cls, "layers", self.layers, defaults.D2O_LAYER_CHOICES)
+        object.__setattr__(self, "_seen", {})  # layers="request": id(planned) -> variances seen
 
     @classmethod
     def from_config(cls, cfg: KVPolicyConfig, shape: ModelShape, profile: Any) -> D2O:
         """Density: the ``d2o`` profile's per-KV-head attention variances."""
         assert profile is not None, "D2O needs its 'd2o' profile (registry.resolve_profile)"
         return cls(density=torch.as_tensor(profile.kv_scores, dtype=torch.float64),
-                   sink_size=cfg.sink_size, merge=cfg.d2o_merge, **cls.observation_kwargs(cfg))
+                   sink_size=cfg.sink_size, merge=cfg.d2o_merge, layers=cfg.d2o_layers,
+                   **cls.observation_kwargs(cfg))
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
@@ -118,7 +138,11 @@ class D2O(SinkObservationPolicy):
 
     # ------------------------------------------------------------------ layer level
     def layer_shares(self) -> torch.Tensor:
-        """float64 ``[num_layers]``: ``softmax(-v)`` of the min-max normalised layer variances."""
+        """float64 ``[num_layers]``: ``softmax(-v)`` of the min-max normalised layer variances
+        (``layers="uniform"``: ``1 / L`` each)."""
+        if self.layers == "uniform":
+            n = self.density.shape[0]
+            return torch.full((n,), 1.0 / n, dtype=torch.float64)
         v = self.density.mean(dim=1)
         span = float(v.max() - v.min())
         v = (v - v.min()) / span if span > 0 else torch.zeros_like(v)
@@ -144,18 +168,90 @@ class D2O(SinkObservationPolicy):
         """At most ``min(B, T)`` tokens per row on average, rows of any length."""
         return average_bound_pages(seq_len, budget, num_layers, num_kv_heads, page_size)
 
+    def layer_budgets(self, layer: int, seq_len: int, budget: int, scores: torch.Tensor,
+                      planned: torch.Tensor | None) -> torch.Tensor:
+        """``layers="request"``: this layer's budget from this request's attention density.
+
+        The server compresses layer ``l`` right after its attention, before the later layers
+        exist, so the allocation is sequential: ``v_l`` is the request's variance, over the
+        scored prefix positions, of each KV head's attention distribution (the scores
+        normalised to sum 1; the window and the sinks left out), averaged over the heads. The
+        later layers' variances are predicted as the profile's times ``c``, the ratio of the
+        request's to the profile's variances summed over the layers seen so far. With those
+        ``L`` values min-max normalised, ``w = exp(-v)``, layer ``l`` gets the share
+        ``w_l / sum_{m >= l} w_m`` of the budget the layers ``>= l`` have left (what
+        ``planned[l:]`` holds beyond their windows), at most the prompt; ``planned[l + 1:]``
+        is rewritten with the rest, spread by the profile's shares, so the request's total
+        stays ``sum(planned)``. Other settings: ``planned[layer]``.
+        """
+        if self.layers != "request":
+            return super().layer_budgets(layer, seq_len, budget, scores, planned)
+        assert planned is not None and 0 <= layer < planned.shape[0], (
+            f"D2O plans its budgets up front; got layer {layer} of {None if planned is None else list(planned.shape)}")
+        L = planned.shape[0]
+        w = effective_window(self.window_size, budget, seq_len)
+        if budget >= seq_len or w >= seq_len:
+            return planned[layer]
+        seen = self._seen  # type: ignore[attr-defined]
+        key = id(planned)
+        if layer == 0 or key not in seen:
+            if len(seen) > 256:  # requests aborted mid-prefill leave theirs: drop the oldest
+                seen.pop(next(iter(seen)))
+            seen[key] = []
+        observed = seen[key]
+        observed.append(request_variance(scores))
+        prof = self.density.mean(dim=1)
+        c = sum(observed) / max(float(prof[:layer + 1].sum()), 1e-30)
+        v = torch.cat([torch.tensor(observed, dtype=torch.float64), c * prof[layer + 1:]])
+        span = float(v.max() - v.min())
+        v = (v - v.min()) / span if span > 0 else torch.zeros_like(v)
+        weight = torch.exp(-v)[layer:]
+        rest = planned[layer:, 0].to(torch.float64) - w  # the non-window budget left, per layer
+        left = float(rest.sum())
+        mine = min(int(round(left * float(weight[0] / weight.sum()))), seq_len - w, int(left))
+        if layer + 1 < L:
+            later = L - layer - 1
+            shares = self.layer_shares()[layer + 1:]
+            caps = torch.full((later,), seq_len - w, dtype=torch.int64)
+            total = int(round(left)) - mine
+            if total > int(caps.sum()):  # the later layers cannot hold it: this one keeps more
+                mine += total - int(caps.sum())
+                total = int(caps.sum())
+            planned[layer + 1:] = (waterfill(shares * total / float(shares.sum()), caps, shares, total) + w)[:, None]
+        else:
+            seen.pop(key, None)
+        planned[layer] = mine + w
+        return planned[layer]
+
     # ------------------------------------------------------------------ token level
     def merge_dropped(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                       kept: CompressedLayer, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys and values with the dropped tokens merged in (:func:`merge_dropped`)."""
         if self.merge == "off":
             return kept.k_flat, kept.v_flat
-        return merge_dropped(k, v, keep, kept.k_flat, kept.v_flat, kept.indptr, gather=gather)
+        return merge_dropped(k, v, keep, kept.k_flat, kept.v_flat, kept.indptr, gather=gather,
+                             weighting="mean" if self.merge == "mean" else "similarity")
+
+
+def request_variance(scores: torch.Tensor) -> float:
+    """The mean over KV heads of the variance of a head's attention distribution.
+
+    ``scores``: float ``[H, T]`` (``+inf`` on the window and the sinks, which are left out);
+    each head's finite scores are normalised to sum 1 (a head whose scores sum to 0 counts
+    as uniform, variance 0)."""
+    finite = torch.isfinite(scores).all(dim=0)
+    x = scores[:, finite].to(torch.float64).clamp(min=0)
+    if x.shape[1] < 2:
+        return 0.0
+    total = x.sum(dim=1, keepdim=True)
+    p = torch.where(total > 0, x / total.clamp(min=1e-300), torch.full_like(x, 1.0 / x.shape[1]))
+    return float(p.var(dim=1, unbiased=False).mean())
 
 
 def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: torch.Tensor,
                   v_kept: torch.Tensor, indptr: torch.Tensor, gather=None, prev_threshold: float | None = None,
-                  ema: float = DECODE_EMA, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  ema: float = DECODE_EMA, stats: dict | None = None,
+                  weighting: str = "similarity") -> tuple[torch.Tensor, torch.Tensor]:
     """D2O's compensation: merge each dropped token into its most similar kept token.
 
     Parameters
@@ -176,8 +272,7 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
         ``h``, ``s_i`` is the largest cosine similarity of its key to a kept key of
         ``h`` (ties: the earlier kept token) and ``j(i)`` that token; the threshold is
         the mean of ``s_i`` over every dropped token of the layer (of heads that keep at
-        least one token). Tokens with ``s_i >= threshold`` merge:
-        ``k'_j = (k_j + sum_{i: j(i)=j} s_i k_i) / (1 + n_j)`` and the same for ``v``.
+        least one token). Tokens with ``s_i >= threshold`` merge, with ``weighting``.
         Computed in float32, in chunks of tokens (no ``[H, T, T]`` tensor).
     gather : callable | None
         Tensor parallelism (``policies.sharding``): ``[H, T] -> [H_all, T]`` over the ranks.
@@ -192,9 +287,16 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
     stats : dict | None
         Receives ``threshold`` (float) and ``merged`` (dropped tokens merged, this rank)
         when anything was dropped; left untouched otherwise.
+    weighting : {"similarity", "mean"}
+        ``"similarity"`` (the paper): ``k'_j = (e k_j + sum_i e^{s_i} k_i) / (e + sum_i
+        e^{s_i})`` over the tokens ``i`` with ``j(i) = j``, a softmax in which ``j``'s own
+        similarity is 1; ``"mean"`` (the authors' code): ``(k_j + sum_i s_i k_i) / (1 +
+        n_j)``. The same for ``v``.
     """
     if not 0.0 <= ema <= 1.0:
         raise ValueError(f"ema must be in [0, 1], got {ema}")
+    if weighting not in MERGE_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(MERGE_WEIGHTINGS)}, got {weighting!r}")
     num_heads, seq_len, dim = k.shape
     device = k.device
     keep = keep.to(device)
@@ -233,14 +335,23 @@ def merge_dropped(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, k_kept: 
     merged = best >= threshold
     if stats is not None:
         stats["threshold"], stats["merged"] = float(threshold), int(merged.sum())
-    src_h, src_p, weight = d_head[merged], d_pos[merged], best[merged]
+    src_h, src_p, sim = d_head[merged], d_pos[merged], best[merged]
     target = indptr.to(device)[src_h] + arg[merged]  # row in k_kept
-    count = 1.0 + torch.bincount(target, minlength=k_kept.shape[0]).to(torch.float32)
+    n_kept = k_kept.shape[0]
+    if weighting == "similarity":  # softmax over the kept token (similarity 1) and its sources
+        self_weight = math.e
+        weight = torch.exp(sim)
+        denom = self_weight + torch.zeros(n_kept, dtype=torch.float32, device=device).index_put_(
+            (target,), weight, accumulate=True)
+    else:  # the authors' code: scatter_reduce(mean, include_self) of s * k
+        self_weight = 1.0
+        weight = sim
+        denom = 1.0 + torch.bincount(target, minlength=n_kept).to(torch.float32)
     out = []
     for full, flat in ((k, k_kept), (v, v_kept)):
-        acc = flat.to(torch.float32)  # a copy for float32 inputs too: index_put_ below writes into it
+        acc = flat.to(torch.float32) * self_weight  # a new tensor: index_put_ below writes into it
         acc = acc.clone() if acc.data_ptr() == flat.data_ptr() else acc
         # (index_put_ with accumulate: CPU's multi-threaded index_add_ stalls on a busy machine)
         acc.index_put_((target,), weight[:, None] * full[src_h, src_p].to(torch.float32), accumulate=True)
-        out.append((acc / count[:, None]).to(flat.dtype))
+        out.append((acc / denom[:, None]).to(flat.dtype))
     return out[0], out[1]

@@ -51,9 +51,20 @@ RAZOR_FRACTION = 0.15  # not 0.01 + 0.14, which is 0.15000000000000002 in floati
 #: How RazorAttention picks its retrieval heads: a fixed fraction of the heads (the
 #: paper's 15%), or as many as the budget pays for (held KV <= L * H * budget).
 RAZOR_HEADS: tuple[str, ...] = ("fraction", "budget")
-#: D2O: merge each dropped token into its most similar kept token ("on", as the paper) or not.
-D2O_MERGES: tuple[str, ...] = ("on", "off")
-D2O_MERGE = "on"
+#: D2O: merge each dropped token into its most similar kept token: "on" (the paper's weights,
+#: a softmax of the similarities with the kept token's own similarity 1), "mean" (the authors'
+#: code: ``(k_j + sum s_i k_i) / (1 + n_j)``, prompt only) or not ("off").
+D2O_MERGES: tuple[str, ...] = ("on", "mean", "off")
+#: "off": on the test model's needle cases merging lost every answer at 5% and 10% with either
+#: weighting (benchmarks/results/d2o_settings_cpu.md).
+D2O_MERGE = "off"
+#: D2O: how the layers share the budget: "request" (the paper's ``softmax(-variance)`` with each
+#: request's own attention variances, layer by layer), "profile" (the same with the variances of
+#: the ``d2o`` profile) or "uniform" (every layer the same, as SnapKV).
+D2O_LAYER_CHOICES: tuple[str, ...] = ("request", "profile", "uniform")
+#: "uniform": on the test model's needle cases the density allocation moves budget away from the
+#: deep layers that retrieve, and lost answers at 5% (benchmarks/results/d2o_settings_cpu.md).
+D2O_LAYERS = "uniform"
 #: PoD: target share of the (layer, KV head) rows that reuse the layer below's distant
 #: attention and store no distant keys (at most ~0.5: a sharing row is no one's source).
 #: 0.1: on the test model's 15 needle cases it kept 100% of full KV's score without token
