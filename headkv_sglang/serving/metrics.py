@@ -93,7 +93,7 @@ def report(state: ServingState) -> dict[str, Any]:
     m = state.manager
     out: dict[str, Any] = {
         "policy": state.cfg.policy,
-        "config": state.cfg.__dict__,
+        "config": state.cfg.as_dict(),
         "backend_installed": state.inner_backend is not None,
         "attention_backend": {"wraps": state.inner_backend, "ragged_kernel": state.kernel,
                               "graph_fallback_batches": state.graph_fallback_batches},
