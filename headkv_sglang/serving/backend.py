@@ -201,7 +201,7 @@ class HeadKVAttnBackend:
         """Whether a CUDA graph can run decode batch ``fb``'s compressed rows: a graphed kernel
         exists and no row captures decode queries or moves its tail into pages this step (host
         work inside the forward)."""
-        if self.graph_kernel is None or not fb.forward_mode.is_decode() or self.manager._captures:
+        if self.graph_kernel is None or not fb.forward_mode.is_decode() or self.manager.prefill_work():
             return False
         idxs = fb.req_pool_indices.tolist()
         seq_lens = fb.seq_lens_cpu.tolist() if getattr(fb, "seq_lens_cpu", None) is not None else fb.seq_lens.tolist()
