@@ -107,7 +107,7 @@ def setup(monkeypatch):
         req_to_token[idx, :seq] = perm[idx * 50:idx * 50 + seq].to(torch.int32)
         lens[idx] = seq
         if idx in (0, 2, 3, 5):  # compressed: the prompt in pages, its slots released (slot 0 now)
-            manager.records[idx] = random_request(manager.pool, free, L, H, prompt, gen, comp=idx == 3)
+            manager.install_record(idx, random_request(manager.pool, free, L, H, prompt, gen, comp=idx == 3))
             req_to_token[idx, :prompt] = 0
     kernel = FlashInferRaggedAttention(manager.pool, L, H, H * G, D ** -0.5, workspace_bytes=8)
     backend = HeadKVAttnBackend(DenseInner(req_to_token, kv), manager, kernel,
