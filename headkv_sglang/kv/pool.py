@@ -30,8 +30,8 @@ class PageAllocator:
     """Free-stack page allocator. Page ids are ``0 .. num_pages-1``.
 
     The bookkeeping is two arrays, not a Python object per page: ``_stack`` int64
-    ``[num_pages]`` (its first ``_top`` entries are the free pages, the next one handed out
-    last) and ``_owner`` int32 ``[num_pages]`` (each page's owner handle, ``-1`` when free);
+    ``[num_pages]`` (its first ``_top`` entries are the free pages, the last of them handed
+    out next) and ``_owner`` int32 ``[num_pages]`` (each page's owner handle, ``-1`` when free);
     owners (any hashable object) get small integer handles while they hold pages, and a
     page count each. So :meth:`allocate`, :meth:`free` and :meth:`transfer` cost O(pages
     they move), the counts (:attr:`free_pages`, :attr:`used_pages`, :meth:`pages_of`,
