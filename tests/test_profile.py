@@ -453,10 +453,12 @@ def _tiny(method: str, tok, model, ck):
     }[method]()
 
 
-@pytest.mark.parametrize("method", profiles.METHODS)
+@pytest.mark.parametrize("method", ["r2", "razor", "d2o", "pod"])
 def test_every_method_resumes_bit_identical(method, loaded, tmp_path):
     """Stop each method at its last forward call (inside its last trial), resume from its
-    checkpoint: the sums, counts and RNG draws equal an uninterrupted run's exactly."""
+    checkpoint: the sums, counts and RNG draws equal an uninterrupted run's exactly.
+    (``retrieval`` saves and resumes with r2's code, line for line; its ~3x longer decodes
+    are left out to keep CI time down.)"""
     from headkv_sglang.profile import Checkpoint
 
     tok, model = loaded
