@@ -46,7 +46,7 @@ AUTO_QUESTION = 16  # of 16/32/64: scoring_calibration.md before 2026-12-04 (git
 # 8 found 9/24 answers at 2% against 16's 4/24 (5%: 15 vs 16; question_kernel_calibration.md) and
 # took headkv on the needle grid from 36% / 72% of full to 51% / 74% at 2% / 5%
 # (fidelity_needles30_q8_cpu.md), but 4 and 6 found 2/24 at 2% (question_length_calibration.md):
-# 8 fits these tasks' question ending, and the other policies did not gain from it (README).
+# 8 fits these tasks' question ending, and the other policies did not gain from it (docs/policies-and-profiles.md).
 #: What scores by default: the question. On 24 calibration cases the fidelity grid does not use
 #: (benchmarks/results/scoring_calibration.md) it found as many answers as the window or more in
 #: every cell, headkv at 5%: 16/24 vs 11/24 (full KV 19/24).

@@ -290,9 +290,9 @@ def test_needle_found_with_a_generous_budget(kv_server, client):
     most recent tokens (the needle mid-document is gone by design) and RazorAttention keeps
     the mid-document only in its ~15% retrieval heads (on this 135M model it garbles the
     number: '7293512887' for 72937); D2O merges every dropped token into a similar kept one,
-    which on this model garbles it too ('723'; README, D2O); PoD's sharing rows read the
+    which on this model garbles it too ('723'; docs/policies-and-profiles.md, D2O); PoD's sharing rows read the
     needle through the layer below's attention, which on this model got the last digit
-    wrong at share 0.3 ('72935'; README, PoD): for those four, a well-formed answer."""
+    wrong at share 0.3 ('72935'; docs/policies-and-profiles.md, PoD): for those four, a well-formed answer."""
     n = needle_prompt(900, depth=0.5, seed=73)
     outs = parallel(lambda p: chat(client, n.prompt, 12, kv(p, 512)), [(p,) for p in POLICIES])
     assert outs[0].usage.prompt_tokens > 2 * 512

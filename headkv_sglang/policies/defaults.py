@@ -3,7 +3,7 @@
 The policy classes use these as their field defaults, which are also the defaults of
 the server's ``--kv-*`` flags (declared on those fields, ``policies/params.py``), so a
 policy built by hand and one built by the server agree. Where a value differs from the paper's, the paper's is given beside it;
-the values here are the ones measured best on this project's benchmarks (README).
+the values here are the ones measured best on this project's benchmarks (docs/policies-and-profiles.md, docs/benchmarks-and-results.md).
 
 No torch here: ``config.py`` reads this module at import time.
 """

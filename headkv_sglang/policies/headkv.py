@@ -50,13 +50,13 @@ class HeadKV(ObservationWindowPolicy):
     beta : float
         Pool size: each head contributes ``base // beta`` tokens to the shared
         pool. Close to 1 means nearly all of the budget is shared (the HeadKV
-        README sweeps 1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10 with no single
+        docs/policies-and-profiles.md sweeps 1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10 with no single
         default; 1.005 is the first value of its sweep for budgets 128-512).
         Beta is also the profile's floor: mixing a share ``f`` of the uniform
         split into ``s`` gives the plan of ``beta / (1 - f)`` (exactly when both
         pools are whole tokens), so a sparse profile (heads scoring 0) is
         smoothed by raising beta, not by another knob. The default is
-        calibrated (README, HeadKV's beta).
+        calibrated (docs/policies-and-profiles.md, HeadKV's beta).
     temp : float
         Exponent sharpening (> 1) or flattening (< 1) the normalised scores
         (``temp`` in the reference code, 1 in every published run).

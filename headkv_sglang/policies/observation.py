@@ -44,7 +44,7 @@ class ObservationWindowPolicy(KVPolicy):
         ``kernel_size // 2`` (a window ending at the token), so the tokens right after
         an attended phrase are kept with it (0: centred, as SnapKV; see
         ``observation_window_scores``). Measured, not better on the needle grid
-        (README): 0 by default.
+        (docs/policies-and-profiles.md): 0 by default.
     gqa_agg : {"mean", "max"}
         How the query heads of a KV head's group are combined.
     """

@@ -209,12 +209,7 @@ def resolve_profile(cfg: KVPolicyConfig, shape: ModelShape) -> HeadProfile | Non
     if path is None:
         found = profiles.shipped_profile(shape.hf_config, method)
         if found is None:
-            raise ConfigError(
-                f"--kv-head-profile: no shipped '{method}' profile matches this model "
-                f"({shape.architecture}, {shape.num_layers} layers, {shape.num_q_heads} query / "
-                f"{shape.num_kv_heads} KV heads); make one with `python -m headkv_sglang.profile "
-                f"--model DIR --method {method} --out FILE` and pass --kv-head-profile FILE"
-            )
+            raise ConfigError("--kv-head-profile: " + profiles.missing_profile_message(shape.hf_config, method))
         path = str(found)
     try:
         prof = profiles.cached_profile(path)  # parsed once per file: a ratio budget builds per prompt length
