@@ -27,13 +27,13 @@ from headkv_sglang.profiles import HeadProfile
 
 from test_compression import Prompt, make_cfg, prefill
 
-MANAGER = "kv/manager.py"
+MANAGER = ("kv/manager.py", "kv/prefill.py")  # the manager and its prefill-compression part
 SHAPE = ModelShape(num_layers=5, num_q_heads=6, num_kv_heads=2, head_dim=8)
 
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """Counter of device-to-host reads made by manager.py code, by the manager method making them."""
+    """Counter of device-to-host reads made by the manager's code, by the manager method making them."""
     reads: Counter = Counter()
 
     def counted(name):

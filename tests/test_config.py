@@ -336,7 +336,8 @@ def test_build_policy_without_a_matching_profile_says_how_to_make_one():
         build_policy(KVPolicyConfig(policy="headkv"), SHAPE)
     msg = str(err.value)
     assert msg.startswith("--kv-head-profile: no shipped 'r2' profile matches this model"), msg
-    assert "3 layers, 6 query / 2 KV heads" in msg and "--kv-head-profile FILE" in msg, msg
+    assert "3 layers, 6 query / 2 KV heads" in msg, msg
+    assert "`headkv-sglang profile --model MODEL_DIR --method r2 --out " in msg and "--kv-head-profile " in msg, msg
 
 
 @pytest.mark.parametrize("budget,expected", [(1, 1), (3, 1), (8, 2), (64, 16), (127, 31), (128, 32), (4096, 32)])

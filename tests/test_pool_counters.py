@@ -160,7 +160,7 @@ def _served_manager(num_pages: int, requests: int, pages: int) -> CompressionMan
     m = CompressionManager(SHAPE, num_pages, 1, torch.float16, "cpu")
     for idx in range(requests):
         ids = m.allocator.allocate(pages + idx % 3, owner=idx)
-        m.records[idx] = RequestPages(prompt_len=100, policy="snapkv", budget=8, page_ids=ids)
+        m.install_record(idx, RequestPages(prompt_len=100, policy="snapkv", budget=8, page_ids=ids))
     return m
 
 

@@ -209,7 +209,11 @@ def resolve_profile(cfg: KVPolicyConfig, shape: ModelShape) -> HeadProfile | Non
     if path is None:
         found = profiles.shipped_profile(shape.hf_config, method)
         if found is None:
-            raise ConfigError("--kv-head-profile: " + profiles.missing_profile_message(shape.hf_config, method))
+            # the shape's own numbers where its config.json is not at hand (a shape built by hand)
+            model_config = {"architectures": [shape.architecture or "unknown architecture"], "num_hidden_layers": shape.num_layers,
+                            "num_attention_heads": shape.num_q_heads, "num_key_value_heads": shape.num_kv_heads,
+                            "head_dim": shape.head_dim, **(shape.hf_config or {})}
+            raise ConfigError("--kv-head-profile: " + profiles.missing_profile_message(model_config, method))
         path = str(found)
     try:
         prof = profiles.cached_profile(path)  # parsed once per file: a ratio budget builds per prompt length
