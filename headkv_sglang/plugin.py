@@ -166,6 +166,8 @@ def _resolve_once(server_args, *args, **kwargs):
         tp = int(getattr(server_args, "tp_size", None) or 1)
         if err is None and tp > 1 and active_config().share:
             err = f"--kv-share does not work with --tp-size {tp} yet ({SHARE_TP_WHY}); leave it off"
+        if err is None and tp > 1 and _d2o_request_layers(active_config()):
+            err = f"--kv-d2o-layers request does not work with --tp-size {tp} yet ({D2O_TP_WHY}); use profile or uniform"
         if err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2)
@@ -176,6 +178,11 @@ def _resolve_once(server_args, *args, **kwargs):
 #: The launcher's --tp-size, published by _resolve_once for the per-request checks.
 TP_ENV_VAR = "HEADKV_SGLANG_TP_SIZE"
 SHARE_TP_WHY = "each rank evicts its shared prompts on its own, so ranks could disagree on what is shared"
+D2O_TP_WHY = "each rank would measure the layers' attention density on its own KV heads and give layers different budgets"
+
+
+def _d2o_request_layers(cfg: KVPolicyConfig) -> bool:
+    return cfg.policy == "d2o" and cfg.d2o_layers == "request"
 
 
 def request_error(cfg: KVPolicyConfig, params: dict) -> str | None:
@@ -188,6 +195,9 @@ def request_error(cfg: KVPolicyConfig, params: dict) -> str | None:
     if params.get("kv_share") is True and tp > 1:
         return (f"custom_params.kv_share: invalid value True; this server runs --tp-size {tp}, where prompts are "
                 f"not shared yet ({SHARE_TP_WHY}); send false or leave it out")
+    if tp > 1 and _d2o_request_layers(cfg):
+        return (f"custom_params.kv_d2o_layers: invalid value 'request'; this server runs --tp-size {tp}, where "
+                f"{D2O_TP_WHY}; send profile or uniform")
     return None
 
 

@@ -223,9 +223,34 @@ def test_which_batches_a_graph_runs(setup):
     assert graph_allowed(state, True, runner, fb) is False
     m.records[2].decode_recency = True  # recency ranking, nothing due: graphable
     assert graph_allowed(state, True, runner, fb) is True
-    m.begin_extend(6, "r", 4)  # a request capturing prefill queries somewhere in the server
+    m.begin_extend(6, "r", 4)  # a request capturing prefill queries elsewhere: not in this forward
+    assert graph_allowed(state, True, runner, fb) is True
+    m.begin_extend(1, "q", 4)  # a row of this batch captures queries (host work in the forward): eager
     assert graph_allowed(state, True, runner, fb) is False
     assert state.graph_fallback_batches == 3
+
+
+def test_a_failed_decode_move_stops_capturing_and_lets_graphs_replay(setup):
+    """After a decode move failed, the row's tail stays whole: no more decode queries are kept
+    for it, and its batches replay graphs again."""
+    s = setup
+    b, m = s.backend, s.manager
+    state = types.SimpleNamespace(manager=m, graph_fallback_batches=0)
+    runner = types.SimpleNamespace(attn_backend=b)
+    fb = eager_fb([1, 0, 2], s, [0, 0, 0])
+    b.init_cuda_graph_state(8, 8)
+    rec = m.records[2]
+    rec.decode_budget, rec.decode_window = 16, 4  # ranks its generated tokens by captured queries
+    assert graph_allowed(state, True, runner, fb) is False
+    q = torch.randn(H * G, D)
+    m.capture_decode_query(0, 2, q)
+    assert m.state(2).decode_q, "a decode-budget row keeps its decode queries"
+    m.decode_failed(2, RuntimeError("injected"))
+    assert not rec.moves_decode
+    m.state(2).decode_q.clear()
+    m.capture_decode_query(0, 2, q)
+    assert not m.state(2).decode_q
+    assert graph_allowed(state, True, runner, fb) is True
 
 
 def test_graph_buffers_say_what_they_cannot_hold():

@@ -349,3 +349,29 @@ def test_kv_share_request_on_a_tp_server_is_refused(monkeypatch):
     assert plugin._verify_sampling_params("r", types.SimpleNamespace(custom_params={"kv_share": False})) == "r"
     monkeypatch.setenv(plugin.TP_ENV_VAR, "1")
     assert plugin._verify_sampling_params("r", share) == "r"
+
+
+def test_d2o_request_layers_on_a_tp_server_are_refused(monkeypatch, capsys):
+    """D2O's per-request layer budgets measure the layers' density on a rank's own KV heads: under
+    --tp the ranks would give layers different budgets, so the setting is refused at start-up and
+    per request (a 400 naming the key); profile / uniform layers are served."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR, KVPolicyConfig
+
+    monkeypatch.setenv(plugin.TP_ENV_VAR, "1")
+    ns = types.SimpleNamespace(model_path=None, tp_size=2, device="cpu", attention_backend="torch_native")
+    monkeypatch.setenv(ENV_VAR, KVPolicyConfig(policy="d2o", d2o_layers="request").to_json())
+    with pytest.raises(SystemExit):
+        plugin._resolve_once(ns)
+    assert "--kv-d2o-layers request does not work with --tp-size 2" in capsys.readouterr().err
+    monkeypatch.setenv(ENV_VAR, KVPolicyConfig(policy="d2o").to_json())
+    plugin._resolve_once(ns)
+    assert os.environ[plugin.TP_ENV_VAR] == "2"
+    req = types.SimpleNamespace(custom_params={"kv_policy": "d2o", "kv_d2o_layers": "request"})
+    with pytest.raises(ValueError, match=r"^custom_params\.kv_d2o_layers: invalid value 'request'; this server runs "
+                                         r"--tp-size 2, .*; send profile or uniform$"):
+        plugin._verify_sampling_params("r", req)
+    ok = types.SimpleNamespace(custom_params={"kv_policy": "d2o", "kv_d2o_layers": "uniform"})
+    assert plugin._verify_sampling_params("r", ok) == "r"
+    monkeypatch.setenv(plugin.TP_ENV_VAR, "1")
+    assert plugin._verify_sampling_params("r", req) == "r"

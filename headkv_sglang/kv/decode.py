@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from headkv_sglang.kv.pool import PoolFullError, RequestPages
+from headkv_sglang.kv.pool import DECODE_OFF, PoolFullError, RequestPages
 from headkv_sglang.kv.ranks import agreed
 from headkv_sglang.kv.tables import page_addresses
 from headkv_sglang.policies.d2o import merge_dropped
@@ -46,7 +46,7 @@ class DecodeCompression:
         has a decode budget: its last ``decode_window`` rank its generated tokens."""
         st = self._states.get(req_pool_idx)
         rec = st.record if st is not None else None
-        if rec is None or rec.decode_budget <= 0 or rec.decode_recency:
+        if rec is None or not rec.moves_decode or rec.decode_recency:
             return
         prev = st.decode_q.get(layer)
         q = q.detach()[None]
@@ -205,7 +205,7 @@ class DecodeCompression:
         request's decode compression stops, its tail grows whole in SGLang's pool from now on."""
         st = self._states.get(req_pool_idx)
         if st is not None and st.record is not None:
-            st.record.decode_retry_at = 1 << 62
+            st.record.decode_retry_at = DECODE_OFF
         self.decode_totals["errors"] += 1
         logger.error("headkv_sglang: row %d: decode-phase compression failed; its tail stays whole",
                      req_pool_idx, exc_info=(type(e), e, e.__traceback__))

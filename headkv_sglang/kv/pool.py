@@ -362,6 +362,10 @@ class LayerPages:
     _page_size: int = 1
 
 
+#: ``RequestPages.decode_retry_at`` after a failed decode move: its tail stays whole from then on.
+DECODE_OFF = 1 << 62
+
+
 @dataclass
 class RequestPages:
     """A compressed request: positions ``[0, tail_start)`` live in the pool, its *tail*
@@ -391,11 +395,16 @@ class RequestPages:
     decode_kept: int = 0  # generated tokens held in every row's pages
     decode_pages: int = 0  # pages added to the prompt's for them
     decode_compressions: int = 0
-    decode_retry_at: int = 0  # after a full pool: no new try before this sequence length
+    decode_retry_at: int = 0  # after a full pool: no new try before this sequence length (DECODE_OFF: never)
     decode_recency: bool = False  # a position-based policy: the newest generated tokens are kept
     decode_merge: bool = False  # D2O: dropped generated tokens merge into similar kept ones
     decode_thresholds: tuple = ()  # D2O: each layer's merge threshold after the last move (None: none yet)
     shared: object = None  # a SharedPrefix (kv/manager.py) whose pages these are; page_ids is then []
+
+    @property
+    def moves_decode(self) -> bool:
+        """Its generated tokens still move into pages (a decode budget, and no failed move)."""
+        return self.decode_budget > 0 and self.decode_retry_at < DECODE_OFF
 
     def __post_init__(self) -> None:
         if self.tail_start < 0:

@@ -156,7 +156,7 @@ class HeadKVAttnBackend:
             q_index = positions
             capture, jobs = [], []
             for r, (i, rec) in enumerate(zip(positions, records)):
-                if rec.decode_budget > 0:
+                if rec.moves_decode:
                     if not rec.decode_recency:
                         capture.append((r, idxs[i]))
                     due = self.manager.decode_due(idxs[i], seq_lens[i])
@@ -201,13 +201,15 @@ class HeadKVAttnBackend:
         """Whether a CUDA graph can run decode batch ``fb``'s compressed rows: a graphed kernel
         exists and no row captures decode queries or moves its tail into pages this step (host
         work inside the forward)."""
-        if self.graph_kernel is None or not fb.forward_mode.is_decode() or self.manager.prefill_work():
+        if self.graph_kernel is None or not fb.forward_mode.is_decode():
             return False
         idxs = fb.req_pool_indices.tolist()
+        if any(self.manager.capturing(i) for i in idxs):  # only this batch's rows run in this forward
+            return False
         seq_lens = fb.seq_lens_cpu.tolist() if getattr(fb, "seq_lens_cpu", None) is not None else fb.seq_lens.tolist()
         for idx, seq_len in zip(idxs, seq_lens):
             rec = self.manager.records.get(idx)
-            if rec is not None and rec.decode_budget > 0 and (
+            if rec is not None and rec.moves_decode and (
                     not rec.decode_recency or self.manager.decode_due(idx, seq_len) is not None):
                 return False
         return len(idxs) <= self.graph_rows.max_bs
