@@ -313,7 +313,8 @@ _NEAR = {
     "kv_scoring": st.sampled_from(["question", "window"]),
     "kv_question": st.integers(0, 64),
     "kv_razor_heads": st.sampled_from(["fraction", "budget"]),
-    "kv_d2o_merge": st.sampled_from(["on", "off"]),
+    "kv_d2o_merge": st.sampled_from(["on", "mean", "off"]),
+    "kv_d2o_layers": st.sampled_from(["request", "profile", "uniform"]),
     "kv_pod_share": st.floats(0.0, 0.5),
     "kv_min_prompt": st.integers(0, 40),
     "kv_sink_size": st.integers(0, 8),
@@ -335,6 +336,7 @@ _EDGE = {
     "kv_question": st.sampled_from([-1, 4097]),
     "kv_razor_heads": st.sampled_from(["", "all", "Budget"]),
     "kv_d2o_merge": st.sampled_from(["", "ON", "none"]) | st.booleans(),
+    "kv_d2o_layers": st.sampled_from(["", "Uniform", "layers"]) | st.booleans(),
     "kv_pod_share": st.sampled_from([-0.01, 0.51, "0.3", 1]),
     "kv_min_prompt": st.sampled_from([-1, (1 << 20) + 1]),
     "kv_sink_size": st.sampled_from([-1, 80, 4097]),
@@ -347,6 +349,7 @@ _EDGE = {
     "kv_decode_budget": st.sampled_from([-1, (1 << 20) + 1, "16", 1.5]),
     "kv_share": st.sampled_from([0, 1, "true", "yes"]),
 }
+assert set(_NEAR) == set(_EDGE) == set(REQUEST_KEYS), "every request key needs near and edge values here"
 _KEYS = (st.sampled_from(sorted(REQUEST_KEYS)) | st.sampled_from(["kv_page_size", "kv_head_profile", "kv_", "kv_Policy"])
          | st.text(max_size=6).map(lambda s: "kv_" + s)  # unknown kv_* keys
          | st.text(max_size=6))  # other features' keys: ignored unless they start with kv_
