@@ -101,10 +101,11 @@ REPLICATED = ModelShape(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=8)
 
 def one_rank(configs, T, seed, decode_steps=0):
     """The reference: one manager holding every head (the same inputs as tp_ranks)."""
-    from tp_ranks import _inputs, _rows
+    from test_registry import random_kv
+    from tp_ranks import _rows
 
     shape = REPLICATED
-    q, k, v = _inputs(shape, T + decode_steps + 1, seed)
+    q, k, v = random_kv(shape, T + decode_steps + 1, seed)
     out = []
     for kw in configs:
         cfg = KVPolicyConfig(**kw).validate()

@@ -12,6 +12,7 @@ import datetime
 import traceback
 
 import torch
+from test_registry import random_kv  # per layer q, k, v (the ranks import this file from tests/)
 
 SCENARIOS = {}
 
@@ -55,15 +56,6 @@ def _manager(rank, world, shape, pages=4000, page_size=4, query_gather=True):
     return m, shard
 
 
-def _inputs(shape, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    L, Hq, H, D = shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim
-    q = [torch.randn(T, Hq, D, generator=g) for _ in range(L)]
-    k = [torch.randn(T, H, D, generator=g) for _ in range(L)]
-    v = [torch.randn(T, H, D, generator=g) for _ in range(L)]
-    return q, k, v
-
-
 def _prefill(m, shard, shape, row, cfg, T, q, k, v, fail_layer=None):
     """Capture, then the forward's per-layer hook (``get_kv`` raising at ``fail_layer``)."""
     lo, hi = shard.kv_heads(shape.num_kv_heads)
@@ -100,7 +92,7 @@ def prefill_failure(rank, world, shape, cases, fail_rank, T, seed):
     from headkv_sglang.config import KVPolicyConfig
 
     m, shard = _manager(rank, world, shape)
-    q, k, v = _inputs(shape, T, seed)
+    q, k, v = random_kv(shape, T, seed)
     results = []
     real_write = prefill.write_prompt_pages
     for i, (kw, fail) in enumerate(cases):
@@ -137,7 +129,7 @@ def decode_failure(rank, world, shape, kw, fail_rank, T, seed):
 
     m, shard = _manager(rank, world, shape)
     cfg = KVPolicyConfig(**kw).validate()
-    q, k, v = _inputs(shape, T + 64, seed)
+    q, k, v = random_kv(shape, T + 64, seed)
     lo, hi = shard.kv_heads(shape.num_kv_heads)
     qlo, qhi = shard.q_heads(shape.num_q_heads)
     out = _prefill(m, shard, shape, 0, cfg, T, [x[:T] for x in q], k, v)
@@ -176,7 +168,7 @@ def _replicated(rank, world, shape, configs, T, seed, query_gather, decode_steps
     from headkv_sglang.config import KVPolicyConfig
 
     m, shard = _manager(rank, world, shape, query_gather=query_gather)
-    q, k, v = _inputs(shape, T + decode_steps + 1, seed)
+    q, k, v = random_kv(shape, T + decode_steps + 1, seed)
     lo, hi = shard.kv_heads(shape.num_kv_heads)
     qlo, qhi = shard.q_heads(shape.num_q_heads)
     out = []
