@@ -92,7 +92,7 @@ class DecodeCompression:
         ps, D = self.pool.page_size, self.pool.head_dim
         n_old, n_move = rec.decode_kept, end - start
         n_new = min(rec.decode_budget, n_old + n_move)
-        kflat, vflat = self.pool.k_pages.view(-1, D), self.pool.v_pages.view(-1, D)
+        kflat, vflat = self.pool.k_flat, self.pool.v_flat
         ids, err, writes, layers, merged, grow = None, None, [], [], 0, 0
         thresholds = list(rec.decode_thresholds or [None] * len(rec.layers))
         try:
@@ -116,7 +116,7 @@ class DecodeCompression:
                 k = k_new.to(device, self.pool.dtype).transpose(0, 1)  # [H, n_move, D]
                 v = v_new.to(device, self.pool.dtype).transpose(0, 1)
                 if n_old:
-                    old = page_addresses(lp.kv_indptr, lp.kv_indices, prompt, n_old, ps).to(device)
+                    old = self.pool.physical(page_addresses(lp.kv_indptr, lp.kv_indices, prompt, n_old, ps).to(device))
                     k, v = torch.cat([kflat[old], k], 1), torch.cat([vflat[old], v], 1)
                 if n_new < k.shape[1]:
                     if rec.decode_recency:
@@ -177,6 +177,7 @@ class DecodeCompression:
             raise
         # every rank agreed: the rows are rewritten in place (the old record is not read again)
         for (k, v), (_, dest) in zip(writes, layers):
+            dest = self.pool.physical(dest)  # after the allocation: a shared pool may have borrowed slots
             kflat[dest] = k.reshape(-1, D)
             vflat[dest] = v.reshape(-1, D)
         new_rec = dataclasses.replace(

@@ -92,7 +92,8 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
                  shard: HeadShard | None = None,
                  gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  min_over_ranks: Callable[[int], int] | None = None,
-                 gather_queries: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 gather_queries: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 pool: RaggedHeadKVPool | None = None, allocator: PageAllocator | None = None) -> None:
         """``only_if_smaller``: :meth:`compress` refuses (NotSmallerError) a prompt whose pages
         would not take less memory than its full KV (the server's rule; tests of the
         selection math at budgets >= the prompt turn it off).
@@ -106,7 +107,12 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
         a failure or a full pool on any rank leaves the request whole on all of them. With
         fewer KV heads than ranks (replicated heads) ``gather_queries`` all-gathers a
         rank's ``[Hq_local, n, D]`` scoring queries into its KV head's whole query group, so
-        that every replica scores (and keeps) alike."""
+        that every replica scores (and keeps) alike.
+
+        ``pool`` and ``allocator`` (both or neither): storage and ownership made elsewhere, e.g.
+        a :class:`~headkv_sglang.kv.shared_memory.SharedPagePool` over SGLang's token slots and
+        its :class:`~headkv_sglang.kv.shared_memory.BorrowingPageAllocator` (``num_pages``,
+        ``page_size``, ``dtype``, ``device`` are then theirs)."""
         self.global_shape = shape
         self.shard = shard if shard is not None and shard.tp_size > 1 else None
         if self.shard is not None:
@@ -126,8 +132,13 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
         self._gather_queries = self.vote.flagged(gather_queries) if replicated else None
         self.shape = shape  # this rank's heads
         self.only_if_smaller = only_if_smaller
-        self.pool = RaggedHeadKVPool(num_pages, page_size, shape.head_dim, dtype, device)
-        self.allocator = PageAllocator(num_pages)
+        if (pool is None) != (allocator is None):
+            raise ValueError("pass both pool and allocator, or neither")
+        if pool is not None and pool.head_dim != shape.head_dim:
+            raise ValueError(f"the pool's head_dim is {pool.head_dim}, the model's {shape.head_dim}")
+        self.pool = pool if pool is not None else RaggedHeadKVPool(num_pages, page_size, shape.head_dim, dtype, device)
+        self.allocator = allocator if allocator is not None else PageAllocator(num_pages)
+        dtype = self.pool.dtype
         self.shared = SharedRegistry(self.allocator)
         # the one per-request store: req_pool_idx -> its state
         self._states: dict[int, RequestState] = {}

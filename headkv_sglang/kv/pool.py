@@ -192,13 +192,14 @@ class PageAllocator:
                     seen[i] = who
         # each page's expected owner handle: FREE in no table, -2 - t in the table of an owner
         # that holds no pages (it matches no page)
-        expect = torch.full((self.num_pages,), self.FREE, dtype=torch.int32)
+        # (pages owned by nobody keep their state: FREE, or a subclass's own, e.g. a borrowing allocator's ABSENT)
+        expect = torch.where(self._owner >= 0, torch.full_like(self._owner, self.FREE), self._owner)
         for t, (who, tab) in enumerate(zip(whos, tables)):
             expect.index_fill_(0, tab[(tab >= 0) & (tab < self.num_pages)], self._handles.get(who, -2 - t))
         if not outside and torch.equal(expect, self._owner):
             return
         is_listed = listed > 0
-        held = self._owner != self.FREE
+        held = self._owner >= 0
         missing = (held & ~is_listed).nonzero().flatten()[:10].tolist()
         extra = sorted((is_listed & ~held).nonzero().flatten().tolist()[:10] + outside)[:10]
         wrong = (is_listed & held & (expect != self._owner)).nonzero().flatten()[:10].tolist()
@@ -240,13 +241,44 @@ def _as_ids(ids: list[int] | torch.Tensor) -> torch.Tensor:
 
 
 class RaggedHeadKVPool:
-    """Page storage. ``k_pages``/``v_pages``: ``[num_pages, page_size, head_dim]`` of ``dtype``."""
+    """Page storage. ``k_pages``/``v_pages``: ``[num_pages, page_size, head_dim]`` of ``dtype``.
+
+    Token ``t`` of page ``p`` has the *page address* ``p * page_size + t``; readers and writers
+    index :attr:`k_flat`/:attr:`v_flat` ``[N, head_dim]`` at :meth:`physical` of page addresses.
+    Here that is the identity (the pages are one tensor of their own, :attr:`contiguous`);
+    :class:`~headkv_sglang.kv.shared_memory.SharedPagePool` keeps the pages inside SGLang's
+    token slots instead, where ``k_pages``/``v_pages`` do not exist.
+    """
+
+    contiguous = True
 
     def __init__(self, num_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: str | torch.device):
         self.num_pages, self.page_size, self.head_dim = num_pages, page_size, head_dim
         self.dtype = dtype
         self.k_pages = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
         self.v_pages = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_pages.device
+
+    @property
+    def k_flat(self) -> torch.Tensor:
+        """``[num_pages * page_size, head_dim]``: every stored K head-vector."""
+        return self.k_pages.view(-1, self.head_dim)
+
+    @property
+    def v_flat(self) -> torch.Tensor:
+        return self.v_pages.view(-1, self.head_dim)
+
+    def physical(self, addr: torch.Tensor) -> torch.Tensor:
+        """Rows of :attr:`k_flat`/:attr:`v_flat` of page addresses ``addr`` (int64, any shape)."""
+        return addr
+
+    def page_tokens(self, page_ids: torch.Tensor) -> torch.Tensor:
+        """int64 ``[..., page_size]``: the rows of :attr:`k_flat` holding each page's tokens."""
+        t = torch.arange(self.page_size, device=page_ids.device)
+        return self.physical(page_ids.to(torch.int64)[..., None] * self.page_size + t)
 
     @property
     def bytes_per_page(self) -> int:
@@ -261,7 +293,7 @@ class RaggedHeadKVPool:
         """Copy each row's tokens ``[tok_indptr[h], tok_indptr[h+1])`` of ``k_flat``/``v_flat``
         (``[N, head_dim]``) into its pages ``page_ids[kv_indptr[h]:kv_indptr[h+1]]``; the unused
         slots of a row's last page are zeroed. Two copies for all rows (no loop over rows)."""
-        ps, device = self.page_size, self.k_pages.device
+        ps, device = self.page_size, self.device
         page_ids = page_ids.to(device, torch.int64)
         if page_ids.numel() == 0:
             return
@@ -274,9 +306,15 @@ class RaggedHeadKVPool:
         j = torch.arange(row.numel(), device=device) - starts[row]
         dest = page_ids[first_page[row] + torch.div(j, ps, rounding_mode="floor")] * ps + j % ps
         src_idx = first_tok[row] + j
-        for pages, src in ((self.k_pages, k_flat), (self.v_pages, v_flat)):
-            pages[page_ids] = 0
-            pages.view(-1, self.head_dim)[dest] = src.to(device)[src_idx].to(self.dtype)
+        if self.contiguous:
+            for pages, src in ((self.k_pages, k_flat), (self.v_pages, v_flat)):
+                pages[page_ids] = 0
+                pages.view(-1, self.head_dim)[dest] = src.to(device)[src_idx].to(self.dtype)
+            return
+        every, dest = self.page_tokens(page_ids).flatten(), self.physical(dest)
+        for flat, src in ((self.k_flat, k_flat), (self.v_flat, v_flat)):
+            flat[every] = 0
+            flat[dest] = src.to(device)[src_idx].to(self.dtype)
 
     def write_values(self, page_ids: torch.Tensor, vo_indptr: torch.Tensor, lengths: torch.Tensor,
                      v_flat: torch.Tensor, tok_indptr: torch.Tensor) -> None:
@@ -285,7 +323,7 @@ class RaggedHeadKVPool:
         ``j`` in page ``page_ids[vo_indptr[h] + j // (2 * page_size)]`` at slot ``s = j % (2 *
         page_size)``: ``k_pages`` slot ``s`` for ``s < page_size``, else ``v_pages`` slot
         ``s - page_size`` (:func:`values_only_addresses`)."""
-        device = self.k_pages.device
+        device = self.device
         page_ids = page_ids.to(device, torch.int64)
         if page_ids.numel() == 0:
             return
@@ -294,10 +332,11 @@ class RaggedHeadKVPool:
         j = torch.arange(row.numel(), device=device) - (torch.cumsum(lengths, 0) - lengths)[row]
         addr, in_v = values_only_addresses(page_ids, vo_indptr[:-1].to(device, torch.int64)[row], j, self.page_size)
         src = v_flat.to(device)[tok_indptr[:-1].to(device, torch.int64)[row] + j].to(self.dtype)
-        self.k_pages[page_ids] = 0
-        self.v_pages[page_ids] = 0
-        self.k_pages.view(-1, self.head_dim)[addr[~in_v]] = src[~in_v]
-        self.v_pages.view(-1, self.head_dim)[addr[in_v]] = src[in_v]
+        every, addr = self.page_tokens(page_ids).flatten(), self.physical(addr)
+        self.k_flat[every] = 0
+        self.v_flat[every] = 0
+        self.k_flat[addr[~in_v]] = src[~in_v]
+        self.v_flat[addr[in_v]] = src[in_v]
 
     def gather_padded(self, layer: "LayerPages") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dense view of one layer's rows for the torch reference path.

@@ -148,6 +148,9 @@ class _LayerPlan:
     vo_in_v: torch.Tensor | None = None  # bool [R*H, Nmax]: the address is in v_pages
     vo_mask: torch.Tensor | None = None  # bool [R*H, Nmax]
     stash_idx: torch.Tensor | None = None  # int64 [R*H, Nmax]: their tokens in the layer below's rows
+    # a pool whose pages are not one tensor (SharedPagePool): int64 [R*H, P*page_size], the
+    # k_flat/v_flat row of every token of ``pages``
+    tokens: torch.Tensor | None = None
 
 
 class TorchRaggedAttention(RaggedAttention):
@@ -165,10 +168,10 @@ class TorchRaggedAttention(RaggedAttention):
         self._layers: list[_LayerPlan] = []
         self._tail_idx = self._tail_mask = None
         self._stash: tuple[int, torch.Tensor] | None = None  # PoD: (layer, its logits the layer above reuses)
-        self.tables = TableCache(pool.page_size, pool.head_dim, pool.dtype, pool.k_pages.device, dummy_empty=False)
+        self.tables = TableCache(pool.page_size, pool.head_dim, pool.dtype, pool.device, dummy_empty=False)
 
     def plan(self, rows: RaggedRows) -> None:
-        device = self.pool.k_pages.device
+        device = self.pool.device
         if rows.prompt_key() != self._prompt_key:
             self._layers = self._plan_prompt(rows.records, device)
             self._prompt_key = rows.prompt_key()
@@ -202,6 +205,9 @@ class TorchRaggedAttention(RaggedAttention):
         plans = [_LayerPlan(pages[l, :, :widths[l]], lengths[l], *((comp[0][l], comp[1][l], comp[2][l])
                                                                    if comp is not None else (None, None, None)))
                  for l in range(L)]
+        if not self.pool.contiguous:
+            for plan in plans:
+                plan.tokens = self.pool.page_tokens(plan.pages).flatten(1)
         if bt.values_only:
             for l, plan in enumerate(plans):
                 lps = [rec.layers[l] for rec in records]
@@ -228,7 +234,7 @@ class TorchRaggedAttention(RaggedAttention):
             addr, in_v = values_only_addresses(pages, torch.where(mask, first[:, None], 0), safe, ps)
         else:
             addr, in_v = torch.zeros_like(j), torch.zeros_like(mask)
-        plan.vo_addr = torch.where(mask, addr, 0).to(device)
+        plan.vo_addr = self.pool.physical(torch.where(mask, addr, 0).to(device))
         plan.vo_in_v = (in_v & mask).to(device)
         plan.vo_mask = mask.to(device)
         plan.stash_idx = torch.where(mask, start[:, None] + j, 0).to(device)
@@ -241,11 +247,14 @@ class TorchRaggedAttention(RaggedAttention):
         G = Hq // H
         lp = self._layers[layer]
         qf = q.float().view(R, H, G, D)
-        kflat = self.pool.k_pages.view(-1, D)
-        vflat = self.pool.v_pages.view(-1, D)
+        kflat, vflat = self.pool.k_flat, self.pool.v_flat
         L = lp.pages.shape[1] * self.pool.page_size  # token j of a row is slot j of its pages laid end to end
-        kp = self.pool.k_pages[lp.pages].float().view(R, H, L, D)
-        vp = self.pool.v_pages[lp.pages].float().view(R, H, L, D)
+        if lp.tokens is None:
+            kp = self.pool.k_pages[lp.pages].float().view(R, H, L, D)
+            vp = self.pool.v_pages[lp.pages].float().view(R, H, L, D)
+        else:
+            kp = kflat[lp.tokens].float().view(R, H, L, D)
+            vp = vflat[lp.tokens].float().view(R, H, L, D)
         mask = torch.arange(L, device=kp.device)[None, :] < lp.lengths[:, None]
         logits = [torch.einsum("rhgd,rhld->rhgl", qf, kp).mul_(scale)
                   .masked_fill_(~mask.view(R, H, 1, L), -math.inf)]

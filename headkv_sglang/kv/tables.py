@@ -34,7 +34,7 @@ def write_prompt_pages(pool: RaggedHeadKVPool, cfg: KVPolicyConfig, seq_len: int
         torch.cumsum(whole_pages, 0, out=kv_indptr[1:])
         kv_indices = torch.tensor(ids[cursor:cursor + int(whole_pages.sum())], dtype=torch.int64)
         cursor += int(whole_pages.sum())
-        pool.write(kv_indices.to(pool.k_pages.device), kv_indptr, whole, k_flat, v_flat, tok_indptr)
+        pool.write(kv_indices.to(pool.device), kv_indptr, whole, k_flat, v_flat, tok_indptr)
         lp = LayerPages(kv_indptr=kv_indptr, kv_indices=kv_indices, lengths=whole,
                         comp_k=comp.comp_k, comp_v=comp.comp_v, comp_count=comp.comp_count)
         if vo is not None:
