@@ -69,7 +69,8 @@ def naive_address(geo: SlotGeometry, chunk_slots: dict[int, list[int]], P: int, 
     i, r = divmod(u, geo.num_layers * geo.num_kv_heads)
     layer, head = divmod(r, geo.num_kv_heads)
     slot = chunk_slots[chunk][i]
-    return (layer * geo.rows + slot) * geo.num_kv_heads + head
+    # layer_buffers: [layers, 2 (K, V), rows, Hkv] head-vectors
+    return ((layer * 2 * geo.rows) + slot) * geo.num_kv_heads + head
 
 
 def test_geometry_packs_whole_pages():
@@ -95,7 +96,8 @@ def test_physical_matches_the_geometry_written_out():
     flat = pool.page_tokens(torch.arange(alloc.num_pages)[alloc._owner >= -1]).flatten()
     assert torch.bincount(flat).max() == 1
     slots = torch.tensor(sorted(s for c in chunks.values() for s in c))
-    covered = sorted(set((flat // H % (300 + 1)).tolist()))
+    covered = sorted(set((flat // H % (2 * (300 + 1))).tolist()))
+    assert max(covered) <= 300, "a K page address in the V half"
     assert covered == slots.tolist()
     assert flat.numel() == slots.numel() * L * H
 
@@ -138,7 +140,18 @@ def test_random_operations_no_byte_owned_twice(seed):
         for who, ps_ in owned.items():
             addr = pool.page_tokens(torch.tensor(ps_)).flatten()
             assert bool((pool.k_flat[addr] == marks[who]).all()), f"pages of {who!r} overwritten"
-            assert set((addr // H % rows).tolist()) <= set(borrowed), f"pages of {who!r} outside borrowed slots"
+            assert set((addr // H % (2 * rows)).tolist()) <= set(borrowed), f"pages of {who!r} outside borrowed slots"
+        # V: the same addresses in the V half of the same allocation
+        v = pool.v_all
+        v.zero_()
+        for who, ps_ in owned.items():
+            pool.v_flat[pool.page_tokens(torch.tensor(ps_)).flatten()] = marks[who]
+        for who, ss in sglang.items():
+            assert bool((v[:, ss] == 0).all()) and bool((k[:, ss] == 1 + who).all()), \
+                f"SGLang holder {who}'s slots overwritten by V pages"
+        for who, ps_ in owned.items():
+            addr = pool.page_tokens(torch.tensor(ps_)).flatten()
+            assert bool((pool.v_flat[addr] == marks[who]).all()) and bool((pool.k_flat[addr] == marks[who]).all())
 
     for step in range(160):
         op = rng.choice(["sg_alloc", "sg_alloc", "sg_free", "compress", "compress", "grow", "release",

@@ -106,10 +106,12 @@ def min_chunk_slots(num_layers: int, num_kv_heads: int, page_size: int) -> int:
 def layer_buffers(num_layers: int, rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                   device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
                                                        list[torch.Tensor]]:
-    """``k_all, v_all`` ``[layers, rows, Hkv, D]`` (zeros) and their per-layer views (each
-    contiguous: what SGLang's pool keeps as ``k_buffer``/``v_buffer``)."""
-    k_all = torch.zeros(num_layers, rows, num_kv_heads, head_dim, dtype=dtype, device=device)
-    v_all = torch.zeros_like(k_all)
+    """``k_all, v_all`` ``[layers, rows, Hkv, D]`` (zeros), views of one ``[layers, 2, rows,
+    Hkv, D]`` allocation (each layer's K and V side by side, as SGLang 0.5.23 lays them out),
+    and their per-layer views (each contiguous: what SGLang's pool keeps as
+    ``k_buffer``/``v_buffer``)."""
+    kv = torch.zeros(num_layers, 2, rows, num_kv_heads, head_dim, dtype=dtype, device=device)
+    k_all, v_all = kv[:, 0], kv[:, 1]
     return k_all, v_all, list(k_all.unbind(0)), list(v_all.unbind(0))
 
 
@@ -309,8 +311,9 @@ class BorrowingPageAllocator(PageAllocator):
 
 
 class SharedPagePool(RaggedHeadKVPool):
-    """Pages stored in the layer buffers ``k_all``/``v_all`` ``[layers, rows, Hkv, D]``, at the
-    slots ``allocator`` borrowed (see the module docstring). Same interface as the separate
+    """Pages stored in the layer buffers ``k_all``/``v_all`` ``[layers, rows, Hkv, D]`` (any
+    strides that keep head-vectors whole, e.g. views of SGLang's ``[layers, 2, rows, Hkv, D]``
+    K/V allocation), at the slots ``allocator`` borrowed (see the module docstring). Same interface as the separate
     pool except that there is no ``k_pages``/``v_pages`` tensor: :attr:`k_flat`/:attr:`v_flat`
     ``[layers * rows * Hkv, D]`` and :meth:`physical`."""
 
@@ -321,8 +324,13 @@ class SharedPagePool(RaggedHeadKVPool):
         L, rows, H, D = k_all.shape
         if (L, rows, H) != (g.num_layers, g.rows, g.num_kv_heads) or v_all.shape != k_all.shape:
             raise ValueError(f"buffers {list(k_all.shape)} / {list(v_all.shape)} do not match {g}")
-        if not (k_all.is_contiguous() and v_all.is_contiguous()):
-            raise ValueError("k_all and v_all must be contiguous")
+        st = k_all.stride()
+        if v_all.stride() != st or st[3] != 1 or st[2] != D or st[1] % D or st[0] % D:
+            raise ValueError(f"k_all/v_all need the same strides, whole head-vectors (strides [*, *, {D}, 1]), "
+                             f"got {list(st)} / {list(v_all.stride())}")
+        # head-vector (layer l, slot s, head h) is row l * layer_stride + s * slot_stride + h of k_flat
+        self.layer_stride, self.slot_stride = st[0] // D, st[1] // D
+        self._rows = (L - 1) * self.layer_stride + (rows - 1) * self.slot_stride + H
         self.num_pages, self.page_size, self.head_dim = allocator.num_pages, g.page_size, D
         self.dtype = k_all.dtype
         self.allocator, self.geometry = allocator, g
@@ -335,11 +343,12 @@ class SharedPagePool(RaggedHeadKVPool):
 
     @property
     def k_flat(self) -> torch.Tensor:
-        return self.k_all.view(-1, self.head_dim)
+        """``[N, D]`` over ``k_all``'s bytes (the same memory: SGLang's K buffers)."""
+        return torch.as_strided(self.k_all, (self._rows, self.head_dim), (self.head_dim, 1))
 
     @property
     def v_flat(self) -> torch.Tensor:
-        return self.v_all.view(-1, self.head_dim)
+        return torch.as_strided(self.v_all, (self._rows, self.head_dim), (self.head_dim, 1))
 
     @property
     def bytes_per_page(self) -> int:
@@ -358,7 +367,7 @@ class SharedPagePool(RaggedHeadKVPool):
         slots = self.allocator.chunk_slots.to(addr.device)
         slot = slots[chunk, torch.div(u, g.per_slot, rounding_mode="floor")].clamp(min=0)
         r = u % g.per_slot
-        return (torch.div(r, g.num_kv_heads, rounding_mode="floor") * g.rows + slot) * g.num_kv_heads \
+        return torch.div(r, g.num_kv_heads, rounding_mode="floor") * self.layer_stride + slot * self.slot_stride \
             + r % g.num_kv_heads
 
     def gather_padded(self, layer):
