@@ -158,6 +158,11 @@ class KVPolicyConfig:
     pool_fraction: float = hyper(0.5, "Share of SGLang's KV token capacity moved to the compressed pool.",
                                  low=0.0, low_open=True, high=0.95, request=False)
     page_size: int = hyper(16, "Tokens per page of the compressed pool.", low=1, high=4096, request=False)
+    memory: str = hyper("split", "Where compressed pages live: 'split' (the default: --kv-pool-fraction of SGLang's "
+                        "KV capacity becomes a pool of its own) or 'shared' (one memory: pages live inside SGLang's "
+                        "token slots, borrowed from its token allocator in chunks and given back when a chunk "
+                        "empties; --kv-pool-fraction is then unused). 'shared' runs the torch kernel only (CPU).",
+                        choices=("split", "shared"), request=False)
     #: The policies' hyperparameters that differ from their declared defaults: sorted ``(name, value)``.
     params: tuple[tuple[str, Any], ...] = ()
 

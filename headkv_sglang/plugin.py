@@ -45,6 +45,9 @@ _PREFIX_CAP = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _DECODE_GRAPH = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph"
 _PREFILL_GRAPH = "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph"
 _CPU_GRAPH = "sglang.srt.model_executor.cpu_graph_runner.CPUGraphRunner.can_run_graph"
+# --kv-memory shared only
+_KV_BUFFERS = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal"
+_FULL_POOL_CHECK = "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_full_pool"
 _PARALLEL_GROUP = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 SERVING_TARGETS = (
     f"{_POOL_CONF}.calculate_pool_sizes",
@@ -382,6 +385,11 @@ def _register_serving(cfg: KVPolicyConfig):
     hook(_FLUSH, lifecycle.after_flush_cache, HookType.AFTER)
     for target in (_DECODE_GRAPH, _PREFILL_GRAPH, _CPU_GRAPH):
         hook(target, backend.graph_allowed, HookType.AFTER)
+    if cfg.memory == "shared":
+        from headkv_sglang.serving import one_memory
+
+        hook(_KV_BUFFERS, one_memory.one_allocation, HookType.AFTER)
+        hook(_FULL_POOL_CHECK, one_memory.count_borrowed, HookType.AROUND)
 
     for name in backend.SUPPORTED_BACKENDS:
         factory = backend.backend_factory(state, name, attention_registry.ATTENTION_BACKENDS[name])

@@ -238,12 +238,13 @@ def test_declarations_cover_every_setting():
     """Every flag and request key comes from a declaration, and the built-ins keep their names."""
     names = [p.name for p in settings()]
     assert len(names) == len(set(names))
-    assert names[:11] == ["policy", "budget", "window", "scoring", "question", "min_prompt", "decode_budget",
-                          "share", "head_profile", "pool_fraction", "page_size"]
-    assert set(names[11:]) == {"kernel_size", "pooling", "pool_shift", "beta", "pyramid_beta", "floor_alpha",
+    assert names[:12] == ["policy", "budget", "window", "scoring", "question", "min_prompt", "decode_budget",
+                          "share", "head_profile", "pool_fraction", "page_size", "memory"]
+    assert set(names[12:]) == {"kernel_size", "pooling", "pool_shift", "beta", "pyramid_beta", "floor_alpha",
                                "sink_size", "razor_fraction", "razor_heads", "d2o_merge", "d2o_layers", "pod_share"}
     server_only = {p.flag for p in settings() if p.key is None}
-    assert server_only == {"--kv-head-profile", "--kv-pool-fraction", "--kv-page-size", "--kv-pyramid-beta"}
+    assert server_only == {"--kv-head-profile", "--kv-pool-fraction", "--kv-page-size", "--kv-memory",
+                           "--kv-pyramid-beta"}
     from headkv_sglang.policies import RazorAttention
 
     assert [(f, p.name) for f, p in params_of(RazorAttention)] == [

@@ -397,6 +397,10 @@ def make_kernel(pool, shape, device: torch.device, scale: float) -> tuple[str, R
     choice = os.environ.get("HEADKV_SGLANG_RAGGED_KERNEL", "auto")
     if choice not in ("auto", "torch", "flashinfer"):
         raise SystemExit(f"HEADKV_SGLANG_RAGGED_KERNEL={choice!r}: choose auto, torch or flashinfer")
+    if not pool.contiguous:  # pages inside SGLang's token slots (--kv-memory shared): the torch kernel reads them
+        if choice == "flashinfer":
+            raise SystemExit("headkv_sglang: --kv-memory shared runs the torch ragged kernel only")
+        return "torch", TorchRaggedAttention(pool, shape.num_layers, shape.num_kv_heads)
     if choice == "flashinfer" or (choice == "auto" and device.type == "cuda"):
         from flashinfer_ext.ragged import FlashInferRaggedAttention
 
@@ -419,12 +423,21 @@ def backend_factory(state: ServingState, name: str, original: Callable) -> Calla
             gather, state.min_over_ranks, state.gather_objects, gather_queries = tp_ops(shard, state.shape.num_kv_heads)
         state.tp_rank, state.tp_size = shard.tp_rank, shard.tp_size
         lo, hi = shard.kv_heads(state.shape.num_kv_heads)
-        num_pages = compressed_pool_pages(state, hi - lo)
-        if state.min_over_ranks is not None:  # every rank's pool the same size: admission agrees
-            num_pages = state.min_over_ranks(num_pages)
+        pool = allocator = None
+        if state.cfg.memory == "shared":  # one memory: the pages live in SGLang's token slots
+            if shard.tp_size > 1:
+                raise SystemExit("headkv_sglang: --kv-memory shared runs on one rank only (not with --tp)")
+            from headkv_sglang.serving.one_memory import build
+
+            pool, allocator = build(state, kv_pool, runner.token_to_kv_pool_allocator, hi - lo)
+            num_pages = allocator.num_pages
+        else:
+            num_pages = compressed_pool_pages(state, hi - lo)
+            if state.min_over_ranks is not None:  # every rank's pool the same size: admission agrees
+                num_pages = state.min_over_ranks(num_pages)
         manager = CompressionManager(state.shape, num_pages, state.cfg.page_size, dtype, device,
                                      shard=shard, gather=gather, min_over_ranks=state.min_over_ranks,
-                                     gather_queries=gather_queries)
+                                     gather_queries=gather_queries, pool=pool, allocator=allocator)
         kernel_name, kernel = make_kernel(manager.pool, manager.shape, device, state.shape.head_dim ** -0.5)
         state.manager, state.inner_backend, state.kernel = manager, name, kernel_name
         state.questions = question_finder(runner.server_args)

@@ -109,6 +109,11 @@ def report(state: ServingState) -> dict[str, Any]:
                       "prefix_waits": state.prefix_waits,
                       "reserved_pages": m.reserved_pages() if m is not None else 0},
     }
+    from headkv_sglang.serving.one_memory import memory_report
+
+    memory = memory_report(state)
+    if memory is not None:
+        out["memory"] = memory
     if m is not None:
         out.update(m.stats())
         out["peak_running_compressed_requests_since_last_read"] = m.take_peak_records()

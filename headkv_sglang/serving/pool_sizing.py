@@ -10,12 +10,18 @@ logger = logging.getLogger("headkv_sglang")
 
 
 def scale_pool_sizes(state: ServingState, result, *args, **kwargs):
-    """AFTER ``DefaultPoolConfigurator.calculate_pool_sizes*``: move ``--kv-pool-fraction``.
+    """AFTER ``DefaultPoolConfigurator.calculate_pool_sizes*``: move ``--kv-pool-fraction``
+    (``--kv-memory split``; with ``shared`` nothing moves).
 
     One token slot holds ``layers × kv_heads`` head-tokens, so ``moved`` slots become
     ``moved × layers × kv_heads / page_size`` pages of the compressed pool.
     """
     total = result.max_total_num_tokens
+    if state.cfg.memory == "shared":  # one memory: pages borrow SGLang's slots as they need them
+        state.pool_tokens, state.token_pool_tokens = 0, total
+        logger.info("headkv_sglang: KV capacity %d tokens, shared by SGLang and compressed pages (--kv-memory shared)",
+                    total)
+        return result
     moved = int(total * state.cfg.pool_fraction)
     result.max_total_num_tokens = total - moved
     state.pool_tokens = moved

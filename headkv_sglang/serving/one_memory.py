@@ -1,0 +1,118 @@
+"""``--kv-memory shared``: the SGLang side of one KV memory (:mod:`headkv_sglang.kv.shared_memory`).
+
+* :func:`one_allocation` (AFTER ``MHATokenToKVPool._create_buffers_normal``): every layer's
+  K and V buffers become views of one ``[layers, 2, rows, Hkv, D]`` allocation, so a page
+  can live in any layer's bytes (each layer's view is laid out as SGLang lays it).
+* :class:`TokenSlotSource`: SGLang's token allocator as the pages' slot source; a borrow
+  evicts from the radix tree first when the free slots are short, as SGLang's own
+  allocations do.
+* :func:`count_borrowed` (AROUND the scheduler's full-pool invariant check): slots lent to
+  compressed pages are accounted (as SGLang's "uncached" tokens), so the idle-time check
+  still sees every slot.
+* :func:`memory_report`: ``/server_info``'s one-memory view (slots of SGLang, of pages, free,
+  evictable).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from headkv_sglang.kv.shared_memory import BorrowingPageAllocator, SharedPagePool, SlotGeometry
+from headkv_sglang.serving.state import ServingState
+
+logger = logging.getLogger("headkv_sglang")
+
+#: slots per chunk at least (a multiple of the smallest chunk that cuts into whole pages)
+CHUNK_SLOTS_AT_LEAST = 8
+
+
+def one_allocation(state: ServingState, result, pool, *args, **kwargs):
+    """Re-lay SGLang's per-layer K/V buffers as views of one allocation (``pool._headkv_kv``)."""
+    if state.cfg.memory != "shared":
+        return result
+    k0, v0 = pool.k_buffer[0], pool.v_buffer[0]
+    if k0.shape != v0.shape or k0.dim() != 3 or not k0.is_contiguous():
+        raise SystemExit(f"headkv_sglang: --kv-memory shared needs [slots, heads, dim] K/V buffers of one shape; "
+                         f"this KV pool has K {list(k0.shape)}, V {list(v0.shape)}")
+    L = len(pool.k_buffer)
+    pool.k_buffer = pool.v_buffer = None  # free the per-layer allocations first
+    kv = torch.zeros(L, 2, *k0.shape, dtype=k0.dtype, device=k0.device)
+    del k0, v0
+    pool.k_buffer = [kv[l, 0] for l in range(L)]
+    pool.v_buffer = [kv[l, 1] for l in range(L)]
+    pool._headkv_kv = kv
+    logger.info("headkv_sglang: --kv-memory shared: K/V of %d layers in one allocation %s (%.1f MB)", L,
+                list(kv.shape), kv.numel() * kv.element_size() / 2**20)
+    return result
+
+
+class TokenSlotSource:
+    """SGLang's token allocator as a :class:`~headkv_sglang.kv.shared_memory.SlotSource`.
+
+    ``available_size`` counts the radix tree's evictable slots too (a borrow evicts them)."""
+
+    def __init__(self, state: ServingState, allocator) -> None:
+        self.state, self.allocator = state, allocator
+
+    def _tree(self):
+        sched = self.state.scheduler
+        return getattr(sched, "tree_cache", None) if sched is not None else None
+
+    def available_size(self) -> int:
+        tree = self._tree()
+        evictable = tree.evictable_size() if tree is not None else 0
+        return self.allocator.available_size() + evictable
+
+    def alloc(self, need_size: int):
+        tree = self._tree()
+        if self.allocator.available_size() < need_size and tree is not None:
+            from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+            evict_from_tree_cache(tree, need_size)
+        return self.allocator.alloc(need_size)
+
+    def free(self, free_index: torch.Tensor) -> None:
+        self.allocator.free(free_index.to(self.allocator.device if hasattr(self.allocator, "device") else "cpu"))
+
+
+def build(state: ServingState, kv_pool, token_allocator, num_kv_heads: int) -> tuple[SharedPagePool,
+                                                                                      BorrowingPageAllocator]:
+    """The shared pool and its borrowing allocator over SGLang's ``kv_pool`` (laid out by
+    :func:`one_allocation`) and ``token_allocator``."""
+    kv = getattr(kv_pool, "_headkv_kv", None)
+    if kv is None:
+        raise SystemExit("headkv_sglang: --kv-memory shared, but SGLang's KV buffers were not laid out as one "
+                         "allocation (the MHATokenToKVPool hook did not run: an unsupported KV pool?)")
+    L, _, rows, H, _ = kv.shape
+    geo = SlotGeometry.smallest(L, num_kv_heads, state.cfg.page_size, rows=rows, at_least=CHUNK_SLOTS_AT_LEAST)
+    source = TokenSlotSource(state, token_allocator)
+    allocator = BorrowingPageAllocator(source, geo, max_chunks=max(1, kv_pool.size // geo.chunk_slots))
+    return SharedPagePool(kv[:, 0], kv[:, 1], allocator), allocator
+
+
+def count_borrowed(state: ServingState, original, checker, ps, uncached: int = 0):
+    """AROUND ``SchedulerInvariantChecker._check_full_pool``: slots lent to pages count as used."""
+    m = state.manager
+    borrowed = m.allocator.borrowed_slots if m is not None and isinstance(m.allocator, BorrowingPageAllocator) else 0
+    return original(checker, ps, uncached=uncached + borrowed)
+
+
+def memory_report(state: ServingState) -> dict | None:
+    """One memory in token slots: SGLang's own, the compressed pages', free, evictable."""
+    m, sched = state.manager, state.scheduler
+    if m is None or not isinstance(m.allocator, BorrowingPageAllocator):
+        return None
+    a = m.allocator
+    out = {"mode": "shared", "chunk_slots": a.geometry.chunk_slots, "pages_per_chunk": a.pages_per_chunk,
+           "slots_borrowed_by_pages": a.borrowed_slots, "pages_used": a.used_pages,
+           "pages_free_in_borrowed_chunks": a.free_in_chunks, **a.totals}
+    if sched is not None:
+        alloc, tree = sched.token_to_kv_pool_allocator, sched.tree_cache
+        total = sched.max_total_num_tokens
+        free = alloc.available_size()
+        evictable = tree.evictable_size() if tree is not None else 0
+        out.update(slots_total=total, slots_free=free, slots_evictable=evictable,
+                   slots_used_by_sglang=total - free - a.borrowed_slots)
+    return out
