@@ -58,9 +58,15 @@ class Request:
     what each (layer, KV head) must hold."""
 
     def __init__(self, policy: str, decode_budget: int, prompt_len: int = 57, num_pages: int = 400,
-                 budget: int = 12, seed: int = 0, **cfg):
+                 budget: int = 12, seed: int = 0, shared: bool = False, **cfg):
         self.gen = torch.Generator().manual_seed(seed)
-        self.m = CompressionManager(SHAPE, num_pages, PS, torch.float32, "cpu")
+        if shared:  # one memory: the pages live in token slots borrowed from a stand-in token allocator
+            from test_shared_memory import make_store
+
+            _, alloc, pool = make_store(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, PS, 500, seed)
+            self.m = CompressionManager(SHAPE, 0, 0, torch.float32, "cpu", pool=pool, allocator=alloc)
+        else:
+            self.m = CompressionManager(SHAPE, num_pages, PS, torch.float32, "cpu")
         self.cfg = KVPolicyConfig(policy=policy, budget=budget, window=3, kernel_size=3,
                                   decode_budget=decode_budget, **cfg).validate()
         slots = 600
@@ -97,8 +103,9 @@ class Request:
     def _row(self, rec, layer, h, kind="k"):
         lp = rec.layers[layer]
         pages = lp.kv_indices[int(lp.kv_indptr[h]):int(lp.kv_indptr[h + 1])]
-        src = self.m.pool.k_pages if kind == "k" else self.m.pool.v_pages
-        return src[pages].reshape(-1, SHAPE.head_dim)
+        pool = self.m.pool
+        src = pool.k_flat if kind == "k" else pool.v_flat
+        return src[pool.page_tokens(pages)].reshape(-1, SHAPE.head_dim)
 
     def step(self) -> None:
         """One decode step: the newest token (position seq_len) is in the pool, its queries
@@ -221,10 +228,11 @@ def d2o_profile(tmp_path) -> str:
     return str(prof.save(tmp_path / "d2o.json", heatmap=False))
 
 
-@pytest.mark.parametrize("policy,decode_budget,seed", [("adakv", 9, 1), ("snapkv", 23, 2), ("pyramidkv", 1, 3),
-                                                       ("adakv", 40, 4), ("streamingllm", 11, 5), ("d2o", 13, 6),
-                                                       ("d2o-off", 7, 8)])
-def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budget, seed, d2o_profile):
+@pytest.mark.parametrize("policy,decode_budget,seed,shared", [
+    ("adakv", 9, 1, False), ("snapkv", 23, 2, False), ("pyramidkv", 1, 3, False), ("adakv", 40, 4, False),
+    ("streamingllm", 11, 5, False), ("d2o", 13, 6, False), ("d2o-off", 7, 8, False),
+    ("snapkv", 23, 2, True), ("d2o", 13, 6, True)])  # shared: the pages inside borrowed token slots
+def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budget, seed, shared, d2o_profile):
     """D2O (merge on): the generated tokens each move drops merge into their most similar
     kept one, with the layer's moving-average threshold (naive loops over every dropped
     token in the reference model); d2o-off: plain eviction, the pool's values exactly."""
@@ -232,7 +240,7 @@ def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budge
     if policy.startswith("d2o"):
         extra = dict(head_profile=d2o_profile, sink_size=2, d2o_merge="off" if policy == "d2o-off" else "on")
         policy = "d2o"
-    r = Request(policy, decode_budget, seed=seed, **extra)
+    r = Request(policy, decode_budget, seed=seed, shared=shared, **extra)
     window, chunk = r.cfg.obs_window, decode_chunk(decode_budget)
     tail_max = 0
     for _ in range(130):
@@ -245,7 +253,11 @@ def test_generated_tokens_move_into_pages_and_the_best_stay(policy, decode_budge
     assert tail_max <= window + chunk  # the tail never outgrows its window plus a chunk
     r.check_attention()
     # all of it comes back with the row
-    assert r.m.free(r.idx) and r.m.allocator.free_pages == r.m.allocator.num_pages
+    assert r.m.free(r.idx) and r.m.allocator.used_pages == 0
+    if shared:  # every borrowed slot is back in the token allocator
+        assert r.m.allocator.borrowed_chunks == 0 and r.m.allocator.source.available_size() == 500
+    else:
+        assert r.m.allocator.free_pages == r.m.allocator.num_pages
     assert not any(st.decode_q for st in r.m.states())
     t = r.m.decode_totals
     assert t["compressions"] == r.moves and t["pool_full"] == 0 and t["errors"] == 0
