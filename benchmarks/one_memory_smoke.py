@@ -28,7 +28,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def memory(srv: SGLangServer) -> dict:
-    st = srv.plugin_state()
+    st = srv.get_json("/server_info", timeout=600)["internal_states"][0]["headkv_sglang"]
     return {"memory": st.get("memory"), "integrity": st.get("integrity"),
             "running_compressed_requests": st.get("running_compressed_requests"),
             "fallbacks": st.get("fallbacks")}
@@ -68,7 +68,7 @@ def main() -> int:
                 if ((now["memory"] or {}).get("slots_borrowed_by_pages") or 0) > \
                         ((out["during"]["memory"] or {}).get("slots_borrowed_by_pages") or 0):
                     out["during"] = now
-                time.sleep(0.3)
+                time.sleep(2)
             answers = [f.result() for f in futs]
         out["answers"] = [{"status": c, "prompt_tokens": n, "text": t, "seconds": round(s, 1)}
                           for c, t, n, s in answers]
