@@ -43,11 +43,11 @@ def main() -> int:
     model = model_dir()
     args = ["--max-total-tokens", "16384", "--kv-policy", "snapkv", "--kv-budget", a.budget,
             "--kv-memory", "shared", "--kv-page-size", "16"]
-    log = RESULTS / "one_memory_smoke.log"
+    log = RESULTS / "one_memory_smoke.server.log"  # not committed (.gitignore)
     out: dict = {"command": " ".join([sys.executable, *sys.argv]), "server_args": args,
                  "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (shared machine)"}
     env = {"HEADKV_SGLANG_CHECK_INTEGRITY": "1"}
-    with SGLangServer(model, args, port=a.port, log_path=log, env=env).start() as srv:
+    with SGLangServer(model, args, port=a.port, log_path=log, env=env) as srv:  # __enter__ starts it
         out["before"] = memory(srv)
         needle = needle_prompt(a.words, 0.4, seed=3)
         prompts = [needle.prompt] + [needle_prompt(n, 0.5, seed=s).prompt for s, n in ((5, 300), (6, 500), (7, 200))]
