@@ -67,14 +67,12 @@ class TokenSlotSource:
 
     def alloc(self, need_size: int):
         tree = self._tree()
-        if self.allocator.available_size() < need_size and tree is not None:
-            from sglang.srt.mem_cache.common import evict_from_tree_cache
-
-            evict_from_tree_cache(tree, need_size)
+        if self.allocator.available_size() < need_size and tree is not None and tree.supports_prefix_sharing():
+            self.allocator.evict_to_free_tokens(tree, need_size)  # what SGLang's evict_from_tree_cache does
         return self.allocator.alloc(need_size)
 
     def free(self, free_index: torch.Tensor) -> None:
-        self.allocator.free(free_index.to(self.allocator.device if hasattr(self.allocator, "device") else "cpu"))
+        self.allocator.free(free_index.to(getattr(self.allocator, "device", "cpu")))
 
 
 def build(state: ServingState, kv_pool, token_allocator, num_kv_heads: int) -> tuple[SharedPagePool,

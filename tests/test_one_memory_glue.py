@@ -1,0 +1,101 @@
+"""serving/one_memory.py with stand-ins for SGLang's objects (no server): the K/V buffers
+re-laid as one allocation, the token allocator as slot source (radix eviction before a
+borrow that the free slots cannot serve), the leak check counting borrowed slots, and the
+/server_info memory view adding up."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from headkv_sglang.config import KVPolicyConfig, ModelShape
+from headkv_sglang.kv.manager import CompressionManager
+from headkv_sglang.serving import one_memory
+from headkv_sglang.serving.state import ServingState
+
+
+class Allocator:
+    """SGLang's token allocator: slots 1..size; ``evict_to_free_tokens`` frees the tree's."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.device = size, "cpu"
+        self.free_slots = list(range(size, 0, -1))
+
+    def available_size(self) -> int:
+        return len(self.free_slots)
+
+    def alloc(self, n: int):
+        if n > len(self.free_slots):
+            return None
+        out = [self.free_slots.pop() for _ in range(n)]
+        return torch.tensor(out, dtype=torch.int64)
+
+    def free(self, idx) -> None:
+        self.free_slots += idx.tolist()
+
+    def evict_to_free_tokens(self, tree, n: int) -> None:
+        while self.available_size() < n and tree.cached:
+            self.free(torch.tensor([tree.cached.pop()]))
+
+
+class Tree:
+    def __init__(self, cached: list[int]) -> None:
+        self.cached = cached
+
+    def evictable_size(self) -> int:
+        return len(self.cached)
+
+    def supports_prefix_sharing(self) -> bool:
+        return True
+
+
+def shared_state(L=3, H=2, D=4, size=64, page_size=4):
+    state = ServingState(KVPolicyConfig(policy="snapkv", page_size=page_size, memory="shared").validate())
+    kv_pool = types.SimpleNamespace(size=size, k_buffer=[torch.randn(size + 1, H, D) for _ in range(L)],
+                                    v_buffer=[torch.randn(size + 1, H, D) for _ in range(L)])
+    one_memory.one_allocation(state, None, kv_pool)
+    return state, kv_pool
+
+
+def test_buffers_become_views_of_one_allocation():
+    state, kv_pool = shared_state()
+    kv = kv_pool._headkv_kv
+    assert list(kv.shape) == [3, 2, 65, 2, 4]
+    for layer in range(3):
+        assert kv_pool.k_buffer[layer].is_contiguous() and kv_pool.k_buffer[layer].shape == (65, 2, 4)
+        kv_pool.k_buffer[layer][7] = layer + 1.0
+        kv_pool.v_buffer[layer][9] = -layer - 1.0
+        assert bool((kv[layer, 0, 7] == layer + 1).all()) and bool((kv[layer, 1, 9] == -layer - 1).all())
+    split = ServingState(KVPolicyConfig(policy="snapkv").validate())
+    pool = types.SimpleNamespace(k_buffer=["k"], v_buffer=["v"])
+    one_memory.one_allocation(split, None, pool)  # split: untouched
+    assert pool.k_buffer == ["k"] and not hasattr(pool, "_headkv_kv")
+
+
+def test_borrowing_evicts_the_radix_tree_and_everything_adds_up():
+    state, kv_pool = shared_state(size=64)
+    alloc = Allocator(64)
+    sglang_running = alloc.alloc(20)  # running requests
+    tree = Tree(alloc.alloc(40).tolist())  # the radix tree's evictable cache: 4 slots free
+    state.scheduler = types.SimpleNamespace(tree_cache=tree, token_to_kv_pool_allocator=alloc, max_total_num_tokens=64)
+    pool, pages = one_memory.build(state, kv_pool, alloc, num_kv_heads=2)
+    shape = ModelShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=4)
+    state.manager = CompressionManager(shape, 0, 0, torch.float32, "cpu", pool=pool, allocator=pages)
+    C, P = pages.geometry.chunk_slots, pages.pages_per_chunk
+    assert C == 8 and P == 12  # at least 8 slots; 8 * 3 * 2 / 4 pages
+    assert pages.free_pages == (44 // C) * P  # free + evictable slots, in whole chunks
+    ids = pages.allocate(2 * P, owner=1)  # 16 slots: 4 free + 12 evicted from the tree
+    assert tree.evictable_size() == 28 and alloc.available_size() == 0 and pages.borrowed_slots == 16
+    report = one_memory.memory_report(state)
+    assert report["slots_borrowed_by_pages"] == 16 and report["slots_free"] == 0
+    assert report["slots_used_by_sglang"] == 64 - 16 and report["slots_evictable"] == 28
+    # SGLang's idle leak check: available + evictable + protected + ... + uncached == total
+    seen = {}
+    one_memory.count_borrowed(state, lambda checker, ps, uncached=0: seen.setdefault("uncached", uncached),
+                              "checker", "ps", uncached=20)
+    assert seen["uncached"] == 20 + 16
+    pages.free(ids, owner=1)
+    assert pages.borrowed_slots == 0 and alloc.available_size() == 16
+    alloc.free(sglang_running)
+    assert alloc.available_size() + tree.evictable_size() == 64
