@@ -195,7 +195,7 @@ class HeadKVAttnBackend:
         self.inner.init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         self.graph_kernel = make_graph_kernel(self.kernel, max_bs, self.token_to_kv_pool.get_key_buffer(0).shape[0])
         if self.graph_kernel is not None:
-            self.graph_rows = GraphRows(max_bs, max_bs, self.manager.pool.k_pages.device)
+            self.graph_rows = GraphRows(max_bs, max_bs, self.manager.pool.device)
 
     def graph_fits(self, fb) -> bool:
         """Whether a CUDA graph can run decode batch ``fb``'s compressed rows: a graphed kernel
