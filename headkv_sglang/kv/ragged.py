@@ -205,9 +205,11 @@ class TorchRaggedAttention(RaggedAttention):
         plans = [_LayerPlan(pages[l, :, :widths[l]], lengths[l], *((comp[0][l], comp[1][l], comp[2][l])
                                                                    if comp is not None else (None, None, None)))
                  for l in range(L)]
-        if not self.pool.contiguous:
-            for plan in plans:
-                plan.tokens = self.pool.page_tokens(plan.pages).flatten(1)
+        if not self.pool.contiguous:  # every layer's token addresses in one computation
+            tokens = self.pool.page_tokens(pages).flatten(2)  # [L, R*H, widest * page_size]
+            ps = self.pool.page_size
+            for l, plan in enumerate(plans):
+                plan.tokens = tokens[l, :, :widths[l] * ps]
         if bt.values_only:
             for l, plan in enumerate(plans):
                 lps = [rec.layers[l] for rec in records]
