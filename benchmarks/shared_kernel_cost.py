@@ -87,6 +87,7 @@ def main() -> int:
     idxs, starts, ends = list(range(a.rows)), [4 * a.kept] * a.rows, [4 * a.kept + a.tail] * a.rows
     kernels = {"split": TorchRaggedAttention(split, L, H), "shared": TorchRaggedAttention(shared, L, H)}
     q = torch.randn(a.rows, Hq, D)
+    load_before = os.getloadavg()
     times: dict[str, dict[str, list[float]]] = {k: {"plan_ms": [], "run_all_layers_ms": []} for k in kernels}
     for _ in range(a.repeats):
         for name, kern in kernels.items():
@@ -104,13 +105,15 @@ def main() -> int:
            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads; shared with other users' jobs (timings noisy)",
            "shape": {"layers": L, "kv_heads": H, "q_heads": Hq, "head_dim": D, "page_size": ps},
-           "median": med, "all": times}
+           "load_average_before_after": [load_before, os.getloadavg()], "median": med, "all": times}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "shared_kernel_cost.json").write_text(json.dumps(out, indent=2))
     md = ["# Torch ragged kernel: pages in the separate pool vs inside SGLang's token slots", "",
           f"Command: `{out['command']}`  ", f"Machine: {out['machine']}  ",
           f"{a.rows} rows, {a.kept} kept tokens per (layer, KV head), tail {a.tail}, SmolLM2-135M shape, "
-          f"medians of {a.repeats} alternating repeats.", "",
+          f"medians of {a.repeats} alternating repeats. Load average (1, 5, 15 min) before / after: "
+          f"{load_before} / {out['load_average_before_after'][1]} on 2 cores: absolute times are inflated; "
+          f"the split/shared ratio is the result.", "",
           "| memory | plan (new batch) ms | run, all 30 layers, ms |", "| --- | --- | --- |"]
     for k in kernels:
         md.append(f"| {k} | {med[k]['plan_ms']} | {med[k]['run_all_layers_ms']} |")
