@@ -12,7 +12,9 @@ from headkv_sglang.policies.base import KVPolicy
 from headkv_sglang.policies.base import sink_size_field
 from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_sinks_fit, check_window_fits
 from headkv_sglang.policies.params import hyper
-from headkv_sglang.policies.scoring import observation_window_scores
+import math
+
+from headkv_sglang.policies.scoring import observation_window_scores, pool_mass
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig
@@ -86,6 +88,19 @@ class ObservationWindowPolicy(KVPolicy):
             self.pool_shift,
         )
 
+    def scores_from_mass(self, mass: torch.Tensor) -> torch.Tensor:
+        """Scores from question-agnostic attention masses (``mass``: ``[num_kv_heads, group, T]``,
+        e.g. :func:`~headkv_sglang.policies.scoring.max_attention` over the document's own or its
+        repetition's queries): pooled and aggregated as :meth:`token_scores`, ``+inf`` on the
+        last ``window_size`` tokens."""
+        num_kv_heads, _, seq_len = mass.shape
+        prefix = seq_len - min(self.window_size, seq_len)
+        out = torch.full((num_kv_heads, seq_len), math.inf, dtype=torch.float32, device=mass.device)
+        if prefix:
+            out[:, :prefix] = pool_mass(mass[..., :prefix], self.kernel_size, self.pooling, self.gqa_agg,
+                                        self.pool_shift)
+        return out
+
 
 @dataclass(frozen=True, kw_only=True)
 class SinkObservationPolicy(ObservationWindowPolicy):
@@ -117,5 +132,11 @@ class SinkObservationPolicy(ObservationWindowPolicy):
                      q_end: int | None = None) -> torch.Tensor:
         """SnapKV's scores with the first ``sink_size`` tokens at ``+inf``."""
         scores = super().token_scores(q_win, k, layer, q_end)
+        scores[:, :self.sink_size] = float("inf")
+        return scores
+
+    def scores_from_mass(self, mass: torch.Tensor) -> torch.Tensor:
+        """:meth:`ObservationWindowPolicy.scores_from_mass` with the sinks at ``+inf``."""
+        scores = super().scores_from_mass(mass)
         scores[:, :self.sink_size] = float("inf")
         return scores

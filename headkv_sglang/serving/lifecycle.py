@@ -31,7 +31,7 @@ from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.kv.request_state import FORWARD_OK
 from headkv_sglang.serving import metrics
-from headkv_sglang.serving.requests import (needs_queries, prompt_ids, request_config, share_key,
+from headkv_sglang.serving.requests import (kept_len, needs_queries, prompt_ids, request_config, share_key,
                                            wants_compression)
 from headkv_sglang.serving.state import ServingState
 
@@ -83,7 +83,8 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
         if outcome is FORWARD_OK:  # compressed by the forward: release its prompt slots
             rec = manager.records[idx]
             read = rec.shared is not None and not manager.state(idx).published
-            if rec.prompt_len == seq_len or read and rec.prompt_len <= seq_len:
+            # (a reconstructed document's record holds the document, not its copy after it)
+            if rec.prompt_len in (seq_len, kept_len(req)) or read and rec.prompt_len <= seq_len:
                 release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="shared" if read else "forward")
                 released = True
                 continue
@@ -97,7 +98,7 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
             continue
         if idx in manager.records:
             continue
-        if not wants_compression(cfg, seq_len):
+        if not wants_compression(cfg, kept_len(req)):
             manager.drop_capture(idx)
             continue
         if compress_and_release(state, req, idx, cfg, seq_len, tree_cache, manager):
@@ -129,13 +130,14 @@ def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, 
     The path for a request whose prefill forward did not compress it."""
     req_to_token = tree_cache.req_to_token_pool.req_to_token
     kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
-    slots = req_to_token[idx, :seq_len].to(torch.int64)
+    n = min(seq_len, kept_len(req))  # a reconstructed document: the document, not its copy
+    slots = req_to_token[idx, :n].to(torch.int64)
 
     def get_kv(layer: int):
         return kv_pool.get_key_buffer(layer)[slots], kv_pool.get_value_buffer(layer)[slots]
 
     try:
-        rec = manager.compress(idx, cfg, seq_len, get_kv)
+        rec = manager.compress(idx, cfg, n, get_kv)
     except Exception as e:
         stays_whole(state, req, idx, manager, e)
         return False
@@ -225,6 +227,9 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
         # the prompt positions whose queries ranked its tokens (None: position-based policy)
         "scoring": cfg.scoring if needs_queries(cfg) else None,
         "scoring_span": list(st.span) if needs_queries(cfg) and st.span else None,
+        # kv_scoring "reconstruct": the tokens of the pass that repeated the document (prefilled
+        # with it, then dropped)
+        "reconstruction_tokens": full_len - seq_len if cfg.scoring == "reconstruct" else None,
     })
     metrics.update(state, cfg.policy)
 
