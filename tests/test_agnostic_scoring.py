@@ -70,8 +70,7 @@ def test_pooling_is_the_snapkv_scores_own():
     assert torch.isinf(scores[:, 25:]).all()
 
 
-@pytest.mark.parametrize("policy,extra", [("snapkv", {}), ("adakv", {}), ("pyramidkv", {}),
-                                          ("d2o", {"d2o_layers": "uniform"})])
+@pytest.mark.parametrize("policy,extra", [("snapkv", {}), ("adakv", {}), ("pyramidkv", {})])
 def test_compress_layer_ranks_by_the_masses(policy, extra):
     shape = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=8)
     cfg = KVPolicyConfig(policy=policy, budget=9, window=2, kernel_size=1, **extra).validate()

@@ -31,8 +31,8 @@ from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.kv.request_state import FORWARD_OK
 from headkv_sglang.serving import metrics
-from headkv_sglang.serving.requests import (kept_len, needs_queries, prompt_ids, request_config, share_key,
-                                           wants_compression)
+from headkv_sglang.serving.requests import (kept_len, needs_queries, prompt_ids, reconstruction, request_config,
+                                           share_key, wants_compression)
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
@@ -48,7 +48,11 @@ def before_prefill(state: ServingState, processor, batch, *args, **kwargs):
     for req in batch.reqs:
         idx = req.kv.req_pool_idx
         if id(req) in state.completing and state.manager.forward_outcome(idx) is FORWARD_OK:
-            publish(state, req, idx, state.manager)
+            if publish(state, req, idx, state.manager) and getattr(req.sampling_params, "max_new_tokens", None) == 0:
+                # a document ("compress this"): it ends with this prefill, never reaching after_prefill
+                rec = state.manager.records[idx]
+                report(state, req, idx, request_config(state, req), state.manager, rec, "forward",
+                       int(req.extend_end or rec.prompt_len))
     return None
 
 
@@ -130,7 +134,8 @@ def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, 
     The path for a request whose prefill forward did not compress it."""
     req_to_token = tree_cache.req_to_token_pool.req_to_token
     kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
-    n = min(seq_len, kept_len(req))  # a reconstructed document: the document, not its copy
+    rpass = reconstruction(req)  # a reconstructed document: the document, not its copy
+    n = seq_len if rpass is None else min(seq_len, rpass[0])
     slots = req_to_token[idx, :n].to(torch.int64)
 
     def get_kv(layer: int):
@@ -179,7 +184,6 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
     if where != "shared" and publish(state, req, idx, manager):  # compressed after the forward
         rec = manager.records[idx]
     st = manager.state(idx)
-    shared = ("published" if st.published else "read") if rec.shared is not None else None
     # Give the prompt's token-pool slots back: hand the whole prompt to the radix tree (a
     # later request sharing it gets a prefix hit), then drop this request's lock so it is
     # evictable cache. Anything the request still owns beyond the tree's part (a partial
@@ -202,6 +206,17 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
     # The prompt slots may be evicted and reused from now on: nothing may insert this
     # request's stale row into the tree.
     req.skip_radix_cache_insert = True
+    report(state, req, idx, cfg, manager, rec, where, full_len)
+
+
+def report(state: ServingState, req, idx: int, cfg, manager: CompressionManager, rec, where: str,
+           full_len: int) -> None:
+    """Log a compressed request and keep its record for ``/server_info`` (``recent_requests``)
+    and the metrics. ``full_len``: its whole prompt (a shared prompt's reader: more than the
+    pages hold; a reconstructed document: with the pass that repeated it)."""
+    st = manager.state(idx)
+    seq_len = rec.prompt_len
+    shared = ("published" if st.published else "read") if rec.shared is not None else None
     full = manager.full_bytes(seq_len)
     bpp = manager.pool.bytes_per_page
     pages_bytes = rec.shared.record.held_bytes(bpp) if rec.shared is not None else rec.held_bytes(bpp)

@@ -37,13 +37,13 @@ def request_config(state: ServingState, req) -> KVPolicyConfig:
 
 def is_document(req, cfg: KVPolicyConfig) -> bool:
     """A document shared before its questions: ``kv_share`` and no output (``max_new_tokens`` 0)."""
-    return bool(cfg.share) and getattr(req.sampling_params, "max_new_tokens", None) == 0
+    return bool(cfg.share) and getattr(getattr(req, "sampling_params", None), "max_new_tokens", None) == 0
 
 
 def reconstruction(req) -> tuple[int, int] | None:
     """``(document_tokens, copy_start)`` of a prompt extended with a reconstruction pass
     (``headkv_sglang.reconstruct``), or None."""
-    return reconstruction_mark(getattr(req.sampling_params, "custom_params", None))
+    return reconstruction_mark(getattr(getattr(req, "sampling_params", None), "custom_params", None))
 
 
 def kept_len(req) -> int:
