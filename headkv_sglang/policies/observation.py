@@ -14,7 +14,7 @@ from headkv_sglang.policies.checks import BadValue, check_choice, check_int, che
 from headkv_sglang.policies.params import hyper
 import math
 
-from headkv_sglang.policies.scoring import observation_window_scores, pool_mass
+from headkv_sglang.policies.scoring import observation_window_scores
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig
@@ -90,15 +90,16 @@ class ObservationWindowPolicy(KVPolicy):
 
     def scores_from_mass(self, mass: torch.Tensor) -> torch.Tensor:
         """Scores from question-agnostic attention masses (``mass``: ``[num_kv_heads, group, T]``,
-        e.g. :func:`~headkv_sglang.policies.scoring.max_attention` over the document's own or its
-        repetition's queries): pooled and aggregated as :meth:`token_scores`, ``+inf`` on the
-        last ``window_size`` tokens."""
+        :func:`~headkv_sglang.policies.scoring.max_attention` over the document's own or its
+        repetition's queries), aggregated as KVzip does: the most of the group's query heads, not
+        smoothed (SnapKV's 13-token max pooling lost one of four answers that KVzip's
+        per-head selection kept, ``benchmarks/results/multi_question_cpu.md``); ``+inf`` on the last
+        ``window_size`` tokens."""
         num_kv_heads, _, seq_len = mass.shape
         prefix = seq_len - min(self.window_size, seq_len)
         out = torch.full((num_kv_heads, seq_len), math.inf, dtype=torch.float32, device=mass.device)
         if prefix:
-            out[:, :prefix] = pool_mass(mass[..., :prefix], self.kernel_size, self.pooling, self.gqa_agg,
-                                        self.pool_shift)
+            out[:, :prefix] = mass[..., :prefix].to(torch.float32).amax(dim=1)
         return out
 
 
