@@ -47,13 +47,19 @@ AUTO_QUESTION = 16  # of 16/32/64: scoring_calibration.md before 2026-12-04 (git
 # took headkv on the needle grid from 36% / 72% of full to 51% / 74% at 2% / 5%
 # (fidelity_needles30_q8_cpu.md), but 4 and 6 found 2/24 at 2% (question_length_calibration.md):
 # 8 fits these tasks' question ending, and the other policies did not gain from it (docs/policies-and-profiles.md).
-#: What scores by default: the question. On 24 calibration cases the fidelity grid does not use
-#: (benchmarks/results/scoring_calibration.md) it found as many answers as the window or more in
-#: every cell, headkv at 5%: 16/24 vs 11/24 (full KV 19/24).
-DEFAULT_SCORING = "question"
+#: What scores by default ("auto"): the question, for a prompt that holds its question. On 24
+#: calibration cases the fidelity grid does not use (benchmarks/results/scoring_calibration.md) it
+#: found as many answers as the window or more in every cell, headkv at 5%: 16/24 vs 11/24 (full KV
+#: 19/24). A document compressed alone to be shared (``kv_share`` with ``max_new_tokens`` 0) has no
+#: question: "auto" scores it with DOCUMENT_SCORING (benchmarks/results/multi_question_cpu.md).
+DEFAULT_SCORING = "auto"
+DOCUMENT_SCORING = "reconstruct"
 #: What scores the prompt's tokens: its question (the last user turn, before the chat
-#: template's tail; see headkv_sglang/question.py) or SnapKV's window (the last tokens).
-SCORING_CHOICES = ("question", "window")
+#: template's tail; see headkv_sglang/question.py), SnapKV's window (the last tokens), or, without
+#: a question, the document's own queries ("self": the most attention any of them gives a token)
+#: or those of a pass repeating it ("reconstruct", KVzip: headkv_sglang/reconstruct.py).
+SCORING_CHOICES = ("auto", "question", "window", "self", "reconstruct")
+AGNOSTIC_SCORINGS = ("self", "reconstruct")
 RAZOR_HEADS_CHOICES = defaults.RAZOR_HEADS
 POOLING_CHOICES = defaults.POOLINGS
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
@@ -139,9 +145,13 @@ class KVPolicyConfig:
     budget_ratio: float = 0.0  # > 0: the budget is this share of each prompt (see for_prompt); set by --kv-budget
     window: int = hyper(0, "Recent prompt tokens always kept (with --kv-scoring window they also score the rest); "
                         "0, the default: min(32, budget/4).", low=0, high=4096)
-    scoring: str = hyper(DEFAULT_SCORING, "What ranks prompt tokens: 'question' (the default: the last user "
-                         "turn's last --kv-question tokens, before the chat template's tail) or 'window' (SnapKV: "
-                         "the last --kv-window tokens).", choices=SCORING_CHOICES)
+    scoring: str = hyper(DEFAULT_SCORING, "What ranks prompt tokens: 'question' (the last user turn's last "
+                         "--kv-question tokens, before the chat template's tail), 'window' (SnapKV: the last "
+                         "--kv-window tokens), or without the question 'self' (the most attention any prompt "
+                         "token gives it) or 'reconstruct' (KVzip: a pass that repeats the document after it "
+                         "scores it; the request's prefill is about twice as long). 'auto', the default: "
+                         f"'{DOCUMENT_SCORING}' for a document shared before its questions (kv_share with "
+                         "max_new_tokens 0), else 'question'.", choices=SCORING_CHOICES)
     question: int = hyper(0, "Most question tokens that score the prompt (0, the default: 16).", low=0, high=4096)
     min_prompt: int = hyper(0, "Prompts shorter than this stay uncompressed.", low=0)
     decode_budget: int = hyper(0, "Generated tokens kept per KV head of a compressed request: once its decode tail "
@@ -199,16 +209,31 @@ class KVPolicyConfig:
         ``benchmarks/results/scoring_calibration.md`` before 2026-12-04, in the git history)."""
         return self.question or AUTO_QUESTION
 
+    def resolve_scoring(self, document: bool, reconstructed: bool = True) -> "KVPolicyConfig":
+        """This config with ``scoring="auto"`` resolved: DOCUMENT_SCORING for a ``document``
+        (compressed before any question: ``kv_share`` with ``max_new_tokens`` 0), else
+        ``"question"``. ``reconstructed=False`` (the prompt carries no reconstruction pass): a
+        resolved ``"reconstruct"`` becomes ``"self"``."""
+        scoring = self.scoring
+        if scoring == "auto":
+            scoring = DOCUMENT_SCORING if document else "question"
+        if scoring == "reconstruct" and not reconstructed:
+            scoring = "self"
+        return self if scoring == self.scoring else dataclasses.replace(self, scoring=scoring)
+
     def scoring_span(self, finder: QuestionFinder, prompt_ids: Sequence[int], seq_len: int) -> tuple[int, int]:
         """The positions ``[start, end)`` whose queries score a ``seq_len``-token prompt's tokens.
 
-        ``scoring="question"``: the question, found by ``finder`` (a
+        ``scoring="question"`` (and ``"auto"``): the question, found by ``finder`` (a
         :class:`~headkv_sglang.question.QuestionFinder`) in ``prompt_ids`` (the original
         prompt; a retracted request's ``seq_len`` also counts its outputs); ``"window"``: the
-        last ``obs_window`` tokens (SnapKV).
+        last ``obs_window`` tokens (SnapKV); ``"self"``: all of them. (``"reconstruct"``: the
+        repetition's, ``headkv_sglang.reconstruct``; the serving layer knows where it is.)
         """
         if self.scoring == "window":
             return seq_len - min(self.obs_window, seq_len), seq_len
+        if self.scoring in AGNOSTIC_SCORINGS:
+            return 0, seq_len
         return finder.span(prompt_ids, self.question_len)
 
     @property

@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Any
 
-from headkv_sglang.config import ENV_VAR, ConfigError, KVPolicyConfig, ModelShape, settings
+from headkv_sglang.config import AGNOSTIC_SCORINGS, ENV_VAR, ConfigError, KVPolicyConfig, ModelShape, settings
+from headkv_sglang.reconstruct import RECONSTRUCT_KEY
 from headkv_sglang.unsupported import layer_error, model_error, server_args_error
 
 logger = logging.getLogger("headkv_sglang")
@@ -169,6 +170,9 @@ def _resolve_once(server_args, *args, **kwargs):
         tp = int(getattr(server_args, "tp_size", None) or 1)
         if err is None and tp > 1 and active_config().share:
             err = f"--kv-share does not work with --tp-size {tp} yet ({SHARE_TP_WHY}); leave it off"
+        if err is None and tp > 1 and active_config().scoring in AGNOSTIC_SCORINGS:
+            err = (f"--kv-scoring {active_config().scoring} does not work with --tp-size {tp} yet "
+                   f"({AGNOSTIC_TP_WHY}); use question or window")
         if err is None and tp > 1 and _d2o_request_layers(active_config()):
             err = f"--kv-d2o-layers request does not work with --tp-size {tp} yet ({D2O_TP_WHY}); use profile or uniform"
         if err:
@@ -181,6 +185,7 @@ def _resolve_once(server_args, *args, **kwargs):
 #: The launcher's --tp-size, published by _resolve_once for the per-request checks.
 TP_ENV_VAR = "HEADKV_SGLANG_TP_SIZE"
 SHARE_TP_WHY = "each rank evicts its shared prompts on its own, so ranks could disagree on what is shared"
+AGNOSTIC_TP_WHY = "a rank would rank its own KV heads by masses the other ranks never see"
 D2O_TP_WHY = "each rank would measure the layers' attention density on its own KV heads and give layers different budgets"
 
 
@@ -188,9 +193,9 @@ def _d2o_request_layers(cfg: KVPolicyConfig) -> bool:
     return cfg.policy == "d2o" and cfg.d2o_layers == "request"
 
 
-def request_error(cfg: KVPolicyConfig, params: dict) -> str | None:
+def request_error(cfg: KVPolicyConfig, params: dict, max_new_tokens: int | None = None) -> str | None:
     """Why this server cannot honour a request's valid ``kv_*`` settings (``cfg``: the server's
-    config with them applied), naming the key; None when it can."""
+    config with them applied; ``max_new_tokens``: the request's), naming the key; None when it can."""
     err = pod_kernel_error(cfg, "custom_params.kv_policy")
     if err:
         return err
@@ -198,6 +203,12 @@ def request_error(cfg: KVPolicyConfig, params: dict) -> str | None:
     if params.get("kv_share") is True and tp > 1:
         return (f"custom_params.kv_share: invalid value True; this server runs --tp-size {tp}, where prompts are "
                 f"not shared yet ({SHARE_TP_WHY}); send false or leave it out")
+    if tp > 1 and params.get("kv_scoring") in AGNOSTIC_SCORINGS:
+        return (f"custom_params.kv_scoring: invalid value {params['kv_scoring']!r}; this server runs --tp-size "
+                f"{tp}, where {AGNOSTIC_TP_WHY}; send question or window")
+    if params.get("kv_scoring") == "reconstruct" and not (cfg.share and max_new_tokens == 0):
+        return ("custom_params.kv_scoring: invalid value 'reconstruct'; it scores a document compressed before its "
+                "questions (kv_share true and max_new_tokens 0); send self, question or window")
     if tp > 1 and _d2o_request_layers(cfg):
         return (f"custom_params.kv_d2o_layers: invalid value 'request'; this server runs --tp-size {tp}, where "
                 f"{D2O_TP_WHY}; send profile or uniform")
@@ -245,7 +256,8 @@ def _verify_sampling_params(result, sampling_params, *args, **kwargs):
         return result
     if cfg is None:
         raise ValueError("custom_params kv_*: this server was started without --kv-policy")
-    err = request_error(cfg.with_request(params), params)  # with_request raises ConfigError if invalid
+    # with_request raises ConfigError if invalid
+    err = request_error(cfg.with_request(params), params, getattr(sampling_params, "max_new_tokens", None))
     if err:
         raise ConfigError(err)
     return result
@@ -272,6 +284,58 @@ def _reject_empty_prompt(manager, obj, input_ids=None, *args, **kwargs):
     if any(getattr(obj, f, None) for f in ("image_data", "video_data", "audio_data")):
         return None
     raise ValueError(EMPTY_PROMPT_ERROR)
+
+
+def _reconstruct_document(manager, obj, input_ids=None, *args, **kwargs):
+    """BEFORE TokenizerManager._validate_one_request: a document scored by reconstruction
+    (``kv_scoring`` "reconstruct", or "auto" for a ``kv_share`` document with
+    ``max_new_tokens`` 0) gets its reconstruction pass: the prompt is extended in place with
+    the repeat instruction, the template's turn change and the document again, and marked
+    (``headkv_sglang.reconstruct``). A document too long for that is scored by its own
+    queries instead ("self"), or refused if the request asked for "reconstruct"."""
+    cfg = active_config()
+    if cfg is None or input_ids is None or type(obj).__name__ != "GenerateReqInput":
+        return None
+    sp = obj.sampling_params if isinstance(obj.sampling_params, dict) else None
+    params = (sp or {}).get("custom_params")
+    params = params if isinstance(params, dict) else {}
+    if sp is None or sp.get("max_new_tokens") != 0 or RECONSTRUCT_KEY in params:
+        return None
+    try:
+        rcfg = cfg.with_request(params)
+    except ConfigError:
+        return None  # SamplingParams.verify reports it
+    if not rcfg.share or rcfg.resolve_scoring(True).scoring != "reconstruct":
+        return None
+    from headkv_sglang.policies.registry import policy_class
+    from headkv_sglang.reconstruct import REPEAT_PROMPT, reconstruction_ids
+
+    pc = policy_class(rcfg.policy)
+    if not (pc.compresses and pc.needs_queries) or len(input_ids) < max(rcfg.min_prompt, 1):
+        return None
+    finder = getattr(manager, "_headkv_finder", None)
+    if finder is None:
+        from headkv_sglang.question import QuestionFinder
+
+        try:
+            finder = QuestionFinder.from_tokenizer(manager.tokenizer)
+            finder = (finder, tuple(manager.tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False)))
+        except Exception as e:  # no chat template: the copy follows the instruction directly
+            logger.warning("headkv_sglang: reconstruction without the chat template's markers (%s)", e)
+            finder = (QuestionFinder(), tuple(manager.tokenizer.encode(REPEAT_PROMPT)))
+        manager._headkv_finder = finder
+    markers, repeat = finder
+    extended, copy_start = reconstruction_ids(input_ids, repeat, markers.tail, markers.header)
+    limit = int(getattr(manager, "context_len", 0) or 0) - int(getattr(manager, "num_reserved_tokens", 0) or 0)
+    if limit and len(extended) >= limit:
+        if params.get("kv_scoring") == "reconstruct":
+            raise ValueError(f"custom_params.kv_scoring: invalid value 'reconstruct'; the document ({len(input_ids)} "
+                             f"tokens) and its reconstruction pass ({len(extended)} tokens in all) exceed the "
+                             f"model's context length ({limit} tokens); send self")
+        return None  # "auto": scored by its own queries (no mark: the scheduler resolves "self")
+    sp["custom_params"] = {**params, RECONSTRUCT_KEY: [len(input_ids), copy_start]}
+    input_ids[len(input_ids):] = extended[len(input_ids):]
+    return None
 
 
 # ------------------------------------------------------------------------- scheduler side
@@ -419,6 +483,7 @@ def register() -> None:
         HookRegistry.register(f"{_SERVER_ARGS}.resolve_once", _check_resolved, HookType.AFTER)
         HookRegistry.register(_SAMPLING_VERIFY, _verify_sampling_params, HookType.AFTER)
         HookRegistry.register(_VALIDATE_REQUEST, _reject_empty_prompt, HookType.BEFORE)
+        HookRegistry.register(_VALIDATE_REQUEST, _reconstruct_document, HookType.BEFORE)
         HookRegistry.register(_RUN_BATCH, _track_batch, HookType.BEFORE)
         HookRegistry.register(_PARALLEL_GROUP, _no_pynccl_on_gloo, HookType.BEFORE)
         cfg = active_config()

@@ -294,6 +294,72 @@ def test_shared_document_is_compressed_once_and_read_by_every_question(kv_server
     assert st["pool"]["used_pages"] == 0 and st["shared"]["prefixes"] == 0 and st["integrity"] == "ok"
 
 
+def test_reconstructed_shared_document_answers_and_returns_its_memory(kv_server, model_path):
+    """kv_scoring "auto" (the default) scores a document sent alone (kv_share, max_new_tokens 0)
+    by reconstruction: the prompt is prefilled with a pass that repeats it, only the document
+    is compressed and shared, and the pass's token slots go back to SGLang; the questions read
+    the copy, and a flush returns every page."""
+    from transformers import AutoTokenizer
+
+    from headkv_sglang.reconstruct import REPEAT_PROMPT
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    needle = needle_prompt(1100, depth=0.5, seed=62)
+    body = needle.prompt.rsplit("\n\n", 1)[0]
+    chat_text = tok.apply_chat_template([{"role": "user", "content": body + "\n\nQQQ"}], tokenize=False,
+                                        add_generation_prompt=True)
+    head, tail = chat_text.split("QQQ")
+    doc = tok(head, add_special_tokens=False)["input_ids"]
+    question = tok("What is the secret number? Answer with the number only." + tail, add_special_tokens=False)["input_ids"]
+    kv = {"kv_policy": "snapkv", "kv_budget": "25%", "kv_share": True}
+    assert kv_server.flush_cache()
+    tp0 = kv_server.wait_idle(60.0)["token_pool"]
+
+    def generate(ids, n, params):
+        status, out = kv_server.post_json("/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": n, "temperature": 0, "custom_params": params}})
+        assert status == 200, out
+        return out
+
+    d = generate(doc, 0, kv)
+    st = kv_server.wait_idle(60.0)
+    r = st["recent_requests"][d["meta_info"]["id"]]
+    repeat = len(tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"])
+    # the pass: the instruction, the template's turn change, the document's text again (not
+    # its system turn and user header)
+    assert r["scoring"] == "reconstruct" and r["shared"] == "published" and r["shared_tokens"] == len(doc), r
+    assert len(doc) + repeat < r["prompt_tokens"] < 2 * len(doc) + repeat + len(tail), r
+    assert r["reconstruction_tokens"] == r["prompt_tokens"] - len(doc) and r["compress_ms"] > 0, r
+    assert d["meta_info"]["prompt_tokens"] == r["prompt_tokens"]
+    # one copy, a quarter of the document's KV; the pass's slots are SGLang's again (free or
+    # evictable cache), nothing pinned
+    pages, bpp = st["pool"]["used_pages"], st["pool"]["bytes_per_page"]
+    assert st["shared"]["prefixes"] == 1 and st["shared"]["pages"] == pages > 0
+    assert pages * bpp < 0.3 * L * H_KV * len(doc) * HEAD_DIM * 2 * F32
+    tp = st["token_pool"]
+    assert tp["protected"] == 0 and tp["available"] + tp["evictable"] >= tp0["available"] + tp0["evictable"] - 8, (tp0, tp)
+
+    out = generate(doc + question, 12, kv)
+    st = kv_server.wait_idle(60.0)
+    r = st["recent_requests"][out["meta_info"]["id"]]
+    assert (r["shared"], r["shared_tokens"], r["held_bytes"], r["scoring"]) == ("read", len(doc), 0, "question"), r
+    assert needle.answer in out["text"], out["text"]
+    assert st["pool"]["used_pages"] == pages and st["integrity"] == "ok"
+
+    assert kv_server.flush_cache()
+    st = kv_server.wait_idle(60.0)
+    assert st["pool"]["used_pages"] == 0 and st["shared"]["prefixes"] == 0 and st["integrity"] == "ok"
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"kv_policy": "snapkv", "kv_scoring": "reconstruct"}, "custom_params.kv_scoring: invalid value 'reconstruct'"),
+])
+def test_reconstruct_needs_a_shared_document(kv_server, params, message):
+    status, out = kv_server.post_json("/generate", {"text": "Hello there, how are you?", "sampling_params": {
+        "max_new_tokens": 4, "custom_params": params}})
+    assert status == 400 and message in json.dumps(out), out
+
+
 def test_prefix_hit_after_compression_answers_like_a_cold_cache(kv_server, kv_client):
     doc = needle_prompt(900, depth=0.3, seed=31).prompt.rsplit("\n\n", 1)[0]
     q1 = doc + "\n\nWhat is the secret number? Answer with the number only."

@@ -55,7 +55,7 @@ INVALID = [
     ({"kv_budget": "5 percent"}, f"custom_params.kv_budget: invalid value '5 percent'; expected {BUDGET}"),
     ({"kv_budget": "-5%"}, f"custom_params.kv_budget: invalid value '-5%'; expected {BUDGET}"),
     # kv_scoring, kv_question, kv_razor_heads
-    ({"kv_scoring": "last"}, "custom_params.kv_scoring: invalid value 'last'; choose one of question, window"),
+    ({"kv_scoring": "last"}, "custom_params.kv_scoring: invalid value 'last'; choose one of auto, question, window, self, reconstruct"),
     ({"kv_scoring": 1}, "custom_params.kv_scoring: invalid value 1; expected str"),
     ({"kv_question": -1}, "custom_params.kv_question: invalid value -1; expected an integer in [0, 4096]"),
     ({"kv_question": 4097}, "custom_params.kv_question: invalid value 4097; expected an integer in [0, 4096]"),
@@ -310,7 +310,7 @@ _NEAR = {
     "kv_policy": st.sampled_from(POLICY_CHOICES),
     "kv_budget": st.integers(1, 80) | st.sampled_from([1, 2, 4, 5, 16, 1 << 20, "1%", "5%", "37.5%", "100%"]),
     "kv_window": st.integers(0, 24),
-    "kv_scoring": st.sampled_from(["question", "window"]),
+    "kv_scoring": st.sampled_from(["auto", "question", "window", "self"]),
     "kv_question": st.integers(0, 64),
     "kv_razor_heads": st.sampled_from(["fraction", "budget"]),
     "kv_d2o_merge": st.sampled_from(["on", "mean", "off"]),

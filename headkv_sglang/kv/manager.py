@@ -51,6 +51,7 @@ from headkv_sglang.kv.request_state import CAPTURES, FORWARD_OK, HAS_RECORD, Pha
 from headkv_sglang.kv.shared import SharedPrefix, SharedRegistry
 from headkv_sglang.kv.stats import ManagerStats, PolicyStats
 from headkv_sglang.kv.tables import page_addresses, values_only_counts, values_only_starts
+from headkv_sglang.policies.scoring import max_attention
 from headkv_sglang.policies.sharding import HeadShard
 
 logger = logging.getLogger("headkv_sglang")
@@ -183,7 +184,7 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
         """The request stays uncompressed: its capture, job and pin go (its reservation and the
         serving layer's fields stay until its row is freed)."""
         assert st.record is None, f"{st!r} holds pages and cannot become whole"
-        st.queries, st.job, st.compress_at = {}, None, None
+        st.queries, st.mass, st.job, st.compress_at = {}, {}, None, None
         self._unpin(st)
         if outcome is not None:
             st.outcome = outcome
@@ -231,28 +232,43 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
     # ------------------------------------------------------------------ prefill capture
     def begin_extend(self, req_pool_idx: int, rid: str, window: int,
                      span: tuple[int, int] | None = None,
-                     compress_at: tuple[KVPolicyConfig, int] | None = None) -> None:
+                     compress_at: tuple[KVPolicyConfig, int] | None = None,
+                     agnostic: bool = False, keep: int | None = None) -> None:
         """Start (or continue, for the same request) capturing a request's scoring queries:
         the last ``window`` of its prompt, or with ``span`` the positions ``[span[0], span[1])``
         (its question, see ``headkv_sglang.question``). ``compress_at = (cfg, seq_len)``: compress
         the request inside the forward whose chunk completes ``seq_len`` tokens
-        (:meth:`compress_in_forward`)."""
+        (:meth:`compress_in_forward`).
+
+        ``agnostic`` (question-agnostic scoring, needs ``span``): the span's queries score the
+        tokens as each chunk comes (the most attention any of them gives a token,
+        :func:`~headkv_sglang.policies.scoring.max_attention`) and are not kept. ``keep``: only
+        the prompt's first ``keep`` tokens are compressed (the rest, a reconstruction pass's
+        repetition of the document, is dropped); None: all of them."""
         span = None if span is None else (int(span[0]), int(span[1]))
         if span is not None and not 0 <= span[0] < span[1]:
             raise ValueError(f"span must be (start, end) with 0 <= start < end, got {span}")
+        if agnostic and span is None:
+            raise ValueError("question-agnostic scoring needs the span of its scoring queries")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 tokens, got {keep}")
         st = self._state(req_pool_idx)
         assert st.record is None, f"{st!r} is compressed already"
-        if st.phase not in CAPTURES or st.rid != rid or st.window != window or st.span != span:
-            st.queries = {}
-            st.rid, st.window, st.span = rid, window, span
+        if (st.phase not in CAPTURES or st.rid != rid or st.window != window or st.span != span
+                or st.agnostic != agnostic or st.keep != keep):
+            st.queries, st.mass = {}, {}
+            st.rid, st.window, st.span, st.agnostic, st.keep = rid, window, span, agnostic, keep
         if st.phase is not Phase.CAPTURING:
             self._unpin(st)
             self._set_phase(st, Phase.CAPTURING)
         st.compress_at, st.job = compress_at, None  # a pending outcome stays for the result processing
 
-    def capture_queries(self, layer: int, req_pool_idx: int, q: torch.Tensor, pos: int | None = None) -> None:
+    def capture_queries(self, layer: int, req_pool_idx: int, q: torch.Tensor, pos: int | None = None,
+                        get_k: Callable[[int], torch.Tensor] | None = None) -> None:
         """Keep this chunk's scoring queries. ``q``: ``[n, num_q_heads, head_dim]``, the queries of
-        prompt positions ``[pos, pos + n)`` (``pos`` is needed with a span only)."""
+        prompt positions ``[pos, pos + n)`` (``pos`` is needed with a span only). For a
+        question-agnostic capture, ``get_k(end)`` gives the layer's keys of positions
+        ``[0, end)`` as ``[end, num_kv_heads, head_dim]`` and the chunk's scores are accumulated."""
         st = self._states.get(req_pool_idx)
         if st is None or st.phase not in CAPTURES:
             return
@@ -265,6 +281,20 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
             if lo >= hi:
                 return
             q = q[lo - pos:hi - pos]
+            if st.agnostic:
+                if get_k is None:
+                    raise ValueError("a question-agnostic capture needs the layer's keys (get_k)")
+                m = max_attention(q.transpose(0, 1), get_k(hi).detach().transpose(0, 1), lo)
+                if st.keep is not None:
+                    m = m[..., :st.keep]
+                old = st.mass.get(layer)
+                if old is not None and lo > st.span[0]:  # a later chunk: the most of both
+                    if old.shape[-1] > m.shape[-1]:
+                        old, m = m, old
+                    m = m.clone()
+                    m[..., :old.shape[-1]] = torch.maximum(m[..., :old.shape[-1]], old)
+                st.mass[layer] = m
+                return
             if prev is not None and lo > st.span[0]:  # a later chunk continues the span
                 q = torch.cat([prev, q])
             st.queries[layer] = q.clone()

@@ -78,7 +78,9 @@ class PrefillCompression:
         w = min(cfg.obs_window, seq_len)
         q_end = None
         capturing = st is not None and st.phase in CAPTURES
-        if capturing and st.span is not None:
+        if capturing and st.agnostic:
+            pass  # scored by the accumulated masses (compress_layer_into); the window is the last w kept tokens
+        elif capturing and st.span is not None:
             if st.span[1] > seq_len:
                 raise ValueError(f"scoring span {st.span} ends after the {seq_len}-token prompt")
             q_end = st.span[1]
@@ -117,8 +119,17 @@ class PrefillCompression:
         queries = st.queries if st is not None and st.phase in CAPTURES else {}
         k = k[:job.seq_len].transpose(0, 1)  # [H, T, D]
         v = v[:job.seq_len].transpose(0, 1)
-        qe = None
-        if not getattr(policy, "needs_queries", True):
+        qe, mass = None, None
+        agnostic = st is not None and st.phase in CAPTURES and st.agnostic
+        if agnostic and getattr(policy, "needs_queries", True):
+            mass = st.mass.get(layer)
+            if mass is None:
+                raise RuntimeError(f"no question-agnostic scores captured for row {job.idx}, layer {layer}")
+            if mass.shape[-1] < job.seq_len:  # tokens no computed query saw (a radix hit's prefix)
+                mass = torch.nn.functional.pad(mass, (0, job.seq_len - mass.shape[-1]))
+            mass = mass[..., :job.seq_len]
+            q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)  # unused: the masses rank
+        elif not getattr(policy, "needs_queries", True):
             q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)
         elif job.q_end is not None:  # the question's queries (what a prefix hit left computed of them)
             if layer not in queries:
@@ -129,7 +140,8 @@ class PrefillCompression:
                 raise RuntimeError(f"no observation-window queries captured for row {job.idx}, layer {layer}")
             q_win = queries[layer][-w:].transpose(0, 1).to(k.dtype)  # [Hq, w, D]
         prev = job.layers[-1][0] if job.layers else None
-        comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe, prev=prev)
+        comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe, prev=prev,
+                              mass=mass)
         if prev is not None:
             prev.keep = None  # only the layer below's is ever needed
         job.layers.append((comp, None, None))  # lengths, pages: finish_compression reads them (one host sync)
@@ -184,7 +196,7 @@ class PrefillCompression:
             rec.decode_merge = cfg.policy == "d2o" and cfg.d2o_merge == "on"
         st = self._state(req_pool_idx)
         st.record, st.job, st.compress_at = rec, None, None
-        st.queries = {}
+        st.queries, st.mass = {}, {}
         self._set_phase(st, Phase.COMPRESSED)
         self.total_compressed[cfg.policy] += 1
         c = self.cumulative[cfg.policy]
@@ -225,7 +237,9 @@ class PrefillCompression:
             err = None
             try:
                 if layer == 0:
-                    st.job = self.start_compression(req_pool_idx, st.compress_at[0], end)
+                    # a reconstruction pass compresses the document, not its repetition
+                    n = end if st.keep is None else min(st.keep, end)
+                    st.job = self.start_compression(req_pool_idx, st.compress_at[0], n)
                     self._set_phase(st, Phase.COMPRESSING)
                 if st.job is None:
                     return  # layer 0 of this forward never started it

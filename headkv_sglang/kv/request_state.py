@@ -96,6 +96,14 @@ class RequestState:
     # None: SnapKV's window, the last ``window`` queries of the prompt
     span: tuple[int, int] | None = None
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, Hq, D]
+    # question-agnostic scoring (``self`` / ``reconstruct``): the span's queries are not kept
+    # but scored as they come, ``mass`` holding per layer the most attention any of them gave
+    # each of the first ``keep`` tokens ([Hkv, group, <= keep], policies.scoring.max_attention)
+    agnostic: bool = False
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    # tokens compressed: the prompt's first ``keep`` (a reconstruction pass's repetition of
+    # the document after them is dropped); None: the whole prompt
+    keep: int | None = None
     # compress inside the forward whose chunk ends at this prompt length (compress_in_forward)
     compress_at: tuple[KVPolicyConfig, int] | None = None
     job: Job | None = None

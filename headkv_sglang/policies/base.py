@@ -239,6 +239,12 @@ class KVPolicy(ABC):
             observation window (the last ``min(window_size, T)`` tokens).
         """
 
+    def scores_from_mass(self, mass: torch.Tensor) -> torch.Tensor:
+        """Scores from question-agnostic attention masses ``[num_kv_heads, group, T]`` (the
+        ``self`` / ``reconstruct`` scorings); only the policies that rank tokens by attention
+        (the observation-window ones) have them."""
+        raise NotImplementedError(f"{type(self).__name__} does not rank tokens by attention mass")
+
     def layer_budgets(
         self,
         layer: int,
@@ -355,6 +361,7 @@ def compress_layer(
     planned: torch.Tensor | None,
     q_end: int | None = None,
     prev: CompressedLayer | None = None,
+    mass: torch.Tensor | None = None,
 ) -> CompressedLayer:
     """Score, budget, select and gather one layer's prompt KV.
 
@@ -376,6 +383,9 @@ def compress_layer(
         :meth:`KVPolicy.token_scores`.
     prev : CompressedLayer | None
         Layer ``layer - 1``'s result, for a policy that :attr:`~KVPolicy.links_layers`.
+    mass : torch.Tensor | None
+        Question-agnostic scoring: ``[num_kv_heads, group, T]`` attention masses
+        (:meth:`KVPolicy.scores_from_mass`) rank the tokens instead of ``q_win``.
 
     Returns
     -------
@@ -386,8 +396,13 @@ def compress_layer(
             f"k and v must both be [num_kv_heads, T, head_dim], got {list(k.shape)} and {list(v.shape)}"
         )
     num_heads, seq_len, _ = k.shape
-    scores = (policy.token_scores(q_win, k, layer) if q_end is None
-              else policy.token_scores(q_win, k, layer, q_end=q_end))
+    if mass is not None and getattr(policy, "needs_queries", True):
+        if mass.shape[0] != num_heads or mass.shape[2] != seq_len:
+            raise ValueError(f"mass must be [{num_heads}, group, {seq_len}], got {list(mass.shape)}")
+        scores = policy.scores_from_mass(mass)
+    else:
+        scores = (policy.token_scores(q_win, k, layer) if q_end is None
+                  else policy.token_scores(q_win, k, layer, q_end=q_end))
     budgets = policy.layer_budgets(layer, seq_len, budget, scores, planned)
     keep = policy.select_mask(scores, budgets)
     if keep.shape != (num_heads, seq_len):

@@ -12,6 +12,8 @@ from headkv_sglang.policies.base import KVPolicy
 from headkv_sglang.policies.base import sink_size_field
 from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_sinks_fit, check_window_fits
 from headkv_sglang.policies.params import hyper
+import math
+
 from headkv_sglang.policies.scoring import observation_window_scores
 
 if TYPE_CHECKING:
@@ -86,6 +88,20 @@ class ObservationWindowPolicy(KVPolicy):
             self.pool_shift,
         )
 
+    def scores_from_mass(self, mass: torch.Tensor) -> torch.Tensor:
+        """Scores from question-agnostic attention masses (``mass``: ``[num_kv_heads, group, T]``,
+        :func:`~headkv_sglang.policies.scoring.max_attention` over the document's own or its
+        repetition's queries), aggregated as KVzip does: the most of the group's query heads, not
+        smoothed (SnapKV's 13-token max pooling lost one of four answers that KVzip's
+        per-head selection kept, ``benchmarks/results/multi_question_cpu.md``); ``+inf`` on the last
+        ``window_size`` tokens."""
+        num_kv_heads, _, seq_len = mass.shape
+        prefix = seq_len - min(self.window_size, seq_len)
+        out = torch.full((num_kv_heads, seq_len), math.inf, dtype=torch.float32, device=mass.device)
+        if prefix:
+            out[:, :prefix] = mass[..., :prefix].to(torch.float32).amax(dim=1)
+        return out
+
 
 @dataclass(frozen=True, kw_only=True)
 class SinkObservationPolicy(ObservationWindowPolicy):
@@ -117,5 +133,11 @@ class SinkObservationPolicy(ObservationWindowPolicy):
                      q_end: int | None = None) -> torch.Tensor:
         """SnapKV's scores with the first ``sink_size`` tokens at ``+inf``."""
         scores = super().token_scores(q_win, k, layer, q_end)
+        scores[:, :self.sink_size] = float("inf")
+        return scores
+
+    def scores_from_mass(self, mass: torch.Tensor) -> torch.Tensor:
+        """:meth:`ObservationWindowPolicy.scores_from_mass` with the sinks at ``+inf``."""
+        scores = super().scores_from_mass(mass)
         scores[:, :self.sink_size] = float("inf")
         return scores

@@ -110,18 +110,82 @@ def observation_window_scores(
     mass = probs.sum(dim=2)[..., :prefix]  # [H, G, min(prefix, q_end)]
     if mass.shape[-1] < prefix:  # keys between the question and the window: no query sees them
         mass = F.pad(mass, (0, prefix - mass.shape[-1]))
+    agg = pool_mass(mass, kernel_size, pooling, gqa_agg, pool_shift)
+    out[:, :prefix] = agg
+    return out
+
+
+def pool_mass(mass: torch.Tensor, kernel_size: int, pooling: str, gqa_agg: str,
+              pool_shift: int = 0) -> torch.Tensor:
+    """SnapKV's smoothing and GQA aggregation of per-query-head attention masses.
+
+    ``mass``: float ``[num_kv_heads, group, P]`` (>= 0), what the scoring queries put on
+    each of ``P`` positions. Returns float32 ``[num_kv_heads, P]``: a stride-1 pooling of
+    width ``kernel_size`` (zero outside; avgpool divides by ``kernel_size``; the window moved
+    ``min(pool_shift, kernel_size // 2)`` to the past, see :func:`observation_window_scores`),
+    then the mean (or max) over the group's query heads.
+    """
+    num_kv_heads, group, prefix = mass.shape
     r = kernel_size // 2
     pool_shift = min(pool_shift, r)
     # Zero padding (the mass is >= 0, so maxpool is unchanged by it; avgpool counts it, as
     # SnapKV's padded avg_pool1d does), more of it before the prefix when shifted.
-    flat = F.pad(mass.reshape(num_kv_heads * group, 1, prefix), (r + pool_shift, r - pool_shift))
+    flat = F.pad(mass.to(torch.float32).reshape(num_kv_heads * group, 1, prefix), (r + pool_shift, r - pool_shift))
     if pooling == "avgpool":
         pooled = F.avg_pool1d(flat, kernel_size=kernel_size, stride=1)
     else:
         pooled = F.max_pool1d(flat, kernel_size=kernel_size, stride=1)
     pooled = pooled.reshape(num_kv_heads, group, prefix)
-    agg = pooled.mean(dim=1) if gqa_agg == "mean" else pooled.amax(dim=1)
-    out[:, :prefix] = agg
+    return pooled.mean(dim=1) if gqa_agg == "mean" else pooled.amax(dim=1)
+
+
+def max_attention(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int = 256) -> torch.Tensor:
+    """The most attention any of ``q``'s queries puts on each key: question-agnostic scores.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[num_q_heads, n, head_dim]`` (post-RoPE): the queries of positions
+        ``[q_start, q_start + n)``.
+    k : torch.Tensor
+        ``[num_kv_heads, T, head_dim]``: the keys from position 0 (keys from ``q_start + n``
+        on are never seen, causal: they are clipped).
+    q_start : int
+        Position of the first query.
+    block : int
+        Queries per step (memory: ``num_q_heads x block x T`` floats).
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``[num_kv_heads, group, T']`` (``T' = min(T, q_start + n)``; ``group`` =
+        query heads per KV head): for key ``t``, the largest causal softmax probability
+        (float32, scaled by ``1/sqrt(head_dim)``, over keys ``<= `` the query's position) that a
+        query of the group's head gives it; 0 for keys no query sees. Used to rank a document's
+        tokens without its question: by its own queries (``self``) or by the queries of its
+        repetition (``reconstruct``, KVzip).
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q must be [num_q_heads, n, D] and k [num_kv_heads, T, D]; got {list(q.shape)}, "
+                         f"{list(k.shape)}")
+    num_q_heads, n, d = q.shape
+    num_kv_heads = k.shape[0]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if q_start < 0 or block < 1:
+        raise ValueError(f"q_start must be >= 0 and block >= 1, got {q_start}, {block}")
+    group = num_q_heads // num_kv_heads
+    t = min(k.shape[1], q_start + n)
+    kf = k[:, :t].to(torch.float32)
+    qf = q.to(torch.float32).reshape(num_kv_heads, group, n, d) / math.sqrt(d)
+    out = torch.zeros(num_kv_heads, group, t, dtype=torch.float32, device=k.device)
+    key_pos = torch.arange(t, device=k.device)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        logits = torch.einsum("hgnd,htd->hgnt", qf[:, :, lo:hi], kf)
+        query_pos = q_start + torch.arange(lo, hi, device=k.device)
+        logits = logits.masked_fill(key_pos[None, :] > query_pos[:, None], -math.inf)
+        torch.maximum(out, torch.softmax(logits, dim=-1).amax(dim=2), out=out)
     return out
 
 

@@ -6,12 +6,16 @@ prefills its own question. On a ``--kv-policy`` server each branch's prompt (doc
 question) is compressed after its prefill, so N decodes hold N compressed caches instead
 of N full ones.
 
-With ``--kv-share`` the document is compressed once: the program first sends the document
-alone (``max_tokens=0``, ``kv_share``), whose compressed prompt the server publishes, and
-every branch (``kv_share`` too) extends it, so it reads that copy instead of compressing
-its own; N decodes then hold one compressed document plus N short question tails. The
-shared copy is scored without the questions (by the document's last tokens: the
-instruction), so it suits query-agnostic policies best (docs/serving-and-flags.md, ``--kv-share``).
+When the branches are compressed, the document is compressed once by default (``kv_share``):
+the program first sends the document alone (``max_tokens=0``), whose compressed prompt the
+server publishes, and every branch extends it, so it reads that copy instead of compressing
+its own; N decodes then hold one compressed document plus N short question tails. No
+question ranks that copy: the server scores it by reconstruction (``kv_scoring`` "auto":
+a pass that repeats the document after it ranks its tokens, KVzip; docs/serving-and-flags.md).
+Per-branch copies would hold more than the radix tree's one full copy as soon as a few
+questions are asked (``benchmarks/results/shared_document_8k_cpu.md``). ``--no-kv-share``
+compresses each branch with its own question instead; with ``--kv-policy full`` (or a
+server without compression) nothing is compressed and the radix tree shares the document.
 
     python -m headkv_sglang.programs.long_doc_qa --doc headkv_sglang/programs/examples/orbital_report.txt \\
         --question "Who founded Halvorsen Orbital?" --question "..." \\
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import sglang as sgl
 
+from headkv_sglang.config import SCORING_CHOICES
 from headkv_sglang.programs.endpoint import DEFAULT_URL, KVEndpoint, budget_arg, fmt_bytes
 
 INSTRUCTION = "Answer the question using only the document above. Reply with the answer only."
@@ -80,6 +85,19 @@ def ask(endpoint: KVEndpoint, document: str, questions: list[str], max_tokens: i
     ]
 
 
+def compresses(endpoint: KVEndpoint, kv_policy: str | None) -> bool:
+    """Whether the branches' prompts will be compressed: the policy asked for (or the server's
+    ``--kv-policy``) compresses and the budget keeps less than the whole prompt."""
+    from headkv_sglang.policies.registry import POLICIES
+
+    cfg = endpoint.server_state().get("config") or {}
+    policy = kv_policy or cfg.get("policy")
+    asked = endpoint.kv_params.get("kv_budget")
+    whole = str(asked).strip() == "100%" if asked is not None else cfg.get("budget_ratio") == 1.0
+    cls = POLICIES.get(policy) if policy else None
+    return bool(cls is not None and cls.compresses and not whole)
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--doc", required=True, type=Path, help="the document (a text file)")
     p.add_argument("--server", default=DEFAULT_URL, help="SGLang server URL (default %(default)s)")
@@ -87,8 +105,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="per-request policy (full, headkv, snapkv, ...); default: the server's --kv-policy")
     p.add_argument("--kv-budget", type=budget_arg, default=None,
                    help="per-request budget: tokens per KV head (128) or a share of each prompt (5%%)")
-    p.add_argument("--kv-scoring", choices=["question", "window"], default=None,
-                   help="what ranks the document's tokens: each branch's question, or the last tokens")
+    p.add_argument("--kv-scoring", choices=list(SCORING_CHOICES), default=None,
+                   help="what ranks the document's tokens (default: the server's; 'auto' scores a shared "
+                        "document by reconstruction and a branch's own copy by its question)")
 
 
 def doc_and_endpoint(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[str, KVEndpoint]:
@@ -107,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions-file", type=Path, help="one question per line")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the answers as JSON")
-    p.add_argument("--kv-share", action="store_true",
-                   help="compress the document once and let every question read that copy")
+    p.add_argument("--kv-share", action=argparse.BooleanOptionalAction, default=None,
+                   help="compress the document once and let every question read that copy (the default "
+                        "when the branches are compressed); --no-kv-share: each branch compresses its own")
     add_server_args(p)
     a = p.parse_args(argv)
     questions = list(a.question)
@@ -117,10 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     if not questions:
         p.error("give --question (repeatable) or --questions-file")
     document, ep = doc_and_endpoint(p, a)
-    answers = ask(ep, document, questions, a.max_tokens, share=a.kv_share)
+    share = a.kv_share if a.kv_share is not None else compresses(ep, a.kv_policy)
+    answers = ask(ep, document, questions, a.max_tokens, share=share)
     if a.json:
         print(json.dumps([asdict(x) for x in answers], indent=2))
         return 0
+    reads = [x.kv for x in answers if x.kv and x.kv.get("shared") == "read"]
+    if share and reads:
+        print(f"The document: one shared compressed copy ({reads[0]['shared_tokens']} tokens, "
+              f"{fmt_bytes(reads[0]['shared_bytes'])}) read by {len(reads)} of {len(answers)} questions")
+    elif any(x.kv for x in answers):
+        print("The document: each question compressed its own copy (--no-kv-share)")
+    else:
+        print("The document: full KV, shared by the questions through the radix cache (not compressed)")
     for i, x in enumerate(answers, 1):
         print(f"Q{i}: {x.question}\nA{i}: {x.answer}")
         if not x.kv:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import logging
 
-from headkv_sglang.config import KVPolicyConfig
+from headkv_sglang.config import AGNOSTIC_SCORINGS, KVPolicyConfig
 from headkv_sglang.policies.registry import policy_class
-from headkv_sglang.serving.requests import (needs_queries, prompt_len, request_config, scoring_span,
-                                           shared_prefix, wants_compression)
+from headkv_sglang.serving.requests import (kept_len, needs_queries, prompt_len, reconstruction, request_config,
+                                           scoring_span, shared_prefix, wants_compression)
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
@@ -34,7 +34,7 @@ logger = logging.getLogger("headkv_sglang")
 def pages_bound(state: ServingState, req, cfg: KVPolicyConfig) -> int:
     """Worst-case pages of ``req`` in the compressed pool (0: it will not be compressed)."""
     m = state.manager
-    seq_len = prompt_len(req)
+    seq_len = kept_len(req)
     if m is None or not wants_compression(cfg, seq_len) or shared_prefix(state, req, cfg) is not None:
         return 0  # uncompressed, or it will read a shared compressed prompt
     return m.pages_bound(cfg, seq_len)
@@ -95,10 +95,14 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
         if policy_class(cfg.policy).compresses:
             span = scoring_span(state, req, cfg) if needs_queries(cfg) else None
             # the forward whose chunk completes the prompt compresses it (serving.backend);
-            # a decode row of a mixed batch is not extending its prompt
+            # a decode row of a mixed batch is not extending its prompt. A reconstructed
+            # document compresses its first kept_len tokens (the copy after them is dropped).
             target = prompt_len(req)
-            at = (cfg, target) if id(req) not in decoding and wants_compression(cfg, target) else None
-            manager.begin_extend(idx, req.rid, cfg.obs_window, span=span, compress_at=at)
+            rec = reconstruction(req) if cfg.scoring == "reconstruct" else None
+            at = (cfg, target) if id(req) not in decoding and wants_compression(cfg, kept_len(req)) else None
+            manager.begin_extend(idx, req.rid, cfg.obs_window, span=span, compress_at=at,
+                                 agnostic=span is not None and cfg.scoring in AGNOSTIC_SCORINGS,
+                                 keep=None if rec is None else rec[0])
             manager.reserve(idx, pages_bound(state, req, cfg))
     return None
 
@@ -115,7 +119,7 @@ def cap_prefix_len(state: ServingState, result, req, input_len, *args, **kwargs)
         cfg = request_config(state, req)
     except Exception:  # never break scheduling over this
         return result
-    if cfg is None or not wants_compression(cfg, input_len):
+    if cfg is None or not wants_compression(cfg, kept_len(req)):
         return result
     entry = shared_prefix(state, req, cfg)
     if entry is not None:

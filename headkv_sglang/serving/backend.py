@@ -347,11 +347,16 @@ class HeadKVAttnBackend:
     def _capture_window(self, q, layer, fb) -> None:
         """Keep each capturing row's scoring queries of this chunk (question or window)."""
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        start = 0
+        start, lid = 0, layer.layer_id
         for idx, n, pos in zip(self._rows(fb), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
             n = int(n)
             if self.manager.capturing(idx):
-                self.manager.capture_queries(layer.layer_id, idx, q_[start:start + n], pos=int(pos))
+
+                def get_k(end: int, idx=idx):  # question-agnostic scoring: this layer's keys [0, end)
+                    slots = self.req_to_token_pool.req_to_token[idx, :end].to(torch.int64)
+                    return self.token_to_kv_pool.get_key_buffer(lid)[slots]
+
+                self.manager.capture_queries(lid, idx, q_[start:start + n], pos=int(pos), get_k=get_k)
             start += n
 
     def _compress_completed(self, layer, fb) -> None:

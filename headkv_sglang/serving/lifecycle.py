@@ -31,8 +31,8 @@ from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.kv.request_state import FORWARD_OK
 from headkv_sglang.serving import metrics
-from headkv_sglang.serving.requests import (needs_queries, prompt_ids, request_config, share_key,
-                                           wants_compression)
+from headkv_sglang.serving.requests import (kept_len, needs_queries, prompt_ids, reconstruction, request_config,
+                                           share_key, wants_compression)
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
@@ -48,7 +48,11 @@ def before_prefill(state: ServingState, processor, batch, *args, **kwargs):
     for req in batch.reqs:
         idx = req.kv.req_pool_idx
         if id(req) in state.completing and state.manager.forward_outcome(idx) is FORWARD_OK:
-            publish(state, req, idx, state.manager)
+            if publish(state, req, idx, state.manager) and getattr(req.sampling_params, "max_new_tokens", None) == 0:
+                # a document ("compress this"): it ends with this prefill, never reaching after_prefill
+                rec = state.manager.records[idx]
+                report(state, req, idx, request_config(state, req), state.manager, rec, "forward",
+                       int(req.extend_end or rec.prompt_len))
     return None
 
 
@@ -83,7 +87,8 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
         if outcome is FORWARD_OK:  # compressed by the forward: release its prompt slots
             rec = manager.records[idx]
             read = rec.shared is not None and not manager.state(idx).published
-            if rec.prompt_len == seq_len or read and rec.prompt_len <= seq_len:
+            # (a reconstructed document's record holds the document, not its copy after it)
+            if rec.prompt_len in (seq_len, kept_len(req)) or read and rec.prompt_len <= seq_len:
                 release(state, req, idx, cfg, seq_len, tree_cache, manager, rec, where="shared" if read else "forward")
                 released = True
                 continue
@@ -97,7 +102,7 @@ def after_prefill(state: ServingState, result, processor, batch, *args, **kwargs
             continue
         if idx in manager.records:
             continue
-        if not wants_compression(cfg, seq_len):
+        if not wants_compression(cfg, kept_len(req)):
             manager.drop_capture(idx)
             continue
         if compress_and_release(state, req, idx, cfg, seq_len, tree_cache, manager):
@@ -129,13 +134,15 @@ def compress_and_release(state: ServingState, req, idx: int, cfg, seq_len: int, 
     The path for a request whose prefill forward did not compress it."""
     req_to_token = tree_cache.req_to_token_pool.req_to_token
     kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
-    slots = req_to_token[idx, :seq_len].to(torch.int64)
+    rpass = reconstruction(req)  # a reconstructed document: the document, not its copy
+    n = seq_len if rpass is None else min(seq_len, rpass[0])
+    slots = req_to_token[idx, :n].to(torch.int64)
 
     def get_kv(layer: int):
         return kv_pool.get_key_buffer(layer)[slots], kv_pool.get_value_buffer(layer)[slots]
 
     try:
-        rec = manager.compress(idx, cfg, seq_len, get_kv)
+        rec = manager.compress(idx, cfg, n, get_kv)
     except Exception as e:
         stays_whole(state, req, idx, manager, e)
         return False
@@ -177,7 +184,6 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
     if where != "shared" and publish(state, req, idx, manager):  # compressed after the forward
         rec = manager.records[idx]
     st = manager.state(idx)
-    shared = ("published" if st.published else "read") if rec.shared is not None else None
     # Give the prompt's token-pool slots back: hand the whole prompt to the radix tree (a
     # later request sharing it gets a prefix hit), then drop this request's lock so it is
     # evictable cache. Anything the request still owns beyond the tree's part (a partial
@@ -200,6 +206,17 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
     # The prompt slots may be evicted and reused from now on: nothing may insert this
     # request's stale row into the tree.
     req.skip_radix_cache_insert = True
+    report(state, req, idx, cfg, manager, rec, where, full_len)
+
+
+def report(state: ServingState, req, idx: int, cfg, manager: CompressionManager, rec, where: str,
+           full_len: int) -> None:
+    """Log a compressed request and keep its record for ``/server_info`` (``recent_requests``)
+    and the metrics. ``full_len``: its whole prompt (a shared prompt's reader: more than the
+    pages hold; a reconstructed document: with the pass that repeated it)."""
+    st = manager.state(idx)
+    seq_len = rec.prompt_len
+    shared = ("published" if st.published else "read") if rec.shared is not None else None
     full = manager.full_bytes(seq_len)
     bpp = manager.pool.bytes_per_page
     pages_bytes = rec.shared.record.held_bytes(bpp) if rec.shared is not None else rec.held_bytes(bpp)
@@ -225,6 +242,9 @@ def release(state: ServingState, req, idx: int, cfg, seq_len: int, tree_cache, m
         # the prompt positions whose queries ranked its tokens (None: position-based policy)
         "scoring": cfg.scoring if needs_queries(cfg) else None,
         "scoring_span": list(st.span) if needs_queries(cfg) and st.span else None,
+        # kv_scoring "reconstruct": the tokens of the pass that repeated the document (prefilled
+        # with it, then dropped)
+        "reconstruction_tokens": full_len - seq_len if cfg.scoring == "reconstruct" else None,
     })
     metrics.update(state, cfg.policy)
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from headkv_sglang.config import ConfigError, KVPolicyConfig
+from headkv_sglang.config import AGNOSTIC_SCORINGS, ConfigError, KVPolicyConfig
 from headkv_sglang.policies.registry import policy_class
 from headkv_sglang.question import QuestionFinder
+from headkv_sglang.reconstruct import reconstruction_mark
 from headkv_sglang.serving.state import ServingState
 
 logger = logging.getLogger("headkv_sglang")
 
 
 def request_config(state: ServingState, req) -> KVPolicyConfig:
-    """The server's config with the request's ``custom_params`` applied and a ratio budget
-    resolved for its prompt, cached on the request."""
+    """The server's config with the request's ``custom_params`` applied, its scoring resolved
+    (``"auto"``: a document shared before its questions is scored without them) and a ratio
+    budget resolved for the tokens it compresses, cached on the request."""
     cached = getattr(req, "_headkv_cfg", None)
     if cached is not None:
         return cached
@@ -25,9 +27,29 @@ def request_config(state: ServingState, req) -> KVPolicyConfig:
         cfg = cfg.with_request(params)
     except ConfigError:  # validated at the HTTP layer already; be safe
         logger.exception("invalid kv_* custom_params reached the scheduler; using server defaults")
-    cfg = cfg.for_prompt(prompt_len(req))
+    cfg = cfg.resolve_scoring(is_document(req, cfg), reconstructed=reconstruction(req) is not None)
+    if cfg.scoring in AGNOSTIC_SCORINGS and state.manager is not None and state.manager.shard is not None:
+        cfg = dataclasses.replace(cfg, scoring="window")  # refused under --tp at the HTTP layer; be safe
+    cfg = cfg.for_prompt(kept_len(req))
     req._headkv_cfg = cfg
     return cfg
+
+
+def is_document(req, cfg: KVPolicyConfig) -> bool:
+    """A document shared before its questions: ``kv_share`` and no output (``max_new_tokens`` 0)."""
+    return bool(cfg.share) and getattr(getattr(req, "sampling_params", None), "max_new_tokens", None) == 0
+
+
+def reconstruction(req) -> tuple[int, int] | None:
+    """``(document_tokens, copy_start)`` of a prompt extended with a reconstruction pass
+    (``headkv_sglang.reconstruct``), or None."""
+    return reconstruction_mark(getattr(getattr(req, "sampling_params", None), "custom_params", None))
+
+
+def kept_len(req) -> int:
+    """The tokens compressed: the document of a reconstructed prompt, else the whole prompt."""
+    rec = reconstruction(req)
+    return prompt_len(req) if rec is None else rec[0]
 
 
 def wants_compression(cfg: KVPolicyConfig, seq_len: int) -> bool:
@@ -42,7 +64,9 @@ def needs_queries(cfg: KVPolicyConfig) -> bool:
 
 def share_key(cfg: KVPolicyConfig) -> KVPolicyConfig:
     """What two requests must agree on to share a compressed prompt: their whole config, a
-    ratio budget as the ratio (the shared prompt's own length resolves it)."""
+    ratio budget as the ratio (the shared prompt's own length resolves it), the scoring left
+    out (how the copy was ranked does not change what it holds)."""
+    cfg = dataclasses.replace(cfg, scoring="auto", question=0)  # a copy serves any question
     return dataclasses.replace(cfg, budget=0) if cfg.budget_ratio else cfg
 
 
@@ -73,14 +97,19 @@ def scoring_span(state: ServingState, req, cfg: KVPolicyConfig) -> tuple[int, in
 
     ``scoring="question"``: the question (the last user turn's last ``question_len`` tokens
     before the chat template's tail, :mod:`headkv_sglang.question`); ``"window"``: the last
-    ``obs_window`` tokens (SnapKV). The question is looked for in the original prompt (a
+    ``obs_window`` tokens (SnapKV); ``"self"``: every prompt token; ``"reconstruct"``: the
+    document's copy after it (:mod:`headkv_sglang.reconstruct`). The question is looked for in the original prompt (a
     retracted request re-prefills its outputs too; its question does not move).
     """
     cached = getattr(req, "_headkv_span", None)
     if cached is not None:
         return cached
-    finder = state.questions if state.questions is not None else QuestionFinder()
-    span = cfg.scoring_span(finder, req.origin_input_ids, prompt_len(req))
+    rec = reconstruction(req) if cfg.scoring == "reconstruct" else None
+    if rec is not None:
+        span = (rec[1], prompt_len(req))  # the document's copy
+    else:
+        finder = state.questions if state.questions is not None else QuestionFinder()
+        span = cfg.scoring_span(finder, req.origin_input_ids, kept_len(req))
     req._headkv_span = span
     return span
 

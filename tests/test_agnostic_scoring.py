@@ -1,0 +1,178 @@
+"""Question-agnostic scoring (issue 48): ``self`` and ``reconstruct`` rank a document's tokens by
+the most attention any of a span's queries gives them (policies.scoring.max_attention),
+accumulated chunk by chunk during the prefill (CompressionManager.capture_queries)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from headkv_sglang.config import KVPolicyConfig, ModelShape
+from headkv_sglang.kv.manager import CompressionManager
+from headkv_sglang.policies.base import compress_layer
+from headkv_sglang.policies.registry import build_policy
+from headkv_sglang.policies.scoring import max_attention, observation_window_scores, pool_mass
+from headkv_sglang.reconstruct import content_start, reconstruction_ids, reconstruction_mark, RECONSTRUCT_KEY
+from headkv_sglang.serving.requests import share_key
+
+
+def naive_max_attention(q, k, q_start):
+    """Per KV head, per query head, per query: a plain causal softmax; the max per key."""
+    hq, n, d = q.shape
+    hk, t, _ = k.shape
+    t = min(t, q_start + n)
+    g = hq // hk
+    out = torch.zeros(hk, g, t, dtype=torch.float64)
+    for h in range(hq):
+        kv = h // g
+        for i in range(n):
+            p = q_start + i
+            logits = [float(q[h, i].double() @ k[kv, j].double()) / math.sqrt(d) for j in range(p + 1)]
+            m = max(logits)
+            e = [math.exp(x - m) for x in logits]
+            s = sum(e)
+            for j in range(min(p + 1, t)):
+                out[kv, h % g, j] = max(out[kv, h % g, j], e[j] / s)
+    return out
+
+
+@pytest.mark.parametrize("hq,hk,n,t,q_start,block", [(6, 2, 7, 19, 12, 3), (3, 3, 5, 5, 0, 2),
+                                                      (9, 3, 11, 37, 20, 4), (4, 1, 13, 13, 0, 64)])
+def test_max_attention_matches_a_naive_reference(hq, hk, n, t, q_start, block):
+    g = torch.Generator().manual_seed(hq * 100 + t)
+    q = torch.randn(hq, n, 5, generator=g)
+    k = torch.randn(hk, t, 5, generator=g)
+    got = max_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), q_start, block=block)
+    ref = naive_max_attention(q.to(torch.bfloat16).float(), k.to(torch.bfloat16).float(), q_start)
+    assert got.shape == ref.shape == (hk, hq // hk, min(t, q_start + n))
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_max_attention_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple"):
+        max_attention(torch.randn(5, 3, 4), torch.randn(2, 9, 4), 0)
+    with pytest.raises(ValueError, match="q must be"):
+        max_attention(torch.randn(4, 3, 4), torch.randn(2, 9, 5), 0)
+
+
+def test_pooling_is_the_snapkv_scores_own():
+    """observation_window_scores = its masses through pool_mass (the refactor changed nothing)."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(6, 4, 8, generator=g), torch.randn(2, 29, 8, generator=g)
+    scores = observation_window_scores(q, k, 4, 5, "maxpool", "mean")
+    logits = torch.einsum("hgwd,htd->hgwt", q.reshape(2, 3, 4, 8), k) / math.sqrt(8)
+    pos = torch.arange(29)
+    logits = logits.masked_fill(pos[None, :] > (25 + torch.arange(4))[:, None], -math.inf)
+    mass = torch.softmax(logits, -1).sum(2)[..., :25]
+    torch.testing.assert_close(scores[:, :25], pool_mass(mass, 5, "maxpool", "mean"))
+    assert torch.isinf(scores[:, 25:]).all()
+
+
+@pytest.mark.parametrize("policy,extra", [("snapkv", {}), ("adakv", {}), ("pyramidkv", {})])
+def test_compress_layer_ranks_by_the_masses(policy, extra):
+    shape = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=8)
+    cfg = KVPolicyConfig(policy=policy, budget=9, window=2, kernel_size=5, **extra).validate()
+    pol = build_policy(cfg, shape)
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(2, 31, 8, generator=g), torch.randn(2, 31, 8, generator=g)
+    mass = torch.rand(2, 3, 31, generator=g)
+    planned = pol.plan_budgets(31, 9, 2, 2)
+    out = compress_layer(pol, 0, torch.zeros(6, 2, 8), k, v, 9, planned, mass=mass)
+    want = pol.scores_from_mass(mass)
+    assert torch.isinf(want[:, -2:]).all()
+    agg = mass.amax(1)  # KVzip's aggregation: the group's most, no smoothing
+    for h in range(2):
+        kept = out.keep[h].nonzero().flatten().tolist()
+        prefix = [i for i in kept if i < 29 and not math.isinf(float(want[h, i]))]
+        if prefix:  # every kept prefix token outranks every dropped one (sinks aside)
+            dropped = [i for i in range(29) if i not in kept]
+            assert min(float(agg[h, i]) for i in prefix) >= max(float(agg[h, i]) for i in dropped) - 1e-6
+
+
+def test_the_window_policies_refuse_masses_only_where_they_have_no_ranking():
+    shape = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=8)
+    pol = build_policy(KVPolicyConfig(policy="streamingllm", budget=9).validate(), shape)
+    with pytest.raises(NotImplementedError):
+        pol.scores_from_mass(torch.rand(2, 3, 20))
+    # compress_layer ignores the masses of a position-only policy (its sinks + recent tokens)
+    k = torch.randn(2, 20, 8)
+    out = compress_layer(pol, 0, torch.zeros(6, 4, 8), k, k, 9, pol.plan_budgets(20, 9, 2, 2),
+                         mass=torch.rand(2, 3, 20))
+    assert out.keep.sum(1).tolist() == [9, 9]
+
+
+SHAPE = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=8)
+
+
+def _manager_run(chunks, span, keep, seq_len, cfg):
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(SHAPE.num_layers, seq_len, 6, 8, generator=g)
+    k = torch.randn(SHAPE.num_layers, seq_len, 2, 8, generator=g)
+    v = torch.randn(SHAPE.num_layers, seq_len, 2, 8, generator=g)
+    m = CompressionManager(SHAPE, 200, 4, torch.float32, "cpu")
+    m.begin_extend(0, "r", cfg.obs_window, span=span, agnostic=True, keep=keep)
+    pos = 0
+    for n in chunks:
+        for layer in range(2):
+            m.capture_queries(layer, 0, q[layer, pos:pos + n], pos=pos, get_k=lambda end, layer=layer: k[layer, :end])
+        pos += n
+    assert pos == seq_len
+    masses = {layer: m.state(0).mass[layer].clone() for layer in range(2)}
+    n = keep or seq_len
+    rec = m.compress(0, cfg, n, lambda layer: (k[layer], v[layer]))
+    return masses, rec, q, k
+
+
+@pytest.mark.parametrize("chunks", [[37], [10, 27], [5, 5, 5, 22], [1, 36]])
+def test_chunked_capture_is_one_pass_and_compresses_the_kept_tokens(chunks):
+    cfg = KVPolicyConfig(policy="snapkv", budget=7, window=2, kernel_size=3).validate()
+    # reconstruct-like: the document is [0, 17), its copy [20, 37) scores it
+    masses, rec, q, k = _manager_run(chunks, (20, 37), 17, 37, cfg)
+    for layer in range(2):
+        ref = max_attention(q[layer, 20:37].transpose(0, 1), k[layer].transpose(0, 1), 20)[..., :17]
+        torch.testing.assert_close(masses[layer], ref)
+    assert rec.prompt_len == 17
+    # self: every query of the prompt
+    masses, rec, q, k = _manager_run(chunks, (0, 37), None, 37, cfg)
+    ref = max_attention(q[1].transpose(0, 1), k[1].transpose(0, 1), 0)
+    torch.testing.assert_close(masses[1], ref)
+    assert rec.prompt_len == 37
+
+
+def test_agnostic_capture_needs_a_span_and_keys():
+    m = CompressionManager(SHAPE, 50, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="span"):
+        m.begin_extend(0, "r", 2, agnostic=True)
+    m.begin_extend(0, "r", 2, span=(0, 5), agnostic=True)
+    with pytest.raises(ValueError, match="get_k"):
+        m.capture_queries(0, 0, torch.randn(5, 6, 8), pos=0)
+
+
+def test_reconstruction_layout():
+    header, tail, repeat = (7, 8), (90, 91), (50, 51, 52)
+    ids = [1, 2, 7, 8, 30, 31, 32, 33]  # system turn, user header, the document
+    assert content_start(ids, header) == 4 and content_start(ids, ()) == 0
+    ext, copy_start = reconstruction_ids(ids, repeat, tail, header)
+    assert ext[:8] == ids and ext[8:11] == list(repeat) and ext[11:13] == list(tail)
+    assert copy_start == 13 and ext[13:] == [30, 31, 32, 33]
+    assert reconstruction_mark({RECONSTRUCT_KEY: [8, 13]}) == (8, 13)
+    assert reconstruction_mark({RECONSTRUCT_KEY: [0, 13]}) is None and reconstruction_mark(None) is None
+    with pytest.raises(ValueError):
+        reconstruction_ids([], repeat, tail, header)
+
+
+def test_scoring_resolution_and_sharing():
+    cfg = KVPolicyConfig(policy="snapkv", budget=64, share=True).validate()
+    assert cfg.scoring == "auto"
+    assert cfg.resolve_scoring(document=False).scoring == "question"
+    assert cfg.resolve_scoring(document=True).scoring == "reconstruct"
+    assert cfg.resolve_scoring(document=True, reconstructed=False).scoring == "self"
+    w = KVPolicyConfig(policy="snapkv", budget=64, share=True, scoring="window").validate()
+    assert w.resolve_scoring(document=True).scoring == "window"
+    # a copy scored one way serves requests scored another (the questions adopt the document's)
+    assert share_key(cfg.resolve_scoring(True)) == share_key(cfg.resolve_scoring(False))
+    from headkv_sglang.question import QuestionFinder
+    assert KVPolicyConfig(policy="snapkv", budget=64, scoring="self").validate().scoring_span(
+        QuestionFinder(), list(range(50)), 50) == (0, 50)
