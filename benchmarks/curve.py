@@ -43,6 +43,7 @@ def curve_rows(policy: str, baseline: str, setting: str, values: list, budgets: 
     """One row per (budget, value) from the policy's grids (``grids[value]``) and the baseline's grid
     (``base``, holding the matched budgets): scores relative to full KV, KV held, KV saved."""
     rows = []
+    values = [v for v in values if v in grids]  # --report-only leaves out a value that finished no case
     for b in budgets:
         ref = grids[values[0]]["summary"]["kv_kept"][policy][b]  # the first value (the least shared)
         for v in values:
@@ -50,6 +51,9 @@ def curve_rows(policy: str, baseline: str, setting: str, values: list, budgets: 
             held = s["kv_kept"][policy][b]
             lab = held_label(held)
             bs = base["summary"]
+            have = {k: v for k, v in bs["kv_kept"][baseline].items() if v is not None}
+            if lab not in have and have:  # not asked at that budget (--report-only): the closest held
+                lab = min(have, key=lambda k: abs(have[k] - held))
             rows.append({
                 "budget": b, setting: v, "held": held, "saved": 1 - held,
                 "saved_vs_first": (1 - held / ref) if ref else None,
@@ -60,6 +64,45 @@ def curve_rows(policy: str, baseline: str, setting: str, values: list, budgets: 
     return rows
 
 
+def journal_grids(gdir: Path, policy: str, baseline: str, setting: str, values: list, budgets: list[str],
+                  seed: dict) -> tuple[dict, dict, int]:
+    """``--report-only``: the grids as far as they got (finished ``OUT.json`` rows or the journal
+    ``OUT.partial.jsonl``), restricted to the cases every value finished at every budget; the
+    baseline from ``seed`` (a finished grid of the same cases) on those cases. Returns
+    ``(grids by value, baseline grid, cases)``."""
+    def rows(name: str, value) -> list[dict]:
+        journal = gdir / f"{name}.partial.jsonl"
+        if journal.exists():
+            return [json.loads(line)["row"] for line in journal.read_text().splitlines() if line.strip()]
+        path = gdir / f"{name}.json"
+        grid = json.loads(path.read_text()) if path.exists() else {}
+        if grid.get("meta", {}).get("kv_params", {}).get(setting) != value:  # a copy made before its run
+            return []
+        return grid["rows"]
+
+    def case(r: dict) -> tuple:
+        return r["task"], r["target_tokens"], r["depth"]
+
+    per = {v: [r for r in rows(f"{policy}_{i}", v) if r["policy"] == policy] for i, v in enumerate(values)}
+    full = {case(r): r for r in seed["rows"] if r["policy"] == "full"}
+    finished = {v: {c for c in full if {r["budget"] for r in rs if case(r) == c} >= set(budgets)}
+                for v, rs in per.items()}
+    per = {v: rs for v, rs in per.items() if finished[v]}  # a value that finished no case is left out
+    done = set(full)
+    for v in per:
+        done &= finished[v]
+    fulls = [full[c] for c in sorted(done)]
+    grids = {v: {"summary": fidelity.summarize(fulls + [r for r in rs if case(r) in done], [policy], budgets, ["niah"])}
+             for v, rs in per.items()}
+    base_budgets = sorted({r["budget"] for r in seed["rows"] if r["policy"] == baseline}, key=lambda b: float(b[:-1]))
+    base_rows = [r for r in seed["rows"] if r["policy"] == baseline and case(r) in done]
+    base = {"summary": fidelity.summarize(fulls + base_rows, [baseline], base_budgets, ["niah"]),
+            "meta": {**seed["meta"], "cases": len(done),
+                     "prompt_tokens": [min(r["prompt_tokens"] for r in fulls), max(r["prompt_tokens"] for r in fulls)]
+                     if fulls else [0, 0]}}
+    return grids, base, len(done)
+
+
 def markdown(policy: str, baseline: str, setting: str, rows: list[dict], meta: dict) -> str:
     lines = [f"# {policy}: KV saved vs needle score as `{setting}` grows, next to {baseline} at the same KV", "",
              f"Machine: {meta['machine']}. Model: SmolLM2-135M-Instruct (float32, torch_native), greedy.  ",
@@ -68,7 +111,10 @@ def markdown(policy: str, baseline: str, setting: str, rows: list[dict], meta: d
              f"planted answers. Score: relative to full KV on the same cases. Held: the prompt KV the server "
              f"reports, as a share of the full prompt KV (page rounding included); saved = 1 - held; "
              f"\"vs {setting}={meta['values'][0]}\": the KV saved relative to the first value at the same budget. "
-             f"{baseline} is asked at a budget equal to {policy}'s held share.  ",
+             (f"{baseline}: its rows in `--seed-grid` on the same cases, at the budget whose held KV is the closest "
+              f"to {policy}'s (`--report-only`: the grids as far as they got, the cases every listed value finished; "
+              f"a value with no finished case is left out).  " if meta.get("report_only") else
+              f"{baseline} is asked at a budget equal to {policy}'s held share.  "),
              f"Command: `{meta['command']}` ({meta['wall_s']} s)", "",
              f"| budget | {setting} | {policy} held | saved | saved vs {setting}={meta['values'][0]} | {policy} score "
              f"| {baseline} budget | {baseline} held | {baseline} score |",
@@ -99,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", default=None, help="an existing --kv-policy server's URL (default: start one)")
     p.add_argument("--jobs", type=int, default=3, help="values measured at once after the first")
     p.add_argument("--out", required=True)
+    p.add_argument("--report-only", action="store_true",
+                   help="ask nothing: the table from the grids as far as they got (the cases every value "
+                        "finished), the baseline from --seed-grid at its own budgets, the closest held KV")
     a = p.parse_args(argv)
     if not a.setting.startswith("kv_") or a.setting in ("kv_policy", "kv_budget"):
         p.error("--setting: a kv_* request key other than kv_policy and kv_budget")
@@ -111,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     gdir = Path(f"{a.out}_grids")
     gdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if a.report_only:
+        if not a.seed_grid:
+            p.error("--report-only needs --seed-grid (the full-KV and baseline rows)")
+        grids, base, n = journal_grids(gdir, a.policy, a.baseline, a.setting, a.values, a.budgets,
+                                       json.loads(Path(a.seed_grid).read_text()))
+        return report(a, argv, grids, base, gdir, t0)
     srv = None
     if a.server is None:
         from headkv_sglang.dev import models
@@ -148,14 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if srv is not None:
             srv.stop()
+    return report(a, argv, grids, base, gdir, t0)
+
+
+def report(a: argparse.Namespace, argv: list[str] | None, grids: dict, base: dict, gdir: Path, t0: float) -> int:
+    """Writes ``OUT.json`` and ``OUT.md`` from the value grids and the baseline grid."""
+    out = Path(a.out)
     rows = curve_rows(a.policy, a.baseline, a.setting, a.values, a.budgets, grids, base)
     bm = base["meta"]
     meta = {"machine": machine(), "command": "python benchmarks/curve.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "cases": bm["cases"], "prompt_tokens": bm["prompt_tokens"],
         "kv_params": a.kv_params, "values": a.values, "wall_s": round(time.time() - t0),
         "full_score": base["summary"]["tasks"]["niah"]["full"], "policy": a.policy, "baseline": a.baseline,
-        "setting": a.setting, "budgets": a.budgets, "grids": str(gdir.relative_to(ROOT) if gdir.is_absolute()
-                                                                   else gdir)}
+        "report_only": a.report_only,
+        "setting": a.setting, "budgets": a.budgets, "grids": str(gdir)}
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     md = markdown(a.policy, a.baseline, a.setting, rows, meta)
