@@ -110,7 +110,7 @@ def markdown(policy: str, baseline: str, setting: str, rows: list[dict], meta: d
              f"tokens, `--kv-params {json.dumps(meta['kv_params'])}`; full KV scores {meta['full_score']:.0%} of the "
              f"planted answers. Score: relative to full KV on the same cases. Held: the prompt KV the server "
              f"reports, as a share of the full prompt KV (page rounding included); saved = 1 - held; "
-             f"\"vs {setting}={meta['values'][0]}\": the KV saved relative to the first value at the same budget. "
+             f"\"vs {setting}={meta['values'][0]}\": the KV saved relative to the first value at the same budget. " +
              (f"{baseline}: its rows in `--seed-grid` on the same cases, at the budget whose held KV is the closest "
               f"to {policy}'s (`--report-only`: the grids as far as they got, the cases every listed value finished; "
               f"a value with no finished case is left out).  " if meta.get("report_only") else
