@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-params", type=json.loads, default={"kv_scoring": "question"})
     p.add_argument("--concurrency", default="4")
     p.add_argument("--server", default=None, help="an existing --kv-policy server's URL (default: start one)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="settings measured at once after the baseline (their requests batch on the server)")
     a = p.parse_args(argv)
     if any(not isinstance(s, dict) or not all(str(k).startswith("kv_") for k in s) for s in a.settings):
         p.error("--settings: each one a JSON object of kv_* keys")
@@ -83,13 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         fidelity.main([*common, "--server", url, "--policies", a.baseline, "--extend",  # a finished one is reused
                        "--kv-params", json.dumps(a.kv_params), "--out", first])
         grids.append(json.loads(Path(f"{first}.json").read_text()))
-        for i, setting in enumerate(a.settings):
+
+        def run(i: int) -> dict:
             out = f"{a.out}_{i}"
             shutil.copy(f"{first}.json", f"{out}.json")  # its full-KV rows are reused (--extend)
             fidelity.main([*common, "--server", url, "--policies", a.policy, "--extend",
-                           "--kv-params", json.dumps({**a.kv_params, **setting}), "--out", out])
-            grids.append(json.loads(Path(f"{out}.json").read_text()))
-            Path(f"{a.out}.md").write_text(table(a.policy, a.baseline, a.settings, grids, a.budgets))
+                           "--kv-params", json.dumps({**a.kv_params, **a.settings[i]}), "--out", out])
+            return json.loads(Path(f"{out}.json").read_text())
+
+        if a.jobs > 1:  # the full-KV prompts are in the radix cache by now: the settings' requests batch
+            with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+                grids.extend(pool.map(run, range(len(a.settings))))
+        else:
+            for i in range(len(a.settings)):
+                grids.append(run(i))
+                Path(f"{a.out}.md").write_text(table(a.policy, a.baseline, a.settings[:i + 1], grids, a.budgets))
     finally:
         if srv is not None:
             srv.stop()

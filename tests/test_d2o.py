@@ -333,6 +333,34 @@ def test_compress_layer_keeps_sinks_window_and_top_tokens_and_merges(T, B):
             torch.testing.assert_close(a.k_flat, b.k_flat)
 
 
+@pytest.mark.parametrize("T, B, Hq, seed", [(97, 11, 6, 0), (301, 37, 9, 1), (53, 53, 3, 2)])
+def test_defaults_keep_snapkvs_tokens_with_question_scoring(T, B, Hq, seed):
+    """D2O's defaults (no sinks, uniform layers, no merge) keep SnapKV's tokens exactly, with the
+    question as scoring queries (q_end before the window) and GQA groups of Hq / 3 query heads."""
+    g = torch.Generator().manual_seed(seed)
+    L, H, D, w, nq = 3, 3, 8, 5, 7
+    q = torch.randn(Hq, nq, D, generator=g)
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    d2o, snap = D2O(density=density(L, H, seed=seed), window_size=w), SnapKV(window_size=w)
+    assert (d2o.sink_size, d2o.merge, d2o.layers) == (0, "off", "uniform")
+    plan = d2o.plan_budgets(T, B, L, H)
+    assert torch.equal(plan, snap.plan_budgets(T, B, L, H))
+    for layer in range(L):
+        a = compress_layer(d2o, layer, q, k, v, B, plan, q_end=T - w - 2)
+        b = compress_layer(snap, layer, q, k, v, B, plan, q_end=T - w - 2)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.indptr, b.indptr)
+        assert torch.equal(a.k_flat, b.k_flat) and torch.equal(a.v_flat, b.v_flat)
+    # with the reference's 4 sinks the first tokens displace 4 - (SnapKV's picks among them) others
+    four = D2O(density=density(L, H, seed=seed), window_size=w, sink_size=4)
+    a = compress_layer(four, 0, q, k, v, B, plan, q_end=T - w - 2)
+    b = compress_layer(snap, 0, q, k, v, B, plan, q_end=T - w - 2)
+    for h in range(H):
+        kept_a = set(a.indices[a.indptr[h]:a.indptr[h + 1]].tolist())
+        kept_b = set(b.indices[b.indptr[h]:b.indptr[h + 1]].tolist())
+        assert set(range(min(4, B))) <= kept_a and len(kept_a) == len(kept_b)
+        assert len(kept_b - kept_a) == len(set(range(min(4, B))) - kept_b) or B >= T
+
+
 def test_sink_scores_are_infinite_and_the_rest_are_snapkv():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(4, 5, 8, generator=g), torch.randn(2, 50, 8, generator=g)
@@ -361,13 +389,13 @@ def test_server_config_builds_it_from_the_shipped_profile():
     smol = dict(architectures=["LlamaForCausalLM"], num_hidden_layers=30, num_attention_heads=9,
                 num_key_value_heads=3, head_dim=64, hidden_size=576)
     shape = ModelShape(30, 9, 3, 64, "LlamaForCausalLM", hf_config=smol)
-    cfg = KVPolicyConfig(policy="d2o", budget=64, d2o_merge="off", sink_size=2).validate()
+    cfg = KVPolicyConfig(policy="d2o", budget=64, d2o_merge="off", d2o_sink_size=2, sink_size=5).validate()
     pol = build_policy(cfg, shape)
     prof = load_profile(shipped_profile(smol, "d2o"))
     assert isinstance(pol, D2O) and (pol.merge, pol.sink_size) == ("off", 2)
     assert torch.equal(pol.density, torch.as_tensor(prof.kv_scores, dtype=torch.float64))
     dflt = build_policy(KVPolicyConfig(policy="d2o", budget=64).validate(), shape)
-    assert (dflt.merge, dflt.layers) == ("off", "uniform")  # the measured settings (d2o_settings_cpu.md)
+    assert (dflt.merge, dflt.layers, dflt.sink_size) == ("off", "uniform", 0)  # measured: fidelity_d2o_sinks_cpu.md
     assert KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "on"}).d2o_merge == "on"
     cfg = KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "mean", "kv_d2o_layers": "uniform"})
     assert (build_policy(cfg.validate(), shape).merge, build_policy(cfg.validate(), shape).layers) == ("mean", "uniform")
@@ -375,6 +403,12 @@ def test_server_config_builds_it_from_the_shipped_profile():
         KVPolicyConfig(policy="d2o").with_request({"kv_d2o_layers": "x"})
     with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_merge: invalid value 'no'; choose one of on, mean, off"):
         KVPolicyConfig(policy="d2o").with_request({"kv_d2o_merge": "no"})
-    with pytest.raises(ConfigError, match=r"--kv-sink-size: invalid value 8; sinks must leave room"):
-        KVPolicyConfig(policy="d2o", budget=8, sink_size=8).validate()
-    assert KVPolicyConfig(policy="d2o", budget_ratio=0.01, sink_size=4).for_prompt(100).budget == 5
+    # D2O's sinks are its own setting: --kv-sink-size (StreamingLLM, Razor, PoD) does not touch them
+    with pytest.raises(ConfigError, match=r"--kv-d2o-sink-size: invalid value 8; sinks must leave room"):
+        KVPolicyConfig(policy="d2o", budget=8, d2o_sink_size=8).validate()
+    KVPolicyConfig(policy="d2o", budget=8, sink_size=8).validate()
+    with pytest.raises(ConfigError, match=r"custom_params.kv_d2o_sink_size: invalid value 8; sinks must leave room"):
+        KVPolicyConfig(policy="d2o", budget=8).with_request({"kv_d2o_sink_size": 8}).validate()
+    assert KVPolicyConfig(policy="d2o", budget_ratio=0.01, d2o_sink_size=4).for_prompt(100).budget == 5
+    assert KVPolicyConfig(policy="d2o", budget_ratio=0.01, sink_size=4).for_prompt(100).budget == 1
+    assert KVPolicyConfig(policy="pod", budget_ratio=0.01, sink_size=4).for_prompt(100).budget == 5

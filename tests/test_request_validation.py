@@ -22,7 +22,7 @@ from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPo
 pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
-assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
+assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_d2o_sink_size, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
                    "kv_pod_share, kv_policy, kv_pool_shift, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
                    "kv_share, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
@@ -63,6 +63,9 @@ INVALID = [
     ({"kv_razor_heads": "all"}, "custom_params.kv_razor_heads: invalid value 'all'; choose one of fraction, budget"),
     ({"kv_d2o_merge": "yes"}, "custom_params.kv_d2o_merge: invalid value 'yes'; choose one of on, mean, off"),
     ({"kv_d2o_merge": True}, "custom_params.kv_d2o_merge: invalid value True; expected str"),
+    ({"kv_d2o_sink_size": -1}, "custom_params.kv_d2o_sink_size: invalid value -1; expected an integer in [0, 4096]"),
+    ({"kv_policy": "d2o", "kv_budget": 5, "kv_d2o_sink_size": 5},
+     "custom_params.kv_d2o_sink_size: invalid value 5; sinks must leave room for recent tokens: < --kv-budget (5)"),
     # kv_pod_share
     ({"kv_pod_share": 0.51}, "custom_params.kv_pod_share: invalid value 0.51; expected a number in [0.0, 0.5]"),
     ({"kv_pod_share": "0.3"}, "custom_params.kv_pod_share: invalid value '0.3'; expected float"),
@@ -160,7 +163,8 @@ VALID = [
     {"kv_policy": "snapkv", "kv_budget": 16, "kv_decode_budget": 16},
     {"kv_policy": "razor", "kv_budget": "2%", "kv_razor_heads": "budget"},
     {"kv_policy": "d2o", "kv_budget": "2%", "kv_d2o_merge": "off"},
-    {"kv_policy": "d2o", "kv_budget": 6, "kv_sink_size": 5, "kv_scoring": "question"},
+    {"kv_policy": "d2o", "kv_budget": 6, "kv_d2o_sink_size": 5, "kv_scoring": "question"},
+    {"kv_policy": "d2o", "kv_budget": 4, "kv_sink_size": 4},  # d2o's sinks are kv_d2o_sink_size (0)
     {"kv_policy": "pod", "kv_budget": "5%", "kv_pod_share": 0.5, "kv_decode_budget": 8},
     {"kv_policy": "pod", "kv_budget": 64, "kv_pod_share": 0},
     {"kv_policy": "snapkv", "kv_budget": "5%", "kv_share": True},
@@ -318,6 +322,7 @@ _NEAR = {
     "kv_pod_share": st.floats(0.0, 0.5),
     "kv_min_prompt": st.integers(0, 40),
     "kv_sink_size": st.integers(0, 8),
+    "kv_d2o_sink_size": st.integers(0, 8),
     "kv_beta": st.floats(1, 20) | st.integers(1, 3),
     "kv_floor_alpha": st.floats(0, 1),
     "kv_kernel_size": st.sampled_from([1, 3, 5, 13, 63]),
@@ -340,6 +345,7 @@ _EDGE = {
     "kv_pod_share": st.sampled_from([-0.01, 0.51, "0.3", 1]),
     "kv_min_prompt": st.sampled_from([-1, (1 << 20) + 1]),
     "kv_sink_size": st.sampled_from([-1, 80, 4097]),
+    "kv_d2o_sink_size": st.sampled_from([-1, 80, 4097]),
     "kv_beta": st.floats(-1, 0.999) | st.floats(1e6, 1e300, exclude_min=True),
     "kv_floor_alpha": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
     "kv_kernel_size": st.sampled_from([-1, 0, 2, 4, 64, 65]),

@@ -131,14 +131,17 @@ def check_window_fits(cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str
     raise bad("window", cfg.window, f"the observation window must not exceed --kv-budget ({cfg.budget})")
 
 
-def check_sinks_fit(cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
-    """The attention sinks must leave room for recent tokens: ``sink_size < budget``.
+def check_sinks_fit(cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str],
+                    setting: str = "sink_size") -> None:
+    """The attention sinks must leave room for recent tokens: ``sinks < budget``.
 
-    Blames the budget when only it was overridden, otherwise the sinks. A ratio budget is
-    resolved per prompt to at least ``sink_size + 1``.
+    ``setting``: the config attribute holding the policy's sinks (``sink_size``; D2O's is
+    ``d2o_sink_size``). Blames the budget when only it was overridden, otherwise the sinks.
+    A ratio budget is resolved per prompt to at least ``sinks + 1``.
     """
-    if cfg.budget_ratio or cfg.sink_size < cfg.budget:
+    sinks = getattr(cfg, setting)
+    if cfg.budget_ratio or sinks < cfg.budget:
         return
-    if "budget" in changed and "sink_size" not in changed:
-        raise bad("budget", cfg.budget, f"must exceed the attention sinks ({cfg.sink_size})")
-    raise bad("sink_size", cfg.sink_size, f"sinks must leave room for recent tokens: < --kv-budget ({cfg.budget})")
+    if "budget" in changed and setting not in changed:
+        raise bad("budget", cfg.budget, f"must exceed the attention sinks ({sinks})")
+    raise bad(setting, sinks, f"sinks must leave room for recent tokens: < --kv-budget ({cfg.budget})")

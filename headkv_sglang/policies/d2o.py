@@ -84,7 +84,9 @@ class D2O(SinkObservationPolicy):
         float ``[num_layers, num_kv_heads]``, ``>= 0``: attention variance per head
         (the profile's ``kv_scores``); a layer's ``v_l`` is the mean of its row.
     sink_size : int
-        First prompt tokens always kept (4, as the reference).
+        First prompt tokens always kept: the setting ``d2o_sink_size`` (``--kv-d2o-sink-size``),
+        not the ``sink_size`` of StreamingLLM, RazorAttention and PoD. 0 by default (the
+        reference keeps 4; see ``defaults.D2O_SINK_SIZE`` for why).
     merge : {"on", "mean", "off"}
         Merge dropped tokens into similar kept ones with the paper's weights (``"on"``),
         the authors' code's mean (``"mean"``, prompt only: decode-time merging uses the
@@ -101,6 +103,9 @@ class D2O(SinkObservationPolicy):
     merges_dropped: ClassVar[bool] = True
 
     density: torch.Tensor = field(compare=False, repr=False)
+    sink_size: int = hyper(defaults.D2O_SINK_SIZE, "D2O: attention-sink tokens kept (the first prompt tokens; "
+                           "the D2O reference keeps 4, the default 0 keeps none: on the test model the sinks "
+                           "took budget from the needle).", name="d2o_sink_size", low=0, high=4096)
     merge: str = hyper(defaults.D2O_MERGE, "D2O: merge each dropped token into its most similar kept token "
                        "with the paper's similarity weights ('on'), with the authors' code's count mean "
                        "('mean', prompt only), or drop it ('off', the default).",
@@ -129,7 +134,7 @@ class D2O(SinkObservationPolicy):
         """Density: the ``d2o`` profile's per-KV-head attention variances."""
         assert profile is not None, "D2O needs its 'd2o' profile (registry.resolve_profile)"
         return cls(density=torch.as_tensor(profile.kv_scores, dtype=torch.float64),
-                   sink_size=cfg.sink_size, merge=cfg.d2o_merge, layers=cfg.d2o_layers,
+                   sink_size=cfg.d2o_sink_size, merge=cfg.d2o_merge, layers=cfg.d2o_layers,
                    **cls.observation_kwargs(cfg))
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:

@@ -65,6 +65,11 @@ D2O_LAYER_CHOICES: tuple[str, ...] = ("request", "profile", "uniform")
 #: "uniform": on the test model's needle cases the density allocation moves budget away from the
 #: deep layers that retrieve, and lost answers at 5% (benchmarks/results/d2o_settings_cpu.md).
 D2O_LAYERS = "uniform"
+#: D2O's attention sinks (its own setting, ``--kv-d2o-sink-size``; the D2O reference keeps 4).
+#: 0: with it D2O's defaults keep SnapKV's tokens; on the test model's needle cases the 4 sinks
+#: lost answers at 5% (benchmarks/results/d2o_settings_cpu.md, d2o_sinks_cpu.md;
+#: docs/policies-and-profiles.md says why).
+D2O_SINK_SIZE = 0
 #: PoD: target share of the (layer, KV head) rows that reuse the layer below's distant
 #: attention and store no distant keys (at most ~0.5: a sharing row is no one's source).
 #: 0.1: on the test model's 15 needle cases it kept 100% of full KV's score without token

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,9 +13,7 @@ from headkv_sglang.policies import defaults
 from headkv_sglang.policies.base import KVPolicy
 from headkv_sglang.policies.base import sink_size_field
 from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_sinks_fit, check_window_fits
-from headkv_sglang.policies.params import hyper
-import math
-
+from headkv_sglang.policies.params import field_param, hyper
 from headkv_sglang.policies.scoring import observation_window_scores
 
 if TYPE_CHECKING:
@@ -120,14 +120,22 @@ class SinkObservationPolicy(ObservationWindowPolicy):
         check_int(type(self).__name__, "sink_size", self.sink_size, 0)
 
     @classmethod
+    def sink_setting(cls) -> str:
+        """The setting (``KVPolicyConfig`` attribute) the ``sink_size`` field is declared as:
+        ``sink_size`` (shared with StreamingLLM and RazorAttention), D2O's ``d2o_sink_size``."""
+        p = field_param(next(f for f in dataclasses.fields(cls) if f.name == "sink_size"))
+        assert p is not None, f"{cls.__name__}.sink_size must be declared with hyper()"
+        return p.name
+
+    @classmethod
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
         check_window_fits(cfg, bad, changed)
-        check_sinks_fit(cfg, bad, changed)
+        check_sinks_fit(cfg, bad, changed, cls.sink_setting())
 
     @classmethod
     def min_budget(cls, cfg: KVPolicyConfig) -> int:
         """The sinks plus one recent token (and the explicit window)."""
-        return max(cfg.window, cfg.sink_size + 1)
+        return max(cfg.window, getattr(cfg, cls.sink_setting()) + 1)
 
     def token_scores(self, q_win: torch.Tensor, k: torch.Tensor, layer: int,
                      q_end: int | None = None) -> torch.Tensor:
