@@ -32,6 +32,7 @@ import random
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -74,13 +75,19 @@ def document(tok, n_tokens: int, n_facts: int, seed: int) -> tuple[str, list[tup
 
 def prompts(tok, text: str, facts: list[tuple[str, str]]) -> tuple[list[int], list[list[int]]]:
     """The document's chat-prefix tokens, and each question's whole prompt (that prefix + its turn's end)."""
+    return chat_prompts(tok, text, [f"What is the special magic number for {k} mentioned in the text? Answer with "
+                                    "the number only." for k, _ in facts])
+
+
+def chat_prompts(tok, text: str, questions: list[str]) -> tuple[list[int], list[list[int]]]:
+    """The chat-prefix tokens of a user turn starting with ``text``, and for each question the
+    whole prompt: that prefix + the question + the template's tail (the turn is ``text``,
+    a blank line, the question)."""
     chat = tok.apply_chat_template([{"role": "user", "content": text + "\n\nQQQ"}], tokenize=False,
                                    add_generation_prompt=True)
     head, tail = chat.split("QQQ")
     doc = tok(head, add_special_tokens=False)["input_ids"]
-    qs = [f"What is the special magic number for {k} mentioned in the text? Answer with the number only."
-          for k, _ in facts]
-    return doc, [doc + tok(q + tail, add_special_tokens=False)["input_ids"] for q in qs]
+    return doc, [doc + tok(q + tail, add_special_tokens=False)["input_ids"] for q in questions]
 
 
 def generate(url: str, ids: list[int], max_tokens: int, params: dict, first: threading.Event | None = None) -> dict:
@@ -103,10 +110,14 @@ def generate(url: str, ids: list[int], max_tokens: int, params: dict, first: thr
 
 
 def flush(url: str) -> None:
-    for _ in range(60):
-        with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=60) as r:
-            if r.status == 200:
-                return
+    for _ in range(120):
+        try:  # SGLang answers 400 while requests are in flight (its warm-up one at start, say)
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=60) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code != 400:
+                raise
         time.sleep(1)
     raise RuntimeError("the server did not flush its cache")
 
@@ -126,8 +137,9 @@ def run_config(url: str, doc: list[int], qs: list[list[int]], params: dict, shar
     before = server_state(url)
     t0 = time.perf_counter()
     computed = 0
+    doc_out = None
     if shared:
-        out = generate(url, doc, 0, params)
+        doc_out = out = generate(url, doc, 0, params)
         computed += out["meta_info"]["prompt_tokens"] - out["meta_info"].get("cached_tokens", 0)
     outs: list[dict | None] = [None] * len(qs)
     firsts = [threading.Event() for _ in qs]
@@ -167,9 +179,12 @@ def run_config(url: str, doc: list[int], qs: list[list[int]], params: dict, shar
     computed += sum(o["meta_info"]["prompt_tokens"] - o["meta_info"].get("cached_tokens", 0) for o in outs)
     total = lambda st: sum(p["compressed_requests_total"] for p in st["policies"].values())  # noqa: E731
     reports = [after["recent_requests"].get(o["meta_info"]["id"], {}) for o in outs]
+    ran = [after["recent_requests"].get(doc_out["meta_info"]["id"], {})] if doc_out is not None else []
+    ran += [r for r in reports if r.get("shared") != "read"]  # a read compresses nothing
     return {"texts": [o["text"] for o in outs], "seconds": round(seconds, 1), "prompt_tokens_computed": computed,
             "compressions": total(after) - total(before), "peak_held": peak, "decode_held": decoding,
             "reads_shared": sum(r.get("shared") == "read" for r in reports), "sample_errors": errors,
+            "compress_ms": [r["compress_ms"] for r in ran if "compress_ms" in r],
             "integrity": after.get("integrity")}
 
 
