@@ -12,8 +12,8 @@ the document prefilled and compressed once, without any question, then every que
 greedily from that one compressed cache.
 
 Presses (``--presses``): ``full`` (no press), ``KVzipPress`` (ranks by reconstructing the
-document), and the query-agnostic scorers ``ExpectedAttentionPress``, ``KeyDiffPress``,
-``KnormPress`` and ``AdaKV-ExpectedAttention`` (``AdaKVPress`` around it: per-head budgets by
+document), and the query-agnostic scorers ``ExpectedAttentionPress``, ``KeyDiffPress``
+and ``AdaKV-ExpectedAttention`` (``AdaKVPress`` around it: per-head budgets by
 masking) at their defaults (the settings kvpress's own benchmarks use), each at
 ``compression_ratio = 1 - budget``.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.multi_question import case, correct  # noqa: E402
 
-PRESSES = ["full", "KVzipPress", "ExpectedAttentionPress", "AdaKV-ExpectedAttention", "KeyDiffPress", "KnormPress"]
+PRESSES = ["full", "KVzipPress", "AdaKV-ExpectedAttention", "ExpectedAttentionPress", "KeyDiffPress"]
 
 
 def make_press(name: str, ratio: float):
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = 1 - float(budget.rstrip("%")) / 100
         for name in a.presses:
             row = {"budget": budget, "config": f"kvpress {name}", "right": 0, "asked": 0, "held": 0, "kept": 0.0,
+                   "docs": 0,
                    "compress_ms": 0.0, "compressions": 0, "not_supported": None}
             for c in cases:
                 doc, qs = chat_prompts(tok, c.text, [f.question for f in c.facts])
@@ -147,24 +148,34 @@ def main(argv: list[str] | None = None) -> int:
                 row["right"] += sum(r["right"])
                 row["asked"] += len(r["right"])
                 row["held"] += r["held"]
-                row["kept"] += r["kept"] / len(cases)
+                row["kept"] = (row["kept"] * row["docs"] + r["kept"]) / (row["docs"] + 1)
+                row["docs"] += 1
                 if name != "full":
                     row["compress_ms"] += 1000 * max(r["prefill_s"] - full_prefill.get(c.seed, 0.0), 0.0)
                     row["compressions"] += 1
+                save(a, argv, rows + [row], runs)
                 print(budget, name, c.seed, r["right"], [t[:40] for t in r["texts"]], f"{r['prefill_s']:.2f}s",
                       flush=True)
             rows.append(row)
-        full_held = next((r["held"] for r in rows if r["config"] == "kvpress full" and r["budget"] == budget), 0)
-        for r in rows:
-            if r["budget"] == budget:
-                r["full_held"] = full_held
+    save(a, argv, rows, runs)
+    return 0
+
+
+def save(a, argv: list[str] | None, rows: list[dict], runs: list[dict]) -> None:
+    """``OUT.json``, rewritten after every document (a long run keeps what it measured)."""
+    import torch
+    import transformers
+
+    for r in rows:  # vs full KV over the same documents
+        full = next((f for f in rows if f["config"] == "kvpress full" and f["budget"] == r["budget"]), None)
+        r["full_held"] = full["held"] * r["docs"] / max(full["docs"], 1) if full else 0
+
     out = {"command": "python benchmarks/kvpress_peer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": f"{platform.machine()} CPU x{os.cpu_count()}, Python {platform.python_version()}, no GPU",
            "kvpress": importlib.metadata.version("kvpress"), "torch": torch.__version__,
            "transformers": transformers.__version__, "dtype": "float32", "presses": a.presses, "rows": rows,
            "runs": runs}
     Path(f"{a.out}.json").write_text(json.dumps(out, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

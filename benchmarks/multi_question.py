@@ -5,6 +5,7 @@ peer (``benchmarks/kvpress_peer.py``, run outside the server).
     python benchmarks/multi_question.py --out benchmarks/results/multi_question_cpu
     python benchmarks/multi_question.py --shared-scorings window self reconstruct --budgets 5% 10% 25%
     python benchmarks/multi_question.py --server http://127.0.0.1:30000 --model-path DIR   # an existing server
+    python benchmarks/multi_question.py --report-only --peer benchmarks/results/multi_question_kvpress_cpu.json
 
 Each document (``--docs``, ~``--doc-tokens`` tokens of prose from ``pydoc_data``) holds
 ``--facts`` facts of different shapes, one of each (a person's name, a number, a town, a
@@ -347,6 +348,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer", default=None, help="kvpress_peer.py's JSON on the same cases: its rows join the table")
     p.add_argument("--out", default="benchmarks/results/multi_question_cpu")
+    p.add_argument("--report-only", action="store_true",
+                   help="no server: rebuild OUT.md/.png/.json from OUT.json (with --peer: adding its rows)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -359,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag}: invalid value {v}; expected a positive integer")
     if not 1 <= a.facts <= len(SHAPES):
         p.error(f"--facts: invalid value {a.facts}; expected 1..{len(SHAPES)} (one fact per shape)")
+    if a.report_only:
+        saved = json.loads(Path(f"{a.out}.json").read_text())
+        meta = saved["meta"]
+        if a.peer:
+            meta["peer"] = json.loads(Path(a.peer).read_text())
+        write(a.out, meta, saved["results"])
+        return 0
     from transformers import AutoTokenizer
 
     from benchmarks.long_outputs import token_bytes

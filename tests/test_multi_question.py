@@ -192,3 +192,18 @@ def test_cli_refuses_bad_grids(argv, capsys):
     with pytest.raises(SystemExit):
         mq.main(argv)
     assert "invalid value" in capsys.readouterr().err
+
+
+def test_report_only_adds_the_peer_rows(monkeypatch, tmp_path):
+    res, _ = fake_run(monkeypatch, refuse=set())
+    meta = {"machine": "m", "model": "M", "max_tokens": 32, "doc_tokens": 301, "command": "cmd"}
+    out = str(tmp_path / "mq")
+    mq.write(out, meta, res)
+    assert "kvpress" not in (tmp_path / "mq.md").read_text()
+    peer = {"command": "p", "machine": "m", "kvpress": "0.5.5", "torch": "t", "transformers": "x", "dtype": "float32",
+            "rows": [{"budget": "5%", "config": "kvpress KeyDiffPress", "right": 1, "asked": 6, "held": 10,
+                      "full_held": 20, "kept": 0.05, "compress_ms": 0.0, "compressions": 2, "not_supported": None}]}
+    (tmp_path / "peer.json").write_text(json.dumps(peer))
+    assert mq.main(["--report-only", "--out", out, "--peer", str(tmp_path / "peer.json")]) == 0
+    md = (tmp_path / "mq.md").read_text()
+    assert "| 5% | kvpress KeyDiffPress | 1/6 | 25% | 0.0 MB (kept 5%) | 50.0% |" in md
