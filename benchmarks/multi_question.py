@@ -27,7 +27,8 @@ Measured: right answers (every part of the fact's answer in the output, :func:`c
 the KV the server held once every question decodes (``/server_info``: token-pool slots
 outside the radix tree's evictable cache + the compressed pool's used pages), and
 compression time (``compress_ms`` of the server's per-request reports, summed over the
-compressions the configuration ran). Writes ``OUT.json`` (every answer), ``OUT.md`` and
+compressions the configuration ran; for a shared copy, which the server does not report, the
+document request's wall time). Writes ``OUT.json`` (every answer), ``OUT.md`` and
 ``OUT.png``; with ``--peer FILE.json`` (``kvpress_peer.py``'s output on the same cases) its
 rows join the table.
 """
@@ -232,7 +233,7 @@ def summary(res: dict, peer: dict | None = None) -> list[dict]:
     for r in res["runs"]:
         s = rows.setdefault((r["budget"], r["config"]), {
             "budget": r["budget"], "config": r["config"], "right": 0, "asked": 0, "held": 0, "full_held": 0,
-            "compress_ms": 0.0, "compressions": 0, "not_supported": None, "source": "server"})
+            "compress_ms": 0.0, "compressions": 0, "doc_seconds": 0.0, "not_supported": None, "source": "server"})
         if "not_supported" in r:
             s["not_supported"] = r["not_supported"]
             continue
@@ -241,6 +242,7 @@ def summary(res: dict, peer: dict | None = None) -> list[dict]:
         s["held"] += r["decode_held"]["bytes"]
         s["compress_ms"] += sum(r.get("compress_ms", []))
         s["compressions"] += r["compressions"]
+        s["doc_seconds"] += r.get("doc_seconds") or 0.0
     full = {b: s for (b, n), s in rows.items() if n == "full"}
     for (b, _), s in rows.items():
         s["full_held"] = full[b]["held"] if b in full else 0
@@ -266,8 +268,10 @@ def markdown(res: dict, meta: dict) -> str:
         "every part of the fact (a date's month, day and year) is in it. *KV held decoding*: the most the server "
         "held once every question's prefill was done (token-pool slots outside the radix tree's evictable cache + "
         "compressed pages), summed over the documents (they ran one after another); *vs full* against full KV "
-        "(radix-shared) at the same budget. *Compression*: the server's `compress_ms`, summed over the "
-        "compressions the configuration ran (per request: one per question; shared: one per document).",
+        "(radix-shared) at the same budget. *Compression*: the server's `compress_ms` (`/server_info`'s "
+        "per-request reports), summed over the compressions the configuration ran (one per question). The server "
+        "reports none for a shared copy (its document request ends with its prefill): there the wall time of the "
+        "document requests (prefill + compression, alone on the server) is given instead.",
     ]
     if peer:
         lines += ["", f"kvpress rows: `{peer['command']}` ({peer['machine']}; kvpress {peer['kvpress']}, "
@@ -290,6 +294,8 @@ def markdown(res: dict, meta: dict) -> str:
             held += f" (kept {r['kept']:.0%})"
         comp = "" if r["config"] in ("full", "kvpress full") else (
             f"{r['compress_ms'] / 1000:.2f} s" + (f" ({r['compressions']}x)" if r["compressions"] else ""))
+        if r["source"] == "server" and r["config"] != "full" and not r["compress_ms"] and r.get("doc_seconds"):
+            comp = f"not reported; document request {r['doc_seconds']:.1f} s ({r['compressions']}x)"
         lines.append(f"| {r['budget']} | {r['config']} | {r['right']}/{r['asked']} | {r['right'] / max(fr, 1):.0%} "
                      f"| {held} | {r['held'] / max(r['full_held'], 1):.1%} | {comp} |")
     return "\n".join(lines) + "\n"

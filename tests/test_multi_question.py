@@ -125,7 +125,9 @@ def fake_run(monkeypatch, refuse: set[str], wrong_after: int = 2):
         facts = state["facts"][len(doc)]
         texts = [f.answer if i < wrong_after else "no idea" for i, f in enumerate(facts)]
         return {"texts": texts, "decode_held": {"bytes": 1000 * len(qs) * (1 if shared else 3)},
-                "compress_ms": [12.5] * (1 if shared else len(qs) if "kv_budget" in params else 0),
+                # as the server: no compress_ms for a shared copy's document request
+                "compress_ms": [12.5] * (0 if shared else len(qs) if "kv_budget" in params else 0),
+                "doc_seconds": 3.0 if shared else None,
                 "compressions": (1 if shared else len(qs)) if "kv_budget" in params else 0}
 
     state: dict = {"facts": {}}
@@ -158,7 +160,8 @@ def test_a_refused_scoring_is_reported_and_the_run_goes_on(monkeypatch):
     assert rows[("10%", "snapkv shared self")]["not_supported"]
     assert rows[("10%", "snapkv shared window")]["right"] == 4 and rows[("10%", "snapkv shared window")]["asked"] == 6
     assert rows[("5%", "full")]["held"] == rows[("10%", "full")]["held"] == 2 * 9000
-    assert rows[("5%", "snapkv shared reconstruct")]["compress_ms"] == 25.0
+    assert rows[("5%", "snapkv shared reconstruct")]["doc_seconds"] == 6.0
+    assert rows[("5%", "snapkv per request")]["compress_ms"] == 75.0
     assert rows[("5%", "snapkv per request")]["compressions"] == 6
 
 
@@ -177,8 +180,11 @@ def test_table_and_files(monkeypatch, tmp_path):
     body = {tuple(c.strip() for c in ln.strip("|").split("|"))[:2]: ln for ln in lines[1:]}
     assert "not supported by this server" in body[("10%", "snapkv shared reconstruct")]
     assert "| 4/6 | 100% | 0.0 MB | 100.0% |" in body[("10%", "full")]
-    assert "| 4/6 | 100% | 0.0 MB | 33.3% | 0.03 s (2x) |" in body[("5%", "snapkv shared window")]
-    assert "| 5/6 | 125% |" in body[("10%", "kvpress KVzipPress")] and "(kept 10%)" in body[("10%", "kvpress KVzipPress")]
+    assert "| 4/6 | 100% | 0.0 MB | 33.3% | not reported; document request 6.0 s (2x) |" in body[
+        ("5%", "snapkv shared window")]
+    assert "| 4/6 | 100% | 0.0 MB | 100.0% | 0.07 s (6x) |" in body[("5%", "snapkv per request")]
+    kvzip = body[("10%", "kvpress KVzipPress")]
+    assert "| 5/6 | 125% |" in kvzip and "(kept 10%)" in kvzip
     assert "test machine" in md and "`cmd`" in md and "kvpress 0.5.5" in md
     out = str(tmp_path / "mq")
     mq.write(out, meta, res)
