@@ -174,7 +174,12 @@ def configs(policy: str, budget: str, scorings: list[str]) -> list[tuple[str, di
 
 
 def not_supported(err: BaseException) -> str | None:
-    """The server's reason when ``err`` is its HTTP 400 refusal of a request's parameters, else None."""
+    """The server's reason when ``err`` is its HTTP 400 refusal of a request's parameters (as
+    the status of the response or, streamed, in its first chunk), else None."""
+    from benchmarks.shared_document import RequestError
+
+    if isinstance(err, RequestError):
+        return err.message[:300] if err.code == 400 else None
     if isinstance(err, urllib.error.HTTPError) and err.code == 400:
         try:
             return err.read().decode(errors="replace")[:300]
@@ -186,7 +191,7 @@ def not_supported(err: BaseException) -> str | None:
 def run(url: str, a, tok, token_bytes: int) -> dict:
     from tqdm import tqdm
 
-    from benchmarks.shared_document import chat_prompts, flush, run_config
+    from benchmarks.shared_document import RequestError, chat_prompts, flush, run_config
 
     count = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
     cases = [case(count, a.doc_tokens, a.facts, a.seed + i) for i in range(a.docs)]
@@ -208,7 +213,7 @@ def run(url: str, a, tok, token_bytes: int) -> dict:
                 continue
             try:
                 r = run_config(url, doc, qs, params, shared, a.max_tokens, token_bytes)
-            except urllib.error.HTTPError as e:
+            except (urllib.error.HTTPError, RequestError) as e:
                 why = not_supported(e)
                 if why is None:
                     raise

@@ -90,9 +90,19 @@ def chat_prompts(tok, text: str, questions: list[str]) -> tuple[list[int], list[
     return doc, [doc + tok(q + tail, add_special_tokens=False)["input_ids"] for q in questions]
 
 
+class RequestError(RuntimeError):
+    """The server refused a streamed request inside its stream (``data: {"error": ...}``: the
+    HTTP status is 200 by then); ``code`` is the status it names (400: bad parameters)."""
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(f"HTTP {code}: {message}")
+        self.code, self.message = code, message
+
+
 def generate(url: str, ids: list[int], max_tokens: int, params: dict, first: threading.Event | None = None) -> dict:
     """One greedy ``/generate`` request, streamed; ``first`` is set when its first token arrives
-    (its prefill is done). Returns the last chunk (text and meta_info)."""
+    (its prefill is done). Returns the last chunk (text and meta_info); an error chunk raises
+    :class:`RequestError`."""
     body = {"input_ids": ids, "stream": True, "sampling_params": {
         "max_new_tokens": max_tokens, "temperature": 0, "custom_params": params}}
     req = urllib.request.Request(f"{url}/generate", data=json.dumps(body).encode(),
@@ -102,6 +112,9 @@ def generate(url: str, ids: list[int], max_tokens: int, params: dict, first: thr
         for line in r:
             if line.startswith(b"data: {"):
                 last = json.loads(line[6:])
+                if "error" in last:
+                    err = last["error"] if isinstance(last["error"], dict) else {"message": str(last["error"])}
+                    raise RequestError(err.get("code"), str(err.get("message")))
                 if first is not None:
                     first.set()
     if last is None:

@@ -111,6 +111,9 @@ def test_configs_and_not_supported():
     e500 = urllib.error.HTTPError("u", 500, "Error", {}, io.BytesIO(b"boom"))
     assert "invalid value 'self'" in mq.not_supported(e400)
     assert mq.not_supported(e500) is None and mq.not_supported(ValueError("x")) is None
+    # streamed: SGLang answers 200 and puts the refusal in the stream
+    assert mq.not_supported(shared_document.RequestError(400, "kv_scoring: invalid value 'self'")).endswith("'self'")
+    assert mq.not_supported(shared_document.RequestError(500, "boom")) is None
 
 
 def fake_run(monkeypatch, refuse: set[str], wrong_after: int = 2):
@@ -120,8 +123,8 @@ def fake_run(monkeypatch, refuse: set[str], wrong_after: int = 2):
 
     def run_config(url, doc, qs, params, shared, max_tokens, token_bytes):
         calls.append(params)
-        if params.get("kv_scoring") in refuse:
-            raise urllib.error.HTTPError(url, 400, "Bad Request", {}, io.BytesIO(b"kv_scoring: invalid value"))
+        if params.get("kv_scoring") in refuse:  # as SGLang does it: in the stream of a 200 response
+            raise shared_document.RequestError(400, "custom_params.kv_scoring: invalid value")
         facts = state["facts"][len(doc)]
         texts = [f.answer if i < wrong_after else "no idea" for i, f in enumerate(facts)]
         return {"texts": texts, "decode_held": {"bytes": 1000 * len(qs) * (1 if shared else 3)},
@@ -213,3 +216,17 @@ def test_report_only_adds_the_peer_rows(monkeypatch, tmp_path):
     assert mq.main(["--report-only", "--out", out, "--peer", str(tmp_path / "peer.json")]) == 0
     md = (tmp_path / "mq.md").read_text()
     assert "| 5% | kvpress KeyDiffPress | 1/6 | 25% | 0.0 MB (kept 5%) | 50.0% |" in md
+
+
+def test_generate_raises_on_an_error_in_the_stream(monkeypatch):
+    """SGLang streams a refused request as a 200 response whose chunk is {"error": ...}."""
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+    chunk = {"error": {"message": "custom_params.kv_scoring: invalid value 'self'", "code": 400}}
+    body = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    monkeypatch.setattr(shared_document.urllib.request, "urlopen", lambda req, timeout: Resp(body))
+    with pytest.raises(shared_document.RequestError) as e:
+        shared_document.generate("http://x", [1, 2], 0, {"kv_scoring": "self"})
+    assert e.value.code == 400 and "invalid value 'self'" in mq.not_supported(e.value)
