@@ -276,7 +276,8 @@ def markdown(res: dict, meta: dict) -> str:
         "(radix-shared) at the same budget. *Compression*: the server's `compress_ms` (`/server_info`'s "
         "per-request reports), summed over the compressions the configuration ran (one per question). The server "
         "reports none for a shared copy (its document request ends with its prefill): there the wall time of the "
-        "document requests (prefill + compression, alone on the server) is given instead.",
+        "document requests (prefill + compression, alone on the server) is given instead. Times are wall-clock "
+        "on a shared 2-core machine, for comparison within one run only.",
     ]
     if peer:
         lines += ["", f"kvpress rows: `{peer['command']}` ({peer['machine']}; kvpress {peer['kvpress']}, "
@@ -288,12 +289,13 @@ def markdown(res: dict, meta: dict) -> str:
                   "*Compression*: prefill + compression of the document, minus the same prefill without a press."]
     lines += ["", "| budget | configuration | right answers | vs full | KV held decoding | vs full | compression |",
               "|---|---|---|---|---|---|---|"]
-    full_right = {r["budget"]: r["right"] for r in rows if r["config"] == "full" and r["source"] == "server"}
+    # each runtime against its own full KV (the server's, kvpress's)
+    full_right = {(r["source"], r["budget"]): r["right"] for r in rows if r["config"] in ("full", "kvpress full")}
     for r in rows:
         if r["not_supported"]:
             lines.append(f"| {r['budget']} | {r['config']} | not supported by this server | | | | |")
             continue
-        fr = full_right.get(r["budget"], 0)
+        fr = full_right.get((r["source"], r["budget"]), 0)
         held = f"{r['held'] / 2**20:.1f} MB"
         if r["source"] == "kvpress":
             held += f" (kept {r['kept']:.0%})"
@@ -301,7 +303,8 @@ def markdown(res: dict, meta: dict) -> str:
             f"{r['compress_ms'] / 1000:.2f} s" + (f" ({r['compressions']}x)" if r["compressions"] else ""))
         if r["source"] == "server" and r["config"] != "full" and not r["compress_ms"] and r.get("doc_seconds"):
             comp = f"not reported; document request {r['doc_seconds']:.1f} s ({r['compressions']}x)"
-        lines.append(f"| {r['budget']} | {r['config']} | {r['right']}/{r['asked']} | {r['right'] / max(fr, 1):.0%} "
+        vs = f"{r['right'] / fr:.0%}" if fr else "-"
+        lines.append(f"| {r['budget']} | {r['config']} | {r['right']}/{r['asked']} | {vs} "
                      f"| {held} | {r['held'] / max(r['full_held'], 1):.1%} | {comp} |")
     return "\n".join(lines) + "\n"
 

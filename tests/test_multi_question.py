@@ -172,7 +172,9 @@ def test_table_and_files(monkeypatch, tmp_path):
     res, _ = fake_run(monkeypatch, refuse={"reconstruct"})
     peer = {"command": "python benchmarks/kvpress_peer.py", "machine": "m", "kvpress": "0.5.5", "torch": "2.13",
             "transformers": "5.2", "dtype": "float32",
-            "rows": [{"budget": "10%", "config": "kvpress KVzipPress", "right": 5, "asked": 6, "held": 9000,
+            "rows": [{"budget": "10%", "config": "kvpress full", "right": 6, "asked": 6, "held": 18000,
+                      "full_held": 18000, "kept": 1.0, "compress_ms": 0.0, "compressions": 0, "not_supported": None},
+                     {"budget": "10%", "config": "kvpress KVzipPress", "right": 5, "asked": 6, "held": 9000,
                       "full_held": 18000, "kept": 0.1, "compress_ms": 2500.0, "compressions": 2,
                       "not_supported": None}]}
     meta = {"machine": "test machine", "model": "M", "max_tokens": 32, "doc_tokens": 301, "command": "cmd",
@@ -187,7 +189,7 @@ def test_table_and_files(monkeypatch, tmp_path):
         ("5%", "snapkv shared window")]
     assert "| 4/6 | 100% | 0.0 MB | 100.0% | 0.07 s (6x) |" in body[("5%", "snapkv per request")]
     kvzip = body[("10%", "kvpress KVzipPress")]
-    assert "| 5/6 | 125% |" in kvzip and "(kept 10%)" in kvzip
+    assert "| 5/6 | 83% | 0.0 MB (kept 10%) | 50.0% | 2.50 s (2x) |" in kvzip  # against kvpress's own full KV
     assert "test machine" in md and "`cmd`" in md and "kvpress 0.5.5" in md
     out = str(tmp_path / "mq")
     mq.write(out, meta, res)
@@ -215,7 +217,7 @@ def test_report_only_adds_the_peer_rows(monkeypatch, tmp_path):
     (tmp_path / "peer.json").write_text(json.dumps(peer))
     assert mq.main(["--report-only", "--out", out, "--peer", str(tmp_path / "peer.json")]) == 0
     md = (tmp_path / "mq.md").read_text()
-    assert "| 5% | kvpress KeyDiffPress | 1/6 | 25% | 0.0 MB (kept 5%) | 50.0% |" in md
+    assert "| 5% | kvpress KeyDiffPress | 1/6 | - | 0.0 MB (kept 5%) | 50.0% |" in md  # no kvpress full row
 
 
 def test_generate_raises_on_an_error_in_the_stream(monkeypatch):
