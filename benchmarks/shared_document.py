@@ -32,6 +32,7 @@ import random
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -74,18 +75,34 @@ def document(tok, n_tokens: int, n_facts: int, seed: int) -> tuple[str, list[tup
 
 def prompts(tok, text: str, facts: list[tuple[str, str]]) -> tuple[list[int], list[list[int]]]:
     """The document's chat-prefix tokens, and each question's whole prompt (that prefix + its turn's end)."""
+    return chat_prompts(tok, text, [f"What is the special magic number for {k} mentioned in the text? Answer with "
+                                    "the number only." for k, _ in facts])
+
+
+def chat_prompts(tok, text: str, questions: list[str]) -> tuple[list[int], list[list[int]]]:
+    """The chat-prefix tokens of a user turn starting with ``text``, and for each question the
+    whole prompt: that prefix + the question + the template's tail (the turn is ``text``,
+    a blank line, the question)."""
     chat = tok.apply_chat_template([{"role": "user", "content": text + "\n\nQQQ"}], tokenize=False,
                                    add_generation_prompt=True)
     head, tail = chat.split("QQQ")
     doc = tok(head, add_special_tokens=False)["input_ids"]
-    qs = [f"What is the special magic number for {k} mentioned in the text? Answer with the number only."
-          for k, _ in facts]
-    return doc, [doc + tok(q + tail, add_special_tokens=False)["input_ids"] for q in qs]
+    return doc, [doc + tok(q + tail, add_special_tokens=False)["input_ids"] for q in questions]
+
+
+class RequestError(RuntimeError):
+    """The server refused a streamed request inside its stream (``data: {"error": ...}``: the
+    HTTP status is 200 by then); ``code`` is the status it names (400: bad parameters)."""
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(f"HTTP {code}: {message}")
+        self.code, self.message = code, message
 
 
 def generate(url: str, ids: list[int], max_tokens: int, params: dict, first: threading.Event | None = None) -> dict:
     """One greedy ``/generate`` request, streamed; ``first`` is set when its first token arrives
-    (its prefill is done). Returns the last chunk (text and meta_info)."""
+    (its prefill is done). Returns the last chunk (text and meta_info); an error chunk raises
+    :class:`RequestError`."""
     body = {"input_ids": ids, "stream": True, "sampling_params": {
         "max_new_tokens": max_tokens, "temperature": 0, "custom_params": params}}
     req = urllib.request.Request(f"{url}/generate", data=json.dumps(body).encode(),
@@ -95,6 +112,9 @@ def generate(url: str, ids: list[int], max_tokens: int, params: dict, first: thr
         for line in r:
             if line.startswith(b"data: {"):
                 last = json.loads(line[6:])
+                if "error" in last:
+                    err = last["error"] if isinstance(last["error"], dict) else {"message": str(last["error"])}
+                    raise RequestError(err.get("code"), str(err.get("message")))
                 if first is not None:
                     first.set()
     if last is None:
@@ -103,10 +123,14 @@ def generate(url: str, ids: list[int], max_tokens: int, params: dict, first: thr
 
 
 def flush(url: str) -> None:
-    for _ in range(60):
-        with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=60) as r:
-            if r.status == 200:
-                return
+    for _ in range(120):
+        try:  # SGLang answers 400 while requests are in flight (its warm-up one at start, say)
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=60) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code != 400:
+                raise
         time.sleep(1)
     raise RuntimeError("the server did not flush its cache")
 
@@ -126,8 +150,10 @@ def run_config(url: str, doc: list[int], qs: list[list[int]], params: dict, shar
     before = server_state(url)
     t0 = time.perf_counter()
     computed = 0
+    doc_out, doc_seconds = None, None
     if shared:
-        out = generate(url, doc, 0, params)
+        doc_out = out = generate(url, doc, 0, params)
+        doc_seconds = round(time.perf_counter() - t0, 2)  # its prefill + compression, alone on the server
         computed += out["meta_info"]["prompt_tokens"] - out["meta_info"].get("cached_tokens", 0)
     outs: list[dict | None] = [None] * len(qs)
     firsts = [threading.Event() for _ in qs]
@@ -167,9 +193,13 @@ def run_config(url: str, doc: list[int], qs: list[list[int]], params: dict, shar
     computed += sum(o["meta_info"]["prompt_tokens"] - o["meta_info"].get("cached_tokens", 0) for o in outs)
     total = lambda st: sum(p["compressed_requests_total"] for p in st["policies"].values())  # noqa: E731
     reports = [after["recent_requests"].get(o["meta_info"]["id"], {}) for o in outs]
+    ran = [after["recent_requests"].get(doc_out["meta_info"]["id"], {})] if doc_out is not None else []
+    ran += [r for r in reports if r.get("shared") != "read"]  # a read compresses nothing
     return {"texts": [o["text"] for o in outs], "seconds": round(seconds, 1), "prompt_tokens_computed": computed,
             "compressions": total(after) - total(before), "peak_held": peak, "decode_held": decoding,
             "reads_shared": sum(r.get("shared") == "read" for r in reports), "sample_errors": errors,
+            # the server reports no compress_ms for a document request that ends with its prefill
+            "compress_ms": [r["compress_ms"] for r in ran if "compress_ms" in r], "doc_seconds": doc_seconds,
             "integrity": after.get("integrity")}
 
 
