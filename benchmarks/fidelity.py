@@ -134,7 +134,10 @@ def policy_defaults() -> dict:
     from headkv_sglang.policies import defaults
 
     out = {k.lower(): v for k, v in vars(defaults).items() if k.isupper() and not isinstance(v, tuple)}
-    return {**out, "scoring": config.DEFAULT_SCORING, "auto_window": config.AUTO_WINDOW,
+    # the grids' prompts hold their question (none is a document shared before it): what the
+    # default scoring resolves to for them
+    scoring = config.KVPolicyConfig(scoring=config.DEFAULT_SCORING).resolve_scoring(document=False).scoring
+    return {**out, "scoring": scoring, "auto_window": config.AUTO_WINDOW,
             "auto_question": config.AUTO_QUESTION}
 
 

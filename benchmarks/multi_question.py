@@ -274,10 +274,12 @@ def markdown(res: dict, meta: dict) -> str:
         "held once every question's prefill was done (token-pool slots outside the radix tree's evictable cache + "
         "compressed pages), summed over the documents (they ran one after another); *vs full* against full KV "
         "(radix-shared) at the same budget. *Compression*: the server's `compress_ms` (`/server_info`'s "
-        "per-request reports), summed over the compressions the configuration ran (one per question). The server "
-        "reports none for a shared copy (its document request ends with its prefill): there the wall time of the "
-        "document requests (prefill + compression, alone on the server) is given instead. Times are wall-clock "
-        "on a shared 2-core machine, for comparison within one run only.",
+        "per-request reports), summed over the compressions the configuration ran (one per question; one per "
+        "document for a shared copy, reported when it is published): scoring, selection and writing the pages, "
+        "not the prefill. A reconstructed document also prefills its copy (about as many tokens again: "
+        "`reconstruction_tokens`); an older server that reports nothing for a shared copy is shown with the "
+        "document request's wall time. Times are wall-clock on a shared 2-core machine, for comparison within "
+        "one run only.",
     ]
     if peer:
         lines += ["", f"kvpress rows: `{peer['command']}` ({peer['machine']}; kvpress {peer['kvpress']}, "

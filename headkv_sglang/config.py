@@ -212,13 +212,13 @@ class KVPolicyConfig:
     def resolve_scoring(self, document: bool, reconstructed: bool = True) -> "KVPolicyConfig":
         """This config with ``scoring="auto"`` resolved: DOCUMENT_SCORING for a ``document``
         (compressed before any question: ``kv_share`` with ``max_new_tokens`` 0), else
-        ``"question"``. ``reconstructed=False`` (the prompt carries no reconstruction pass): a
-        resolved ``"reconstruct"`` becomes ``"self"``."""
+        ``"question"``. A ``"reconstruct"`` without the pass (not a ``document``, or
+        ``reconstructed=False``: the prompt carries none) becomes ``"self"``."""
         scoring = self.scoring
         if scoring == "auto":
             scoring = DOCUMENT_SCORING if document else "question"
-        if scoring == "reconstruct" and not reconstructed:
-            scoring = "self"
+        if scoring == "reconstruct" and not (document and reconstructed):
+            scoring = "self"  # no reconstruction pass: a question of a shared document, or too long a one
         return self if scoring == self.scoring else dataclasses.replace(self, scoring=scoring)
 
     def scoring_span(self, finder: QuestionFinder, prompt_ids: Sequence[int], seq_len: int) -> tuple[int, int]:

@@ -206,9 +206,10 @@ def request_error(cfg: KVPolicyConfig, params: dict, max_new_tokens: int | None 
     if tp > 1 and params.get("kv_scoring") in AGNOSTIC_SCORINGS:
         return (f"custom_params.kv_scoring: invalid value {params['kv_scoring']!r}; this server runs --tp-size "
                 f"{tp}, where {AGNOSTIC_TP_WHY}; send question or window")
-    if params.get("kv_scoring") == "reconstruct" and not (cfg.share and max_new_tokens == 0):
-        return ("custom_params.kv_scoring: invalid value 'reconstruct'; it scores a document compressed before its "
-                "questions (kv_share true and max_new_tokens 0); send self, question or window")
+    if params.get("kv_scoring") == "reconstruct" and not cfg.share:
+        return ("custom_params.kv_scoring: invalid value 'reconstruct'; it scores a document shared before its "
+                "questions (send kv_share true: the document with max_new_tokens 0, then the questions); "
+                "send self, question or window")
     if tp > 1 and _d2o_request_layers(cfg):
         return (f"custom_params.kv_d2o_layers: invalid value 'request'; this server runs --tp-size {tp}, where "
                 f"{D2O_TP_WHY}; send profile or uniform")

@@ -11,6 +11,7 @@ import math
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,24 +295,31 @@ def test_shared_document_is_compressed_once_and_read_by_every_question(kv_server
     assert st["pool"]["used_pages"] == 0 and st["shared"]["prefixes"] == 0 and st["integrity"] == "ok"
 
 
+#: benchmarks/multi_question.py's first document (4 facts of different shapes, ~2k tokens) at
+#: snapkv 10%: the reconstructed shared copy answered 3/4 there (full KV 3/4, the document-end
+#: window 1/4: benchmarks/results/multi_question_cpu.md)
+RECONSTRUCTED_MIN_RIGHT = 2
+
+
 def test_reconstructed_shared_document_answers_and_returns_its_memory(kv_server, model_path):
     """kv_scoring "auto" (the default) scores a document sent alone (kv_share, max_new_tokens 0)
     by reconstruction: the prompt is prefilled with a pass that repeats it, only the document
     is compressed and shared, and the pass's token slots go back to SGLang; the questions read
-    the copy, and a flush returns every page."""
+    the copy and answer, and a flush returns every page."""
+    import sys
+
     from transformers import AutoTokenizer
 
     from headkv_sglang.reconstruct import REPEAT_PROMPT
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.multi_question import case, correct
+    from benchmarks.shared_document import chat_prompts
+
     tok = AutoTokenizer.from_pretrained(model_path)
-    needle = needle_prompt(1100, depth=0.5, seed=62)
-    body = needle.prompt.rsplit("\n\n", 1)[0]
-    chat_text = tok.apply_chat_template([{"role": "user", "content": body + "\n\nQQQ"}], tokenize=False,
-                                        add_generation_prompt=True)
-    head, tail = chat_text.split("QQQ")
-    doc = tok(head, add_special_tokens=False)["input_ids"]
-    question = tok("What is the secret number? Answer with the number only." + tail, add_special_tokens=False)["input_ids"]
-    kv = {"kv_policy": "snapkv", "kv_budget": "25%", "kv_share": True}
+    c = case(lambda t: len(tok(t, add_special_tokens=False)["input_ids"]), 2000, 4, 0)
+    doc, prompts = chat_prompts(tok, c.text, [f.question for f in c.facts])
+    kv = {"kv_policy": "snapkv", "kv_budget": "10%", "kv_share": True}
     assert kv_server.flush_cache()
     tp0 = kv_server.wait_idle(60.0)["token_pool"]
 
@@ -328,22 +336,24 @@ def test_reconstructed_shared_document_answers_and_returns_its_memory(kv_server,
     # the pass: the instruction, the template's turn change, the document's text again (not
     # its system turn and user header)
     assert r["scoring"] == "reconstruct" and r["shared"] == "published" and r["shared_tokens"] == len(doc), r
-    assert len(doc) + repeat < r["prompt_tokens"] < 2 * len(doc) + repeat + len(tail), r
+    assert len(doc) + repeat < r["prompt_tokens"] < 2 * len(doc) + repeat + 16, r
     assert r["reconstruction_tokens"] == r["prompt_tokens"] - len(doc) and r["compress_ms"] > 0, r
     assert d["meta_info"]["prompt_tokens"] == r["prompt_tokens"]
-    # one copy, a quarter of the document's KV; the pass's slots are SGLang's again (free or
+    # one copy, a tenth of the document's KV; the pass's slots are SGLang's again (free or
     # evictable cache), nothing pinned
     pages, bpp = st["pool"]["used_pages"], st["pool"]["bytes_per_page"]
     assert st["shared"]["prefixes"] == 1 and st["shared"]["pages"] == pages > 0
-    assert pages * bpp < 0.3 * L * H_KV * len(doc) * HEAD_DIM * 2 * F32
+    assert pages * bpp < 0.15 * L * H_KV * len(doc) * HEAD_DIM * 2 * F32
     tp = st["token_pool"]
     assert tp["protected"] == 0 and tp["available"] + tp["evictable"] >= tp0["available"] + tp0["evictable"] - 8, (tp0, tp)
 
-    out = generate(doc + question, 12, kv)
+    outs = [generate(p, 32, kv) for p in prompts]
     st = kv_server.wait_idle(60.0)
-    r = st["recent_requests"][out["meta_info"]["id"]]
-    assert (r["shared"], r["shared_tokens"], r["held_bytes"], r["scoring"]) == ("read", len(doc), 0, "question"), r
-    assert needle.answer in out["text"], out["text"]
+    for out in outs:
+        r = st["recent_requests"][out["meta_info"]["id"]]
+        assert (r["shared"], r["shared_tokens"], r["held_bytes"], r["scoring"]) == ("read", len(doc), 0, "question"), r
+    right = [correct(f, o["text"]) for f, o in zip(c.facts, outs)]
+    assert sum(right) >= RECONSTRUCTED_MIN_RIGHT, [(f.answer, o["text"]) for f, o in zip(c.facts, outs)]
     assert st["pool"]["used_pages"] == pages and st["integrity"] == "ok"
 
     assert kv_server.flush_cache()

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "headkv_sglang" / "programs" / "examples"
 ENTITIES = ["Varenholm", "Brask", "Saltmere"]
-#: long_doc_qa --kv-share at headkv 25%: measured 3/4 (at 5%, 0/4: the shared copy is ranked
-#: by the document's last tokens, not by the questions)
+#: long_doc_qa --kv-share at headkv 25%, the shared copy scored by reconstruction (kv_scoring
+#: "auto"); ranked by the document's last tokens it found 3/4 (0/4 at 5%)
 SHARED_QA_MIN_CORRECT = 2
 
 
@@ -67,8 +67,8 @@ def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
     answers = json.loads((EXAMPLES / "orbital_answers.json").read_text())
     qs = [a for q in answers for a in ("--question", q)]
     r = _cli("headkv_sglang.programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), *qs,
-             "--kv-policy", "headkv", "--kv-budget", "5%", "--kv-scoring", "question", "--server", prog_server.url,
-             "--json")
+             "--kv-policy", "headkv", "--kv-budget", "5%", "--kv-scoring", "question", "--no-kv-share",
+             "--server", prog_server.url, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout)
     assert [g["question"] for g in got] == list(answers)
@@ -93,9 +93,11 @@ def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
     r = _cli("headkv_sglang.programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), "--question", list(answers)[0],
              "--server", prog_server.url)
     assert r.returncode == 0 and "A1:" in r.stdout and "from the radix cache" in r.stdout, r.stdout + r.stderr
+    # the branches are compressed (the server's headkv): one shared document by default, said so
+    assert "The document: one shared compressed copy" in r.stdout and "read by 1 of 1 questions" in r.stdout, r.stdout
 
-    # --kv-share: the document alone is compressed once, every branch reads that copy (no
-    # question ranks it, so it needs a larger share than the per-branch copies above)
+    # --kv-share: the document alone is compressed once, every branch reads that copy; no
+    # question ranks it: it is scored by reconstruction (kv_scoring "auto")
     before = prog_server.wait_idle(60.0)["shared"]
     r = _cli("headkv_sglang.programs.long_doc_qa", "--doc", str(EXAMPLES / "orbital_report.txt"), *qs,
              "--kv-policy", "headkv", "--kv-budget", "25%", "--kv-share", "--server", prog_server.url, "--json")
@@ -108,6 +110,9 @@ def test_long_doc_qa_answers_planted_facts_with_prefix_hits(prog_server):
     assert all(g["kv"]["shared"] == "read" and g["kv"]["held_bytes"] == 0
                and doc_tokens < g["kv"]["prompt_tokens"] for g in got), got
     assert _right(answers, got) >= SHARED_QA_MIN_CORRECT, got
+    doc = prog_server.wait_idle(60.0)["recent_requests"]
+    docs = [r for r in doc.values() if r.get("shared") == "published" and r.get("shared_tokens") == doc_tokens]
+    assert docs and docs[-1]["scoring"] == "reconstruct" and docs[-1]["reconstruction_tokens"] > doc_tokens // 2, docs
 
 
 def test_summarize_single_pass_and_map_reduce(prog_server, endpoint):
