@@ -309,7 +309,7 @@ def _reconstruct_document(manager, obj, input_ids=None, *args, **kwargs):
     if not rcfg.share or rcfg.resolve_scoring(True).scoring != "reconstruct":
         return None
     from headkv_sglang.policies.registry import policy_class
-    from headkv_sglang.reconstruct import REPEAT_PROMPT, reconstruction_ids
+    from headkv_sglang.reconstruct import REPEAT_PROMPT, make_mark, reconstruction_ids
 
     pc = policy_class(rcfg.policy)
     if not (pc.compresses and pc.needs_queries) or len(input_ids) < max(rcfg.min_prompt, 1):
@@ -334,7 +334,8 @@ def _reconstruct_document(manager, obj, input_ids=None, *args, **kwargs):
                              f"tokens) and its reconstruction pass ({len(extended)} tokens in all) exceed the "
                              f"model's context length ({limit} tokens); send self")
         return None  # "auto": scored by its own queries (no mark: the scheduler resolves "self")
-    sp["custom_params"] = {**params, RECONSTRUCT_KEY: [len(input_ids), copy_start]}
+    # in place: a batch's items may share this dict (the mark then matches its own item only)
+    sp["custom_params"] = {**params, RECONSTRUCT_KEY: make_mark(input_ids, extended, copy_start)}
     input_ids[len(input_ids):] = extended[len(input_ids):]
     return None
 

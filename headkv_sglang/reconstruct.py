@@ -9,17 +9,22 @@ document's keys (:func:`~headkv_sglang.policies.scoring.max_attention`), and onl
 document itself is compressed: the copy's KV is dropped with the request.
 
 The tokenizer process extends the prompt (:func:`reconstruction_ids`) and marks the
-request's ``custom_params`` with :data:`RECONSTRUCT_KEY` = ``[document_tokens,
-copy_start]``; the scheduler reads the mark (``serving.requests.reconstruction``).
+request's ``custom_params`` with :data:`RECONSTRUCT_KEY` (:func:`make_mark`); the scheduler
+reads the mark (``serving.requests.reconstruction``) and trusts it only for the prompt it was
+made for.
 Pure Python: no SGLang, no torch.
 """
 
 from __future__ import annotations
 
+import array
+import zlib
 from typing import Sequence
 
-#: custom_params key of a reconstructed request: ``[document_tokens, copy_start]`` (not a
-#: ``kv_*`` key: users do not set it, and request validation ignores it)
+#: custom_params key of a reconstructed request: ``[document_tokens, copy_start, total_tokens,
+#: crc32 of the document's tokens]`` (not a ``kv_*`` key: users do not set it, and request
+#: validation ignores it). The length and checksum tie the mark to its own prompt: a batch whose
+#: items share one sampling-params dict shares the mark too, and only its own item matches it.
 RECONSTRUCT_KEY = "_headkv_reconstruct"
 #: the instruction after the document (KVzip's "Repeat the previous context exactly.")
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
@@ -51,12 +56,25 @@ def reconstruction_ids(ids: Sequence[int], repeat: Sequence[int], tail: Sequence
     return prefix + list(ids[start:]), len(prefix)
 
 
-def reconstruction_mark(params: object) -> tuple[int, int] | None:
-    """A request's :data:`RECONSTRUCT_KEY` mark as ``(document_tokens, copy_start)``, or None."""
+def checksum(ids: Sequence[int]) -> int:
+    """CRC-32 of token ids (as 64-bit integers)."""
+    return zlib.crc32(array.array("q", ids).tobytes())
+
+
+def make_mark(ids: Sequence[int], extended: Sequence[int], copy_start: int) -> list[int]:
+    """The :data:`RECONSTRUCT_KEY` value of a document ``ids`` extended to ``extended``."""
+    return [len(ids), copy_start, len(extended), checksum(ids)]
+
+
+def reconstruction_mark(params: object, ids: Sequence[int] | None = None) -> tuple[int, int] | None:
+    """A request's :data:`RECONSTRUCT_KEY` mark as ``(document_tokens, copy_start)``, or None
+    (none, malformed, or with ``ids`` (the request's prompt) given: not this prompt's)."""
     if not isinstance(params, dict):
         return None
     mark = params.get(RECONSTRUCT_KEY)
-    if (isinstance(mark, (list, tuple)) and len(mark) == 2 and all(isinstance(x, int) for x in mark)
-            and 0 < mark[0] <= mark[1]):
-        return int(mark[0]), int(mark[1])
-    return None
+    if not (isinstance(mark, (list, tuple)) and len(mark) == 4 and all(isinstance(x, int) for x in mark)
+            and 0 < mark[0] <= mark[1] < mark[2]):
+        return None
+    if ids is not None and (len(ids) != mark[2] or checksum(ids[:mark[0]]) != mark[3]):
+        return None
+    return int(mark[0]), int(mark[1])

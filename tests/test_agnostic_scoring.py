@@ -14,7 +14,7 @@ from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.policies.base import compress_layer
 from headkv_sglang.policies.registry import build_policy
 from headkv_sglang.policies.scoring import max_attention, observation_window_scores, pool_mass
-from headkv_sglang.reconstruct import content_start, reconstruction_ids, reconstruction_mark, RECONSTRUCT_KEY
+from headkv_sglang.reconstruct import RECONSTRUCT_KEY, content_start, make_mark, reconstruction_ids, reconstruction_mark
 from headkv_sglang.serving.requests import share_key
 
 
@@ -157,8 +157,13 @@ def test_reconstruction_layout():
     ext, copy_start = reconstruction_ids(ids, repeat, tail, header)
     assert ext[:8] == ids and ext[8:11] == list(repeat) and ext[11:13] == list(tail)
     assert copy_start == 13 and ext[13:] == [30, 31, 32, 33]
-    assert reconstruction_mark({RECONSTRUCT_KEY: [8, 13]}) == (8, 13)
-    assert reconstruction_mark({RECONSTRUCT_KEY: [0, 13]}) is None and reconstruction_mark(None) is None
+    mark = make_mark(ids, ext, copy_start)
+    assert reconstruction_mark({RECONSTRUCT_KEY: mark}) == (8, 13) == reconstruction_mark({RECONSTRUCT_KEY: mark}, ext)
+    # a mark is its own prompt's: another prompt (a batch sharing one sampling-params dict) does not match
+    other = [1, 2, 7, 8, 30, 31, 32, 34] + ext[8:]
+    assert reconstruction_mark({RECONSTRUCT_KEY: mark}, other) is None
+    assert reconstruction_mark({RECONSTRUCT_KEY: mark}, ext[:-1]) is None
+    assert reconstruction_mark({RECONSTRUCT_KEY: [0, 13, 17, 0]}) is None and reconstruction_mark(None) is None
     with pytest.raises(ValueError):
         reconstruction_ids([], repeat, tail, header)
 

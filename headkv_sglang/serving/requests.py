@@ -43,7 +43,17 @@ def is_document(req, cfg: KVPolicyConfig) -> bool:
 def reconstruction(req) -> tuple[int, int] | None:
     """``(document_tokens, copy_start)`` of a prompt extended with a reconstruction pass
     (``headkv_sglang.reconstruct``), or None."""
-    return reconstruction_mark(getattr(getattr(req, "sampling_params", None), "custom_params", None))
+    cached = getattr(req, "_headkv_rpass", False)
+    if cached is not False:
+        return cached
+    params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    ids = getattr(req, "origin_input_ids", None)
+    out = reconstruction_mark(params, ids) if ids is not None else None
+    try:
+        req._headkv_rpass = out
+    except AttributeError:
+        pass
+    return out
 
 
 def kept_len(req) -> int:
