@@ -79,9 +79,7 @@ class PageAllocator:
             return []
         ids = self._stack[self._top - n:self._top].flip(0)
         self._top -= n
-        h = self._handle(owner)
-        self._owner.index_fill_(0, ids, h)
-        self._counts[h] += n
+        self._own(ids, owner)
         return ids.tolist()
 
     def free(self, ids: list[int] | torch.Tensor, owner: object) -> None:
@@ -90,10 +88,9 @@ class PageAllocator:
         n = idx.numel()
         if n == 0:
             return
-        self._owner.index_fill_(0, idx, self.FREE)
+        self._disown(idx, owner)
         self._stack[self._top:self._top + n] = idx
         self._top += n
-        self._drop(self._handles[owner], n)
 
     def transfer(self, ids: list[int] | torch.Tensor, owner: object, new_owner: object) -> None:
         """Hand ``owner``'s pages ``ids`` to ``new_owner`` (a request's compressed prompt
@@ -102,12 +99,21 @@ class PageAllocator:
         n = idx.numel()
         if n == 0:
             return
-        h = self._handle(new_owner)
-        self._owner.index_fill_(0, idx, h)
-        self._counts[h] += n
-        self._drop(self._handles[owner], n)
+        self._disown(idx, owner)
+        self._own(idx, new_owner)
 
     # ------------------------------------------------------------------ internals
+    def _own(self, ids: torch.Tensor, owner: object) -> None:
+        """Record free pages ``ids`` as ``owner``'s (owner table and count)."""
+        h = self._handle(owner)
+        self._owner.index_fill_(0, ids, h)
+        self._counts[h] += ids.numel()
+
+    def _disown(self, ids: torch.Tensor, owner: object) -> None:
+        """Record ``owner``'s pages ``ids`` (checked by :meth:`_checked`) as free."""
+        self._owner.index_fill_(0, ids, self.FREE)
+        self._drop(self._handles[owner], ids.numel())
+
     def _handle(self, owner: object) -> int:
         h = self._handles.get(owner)
         if h is None:

@@ -197,10 +197,8 @@ class BorrowingPageAllocator(PageAllocator):
         pages = (take[:, None] * P + torch.arange(P)).flatten()
         ids = pages[self._owner.index_select(0, pages) == self.FREE][:n]
         assert ids.numel() == n, f"found {ids.numel()} free pages of {n} in chunks {take.tolist()}"
-        h = self._handle(owner)
-        self._owner.index_fill_(0, ids, h)
+        self._own(ids, owner)
         self.chunk_used.index_add_(0, torch.div(ids, P, rounding_mode="floor"), torch.ones_like(ids))
-        self._counts[h] += n
         self._free_in_chunks -= n
         self._held += n
         return ids.tolist()
@@ -210,13 +208,11 @@ class BorrowingPageAllocator(PageAllocator):
         n = idx.numel()
         if n == 0:
             return
-        P = self.pages_per_chunk
-        self._owner.index_fill_(0, idx, self.FREE)
-        chunks = torch.div(idx, P, rounding_mode="floor")
+        self._disown(idx, owner)
+        chunks = torch.div(idx, self.pages_per_chunk, rounding_mode="floor")
         self.chunk_used.index_add_(0, chunks, torch.full_like(chunks, -1))
         self._free_in_chunks += n
         self._held -= n
-        self._drop(self._handles[owner], n)
         touched = torch.unique(chunks)
         empty = touched[self.chunk_used.index_select(0, touched) == 0]
         if empty.numel():
