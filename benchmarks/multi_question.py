@@ -164,12 +164,15 @@ def correct(fact: Fact, output: str) -> bool:
     return all(re.search(rf"(?<![\w]){re.escape(p)}(?![\w])", output, re.IGNORECASE) for p in fact.parts)
 
 
-def configs(policy: str, budget: str, scorings: list[str]) -> list[tuple[str, dict, bool]]:
-    """(name, per-request params, shared) for one policy and budget; ``full`` first."""
-    base = {"kv_policy": policy, "kv_budget": budget}
-    out = [("full", {"kv_policy": "full"}, False),
-           (f"{policy} per request", {**base, "kv_scoring": "question"}, False)]
-    out += [(f"{policy} shared {s}", {**base, "kv_share": True, "kv_scoring": s}, True) for s in scorings]
+def configs(policies: str | list[str], budget: str, scorings: list[str]) -> list[tuple[str, dict, bool]]:
+    """(name, per-request params, shared) at one budget: ``full`` first, then for each policy a
+    copy per request (its oracle: ranked by each question's own attention) and a shared copy
+    per scoring."""
+    out = [("full", {"kv_policy": "full"}, False)]
+    for policy in [policies] if isinstance(policies, str) else policies:
+        base = {"kv_policy": policy, "kv_budget": budget}
+        out.append((f"{policy} per request", {**base, "kv_scoring": "question"}, False))
+        out += [(f"{policy} shared {s}", {**base, "kv_share": True, "kv_scoring": s}, True) for s in scorings]
     return out
 
 
@@ -197,12 +200,12 @@ def run(url: str, a, tok, token_bytes: int) -> dict:
     cases = [case(count, a.doc_tokens, a.facts, a.seed + i) for i in range(a.docs)]
     res: dict = {"cases": [asdict(c) for c in cases], "runs": []}
     grid = [(b, c) for b in a.budgets for c in cases]
-    bar = tqdm(total=len(grid) * (2 + len(a.shared_scorings)), desc="configurations", disable=a.no_progress)
+    bar = tqdm(total=len(grid) * (1 + len(a.policies) * (1 + len(a.shared_scorings))), desc="configurations", disable=a.no_progress)
     unsupported: dict[str, str] = {}
     full_done: dict[int, dict] = {}
     for budget, c in grid:
         doc, qs = chat_prompts(tok, c.text, [f.question for f in c.facts])
-        for name, params, shared in configs(a.policy, budget, a.shared_scorings):
+        for name, params, shared in configs(a.policies, budget, a.shared_scorings):
             bar.update()
             row = {"budget": budget, "seed": c.seed, "config": name, "params": params, "doc_tokens": len(doc)}
             if name == "full" and c.seed in full_done:  # full KV does not depend on the budget
@@ -289,14 +292,21 @@ def markdown(res: dict, meta: dict) -> str:
                   "at the server's dtype (KVzip's and AdaKV's presses mask pruned keys and free nothing); "
                   "*kept*: the share of the document's (layer, head, token) entries left unmasked. "
                   "*Compression*: prefill + compression of the document, minus the same prefill without a press."]
-    lines += ["", "| budget | configuration | right answers | vs full | KV held decoding | vs full | compression |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "*vs oracle*: a shared copy's right answers against the same policy's copy per request at the same "
+              "budget (the same selection ranked by each question's own attention, the most a question-agnostic "
+              "ranking could keep).",
+              "", "| budget | configuration | right answers | vs full | vs oracle | KV held decoding | vs full "
+              "| compression |", "|---|---|---|---|---|---|---|---|"]
     # each runtime against its own full KV (the server's, kvpress's)
     full_right = {(r["source"], r["budget"]): r["right"] for r in rows if r["config"] in ("full", "kvpress full")}
+    oracle = {(r["budget"], r["config"].removesuffix(" per request")): r["right"] for r in rows
+              if r["source"] == "server" and r["config"].endswith(" per request") and not r["not_supported"]}
     for r in rows:
         if r["not_supported"]:
-            lines.append(f"| {r['budget']} | {r['config']} | not supported by this server | | | | |")
+            lines.append(f"| {r['budget']} | {r['config']} | not supported by this server | | | | | |")
             continue
+        orc = oracle.get((r["budget"], r["config"].split(" shared ")[0])) if " shared " in r["config"] else None
+        vs_oracle = f"{r['right'] / orc:.0%}" if orc else "-" if orc is not None else ""
         fr = full_right.get((r["source"], r["budget"]), 0)
         held = f"{r['held'] / 2**20:.1f} MB"
         if r["source"] == "kvpress":
@@ -306,7 +316,7 @@ def markdown(res: dict, meta: dict) -> str:
         if r["source"] == "server" and r["config"] != "full" and not r["compress_ms"] and r.get("doc_seconds"):
             comp = f"not reported; document request {r['doc_seconds']:.1f} s ({r['compressions']}x)"
         vs = f"{r['right'] / fr:.0%}" if fr else "-"
-        lines.append(f"| {r['budget']} | {r['config']} | {r['right']}/{r['asked']} | {vs} "
+        lines.append(f"| {r['budget']} | {r['config']} | {r['right']}/{r['asked']} | {vs} | {vs_oracle} "
                      f"| {held} | {r['held'] / max(r['full_held'], 1):.1%} | {comp} |")
     return "\n".join(lines) + "\n"
 
@@ -356,7 +366,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", type=int, default=4, help=f"facts per document, one per shape (at most {len(SHAPES)})")
     p.add_argument("--doc-tokens", type=int, default=2000, help="document length in tokens (2k-8k)")
     p.add_argument("--budgets", nargs="+", default=["10%"], help="kv_budget of the compressed configurations")
-    p.add_argument("--policy", default="snapkv", help="the compressing policy")
+    p.add_argument("--policies", nargs="+", default=["snapkv"],
+                   help="the compressing policies (each: a copy per request and a shared copy per scoring)")
     p.add_argument("--shared-scorings", nargs="+", default=["window", "self", "reconstruct"],
                    help="kv_scoring of the shared copy, one configuration each")
     p.add_argument("--max-tokens", type=int, default=32,

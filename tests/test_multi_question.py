@@ -107,6 +107,10 @@ def test_configs_and_not_supported():
     assert [c[0] for c in cfgs] == ["full", "snapkv per request", "snapkv shared window", "snapkv shared self"]
     assert cfgs[1][1] == {"kv_policy": "snapkv", "kv_budget": "5%", "kv_scoring": "question"} and not cfgs[1][2]
     assert cfgs[3][1]["kv_share"] is True and cfgs[3][1]["kv_scoring"] == "self" and cfgs[3][2]
+    two = mq.configs(["snapkv", "headkv"], "5%", ["reconstruct"])
+    assert [c[0] for c in two] == ["full", "snapkv per request", "snapkv shared reconstruct", "headkv per request",
+                                   "headkv shared reconstruct"]
+    assert two[4][1] == {"kv_policy": "headkv", "kv_budget": "5%", "kv_share": True, "kv_scoring": "reconstruct"}
     e400 = urllib.error.HTTPError("u", 400, "Bad Request", {}, io.BytesIO(b"kv_scoring: invalid value 'self'"))
     e500 = urllib.error.HTTPError("u", 500, "Error", {}, io.BytesIO(b"boom"))
     assert "invalid value 'self'" in mq.not_supported(e400)
@@ -179,17 +183,22 @@ def test_table_and_files(monkeypatch, tmp_path):
                       "not_supported": None}]}
     meta = {"machine": "test machine", "model": "M", "max_tokens": 32, "doc_tokens": 301, "command": "cmd",
             "peer": peer}
+    for r in res["runs"]:  # the copies per request at 5% answer everything: the shared ones reach 4/6 of it
+        if r["budget"] == "5%" and r["config"] == "snapkv per request":
+            r["right"] = [True] * len(r["right"])
     md = mq.markdown(res, meta)
     lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert lines[0].startswith("| budget | configuration | right answers")
     body = {tuple(c.strip() for c in ln.strip("|").split("|"))[:2]: ln for ln in lines[1:]}
     assert "not supported by this server" in body[("10%", "snapkv shared reconstruct")]
-    assert "| 4/6 | 100% | 0.0 MB | 100.0% |" in body[("10%", "full")]
-    assert "| 4/6 | 100% | 0.0 MB | 33.3% | not reported; document request 6.0 s (2x) |" in body[
+    assert "| 4/6 | 100% |  | 0.0 MB | 100.0% |" in body[("10%", "full")]
+    # a shared copy against the same policy's copy per request (the oracle)
+    assert "| 4/6 | 100% | 67% | 0.0 MB | 33.3% | not reported; document request 6.0 s (2x) |" in body[
         ("5%", "snapkv shared window")]
-    assert "| 4/6 | 100% | 0.0 MB | 100.0% | 0.07 s (6x) |" in body[("5%", "snapkv per request")]
+    assert "| 4/6 | 100% | 100% | 0.0 MB | 33.3% |" in body[("10%", "snapkv shared window")]
+    assert "| 6/6 | 150% |  | 0.0 MB | 100.0% | 0.07 s (6x) |" in body[("5%", "snapkv per request")]
     kvzip = body[("10%", "kvpress KVzipPress")]
-    assert "| 5/6 | 83% | 0.0 MB (kept 10%) | 50.0% | 2.50 s (2x) |" in kvzip  # against kvpress's own full KV
+    assert "| 5/6 | 83% |  | 0.0 MB (kept 10%) | 50.0% | 2.50 s (2x) |" in kvzip  # against kvpress's own full KV
     assert "test machine" in md and "`cmd`" in md and "kvpress 0.5.5" in md
     out = str(tmp_path / "mq")
     mq.write(out, meta, res)
@@ -217,7 +226,7 @@ def test_report_only_adds_the_peer_rows(monkeypatch, tmp_path):
     (tmp_path / "peer.json").write_text(json.dumps(peer))
     assert mq.main(["--report-only", "--out", out, "--peer", str(tmp_path / "peer.json")]) == 0
     md = (tmp_path / "mq.md").read_text()
-    assert "| 5% | kvpress KeyDiffPress | 1/6 | - | 0.0 MB (kept 5%) | 50.0% |" in md  # no kvpress full row
+    assert "| 5% | kvpress KeyDiffPress | 1/6 | - |  | 0.0 MB (kept 5%) | 50.0% |" in md  # no kvpress full row
 
 
 def test_generate_raises_on_an_error_in_the_stream(monkeypatch):
