@@ -153,6 +153,9 @@ class KVPolicyConfig:
                          f"'{DOCUMENT_SCORING}' for a document shared before its questions (kv_share with "
                          "max_new_tokens 0), else 'question'.", choices=SCORING_CHOICES)
     question: int = hyper(0, "Most question tokens that score the prompt (0, the default: 16).", low=0, high=4096)
+    agnostic_kernel: int = hyper(1, "Max-pooling width of the question-agnostic scores (--kv-scoring self / "
+                                 "reconstruct), odd: the tokens next to one the pass attends to are kept with it "
+                                 "(1, the default: none, as KVzip).", low=1, high=63, odd=True)
     min_prompt: int = hyper(0, "Prompts shorter than this stay uncompressed.", low=0)
     decode_budget: int = hyper(0, "Generated tokens kept per KV head of a compressed request: once its decode tail "
                                "outgrows the window by a chunk, the older generated tokens are ranked by the recent "

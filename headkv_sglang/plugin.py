@@ -50,6 +50,9 @@ _CPU_GRAPH = "sglang.srt.model_executor.cpu_graph_runner.CPUGraphRunner.can_run_
 _KV_BUFFERS = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal"
 _FULL_POOL_CHECK = "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_full_pool"
 _PARALLEL_GROUP = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
+_ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
+#: --kv-memory shared's hooks (one allocation, the invariant check, admission on one budget)
+SHARED_MEMORY_TARGETS = (_KV_BUFFERS, _FULL_POOL_CHECK, f"{_ADDER}.__init__", f"{_ADDER}.add_one_req")
 SERVING_TARGETS = (
     f"{_POOL_CONF}.calculate_pool_sizes",
     f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens",
@@ -456,12 +459,15 @@ def _register_serving(cfg: KVPolicyConfig):
 
         hook(_KV_BUFFERS, one_memory.one_allocation, HookType.AFTER)
         hook(_FULL_POOL_CHECK, one_memory.count_borrowed, HookType.AROUND)
+        hook(f"{_ADDER}.__init__", one_memory.promise_page_slots, HookType.AFTER)
+        hook(f"{_ADDER}.add_one_req", one_memory.add_with_page_slots, HookType.AROUND)
 
     for name in backend.SUPPORTED_BACKENDS:
         factory = backend.backend_factory(state, name, attention_registry.ATTENTION_BACKENDS[name])
 
         def create(model_runner, factory=factory):
-            missing = [t for t in SERVING_TARGETS if t not in HookRegistry._patched]
+            targets = SERVING_TARGETS + (SHARED_MEMORY_TARGETS if cfg.memory == "shared" else ())
+            missing = [t for t in targets if t not in HookRegistry._patched]
             if missing:
                 raise SystemExit(f"headkv_sglang: --kv-policy given but hooks failed to install: {missing}")
             err = _built_model_error(model_runner)

@@ -4,6 +4,7 @@ accumulated chunk by chunk during the prefill (CompressionManager.capture_querie
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -70,7 +71,8 @@ def test_pooling_is_the_snapkv_scores_own():
     assert torch.isinf(scores[:, 25:]).all()
 
 
-@pytest.mark.parametrize("policy,extra", [("snapkv", {}), ("adakv", {}), ("pyramidkv", {})])
+@pytest.mark.parametrize("policy,extra", [("snapkv", {}), ("adakv", {}), ("pyramidkv", {}),
+                                          ("snapkv", {"agnostic_kernel": 5}), ("adakv", {"agnostic_kernel": 3})])
 def test_compress_layer_ranks_by_the_masses(policy, extra):
     shape = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=8)
     cfg = KVPolicyConfig(policy=policy, budget=9, window=2, kernel_size=5, **extra).validate()
@@ -82,7 +84,13 @@ def test_compress_layer_ranks_by_the_masses(policy, extra):
     out = compress_layer(pol, 0, torch.zeros(6, 2, 8), k, v, 9, planned, mass=mass)
     want = pol.scores_from_mass(mass)
     assert torch.isinf(want[:, -2:]).all()
-    agg = mass.amax(1)  # KVzip's aggregation: the group's most, no smoothing
+    # KVzip's aggregation (the group's most), after a max over each token's neighbours within
+    # agnostic_kernel // 2 in the prefix (none by default), written out token by token
+    r = cfg.agnostic_kernel // 2
+    agg = torch.zeros(2, 29)
+    for h in range(2):
+        for t in range(29):
+            agg[h, t] = max(float(mass[h, g, u]) for g in range(3) for u in range(max(0, t - r), min(29, t + r + 1)))
     for h in range(2):
         kept = out.keep[h].nonzero().flatten().tolist()
         prefix = [i for i in kept if i < 29 and not math.isinf(float(want[h, i]))]
@@ -178,6 +186,9 @@ def test_scoring_resolution_and_sharing():
     assert w.resolve_scoring(document=True).scoring == "window"
     # a copy scored one way serves requests scored another (the questions adopt the document's)
     assert share_key(cfg.resolve_scoring(True)) == share_key(cfg.resolve_scoring(False))
+    pooled = dataclasses.replace(cfg, agnostic_kernel=7).validate()
+    assert share_key(pooled.resolve_scoring(True)) == share_key(cfg)
+    assert share_key(dataclasses.replace(cfg, kernel_size=7).validate()) != share_key(cfg)  # what it holds differs
     from headkv_sglang.question import QuestionFinder
     assert KVPolicyConfig(policy="snapkv", budget=64, scoring="self").validate().scoring_span(
         QuestionFinder(), list(range(50)), 50) == (0, 50)

@@ -99,3 +99,72 @@ def test_borrowing_evicts_the_radix_tree_and_everything_adds_up():
     assert pages.borrowed_slots == 0 and alloc.available_size() == 16
     alloc.free(sglang_running)
     assert alloc.available_size() + tree.evictable_size() == 64
+
+
+class Adder:
+    """SGLang's PrefillAdder as far as admission goes, over SGLang's own PrefillBudget: a request
+    is admitted while its prompt fits the remaining tokens (free + evictable - offsets)."""
+
+    def __init__(self, allocator, tree) -> None:
+        from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+
+        self.memory_budget = PrefillBudget(allocator, tree)
+        self.can_run_list, self.new_chunked_req = [], None
+
+    def add_one_req(self, req, has_chunked_req=False, truncation_align_size=None):
+        ok, _ = self.memory_budget.check_prefill(extend_input_len=req.n, total_tokens=req.n, max_new_tokens=0,
+                                                 input_tokens=req.n, swa_host_hit_length=0, chunk_limit=None)
+        if not ok:
+            return "NO_TOKEN"
+        self.memory_budget.reserve(req.n, 0)
+        self.can_run_list.append(req)
+        return "CONTINUE"
+
+
+def test_sglang_admission_holds_back_the_slots_pages_will_borrow(monkeypatch):
+    """A prompt to be compressed needs its prefill's slots and, inside the forward, its pages'
+    slots: SGLang's remaining tokens leave out what admitted requests' pages will borrow."""
+    from headkv_sglang.serving import admission, requests
+
+    state, kv_pool = shared_state(size=64)
+    alloc = Allocator(64)
+    alloc.page_size = 1
+    tree = Tree([])
+    tree.supports_mamba = lambda: False
+    state.scheduler = types.SimpleNamespace(tree_cache=tree, token_to_kv_pool_allocator=alloc, max_total_num_tokens=64)
+    pool, pages = one_memory.build(state, kv_pool, alloc, num_kv_heads=2)
+    shape = ModelShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=4)
+    m = state.manager = CompressionManager(shape, 0, 0, torch.float32, "cpu", pool=pool, allocator=pages)
+    C, P = pages.geometry.chunk_slots, pages.pages_per_chunk  # 8 slots, 12 pages
+    assert one_memory.page_slots(pages, 0) == 0 and one_memory.page_slots(pages, 1) == C
+    assert one_memory.page_slots(pages, P) == C and one_memory.page_slots(pages, P + 1) == 2 * C
+    m.reserve(5, 20)  # admitted earlier, not compressed yet: 2 chunks promised
+    monkeypatch.setattr(requests, "request_config", lambda st, req: None)
+    monkeypatch.setattr(admission, "pages_bound", lambda st, req, cfg: req.pages)
+    req = lambda n, p: types.SimpleNamespace(n=n, pages=p)  # noqa: E731
+
+    def admit(*reqs):
+        adder = Adder(alloc, tree)
+        one_memory.promise_page_slots(state, None, adder)
+        out = [one_memory.add_with_page_slots(state, Adder.add_one_req, adder, r) for r in reqs]
+        return adder, out
+
+    adder, out = admit(req(30, 12), req(9, 12), req(5, 0))
+    # 64 slots - 16 promised: the first (30 + its 8) fits; the second's 9 + 8 more do not;
+    # the uncompressed one (no pages) goes on as SGLang alone would decide
+    assert out == ["CONTINUE", "NO_TOKEN", "CONTINUE"] and adder._headkv_promised_pages == 32
+    assert adder.memory_budget.total_offset == 24 + (30 + 1) + (5 + 1)  # the refused one's hold went back
+    # without the hooks SGLang would take all three into the slots the pages need
+    plain = Adder(alloc, tree)
+    assert [plain.add_one_req(r) for r in (req(30, 12), req(9, 12), req(5, 0))] == ["CONTINUE"] * 3
+    # pages free in borrowed chunks need no slots: a 12-page chunk borrowed and half used
+    ids = pages.allocate(6, owner=9)
+    assert pages.free_in_chunks == P - 6 and one_memory.page_slots(pages, 18) == C
+    assert one_memory.page_slots(pages, 20) == 2 * C
+    adder, out = admit(req(30, 6))  # 20 + 6 promised, 6 of them free already: still 2 chunks
+    assert out == ["CONTINUE"] and adder.memory_budget.total_offset == 2 * C + (30 + 1)
+    pages.free(ids, owner=9)
+    # split memory: nothing changes
+    split = ServingState(KVPolicyConfig(policy="snapkv").validate())
+    adder = Adder(alloc, tree)
+    assert one_memory.promise_page_slots(split, "r", adder) == "r" and adder.memory_budget.total_offset == 0

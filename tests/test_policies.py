@@ -188,7 +188,7 @@ def test_registry_names_and_lookup():
 def test_registry_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"unknown KV policy 'h2o'.*adakv.*streamingllm"):
         get_policy("h2o")
-    allowed = r"allowed: \['gqa_agg', 'kernel_size', 'pool_shift', 'pooling', 'window_size'\]"
+    allowed = r"allowed: \['agnostic_kernel_size', 'gqa_agg', 'kernel_size', 'pool_shift', 'pooling', 'window_size'\]"
     with pytest.raises(ValueError, match=r"no hyperparameter 'floor_alpha'.*" + allowed):
         get_policy("snapkv", floor_alpha=0.2)
     with pytest.raises(ValueError, match=r"needs 'importance'"):

@@ -22,7 +22,7 @@ from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPo
 pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
-assert ALLOWED == ("kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_d2o_sink_size, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
+assert ALLOWED == ("kv_agnostic_kernel, kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_d2o_sink_size, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
                    "kv_pod_share, kv_policy, kv_pool_shift, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
                    "kv_share, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
@@ -128,6 +128,9 @@ INVALID = [
     ({"kv_pooling": "median"}, "custom_params.kv_pooling: invalid value 'median'; choose one of maxpool, avgpool"),
     ({"kv_pooling": "MaxPool"}, "custom_params.kv_pooling: invalid value 'MaxPool'; choose one of maxpool, avgpool"),
     ({"kv_pooling": 1}, "custom_params.kv_pooling: invalid value 1; expected str"),
+    # kv_agnostic_kernel
+    ({"kv_agnostic_kernel": 2}, "custom_params.kv_agnostic_kernel: invalid value 2; expected an odd integer"),
+    ({"kv_agnostic_kernel": 0}, "custom_params.kv_agnostic_kernel: invalid value 0; expected an integer in [1, 63]"),
     # kv_pool_shift
     ({"kv_pool_shift": -1}, "custom_params.kv_pool_shift: invalid value -1; expected an integer in [0, 31]"),
     ({"kv_pool_shift": "3"}, "custom_params.kv_pool_shift: invalid value '3'; expected int"),
@@ -326,6 +329,7 @@ _NEAR = {
     "kv_beta": st.floats(1, 20) | st.integers(1, 3),
     "kv_floor_alpha": st.floats(0, 1),
     "kv_kernel_size": st.sampled_from([1, 3, 5, 13, 63]),
+    "kv_agnostic_kernel": st.sampled_from([1, 3, 7, 63]),
     "kv_pooling": st.sampled_from(["maxpool", "avgpool"]),
     "kv_pool_shift": st.integers(0, 9),
     "kv_razor_fraction": st.floats(0, 1),
@@ -349,6 +353,7 @@ _EDGE = {
     "kv_beta": st.floats(-1, 0.999) | st.floats(1e6, 1e300, exclude_min=True),
     "kv_floor_alpha": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
     "kv_kernel_size": st.sampled_from([-1, 0, 2, 4, 64, 65]),
+    "kv_agnostic_kernel": st.sampled_from([-1, 0, 2, 64, "5", 1.5]),
     "kv_pooling": st.sampled_from(["minpool", "MAXPOOL", ""]),
     "kv_pool_shift": st.sampled_from([-1, 32, "3", 1.5]),
     "kv_razor_fraction": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),

@@ -149,7 +149,8 @@ class KVPolicy(ABC):
     @classmethod
     def config_kwargs(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
         """The fields the config sets: each declared hyperparameter from its setting
-        (``cfg.<name>``), and ``window_size`` from ``cfg.obs_window``."""
+        (``cfg.<name>``), ``window_size`` from ``cfg.obs_window`` and ``agnostic_kernel_size`` from
+        ``cfg.agnostic_kernel``."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             p = field_param(f)
@@ -157,6 +158,8 @@ class KVPolicy(ABC):
                 out[f.name] = getattr(cfg, p.name)
             elif f.name == "window_size" and f.init:
                 out[f.name] = cfg.obs_window
+            elif f.name == "agnostic_kernel_size" and f.init:
+                out[f.name] = cfg.agnostic_kernel
         return out
 
     @classmethod

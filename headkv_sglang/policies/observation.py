@@ -14,7 +14,7 @@ from headkv_sglang.policies.base import KVPolicy
 from headkv_sglang.policies.base import sink_size_field
 from headkv_sglang.policies.checks import BadValue, check_choice, check_int, check_sinks_fit, check_window_fits
 from headkv_sglang.policies.params import field_param, hyper
-from headkv_sglang.policies.scoring import observation_window_scores
+from headkv_sglang.policies.scoring import observation_window_scores, pool_mass
 
 if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig
@@ -49,6 +49,9 @@ class ObservationWindowPolicy(KVPolicy):
         (docs/policies-and-profiles.md): 0 by default.
     gqa_agg : {"mean", "max"}
         How the query heads of a KV head's group are combined.
+    agnostic_kernel_size : int
+        Odd width of the max pooling of question-agnostic scores (:meth:`scores_from_mass`;
+        1: none, as KVzip). The server sets it from ``--kv-agnostic-kernel``.
     """
 
     window_size: int = defaults.WINDOW_SIZE  # the server's --kv-window (KVPolicyConfig.obs_window)
@@ -58,6 +61,7 @@ class ObservationWindowPolicy(KVPolicy):
                             "(at most --kv-kernel-size // 2), so the tokens right after an attended phrase are "
                             "kept with it (default 0: centred, as SnapKV).", low=0, high=31)
     gqa_agg: GqaAggregation = defaults.GQA_AGG  # type: ignore[assignment]
+    agnostic_kernel_size: int = 1  # the server's --kv-agnostic-kernel (1: none, as KVzip)
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
@@ -70,12 +74,15 @@ class ObservationWindowPolicy(KVPolicy):
         check_choice(cls, "pooling", self.pooling, defaults.POOLINGS)
         check_int(cls, "pool_shift", self.pool_shift, 0)
         check_choice(cls, "gqa_agg", self.gqa_agg, defaults.GQA_AGGREGATIONS)
+        check_int(cls, "agnostic_kernel_size", self.agnostic_kernel_size, 1)
+        if self.agnostic_kernel_size % 2 == 0:
+            raise ValueError(f"{cls}.agnostic_kernel_size must be odd, got {self.agnostic_kernel_size}")
 
     @staticmethod
     def observation_kwargs(cfg: KVPolicyConfig) -> dict[str, Any]:
         """The scoring fields as the server config sets them (window: ``cfg.obs_window``)."""
         return dict(window_size=cfg.obs_window, kernel_size=cfg.kernel_size, pooling=cfg.pooling,
-                    pool_shift=cfg.pool_shift)
+                    pool_shift=cfg.pool_shift, agnostic_kernel_size=cfg.agnostic_kernel)
 
     @classmethod
     def check_config(cls, cfg: KVPolicyConfig, bad: BadValue, changed: frozenset[str]) -> None:
@@ -91,15 +98,14 @@ class ObservationWindowPolicy(KVPolicy):
     def scores_from_mass(self, mass: torch.Tensor) -> torch.Tensor:
         """Scores from question-agnostic attention masses (``mass``: ``[num_kv_heads, group, T]``,
         :func:`~headkv_sglang.policies.scoring.max_attention` over the document's own or its
-        repetition's queries), aggregated as KVzip does: the most of the group's query heads, not
-        smoothed (SnapKV's 13-token max pooling lost one of four answers that KVzip's
-        per-head selection kept, ``benchmarks/results/multi_question_cpu.md``); ``+inf`` on the last
-        ``window_size`` tokens."""
+        repetition's queries), aggregated as KVzip does: the most of the group's query heads, after a
+        max pooling of width ``agnostic_kernel_size`` over positions (1, the default: none, as
+        KVzip); ``+inf`` on the last ``window_size`` tokens."""
         num_kv_heads, _, seq_len = mass.shape
         prefix = seq_len - min(self.window_size, seq_len)
         out = torch.full((num_kv_heads, seq_len), math.inf, dtype=torch.float32, device=mass.device)
         if prefix:
-            out[:, :prefix] = mass[..., :prefix].to(torch.float32).amax(dim=1)
+            out[:, :prefix] = pool_mass(mass[..., :prefix], self.agnostic_kernel_size, "maxpool", "max")
         return out
 
 

@@ -9,6 +9,15 @@
 * :func:`count_borrowed` (AROUND the scheduler's full-pool invariant check): slots lent to
   compressed pages are accounted (as SGLang's "uncached" tokens), so the idle-time check
   still sees every slot.
+* :func:`promise_page_slots` (AFTER ``PrefillAdder.__init__``) and :func:`add_with_page_slots`
+  (AROUND ``PrefillAdder.add_one_req``): SGLang's admission counts the slots that compressed
+  pages will borrow. A request admitted to be compressed needs its prefill's slots now and its
+  pages' slots inside the forward that compresses it (before its prompt's slots go back);
+  the pages promised to admitted requests not compressed yet (and to decode budgets), beyond
+  the free pages of borrowed chunks, are held back from SGLang's remaining tokens, and so is
+  each compressed request's own worst case while SGLang decides on it. Without this SGLang
+  admits prefills into the slots the pages need, and their compressions fail (the requests
+  stay whole: ``fallbacks.pool_full``).
 * :func:`memory_report`: ``/server_info``'s one-memory view (slots of SGLang, of pages, free,
   evictable).
 """
@@ -95,6 +104,67 @@ def count_borrowed(state: ServingState, original, checker, ps, uncached: int = 0
     m = state.manager
     borrowed = m.allocator.borrowed_slots if m is not None and isinstance(m.allocator, BorrowingPageAllocator) else 0
     return original(checker, ps, uncached=uncached + borrowed)
+
+
+def page_slots(allocator: BorrowingPageAllocator, pages: int) -> int:
+    """Token slots that taking ``pages`` more pages would borrow: whole chunks for what the free
+    pages of the borrowed chunks do not cover."""
+    short = pages - allocator.free_in_chunks
+    return 0 if short <= 0 else -(-short // allocator.pages_per_chunk) * allocator.geometry.chunk_slots
+
+
+def _promised_pages(state: ServingState) -> int:
+    m = state.manager
+    return m.reserved_pages(uncommitted_only=True) + m.decode_pages_pending()
+
+
+def _budget_of(adder):
+    budget = getattr(adder, "memory_budget", None)
+    if budget is None or not hasattr(budget, "total_offset"):
+        raise SystemExit("headkv_sglang: --kv-memory shared needs SGLang's PrefillAdder.memory_budget "
+                         "(total_offset/current_offset); this SGLang has none")
+    return budget
+
+
+def _hold_back(budget, slots: int) -> None:
+    budget.total_offset += slots
+    budget.current_offset += slots
+
+
+def promise_page_slots(state: ServingState, result, adder, *args, **kwargs):
+    """AFTER ``PrefillAdder.__init__``: the slots promised pages will borrow are not SGLang's to give."""
+    m = state.manager
+    if m is None or not isinstance(m.allocator, BorrowingPageAllocator):
+        return result
+    pages = _promised_pages(state)
+    adder._headkv_promised_pages = pages
+    _hold_back(_budget_of(adder), page_slots(m.allocator, pages))
+    return result
+
+
+def add_with_page_slots(state: ServingState, original, adder, req, *args, **kwargs):
+    """AROUND ``PrefillAdder.add_one_req``: a request to be compressed is weighed with the slots
+    its pages may borrow (its worst case, :func:`~headkv_sglang.serving.admission.pages_bound`);
+    admitted, they stay held back for the rest of this pass."""
+    m = state.manager
+    promised = getattr(adder, "_headkv_promised_pages", None)
+    if m is None or promised is None or not isinstance(m.allocator, BorrowingPageAllocator):
+        return original(adder, req, *args, **kwargs)
+    from headkv_sglang.serving.admission import pages_bound
+    from headkv_sglang.serving.requests import request_config
+
+    need = pages_bound(state, req, request_config(state, req))
+    if need <= 0:
+        return original(adder, req, *args, **kwargs)
+    extra = page_slots(m.allocator, promised + need) - page_slots(m.allocator, promised)
+    budget = _budget_of(adder)
+    _hold_back(budget, extra)
+    result = original(adder, req, *args, **kwargs)
+    if any(r is req for r in adder.can_run_list) or adder.new_chunked_req is req:
+        adder._headkv_promised_pages = promised + need
+    else:
+        _hold_back(budget, -extra)
+    return result
 
 
 def memory_report(state: ServingState) -> dict | None:

@@ -76,7 +76,7 @@ def share_key(cfg: KVPolicyConfig) -> KVPolicyConfig:
     """What two requests must agree on to share a compressed prompt: their whole config, a
     ratio budget as the ratio (the shared prompt's own length resolves it), the scoring left
     out (how the copy was ranked does not change what it holds)."""
-    cfg = dataclasses.replace(cfg, scoring="auto", question=0)  # a copy serves any question
+    cfg = dataclasses.replace(cfg, scoring="auto", question=0, agnostic_kernel=1)  # a copy serves any question
     return dataclasses.replace(cfg, budget=0) if cfg.budget_ratio else cfg
 
 

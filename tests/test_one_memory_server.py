@@ -1,0 +1,55 @@
+"""``--kv-memory shared`` on a real server under memory pressure: compressed pages and SGLang's
+token slots are one memory, and SGLang's admission weighs both.
+
+Four needle prompts sent at once whose prefills alone fit SGLang's slots but whose pages,
+added while the prompts are still held, do not: SGLang must admit them in turns (the pages
+promised to admitted requests are not its to give), so every one is compressed (no
+``pool_full`` fallback), answers its needle, and every borrowed slot is back in SGLang's
+allocator afterwards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from headkv_sglang.dev.haystack import needle_prompt
+
+pytestmark = pytest.mark.server
+
+ARGS = ["--max-total-tokens", "3000", "--kv-policy", "snapkv", "--kv-budget", "60%", "--kv-memory", "shared",
+        "--kv-page-size", "16", "--kv-scoring", "question"]
+
+
+def memory(srv) -> dict:
+    return srv.plugin_state()
+
+
+def test_pages_and_prefills_share_the_slots_without_failed_compressions(start_server):
+    srv = start_server(ARGS, name="one-memory")
+    needles = [needle_prompt(420, depth, seed=s) for s, depth in ((11, 0.3), (12, 0.5), (13, 0.7), (14, 0.4))]
+
+    def ask(n):
+        code, body = srv.post_json("/v1/chat/completions", {
+            "model": "default", "messages": [{"role": "user", "content": n.prompt}], "max_tokens": 16,
+            "temperature": 0})
+        assert code == 200, body
+        return body["usage"]["prompt_tokens"], body["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(needles)) as ex:
+        answers = list(ex.map(ask, needles))
+    tokens = [n for n, _ in answers]
+    # the prefills fit the slots together; with their pages (60% of each) they would not
+    assert sum(tokens) < 3000 < sum(tokens) * 1.6, tokens
+    st = memory(srv)
+    assert st["integrity"] == "ok", st["integrity"]
+    assert not st["fallbacks"].get("pool_full"), st["fallbacks"]
+    assert st["policies"]["snapkv"]["compressed_requests_total"] == len(needles), (st["policies"], st["not_compressed"])
+    right = sum(n.answer in text for n, (_, text) in zip(needles, answers))
+    assert right >= 3, [(n.answer, text) for n, (_, text) in zip(needles, answers)]
+    assert srv.flush_cache()
+    mem = memory(srv)["memory"]
+    assert mem["slots_borrowed_by_pages"] == 0 and mem["pages_used"] == 0, mem
+    assert mem["slots_free"] == mem["slots_total"], mem
+    assert mem["borrowed_chunks"] > 0 and mem["borrowed_chunks"] == mem["returned_chunks"], mem
