@@ -179,15 +179,21 @@ class BorrowingPageAllocator(PageAllocator):
     def can_allocate(self, n: int) -> bool:
         return 0 <= n <= self.free_pages
 
+    def chunks_to_borrow(self, n: int) -> int:
+        """Chunks an :meth:`allocate` of ``n`` pages borrows (0: the free pages of borrowed
+        chunks cover it)."""
+        short = n - self._free_in_chunks
+        return 0 if short <= 0 else -(-short // self.pages_per_chunk)
+
     # ------------------------------------------------------------------ allocate / free
     def allocate(self, n: int, owner: object) -> list[int]:
         if n < 0:
             raise ValueError(f"asked for {n} pages")
         if n == 0:
             return []
-        need = n - self._free_in_chunks
-        if need > 0:
-            self._borrow(-(-need // self.pages_per_chunk), n)
+        k = self.chunks_to_borrow(n)
+        if k:
+            self._borrow(k, n)
         P = self.pages_per_chunk
         # fullest chunks first (emptier ones drain and go back); a fresh chunk is the emptiest
         free_c = torch.where(self.chunk_live, P - self.chunk_used, 0)

@@ -109,8 +109,7 @@ def count_borrowed(state: ServingState, original, checker, ps, uncached: int = 0
 def page_slots(allocator: BorrowingPageAllocator, pages: int) -> int:
     """Token slots that taking ``pages`` more pages would borrow: whole chunks for what the free
     pages of the borrowed chunks do not cover."""
-    short = pages - allocator.free_in_chunks
-    return 0 if short <= 0 else -(-short // allocator.pages_per_chunk) * allocator.geometry.chunk_slots
+    return allocator.chunks_to_borrow(pages) * allocator.geometry.chunk_slots
 
 
 def _promised_pages(state: ServingState) -> int:
