@@ -82,17 +82,23 @@ class Peak(threading.Thread):
 
 
 def bench(srv: SGLangServer, mdir: Path, length: int, out_len: int, concurrency: int, n: int,
-          custom_params: dict | None, result_file: Path, seed: int) -> dict:
-    """One ``sglang.bench_serving`` run; returns its result line plus the peak running counts."""
+          custom_params: dict | None, result_file: Path, seed: int, details: bool = False,
+          warmup: bool = True, require_all: bool = True) -> dict:
+    """One ``sglang.bench_serving`` run; returns its result line plus the peak running counts
+    (``details``: with each request's TTFT under ``ttfts``; ``warmup=False``: no warmup
+    request and no flush after it, for runs that share a server at the same time;
+    ``require_all=False``: a run where some requests failed is returned, not raised)."""
     extra = {"custom_params": custom_params} if custom_params else {}
     cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai", "--base-url", srv.url,
            "--model", "default", "--tokenizer", str(mdir), "--dataset-name", "random-ids",
            "--random-input-len", str(length), "--random-output-len", str(out_len), "--random-range-ratio", "1.0",
            "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--request-rate", "inf",
-           "--seed", str(seed), "--output-file", str(result_file), "--disable-tqdm",
-           # the radix cache is emptied after bench_serving's warmup request: no measured
-           # request reuses a prompt that an earlier run (or the warmup) prefilled
-           "--flush-cache"]
+           "--seed", str(seed), "--output-file", str(result_file), "--disable-tqdm"]
+    # the radix cache is emptied after bench_serving's warmup request: no measured request
+    # reuses a prompt that an earlier run (or the warmup) prefilled
+    cmd += ["--flush-cache"] if warmup else ["--warmup-requests", "0"]
+    if details:
+        cmd += ["--output-details"]
     if extra:
         cmd += ["--extra-request-body", json.dumps(extra)]
     before = result_file.read_text().count("\n") if result_file.exists() else 0
@@ -111,9 +117,11 @@ def bench(srv: SGLangServer, mdir: Path, length: int, out_len: int, concurrency:
             "input_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms",
             "median_tpot_ms", "median_e2e_latency_ms", "concurrency"]
     row = {k: res.get(k) for k in keep}
-    if row["completed"] != n:
+    if row["completed"] != n and require_all:
         raise RuntimeError(f"only {row['completed']}/{n} requests completed:\n{r.stdout[-2000:]}")
     row.update(peak_running=peak.running, peak_compressed=peak.compressed)
+    if details:
+        row["ttfts"] = res["ttfts"]
     return row
 
 

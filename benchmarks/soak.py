@@ -50,6 +50,10 @@ BAD_PARAMS = [{"kv_policy": "nope"}, {"kv_budget": -1}, {"kv_budget": "x"}, {"kv
 # (~1.2k token-equivalents: a handful of compressed requests), so admission has to queue.
 SERVER_ARGS = ["--kv-policy", "headkv", "--kv-budget", "64", "--max-total-tokens", "12000",
                "--kv-pool-fraction", "0.1", "--chunked-prefill-size", "512", "--sleep-on-idle"]
+# --memory shared: one memory of 6000 token slots for SGLang's requests and the compressed
+# pages alike (half the split server's capacity, so SGLang's admission has to queue there too)
+SHARED_SERVER_ARGS = ["--kv-policy", "headkv", "--kv-budget", "64", "--max-total-tokens", "6000",
+                      "--kv-memory", "shared", "--chunked-prefill-size", "512", "--sleep-on-idle"]
 
 
 def post(url: str, body: dict, timeout: float = 600) -> tuple[int, dict | str]:
@@ -209,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-words", type=int, default=1200,
                    help="haystack words per request drawn from 40..N (~1.5 tokens per word)")
     p.add_argument("--server", default=None, help="an existing --kv-policy server (default: start one)")
+    p.add_argument("--memory", choices=["split", "shared"], default="split",
+                   help="the started server's --kv-memory: split (a small compressed pool of its own) or "
+                        "shared (one memory)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     srv = None
+    server_args = SHARED_SERVER_ARGS if a.memory == "shared" else SERVER_ARGS
     try:
         if a.server is None:
             log = Path(a.out + ".server.log") if a.out else Path("/tmp/headkv_soak_server.log")
-            srv = SGLangServer(models.model_dir(), SERVER_ARGS, log_path=log).start()
+            srv = SGLangServer(models.model_dir(), server_args, log_path=log).start()
             url = srv.url
         else:
             url = a.server.rstrip("/")
@@ -225,14 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         if srv is not None:
             srv.stop()
     summary["command"] = "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary["server_args"] = SERVER_ARGS if a.server is None else "external"
+    summary["server_args"] = server_args if a.server is None else "external"
     summary["machine"] = machine()
     print(json.dumps({k: v for k, v in summary.items() if k != "unexpected_samples"}, indent=2))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+        server_desc = " ".join(server_args) if a.server is None else a.server
         Path(a.out + ".md").write_text(
-            f"# Soak\n\n`{summary['command']}` on {summary['machine']}\n\n"
+            f"# Soak\n\n`{summary['command']}` on {summary['machine']}\n\nServer: `{server_desc}`\n\n"
             f"- {summary['requests']} requests ({summary['kinds']}), concurrency {summary['concurrency']}, "
             f"wall {summary['wall_s']} s\n- HTTP status counts: {summary['status']}; unexpected errors: "
             f"{summary['unexpected_errors']}\n- leaks after idle: compressed pool {summary['pool_used_pages']} pages, "

@@ -657,3 +657,18 @@ def test_readme_table_shows_quality_kept_and_requests_held():
     # the docs/ copy of the full section links one directory up
     assert "](../benchmarks/results/fidelity_cpu.md)" in section(fid, None, None, root="../")
     assert "](benchmarks/results/fidelity_cpu.md)" in section(fid, None, None)
+
+
+def test_one_memory_configs_become_server_flags_and_bad_ones_are_named():
+    from benchmarks import one_memory as om
+
+    assert om.server_args("plain", "headkv", 4096, []) == ["--max-total-tokens", "4096", "--sleep-on-idle"]
+    assert om.server_args("split:0.25", "snapkv", 4096, ["--x"])[-5:] == [
+        "--x", "--kv-policy", "snapkv", "--kv-pool-fraction", "0.25"]
+    assert om.server_args("shared", "headkv", 4096, [])[-4:] == ["--kv-policy", "headkv", "--kv-memory", "shared"]
+    for bad in ("split", "split:1", "split:0", "split:x", "halves"):
+        with pytest.raises(Exception, match="expected plain, shared or split:F"):
+            om.parse_config(bad)
+    r = subprocess.run([sys.executable, "benchmarks/one_memory.py", "--configs", "split:2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "split:2" in r.stderr, r.stderr[-2000:]

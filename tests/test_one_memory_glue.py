@@ -141,7 +141,7 @@ def test_sglang_admission_holds_back_the_slots_pages_will_borrow(monkeypatch):
     m.reserve(5, 20)  # admitted earlier, not compressed yet: 2 chunks promised
     monkeypatch.setattr(requests, "request_config", lambda st, req: None)
     monkeypatch.setattr(admission, "pages_bound", lambda st, req, cfg: req.pages)
-    req = lambda n, p: types.SimpleNamespace(n=n, pages=p)  # noqa: E731
+    req = lambda n, p: types.SimpleNamespace(n=n, pages=p, origin_input_ids=[7] * n, output_ids=[])  # noqa: E731
 
     def admit(*reqs):
         adder = Adder(alloc, tree)
@@ -164,7 +164,62 @@ def test_sglang_admission_holds_back_the_slots_pages_will_borrow(monkeypatch):
     adder, out = admit(req(30, 6))  # 20 + 6 promised, 6 of them free already: still 2 chunks
     assert out == ["CONTINUE"] and adder.memory_budget.total_offset == 2 * C + (30 + 1)
     pages.free(ids, owner=9)
+    m.release_reservation(5)
+    # a prompt whose slots and pages exceed the whole memory (57 + one 8-slot chunk > 64) is
+    # weighed alone: SGLang admits it and its compression will find no room (served whole),
+    # instead of it waiting forever; one that fits with its pages is still weighed with them
+    assert one_memory.fits_with_its_pages(pages, 56, 12) and not one_memory.fits_with_its_pages(pages, 57, 12)
+    assert not one_memory.fits_with_its_pages(pages, 1, 8 * P + 1)
+    adder, out = admit(req(57, 12))
+    assert out == ["CONTINUE"] and adder._headkv_promised_pages == 0 and adder.memory_budget.total_offset == 57 + 1
+    adder, out = admit(req(56, 12))
+    assert out == ["NO_TOKEN"] and adder.memory_budget.total_offset == 0  # 56 + 8 > 64 - 1 here
     # split memory: nothing changes
     split = ServingState(KVPolicyConfig(policy="snapkv").validate())
     adder = Adder(alloc, tree)
     assert one_memory.promise_page_slots(split, "r", adder) == "r" and adder.memory_budget.total_offset == 0
+
+
+def test_a_flush_that_cleared_sglangs_allocator_does_not_give_borrowed_slots_back_twice():
+    """SGLang's flush_cache clears its token allocator (every slot free again, those lent to
+    pages too); the shared prompts the AFTER hook then frees must not return their chunks a
+    second time (the soak on one memory died of it: 8176 slots available of 6000)."""
+    import pytest
+
+    from headkv_sglang.serving import lifecycle
+
+    def setup():
+        state, kv_pool = shared_state(size=64)
+        alloc = Allocator(64)
+        tree = Tree([])
+        state.scheduler = types.SimpleNamespace(tree_cache=tree, token_to_kv_pool_allocator=alloc)
+        pool, pages = one_memory.build(state, kv_pool, alloc, num_kv_heads=2)
+        shape = ModelShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=4)
+        m = state.manager = CompressionManager(shape, 0, 0, torch.float32, "cpu", pool=pool, allocator=pages)
+        return state, alloc, pages, m
+
+    state, alloc, pages, m = setup()
+    doc = pages.allocate(2 * pages.pages_per_chunk + 1, owner="doc")  # an idle shared prompt: 3 chunks
+    assert pages.borrowed_chunks == 3 and alloc.available_size() == 64 - 3 * pages.geometry.chunk_slots
+    m.clear_shared = lambda: (pages.free(doc, owner="doc"), True)[1]
+    alloc.free_slots = list(range(64, 0, -1))  # SGLang's flush: the allocator cleared
+    assert lifecycle.after_flush_cache(state, True, state.scheduler) is True
+    assert sorted(alloc.free_slots) == list(range(1, 65))  # every slot once
+    assert pages.borrowed_chunks == 0 and pages.used_pages == 0 and pages.free_pages == 8 * pages.pages_per_chunk
+    pages.check_integrity()
+    again = pages.allocate(5, owner="next")  # borrowing works on as before
+    assert pages.borrowed_chunks == 1 and alloc.available_size() == 64 - pages.geometry.chunk_slots
+    pages.free(again, owner="next")
+    assert alloc.available_size() == 64
+
+    # a flush that did not happen (requests running) changes nothing
+    state, alloc, pages, m = setup()
+    held = pages.allocate(3, owner="row")
+    m.clear_shared = lambda: pytest.fail("a refused flush must not free shared prompts")
+    assert lifecycle.after_flush_cache(state, False, state.scheduler) is False
+    assert pages.borrowed_chunks == 1 and pages.used_pages == 3
+    # pages still in use when the allocator was cleared: their bytes are SGLang's again
+    m.clear_shared = lambda: False
+    with pytest.raises(RuntimeError, match="3 compressed pages were in use"):
+        lifecycle.after_flush_cache(state, True, state.scheduler)
+    del held

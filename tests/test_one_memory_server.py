@@ -53,3 +53,31 @@ def test_pages_and_prefills_share_the_slots_without_failed_compressions(start_se
     assert mem["slots_borrowed_by_pages"] == 0 and mem["pages_used"] == 0, mem
     assert mem["slots_free"] == mem["slots_total"], mem
     assert mem["borrowed_chunks"] > 0 and mem["borrowed_chunks"] == mem["returned_chunks"], mem
+
+    # a prompt whose slots and pages together exceed the whole memory is served whole (a
+    # pool_full fallback) instead of waiting forever: the longest prompt is plain SGLang's
+    long = needle_prompt(1800, 0.5, seed=15)
+    code, body = srv.post_json("/v1/chat/completions", {
+        "model": "default", "messages": [{"role": "user", "content": long.prompt}], "max_tokens": 16,
+        "temperature": 0}, timeout=300)
+    assert code == 200, body
+    assert 2000 < body["usage"]["prompt_tokens"] < 3000 - 16, body["usage"]  # its pages: 60% more slots
+    st = srv.wait_idle()
+    assert st["fallbacks"].get("pool_full") == 1 and st["integrity"] == "ok", st["fallbacks"]
+    assert long.answer in body["choices"][0]["message"]["content"], body["choices"][0]["message"]["content"]
+
+    # a document left shared (kv_share, max_new_tokens 0) holds its pages while idle; the flush
+    # clears SGLang's allocator (the slots lent to those pages included) and then frees the
+    # document: its chunks must not go back a second time (available > total killed the server)
+    code, body = srv.post_json("/generate", {"text": needle_prompt(300, 0.5, seed=16).prompt,
+                                             "sampling_params": {"max_new_tokens": 0, "custom_params": {
+                                                 "kv_share": True, "kv_scoring": "window"}}})
+    assert code == 200, body
+    st = srv.wait_idle()
+    assert st["shared"]["in_use"] == 0 and st["memory"]["pages_used"] > 0, (st["shared"], st["memory"])
+    assert srv.flush_cache()
+    st = srv.wait_idle()
+    mem = st["memory"]
+    assert mem["slots_free"] == mem["slots_total"] and mem["pages_used"] == 0, mem
+    assert mem["borrowed_chunks"] == mem["returned_chunks"] and st["integrity"] == "ok", (mem, st["integrity"])
+    assert srv.healthy()

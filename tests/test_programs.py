@@ -194,7 +194,7 @@ def _check_batch(res: dict[str, dict], n: int | None = None) -> None:
 
 
 def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_path):
-    inp, out = _batch_input(tmp_path, 12), tmp_path / "summaries.jsonl"  # 12 documents + the broken line
+    inp, out = _batch_input(tmp_path, 8), tmp_path / "summaries.jsonl"  # 8 documents + the broken line
     cmd = [sys.executable, "-m", "headkv_sglang.programs.batch_summarize", "--input", str(inp), "--output", str(out),
            "--server", prog_server.url, "--concurrency", "4", "--kv-policy", "headkv", "--kv-budget", "128",
            "--no-progress"]
@@ -202,14 +202,14 @@ def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_pa
                             start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) >= 6:
+        if out.exists() and len(out.read_text().splitlines()) >= 4:
             break
         time.sleep(0.5)
     assert proc.poll() is None, "the job finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # the harshest interruption: no cleanup at all
     proc.wait()
     first = _results(out)
-    assert 6 <= len(first) < 13, len(first)
+    assert 4 <= len(first) < 9, len(first)
 
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     # exit 1 when this run recorded a failure: the malformed line, unless the first run did
@@ -218,7 +218,7 @@ def test_batch_job_interrupted_resumed_and_records_bad_lines(prog_server, tmp_pa
     res = _results(out)  # every id exactly once: nothing redone
     for k, v in first.items():
         assert res[k] == v
-    _check_batch(res, 12)
+    _check_batch(res, 8)
     assert "KV: held" in r.stdout, r.stdout
     st = prog_server.plugin_state()
     assert st["integrity"] == "ok", st

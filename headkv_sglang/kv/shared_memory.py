@@ -37,6 +37,8 @@ Pure torch; nothing here imports SGLang.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -150,6 +152,7 @@ class BorrowingPageAllocator(PageAllocator):
         self._counts: list[int] = []
         self._spare: list[int] = []
         self.totals = {"borrowed_chunks": 0, "returned_chunks": 0}
+        self._source_cleared = False
 
     # ------------------------------------------------------------------ counts
     @property
@@ -246,8 +249,28 @@ class BorrowingPageAllocator(PageAllocator):
         self._free_in_chunks += k * self.pages_per_chunk
         self.totals["borrowed_chunks"] += k
 
-    def _give_back(self, chunks: torch.Tensor) -> None:
-        """Return emptied ``chunks``' slots to the source."""
+    @contextlib.contextmanager
+    def source_cleared(self):
+        """The source took every slot back at once (SGLang's ``flush_cache`` clears its token
+        allocator, borrowed slots included): chunks emptied inside the block are not given
+        back a second time, and at its end every borrowed chunk is forgotten. No page may
+        still be in use then (an idle server's shared prompts are freed inside the block):
+        its bytes are the source's again, so that is an error, not a leak."""
+        self._source_cleared = True
+        try:
+            yield
+        finally:
+            self._source_cleared = False
+        if self._held:
+            raise RuntimeError(f"the token allocator took back every slot while {self._held} compressed pages "
+                               f"were in use: their bytes may be handed out twice")
+        live = self.chunk_live.nonzero().flatten()
+        if live.numel():
+            self._give_back(live, to_source=False)
+
+    def _give_back(self, chunks: torch.Tensor, to_source: bool = True) -> None:
+        """Return emptied ``chunks``' slots to the source (``to_source=False`` or inside
+        :meth:`source_cleared`: the source has them already)."""
         k, P = chunks.numel(), self.pages_per_chunk
         slots = self.chunk_slots[chunks].flatten()
         pages = (chunks[:, None] * P + torch.arange(P)).flatten()
@@ -258,7 +281,8 @@ class BorrowingPageAllocator(PageAllocator):
         self._spare_top += k
         self._free_in_chunks -= k * P
         self.totals["returned_chunks"] += k
-        self.source.free(slots)
+        if to_source and not self._source_cleared:
+            self.source.free(slots)
 
     # ------------------------------------------------------------------ the full walk
     def check_integrity(self, owned: dict[object, list[int]] | None = None) -> None:

@@ -284,8 +284,21 @@ def before_decode(state: ServingState, processor, batch, *args, **kwargs):
 
 def after_flush_cache(state: ServingState, result, scheduler, *args, **kwargs):
     """AFTER Scheduler.flush_cache: a flush that emptied SGLang's cache frees the shared
-    compressed prompts too (no request reads them: the server is idle)."""
-    if result and state.manager is not None and state.manager.clear_shared():
+    compressed prompts too (no request reads them: the server is idle).
+
+    ``--kv-memory shared``: SGLang's flush took every token slot back, the slots lent to
+    compressed pages included; the pages freed here return their chunks to nobody, and the
+    allocator forgets its chunks (giving them back again would count them twice)."""
+    m = state.manager
+    if not result or m is None:
+        return result
+    from headkv_sglang.kv.shared_memory import BorrowingPageAllocator
+
+    if isinstance(m.allocator, BorrowingPageAllocator):
+        with m.allocator.source_cleared():
+            m.clear_shared()
+        metrics.update(state)
+    elif m.clear_shared():
         metrics.update(state)
     return result
 

@@ -112,6 +112,13 @@ def page_slots(allocator: BorrowingPageAllocator, pages: int) -> int:
     return allocator.chunks_to_borrow(pages) * allocator.geometry.chunk_slots
 
 
+def fits_with_its_pages(allocator: BorrowingPageAllocator, prompt_slots: int, pages: int) -> bool:
+    """Whether a prompt of ``prompt_slots`` and its ``pages`` can be held at once in the whole
+    memory (the pages are written while the prompt's KV is still in its slots)."""
+    chunks = -(-pages // allocator.pages_per_chunk)
+    return prompt_slots + chunks * allocator.geometry.chunk_slots <= allocator.max_chunks * allocator.geometry.chunk_slots
+
+
 def _promised_pages(state: ServingState) -> int:
     m = state.manager
     return m.reserved_pages(uncommitted_only=True) + m.decode_pages_pending()
@@ -150,10 +157,13 @@ def add_with_page_slots(state: ServingState, original, adder, req, *args, **kwar
     if m is None or promised is None or not isinstance(m.allocator, BorrowingPageAllocator):
         return original(adder, req, *args, **kwargs)
     from headkv_sglang.serving.admission import pages_bound
-    from headkv_sglang.serving.requests import request_config
+    from headkv_sglang.serving.requests import prompt_len, request_config
 
     need = pages_bound(state, req, request_config(state, req))
-    if need <= 0:
+    if need <= 0 or not fits_with_its_pages(m.allocator, prompt_len(req), need):
+        # not compressed, or a prompt whose slots and pages together exceed the whole memory:
+        # SGLang weighs its prompt alone, and its compression finds no room (served whole,
+        # counted as a pool_full fallback) instead of the request waiting forever
         return original(adder, req, *args, **kwargs)
     extra = page_slots(m.allocator, promised + need) - page_slots(m.allocator, promised)
     budget = _budget_of(adder)
