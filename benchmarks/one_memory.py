@@ -177,6 +177,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
         "| server | workload | completed | peak running | output tok/s | TTFT p50 (ms) | fallbacks |",
         "|---|---|---|---|---|---|---|",
     ]
+    if not any(s["workloads"] for s in results):
+        lines = lines[:lines.index("") + 1 + 2]  # the title, machine and command only: no workload ran
     for s in results:
         for r in s["workloads"]:
             fb = ", ".join(f"{k} {v}" for k, v in r["fallbacks"].items()) or "-"
@@ -186,6 +188,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
                        else "")
             lines.append(f"| {s['config']} | {r['workload']} | {r['completed']}/{r['requests']}{refused} | "
                          f"{r['peak_running']} | {r['output_throughput']:.1f} | {ttft} | {fb} |")
+    if meta.get("note"):
+        lines += ["", meta["note"]]
     if meta.get("longest"):
         lines += ["", f"Longest prompt: {meta['longest']}."]
     longest = [s for s in results if s.get("longest")]
