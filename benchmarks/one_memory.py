@@ -78,6 +78,11 @@ LONGEST_OUT = 8  # output tokens of the longest-prompt check: a request that end
 # server can hold the prompt and its pages
 
 
+def compressed_total(st: dict) -> int:
+    """Requests compressed so far, every policy, from a plugin state."""
+    return sum(p.get("compressed_requests_total", 0) for p in (st.get("policies") or {}).values())
+
+
 def longest_prompt(srv: SGLangServer) -> dict:
     """SGLang's longest accepted input at this memory, and whether one prompt that long (less
     the check's output tokens) is served with ``LONGEST_OUT`` output tokens."""
@@ -88,7 +93,7 @@ def longest_prompt(srv: SGLangServer) -> dict:
     ids = [100 + (i * 7919) % 20000 for i in range(n - 1)]
     st = srv.plugin_state()
     before = dict(st.get("fallbacks") or {})
-    compressed_before = sum(p.get("compressed_requests_total", 0) for p in (st.get("policies") or {}).values())
+    compressed_before = compressed_total(st)
     t = time.perf_counter()
     status, out = srv.post_json("/generate", {"input_ids": ids, "sampling_params": {
         "max_new_tokens": LONGEST_OUT, "temperature": 0, "ignore_eos": True}}, timeout=3600)
@@ -97,7 +102,7 @@ def longest_prompt(srv: SGLangServer) -> dict:
     seconds = round(time.perf_counter() - t, 1)
     st = srv.wait_idle(600)
     after = st.get("fallbacks") or {}
-    compressed = sum(p.get("compressed_requests_total", 0) for p in (st.get("policies") or {}).values())
+    compressed = compressed_total(st)
     # a prompt too long to be held with its pages is served whole: a fallback, said so
     fell_back = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     return {"max_req_input_len": limit, "served_tokens": n - 1 if served else 0, "output_tokens": LONGEST_OUT,
