@@ -172,8 +172,28 @@ def configs(policies: str | list[str], budget: str, scorings: list[str]) -> list
     for policy in [policies] if isinstance(policies, str) else policies:
         base = {"kv_policy": policy, "kv_budget": budget}
         out.append((f"{policy} per request", {**base, "kv_scoring": "question"}, False))
-        out += [(f"{policy} shared {s}", {**base, "kv_share": True, "kv_scoring": s}, True) for s in scorings]
+        out += [(f"{policy} shared {s}", {**base, "kv_share": True, **shared_params(s)}, True) for s in scorings]
     return out
+
+
+def shared_params(scoring: str) -> dict:
+    """A ``--shared-scorings`` entry's request keys: ``SCORING`` or, for a question-agnostic one,
+    ``SCORING:SELECT`` (``kv_agnostic_select``: ``reconstruct:global``)."""
+    name, _, select = scoring.partition(":")
+    return {"kv_scoring": name, **({"kv_agnostic_select": select} if select else {})}
+
+
+def check_scoring(scoring: str) -> str | None:
+    """Why a ``--shared-scorings`` entry is not one, or None."""
+    from headkv_sglang.config import AGNOSTIC_SCORINGS, AGNOSTIC_SELECT_CHOICES, SCORING_CHOICES
+
+    name, colon, select = scoring.partition(":")
+    if name not in SCORING_CHOICES:
+        return f"{scoring!r}: the scoring is one of {', '.join(SCORING_CHOICES)}"
+    if colon and (name not in AGNOSTIC_SCORINGS or select not in AGNOSTIC_SELECT_CHOICES):
+        return (f"{scoring!r}: only {' / '.join(AGNOSTIC_SCORINGS)} take a selection, one of "
+                f"{', '.join(AGNOSTIC_SELECT_CHOICES)} (reconstruct:global)")
+    return None
 
 
 def not_supported(err: BaseException) -> str | None:
@@ -369,7 +389,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=["snapkv"],
                    help="the compressing policies (each: a copy per request and a shared copy per scoring)")
     p.add_argument("--shared-scorings", nargs="+", default=["window", "self", "reconstruct"],
-                   help="kv_scoring of the shared copy, one configuration each")
+                   help="kv_scoring of the shared copy, one configuration each; a question-agnostic one may "
+                        "name its kv_agnostic_select (reconstruct:global, reconstruct:policy)")
     p.add_argument("--max-tokens", type=int, default=32,
                    help="the test model answers in a sentence that restates the question")
     p.add_argument("--seed", type=int, default=0)
@@ -387,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, v in (("--docs", a.docs), ("--doc-tokens", a.doc_tokens), ("--max-tokens", a.max_tokens)):
         if v < 1:
             p.error(f"{flag}: invalid value {v}; expected a positive integer")
+    for scoring in a.shared_scorings:
+        why = check_scoring(scoring)
+        if why:
+            p.error(f"--shared-scorings: {why}")
     if not 1 <= a.facts <= len(SHAPES):
         p.error(f"--facts: invalid value {a.facts}; expected 1..{len(SHAPES)} (one fact per shape)")
     if a.report_only:

@@ -60,6 +60,9 @@ DOCUMENT_SCORING = "reconstruct"
 #: or those of a pass repeating it ("reconstruct", KVzip: headkv_sglang/reconstruct.py).
 SCORING_CHOICES = ("auto", "question", "window", "self", "reconstruct")
 AGNOSTIC_SCORINGS = ("self", "reconstruct")
+#: How question-agnostic scores spend the budget (KVPolicyConfig.agnostic_select).
+AGNOSTIC_SELECT_CHOICES = ("policy", "global")
+AGNOSTIC_SELECT_DEFAULT = "global"
 RAZOR_HEADS_CHOICES = defaults.RAZOR_HEADS
 POOLING_CHOICES = defaults.POOLINGS
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
@@ -156,6 +159,11 @@ class KVPolicyConfig:
     agnostic_kernel: int = hyper(1, "Max-pooling width of the question-agnostic scores (--kv-scoring self / "
                                  "reconstruct), odd: the tokens next to one the pass attends to are kept with it "
                                  "(1, the default: none, as KVzip).", low=1, high=63, odd=True)
+    agnostic_select: str = hyper(AGNOSTIC_SELECT_DEFAULT, "How a question-agnostic scoring (--kv-scoring self / "
+                                 "reconstruct) spends the budget: 'global', the default (KVzip: the highest scores "
+                                 "of every (layer, KV head) compete for all layers x KV heads x budget tokens, each "
+                                 "row keeping its window) or 'policy' (each row keeps the policy's own budget: "
+                                 "headkv's profile, adakv's allocation, ...).", choices=AGNOSTIC_SELECT_CHOICES)
     min_prompt: int = hyper(0, "Prompts shorter than this stay uncompressed.", low=0)
     decode_budget: int = hyper(0, "Generated tokens kept per KV head of a compressed request: once its decode tail "
                                "outgrows the window by a chunk, the older generated tokens are ranked by the recent "

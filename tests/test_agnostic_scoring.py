@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from headkv_sglang.policies.registry import build_policy
 from headkv_sglang.policies.scoring import max_attention, observation_window_scores, pool_mass
 from headkv_sglang.reconstruct import RECONSTRUCT_KEY, content_start, make_mark, reconstruction_ids, reconstruction_mark
 from headkv_sglang.serving.requests import share_key
+from test_registry import write_profiles
 
 
 def naive_max_attention(q, k, q_start):
@@ -188,7 +190,125 @@ def test_scoring_resolution_and_sharing():
     assert share_key(cfg.resolve_scoring(True)) == share_key(cfg.resolve_scoring(False))
     pooled = dataclasses.replace(cfg, agnostic_kernel=7).validate()
     assert share_key(pooled.resolve_scoring(True)) == share_key(cfg)
+    for select in ("policy", "global"):  # the questions need not repeat how the document's copy was selected
+        chosen = dataclasses.replace(cfg, agnostic_select=select).validate()
+        assert share_key(chosen.resolve_scoring(True)) == share_key(cfg)
     assert share_key(dataclasses.replace(cfg, kernel_size=7).validate()) != share_key(cfg)  # what it holds differs
     from headkv_sglang.question import QuestionFinder
     assert KVPolicyConfig(policy="snapkv", budget=64, scoring="self").validate().scoring_span(
         QuestionFinder(), list(range(50)), 50) == (0, 50)
+
+
+def naive_global_budgets(scores, total, w):
+    """Every (layer, head, position) before the windows, best first (ties: lower layer, head,
+    position), the first ``total - windows`` counted per row, plus each row's window."""
+    L, H, T = scores.shape
+    w = min(w, T)
+    cells = [(-float(scores[l, h, t]), l, h, t) for l in range(L) for h in range(H) for t in range(T - w)]
+    cells.sort()
+    out = torch.full((L, H), w, dtype=torch.int64)
+    for _, l, h, _t in cells[:min(total, L * H * T) - L * H * w]:
+        out[l, h] += 1
+    return out
+
+
+@pytest.mark.parametrize("L,H,T,w,total,levels", [(3, 2, 17, 3, 40, 0), (2, 3, 11, 1, 23, 4), (5, 1, 9, 2, 44, 3),
+                                                 (1, 4, 7, 0, 9, 0), (2, 2, 13, 5, 100, 0)])
+def test_global_budgets_match_a_naive_global_top(L, H, T, w, total, levels):
+    from headkv_sglang.policies.budgets import global_budgets
+    g = torch.Generator().manual_seed(L * 1000 + T)
+    scores = torch.rand(L, H, T, generator=g)
+    if levels:  # many ties: they go to the lower (layer, head, position)
+        scores = (scores * levels).floor()
+    scores[..., T - min(w, T):] = math.inf
+    got = global_budgets(scores, total, w)
+    assert got.tolist() == naive_global_budgets(scores, total, w).tolist()
+    assert int(got.sum()) == min(total, L * H * T)
+
+
+def test_global_budgets_below_the_windows_spread_evenly():
+    from headkv_sglang.policies.budgets import global_budgets
+    got = global_budgets(torch.rand(2, 3, 20), 14, 4)
+    assert sorted(got.flatten().tolist()) == [2, 2, 2, 2, 3, 3] and int(got.sum()) == 14
+    with pytest.raises(ValueError, match="num_layers"):
+        global_budgets(torch.rand(3, 20), 14, 4)
+
+
+def _kept_positions(pool, rec, layer):
+    """Each row's kept positions, read back from the pages (the values carry their position)."""
+    lp = rec.layers[layer]
+    _, v, mask = pool.gather_padded(lp)
+    return [sorted(int(x) for x in v[h, :, 0][mask[h]].round().tolist()) for h in range(v.shape[0])]
+
+
+@pytest.mark.parametrize("policy,chunks", [("snapkv", [43]), ("snapkv", [9, 20, 14]), ("headkv", [30, 13]),
+                                           ("adakv", [43]), ("pyramidkv", [1, 42])])
+def test_global_selection_keeps_the_global_top_inside_the_forward(tmp_path, policy, chunks):
+    """agnostic_select 'global' in the prefill forward (chunked capture, every layer compressed
+    after the last one's attention) keeps, for every (layer, KV head), its window plus exactly the
+    positions a naive global top over every layer's scores picks, and as many tokens in all as
+    the policy's own plan."""
+    shape = ModelShape(num_layers=3, num_q_heads=6, num_kv_heads=2, head_dim=8)
+    doc, seq_len, span = 19, 43, (24, 43)  # reconstruct-like: the copy [24, 43) scores the document [0, 19)
+    extra = {"head_profile": write_profiles(tmp_path, shape, random.Random(3))["r2"]} if policy == "headkv" else {}
+    cfg = KVPolicyConfig(policy=policy, budget=6, window=2, agnostic_select="global", **extra).validate()
+    g = torch.Generator().manual_seed(len(chunks) * 7 + len(policy))
+    q = torch.randn(3, seq_len, 6, 8, generator=g) * 2
+    k = torch.randn(3, seq_len, 2, 8, generator=g)
+    v = torch.zeros(3, seq_len, 2, 8)
+    v[..., 0] = torch.arange(seq_len, dtype=torch.float32)[None, :, None]  # each value carries its position
+    m = CompressionManager(shape, 300, 4, torch.float32, "cpu")
+    m.begin_extend(0, "r", cfg.obs_window, span=span, agnostic=True, keep=doc, compress_at=(cfg, seq_len))
+    read = []
+    pos = 0
+    for n in chunks:
+        for layer in range(3):
+            m.capture_queries(layer, 0, q[layer, pos:pos + n], pos=pos, get_k=lambda end, layer=layer: k[layer, :end])
+
+            def get_kv(i, end=pos + n):
+                read.append(i)
+                return k[i, :end], v[i, :end]
+
+            m.on_prefill_layer(layer, 0, pos + n, get_kv)
+        pos += n
+    assert m.take_forward_outcome(0) == "ok"
+    assert read == [0, 1, 2]  # nothing before the last layer, then every layer
+    rec = m.state(0).record
+    assert rec.prompt_len == doc
+    pol = build_policy(cfg, shape)
+    scores = torch.stack([pol.scores_from_mass(
+        max_attention(q[layer, 24:43].transpose(0, 1), k[layer].transpose(0, 1), 24)[..., :doc])
+        for layer in range(3)])
+    planned = pol.plan_budgets(doc, 6, 3, 2)
+    total = int(planned.sum()) if planned is not None else 3 * 2 * 6
+    want = naive_global_budgets(scores, total, 2)
+    for layer in range(3):
+        kept = _kept_positions(m.pool, rec, layer)
+        for h in range(2):
+            assert len(kept[h]) == int(want[layer, h])
+            assert kept[h][-2:] == [doc - 2, doc - 1]  # the window
+            top = sorted(range(doc - 2), key=lambda t: (-float(scores[layer, h, t]), t))[:int(want[layer, h]) - 2]
+            assert kept[h][:-2] == sorted(top)
+    assert rec.kept_tokens == total
+    assert m.pages_bound(cfg.resolve_scoring(True), doc) >= len(rec.page_ids)
+
+
+def test_global_selection_differs_from_the_policys_and_spreads_unevenly():
+    """The same captured scores under 'policy' keep each row its own budget (snapkv: 6 each); under
+    'global' the rows' counts follow the scores (and the admission bound covers them)."""
+    shape = ModelShape(num_layers=3, num_q_heads=6, num_kv_heads=2, head_dim=8)
+    counts = {}
+    for select in ("policy", "global"):
+        cfg = KVPolicyConfig(policy="snapkv", budget=6, window=2, agnostic_select=select).validate()
+        g = torch.Generator().manual_seed(5)
+        q = torch.randn(3, 43, 6, 8, generator=g) * 3
+        k = torch.randn(3, 43, 2, 8, generator=g)
+        m = CompressionManager(shape, 300, 4, torch.float32, "cpu")
+        m.begin_extend(0, "r", cfg.obs_window, span=(24, 43), agnostic=True, keep=19)
+        for layer in range(3):
+            m.capture_queries(layer, 0, q[layer], pos=0, get_k=lambda end, layer=layer: k[layer, :end])
+        rec = m.compress(0, cfg, 19, lambda layer: (k[layer, :19], k[layer, :19]))
+        counts[select] = [rec.layers[i].lengths.tolist() for i in range(3)]
+        assert rec.kept_tokens == 36
+    assert counts["policy"] == [[6, 6]] * 3
+    assert counts["global"] != counts["policy"] and sum(map(sum, counts["global"])) == 36

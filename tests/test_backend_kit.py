@@ -230,11 +230,11 @@ def test_a_failure_inside_the_forward_is_kept_for_result_processing_and_allocate
     manager.begin_extend(5, "r", 3, compress_at=(cfg, 40))
     manager.capture_queries(0, 5, torch.randn(3, 4, 8, generator=gen))  # layer 1 never captured
     for layer in range(2):
-        manager.compress_in_forward(layer, 5, 40, lambda: (k, k))
+        manager.compress_in_forward(layer, 5, 40, lambda i: (k, k))
     err = manager.forward_outcome(5)
     assert isinstance(err, RuntimeError) and "layer 1" in str(err) and manager.phase(5) is Phase.WHOLE
     assert not manager.records and manager.allocator.free_pages == 64
-    manager.compress_in_forward(0, 5, 41, lambda: (k, k))  # another end: not this request's prompt
+    manager.compress_in_forward(0, 5, 41, lambda i: (k, k))  # another end: not this request's prompt
     manager.free(5)
     assert manager.state(5) is None and not manager.states()
 

@@ -595,7 +595,7 @@ def test_pages_upper_bound_covers_actual_pages(policy, page_size):
         mgr = CompressionManager(shape, num_pages=5000, page_size=page_size, dtype=torch.float32, device="cpu", only_if_smaller=False)
         prefill(mgr, 0, cfg, p)
         used = len(mgr.compress(0, cfg, T, p.get_kv).page_ids)
-        bound = pages_upper_bound(cfg, shape, T, page_size)
+        bound = pages_upper_bound(cfg.resolve_scoring(False), shape, T, page_size)  # scored by a question
         msg = f"{policy} T={T} B={budget} w={cfg.obs_window} ps={page_size}: used {used}, bound {bound}"
         assert used <= bound, msg
         rows = shape.num_layers * shape.num_kv_heads

@@ -335,7 +335,8 @@ def test_reconstructed_shared_document_answers_and_returns_its_memory(kv_server,
     repeat = len(tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"])
     # the pass: the instruction, the template's turn change, the document's text again (not
     # its system turn and user header)
-    assert r["scoring"] == "reconstruct" and r["shared"] == "published" and r["shared_tokens"] == len(doc), r
+    assert r["scoring"] == "reconstruct" and r["selection"] == "global", r  # the defaults
+    assert r["shared"] == "published" and r["shared_tokens"] == len(doc), r
     assert len(doc) + repeat < r["prompt_tokens"] < 2 * len(doc) + repeat + 16, r
     assert r["reconstruction_tokens"] == r["prompt_tokens"] - len(doc) and r["compress_ms"] > 0, r
     assert d["meta_info"]["prompt_tokens"] == r["prompt_tokens"]

@@ -173,7 +173,7 @@ def test_toy_policy_request_keys_validate():
                 os.environ.pop(ENV_VAR, None)
             else:
                 os.environ[ENV_VAR] = old
-    with pytest.raises(ConfigError, match=re.escape("custom_params.kv_stride: unknown key; allowed: kv_agnostic_kernel, kv_beta")):
+    with pytest.raises(ConfigError, match=re.escape("custom_params.kv_stride: unknown key; allowed: kv_agnostic_kernel, kv_agnostic_select, kv_beta")):
         server.with_request({"kv_stride": 7})
 
 
@@ -238,9 +238,9 @@ def test_declarations_cover_every_setting():
     """Every flag and request key comes from a declaration, and the built-ins keep their names."""
     names = [p.name for p in settings()]
     assert len(names) == len(set(names))
-    assert names[:13] == ["policy", "budget", "window", "scoring", "question", "agnostic_kernel", "min_prompt",
-                          "decode_budget", "share", "head_profile", "pool_fraction", "page_size", "memory"]
-    assert set(names[13:]) == {"kernel_size", "pooling", "pool_shift", "beta", "pyramid_beta", "floor_alpha",
+    assert names[:14] == ["policy", "budget", "window", "scoring", "question", "agnostic_kernel", "agnostic_select",
+                          "min_prompt", "decode_budget", "share", "head_profile", "pool_fraction", "page_size", "memory"]
+    assert set(names[14:]) == {"kernel_size", "pooling", "pool_shift", "beta", "pyramid_beta", "floor_alpha",
                                "sink_size", "razor_fraction", "razor_heads", "d2o_sink_size", "d2o_merge", "d2o_layers",
                                "pod_share"}
     server_only = {p.flag for p in settings() if p.key is None}

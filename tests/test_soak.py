@@ -17,19 +17,19 @@ def test_short_soak_leaves_no_leaks_and_no_unexpected_errors(start_server):
 
     srv = start_server(soak.SERVER_ARGS, name="soak")
     # prompts of 40..400 words (~60..600 tokens), as in the 3000-request soak: the default 1200
-    # words made this test take 20 of CI's minutes for no extra coverage. 120 requests of
-    # seed 2 at concurrency 12 (not 200 of seed 1 at 8: 10.7 of CI's minutes; 7.1 now) hold
-    # as many aborts as the 200 did: 95 normal, 17 aborted (15 with decode budgets), 8
-    # invalid; at concurrency 8 they never filled the pool (no admission wait).
-    s = soak.soak(srv.url, n=120, concurrency=12, seed=2, progress=False, max_words=400)
+    # words made this test take 20 of CI's minutes for no extra coverage. The first 72 requests
+    # of seed 2 (the 120 of benchmarks/results/soak*_cpu.md took 5.2 of CI's minutes) at
+    # concurrency 12: 58 normal, 10 aborted (7 long outputs with decode budgets), 4 invalid,
+    # 15 kv_share; at concurrency 8 requests never filled the pool (no admission wait).
+    s = soak.soak(srv.url, n=72, concurrency=12, seed=2, progress=False, max_words=400)
     assert s["unexpected_errors"] == 0, s["unexpected_samples"]
-    assert s["kinds"] == {"normal": 95, "abort": 17, "invalid": 8}, s["kinds"]
+    assert s["kinds"] == {"normal": 58, "abort": 10, "invalid": 4}, s["kinds"]
     assert s["status"].get("400", 0) == s["kinds"]["invalid"], s["status"]
     assert s["integrity"] == "ok" and s["pool_used_pages"] == 0 and s["reserved_pages"] == 0, s
     assert s["token_slots_leaked"] == 0, s["token_pool"]
     assert s["admission_waits"] >= 1, s  # the small pool made some requests queue
     assert not s["fallbacks"], s["fallbacks"]  # admission queued every request until its pages were free
-    assert s["compressed_requests_total"] >= 85, s
+    assert s["compressed_requests_total"] >= 52, s  # 59 of the 72 (the 120: >= 85)
     # aborted long outputs moved generated tokens into their pages, and gave everything back
     assert s["decode"]["compressions"] >= 5 and s["decode"]["errors"] == 0 and s["decode"]["pages_promised"] == 0, s
     # kv_share requests left their prompts shared; idle ones filled the small pool and were

@@ -65,7 +65,8 @@ def _prefill(m, shard, shape, row, cfg, T, q, k, v, fail_layer=None):
     for layer in range(shape.num_layers):
         m.capture_queries(layer, row, q[layer][:, qlo:qhi])
     for layer in range(shape.num_layers):
-        def get_kv(layer=layer):
+        def get_kv(i, layer=layer):
+            assert i == layer, f"layer {layer}'s hook read layer {i}'s K/V"
             if layer == fail_layer:
                 raise RuntimeError(f"injected failure at layer {layer}")
             return k[layer][:, lo:hi], v[layer][:, lo:hi]

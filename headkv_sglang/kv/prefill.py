@@ -25,7 +25,7 @@ from headkv_sglang.kv.ranks import agreed
 from headkv_sglang.kv.request_state import CAPTURES, FORWARD_OK, Job, Phase
 from headkv_sglang.kv.tables import values_only_counts, write_prompt_pages
 from headkv_sglang.policies.base import compress_layer
-from headkv_sglang.policies.budgets import planned_pages
+from headkv_sglang.policies.budgets import global_budgets, planned_pages
 from headkv_sglang.policies.registry import build_policy, pages_upper_bound
 from headkv_sglang.policies.sharding import ShardedPolicy, rank_pages_bound
 
@@ -107,7 +107,30 @@ class PrefillCompression:
             if need * self.pool.page_size >= seq_len * g.num_layers * g.num_kv_heads:
                 raise NotSmallerError(f"{need} pages of {self.pool.page_size} tokens (all ranks) hold at least "
                                       f"the {seq_len}-token prompt's full KV")
-        return Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end, ms=1000 * (time.perf_counter() - t0))
+        # question-agnostic scores ranked across every row at once (KVzip): the budgets need every
+        # layer's scores, so the layers are compressed after the last one's attention
+        select_global = (capturing and st.agnostic and cfg.agnostic_select == "global"
+                         and getattr(policy, "needs_queries", True))
+        return Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end, select_global=select_global,
+                   ms=1000 * (time.perf_counter() - t0))
+
+    def _mass(self, job: Job, st, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s question-agnostic masses over the job's ``seq_len`` tokens."""
+        mass = st.mass.get(layer)
+        if mass is None:
+            raise RuntimeError(f"no question-agnostic scores captured for row {job.idx}, layer {layer}")
+        if mass.shape[-1] < job.seq_len:  # tokens no computed query saw (a radix hit's prefix)
+            mass = torch.nn.functional.pad(mass, (0, job.seq_len - mass.shape[-1]))
+        return mass[..., :job.seq_len]
+
+    def _plan_global(self, job: Job, st) -> torch.Tensor:
+        """Every layer's budgets of a global selection (:func:`global_budgets` over the policy's
+        scores of every layer's masses; the total is the policy's plan's)."""
+        scores = torch.stack([job.policy.scores_from_mass(self._mass(job, st, layer))
+                              for layer in range(self.shape.num_layers)])
+        total = (int(job.planned.sum()) if job.planned is not None
+                 else self.shape.num_layers * self.shape.num_kv_heads * min(job.cfg.budget, job.seq_len))
+        return global_budgets(scores, total, job.policy.window_size)
 
     def compress_layer_into(self, job: Job, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Score and select one layer (``k, v``: ``[seq_len, num_kv_heads, head_dim]``)."""
@@ -119,15 +142,14 @@ class PrefillCompression:
         queries = st.queries if st is not None and st.phase in CAPTURES else {}
         k = k[:job.seq_len].transpose(0, 1)  # [H, T, D]
         v = v[:job.seq_len].transpose(0, 1)
-        qe, mass = None, None
+        qe, mass, budgets = None, None, None
         agnostic = st is not None and st.phase in CAPTURES and st.agnostic
         if agnostic and getattr(policy, "needs_queries", True):
-            mass = st.mass.get(layer)
-            if mass is None:
-                raise RuntimeError(f"no question-agnostic scores captured for row {job.idx}, layer {layer}")
-            if mass.shape[-1] < job.seq_len:  # tokens no computed query saw (a radix hit's prefix)
-                mass = torch.nn.functional.pad(mass, (0, job.seq_len - mass.shape[-1]))
-            mass = mass[..., :job.seq_len]
+            mass = self._mass(job, st, layer)
+            if job.select_global:
+                if job.budgets is None:
+                    job.budgets = self._plan_global(job, st)
+                budgets = job.budgets[layer]
             q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)  # unused: the masses rank
         elif not getattr(policy, "needs_queries", True):
             q_win = k.new_zeros(s.num_q_heads, w, s.head_dim)
@@ -141,7 +163,7 @@ class PrefillCompression:
             q_win = queries[layer][-w:].transpose(0, 1).to(k.dtype)  # [Hq, w, D]
         prev = job.layers[-1][0] if job.layers else None
         comp = compress_layer(policy, layer, q_win, k, v, job.cfg.budget, job.planned, q_end=qe, prev=prev,
-                              mass=mass)
+                              mass=mass, budgets=budgets)
         if prev is not None:
             prev.keep = None  # only the layer below's is ever needed
         job.layers.append((comp, None, None))  # lengths, pages: finish_compression reads them (one host sync)
@@ -219,11 +241,13 @@ class PrefillCompression:
 
     # ------------------------------------------------------------------ inside the forward
     def compress_in_forward(self, layer: int, req_pool_idx: int, end: int,
-                            get_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+                            get_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Called by the attention backend after layer ``layer``'s attention of a prefill chunk
         that ends at position ``end``: if that completes the prompt the request asked to be
-        compressed at (``begin_extend(compress_at=)``), compress this layer now (``get_kv()``:
-        its K/V of positions ``[0, end)``), and after the last layer write the pages.
+        compressed at (``begin_extend(compress_at=)``), compress this layer now (``get_kv(layer)``:
+        a layer's K/V of positions ``[0, end)``), and after the last layer write the pages. A
+        global selection (``agnostic_select`` "global") needs every layer's scores first: it
+        compresses every layer after the last one's attention (their K/V are in the token slots).
 
         Each layer is one step of the ranks' vote. The outcome is left for the serving
         layer's result processing (:meth:`take_forward_outcome`): the request COMPRESSED, or
@@ -243,7 +267,11 @@ class PrefillCompression:
                     self._set_phase(st, Phase.COMPRESSING)
                 if st.job is None:
                     return  # layer 0 of this forward never started it
-                self.compress_layer_into(st.job, layer, *get_kv())
+                if not st.job.select_global:
+                    self.compress_layer_into(st.job, layer, *get_kv(layer))
+                elif last:
+                    for i in range(self.shape.num_layers):
+                        self.compress_layer_into(st.job, i, *get_kv(i))
             except Exception as e:
                 if agreed(e):
                     raise

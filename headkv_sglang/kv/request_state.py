@@ -76,6 +76,8 @@ class Job:
     layers: list[tuple] = field(default_factory=list)
     need: int = 0
     ms: float = 0.0  # time spent in its steps (not the forward's other work between them)
+    select_global: bool = False  # question-agnostic scores ranked across all rows (agnostic_select "global")
+    budgets: torch.Tensor | None = None  # a global selection's [num_layers, num_kv_heads] budgets
 
 
 # what a prefill forward left for the result processing: the row was compressed (or adopted

@@ -365,6 +365,7 @@ def compress_layer(
     q_end: int | None = None,
     prev: CompressedLayer | None = None,
     mass: torch.Tensor | None = None,
+    budgets: torch.Tensor | None = None,
 ) -> CompressedLayer:
     """Score, budget, select and gather one layer's prompt KV.
 
@@ -389,6 +390,10 @@ def compress_layer(
     mass : torch.Tensor | None
         Question-agnostic scoring: ``[num_kv_heads, group, T]`` attention masses
         (:meth:`KVPolicy.scores_from_mass`) rank the tokens instead of ``q_win``.
+    budgets : torch.Tensor | None
+        int64 ``[num_kv_heads]``: this layer's budgets decided elsewhere (a global selection,
+        :func:`~headkv_sglang.policies.budgets.global_budgets`) instead of
+        :meth:`KVPolicy.layer_budgets`.
 
     Returns
     -------
@@ -406,7 +411,8 @@ def compress_layer(
     else:
         scores = (policy.token_scores(q_win, k, layer) if q_end is None
                   else policy.token_scores(q_win, k, layer, q_end=q_end))
-    budgets = policy.layer_budgets(layer, seq_len, budget, scores, planned)
+    if budgets is None:
+        budgets = policy.layer_budgets(layer, seq_len, budget, scores, planned)
     keep = policy.select_mask(scores, budgets)
     if keep.shape != (num_heads, seq_len):
         raise ValueError(f"select_mask returned {list(keep.shape)}, expected [{num_heads}, {seq_len}]")

@@ -107,8 +107,9 @@ def planned_pages(planned: torch.Tensor, page_size: int) -> int:
 
 
 def total_bound_pages(total: int, rows: int, page_size: int) -> int:
-    """Pages of ``total`` tokens spread over ``rows`` rows in any way: each row wastes < one page."""
-    return math.ceil(total / page_size) + rows
+    """Pages of ``total`` tokens spread over ``rows`` rows in any way: each row wastes at most
+    ``page_size - 1`` slots of its last page (none with one-token pages)."""
+    return (total + rows * (page_size - 1)) // page_size
 
 
 def average_bound_pages(seq_len: int, budget: int, num_layers: int, num_kv_heads: int, page_size: int) -> int:
@@ -116,3 +117,33 @@ def average_bound_pages(seq_len: int, budget: int, num_layers: int, num_kv_heads
     (HeadKV, Ada-KV, PyramidKV, D2O: rows of any length, the total fixed)."""
     rows = num_layers * num_kv_heads
     return total_bound_pages(rows * min(budget, seq_len), rows, page_size)
+
+
+def global_budgets(scores: torch.Tensor, total: int, window_size: int) -> torch.Tensor:
+    """Tokens kept per (layer, KV head) when every row's scores compete for one budget (KVzip's
+    selection): each row keeps its last ``min(window_size, T)`` tokens, and the rest of the
+    ``total`` goes to the highest-scored positions before the windows, anywhere.
+
+    ``scores``: float ``[num_layers, num_kv_heads, T]`` (comparable across rows: the most
+    attention any scoring query gave each token). Returns int64 ``[num_layers, num_kv_heads]``
+    (on ``scores.device``) summing to ``min(total, L * H * T)``. Ties go to the lower
+    (layer, head, position), the order :func:`~headkv_sglang.policies.scoring.select_mask`
+    breaks them in within a row, so selecting each row's budget from its own scores keeps
+    exactly the global top. A ``total`` below the windows' ``L * H * w`` is spread evenly.
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [num_layers, num_kv_heads, T], got {list(scores.shape)}")
+    num_layers, num_heads, seq_len = scores.shape
+    rows = num_layers * num_heads
+    total = max(0, min(int(total), rows * seq_len))
+    w = min(window_size, seq_len)
+    extra = total - rows * w
+    if extra <= 0:
+        even = torch.full((rows,), total // rows, dtype=torch.int64, device=scores.device)
+        even[:total % rows] += 1
+        return even.view(num_layers, num_heads)
+    prefix = seq_len - w  # > 0: extra > 0 means total > rows * w, and total <= rows * seq_len
+    flat = scores[..., :prefix].reshape(-1)
+    top = torch.sort(flat, descending=True, stable=True).indices[:extra]
+    counts = torch.bincount(top // prefix, minlength=rows)
+    return (counts + w).view(num_layers, num_heads)

@@ -231,6 +231,14 @@ def build_policy(cfg: KVPolicyConfig, shape: ModelShape) -> KVPolicy:
 
 
 def pages_upper_bound(cfg: KVPolicyConfig, shape: ModelShape, seq_len: int, page_size: int) -> int:
-    """Pages a request of ``seq_len`` tokens may need at most (for admission)."""
+    """Pages a request of ``seq_len`` tokens may need at most (for admission). A question-agnostic
+    scoring selected globally (``agnostic_select`` "global") spreads a ranking policy's total over
+    rows of any length (``scoring`` "auto" may resolve to one)."""
+    from headkv_sglang.policies.budgets import average_bound_pages  # torch: not at import (config.py imports this)
+
     policy = build_policy(cfg, shape)
-    return policy.max_pages(seq_len, cfg.budget, shape.num_layers, shape.num_kv_heads, page_size)
+    bound = policy.max_pages(seq_len, cfg.budget, shape.num_layers, shape.num_kv_heads, page_size)
+    if (cfg.agnostic_select == "global" and cfg.scoring not in ("question", "window")
+            and getattr(policy, "needs_queries", True)):
+        bound = max(bound, average_bound_pages(seq_len, cfg.budget, shape.num_layers, shape.num_kv_heads, page_size))
+    return bound

@@ -370,10 +370,10 @@ class HeadKVAttnBackend:
         for idx, n, pos in zip(self._rows(fb), fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu):
             end = int(pos) + int(n)
 
-            def get_kv(idx=idx, end=end):
+            def get_kv(layer: int, idx=idx, end=end):  # any layer's: a global selection reads them all
                 slots = self.req_to_token_pool.req_to_token[idx, :end].to(torch.int64)
                 pool = self.token_to_kv_pool
-                return pool.get_key_buffer(lid)[slots], pool.get_value_buffer(lid)[slots]
+                return pool.get_key_buffer(layer)[slots], pool.get_value_buffer(layer)[slots]
 
             self.manager.on_prefill_layer(lid, idx, end, get_kv)
 

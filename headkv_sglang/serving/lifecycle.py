@@ -27,6 +27,7 @@ import logging
 
 import torch
 
+from headkv_sglang.config import AGNOSTIC_SCORINGS
 from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.kv.request_state import FORWARD_OK
@@ -242,6 +243,9 @@ def report(state: ServingState, req, idx: int, cfg, manager: CompressionManager,
         # the prompt positions whose queries ranked its tokens (None: position-based policy)
         "scoring": cfg.scoring if needs_queries(cfg) else None,
         "scoring_span": list(st.span) if needs_queries(cfg) and st.span else None,
+        # question-agnostic scores: ranked across all (layer, KV head) rows ("global") or within
+        # each row's policy budget ("policy")
+        "selection": cfg.agnostic_select if needs_queries(cfg) and cfg.scoring in AGNOSTIC_SCORINGS else None,
         # kv_scoring "reconstruct": the tokens of the pass that repeated the document (prefilled
         # with it, then dropped)
         "reconstruction_tokens": full_len - seq_len if cfg.scoring == "reconstruct" else None,

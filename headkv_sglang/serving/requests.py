@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from headkv_sglang.config import AGNOSTIC_SCORINGS, ConfigError, KVPolicyConfig
+from headkv_sglang.config import AGNOSTIC_SCORINGS, AGNOSTIC_SELECT_DEFAULT, ConfigError, KVPolicyConfig
 from headkv_sglang.policies.registry import policy_class
 from headkv_sglang.question import QuestionFinder
 from headkv_sglang.reconstruct import reconstruction_mark
@@ -76,7 +76,8 @@ def share_key(cfg: KVPolicyConfig) -> KVPolicyConfig:
     """What two requests must agree on to share a compressed prompt: their whole config, a
     ratio budget as the ratio (the shared prompt's own length resolves it), the scoring left
     out (how the copy was ranked does not change what it holds)."""
-    cfg = dataclasses.replace(cfg, scoring="auto", question=0, agnostic_kernel=1)  # a copy serves any question
+    cfg = dataclasses.replace(cfg, scoring="auto", question=0, agnostic_kernel=1,  # a copy serves any question
+                              agnostic_select=AGNOSTIC_SELECT_DEFAULT)
     return dataclasses.replace(cfg, budget=0) if cfg.budget_ratio else cfg
 
 
