@@ -22,7 +22,7 @@ from headkv_sglang.config import POLICY_CHOICES, REQUEST_KEYS, ConfigError, KVPo
 pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
-assert ALLOWED == ("kv_agnostic_kernel, kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_d2o_sink_size, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
+assert ALLOWED == ("kv_agnostic_kernel, kv_agnostic_select, kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_d2o_sink_size, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
                    "kv_pod_share, kv_policy, kv_pool_shift, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
                    "kv_share, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
@@ -57,6 +57,8 @@ INVALID = [
     # kv_scoring, kv_question, kv_razor_heads
     ({"kv_scoring": "last"}, "custom_params.kv_scoring: invalid value 'last'; choose one of auto, question, window, self, reconstruct"),
     ({"kv_scoring": 1}, "custom_params.kv_scoring: invalid value 1; expected str"),
+    ({"kv_agnostic_select": "all"}, "custom_params.kv_agnostic_select: invalid value 'all'; choose one of policy, global"),
+    ({"kv_agnostic_select": True}, "custom_params.kv_agnostic_select: invalid value True; expected str"),
     ({"kv_question": -1}, "custom_params.kv_question: invalid value -1; expected an integer in [0, 4096]"),
     ({"kv_question": 4097}, "custom_params.kv_question: invalid value 4097; expected an integer in [0, 4096]"),
     ({"kv_question": "32"}, "custom_params.kv_question: invalid value '32'; expected int"),
@@ -330,6 +332,7 @@ _NEAR = {
     "kv_floor_alpha": st.floats(0, 1),
     "kv_kernel_size": st.sampled_from([1, 3, 5, 13, 63]),
     "kv_agnostic_kernel": st.sampled_from([1, 3, 7, 63]),
+    "kv_agnostic_select": st.sampled_from(["policy", "global"]),
     "kv_pooling": st.sampled_from(["maxpool", "avgpool"]),
     "kv_pool_shift": st.integers(0, 9),
     "kv_razor_fraction": st.floats(0, 1),
@@ -354,6 +357,7 @@ _EDGE = {
     "kv_floor_alpha": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
     "kv_kernel_size": st.sampled_from([-1, 0, 2, 4, 64, 65]),
     "kv_agnostic_kernel": st.sampled_from([-1, 0, 2, 64, "5", 1.5]),
+    "kv_agnostic_select": st.sampled_from(["", "Global", "layer"]) | st.booleans(),
     "kv_pooling": st.sampled_from(["minpool", "MAXPOOL", ""]),
     "kv_pool_shift": st.sampled_from([-1, 32, "3", 1.5]),
     "kv_razor_fraction": st.floats(-1, 0, exclude_max=True) | st.floats(1, 10, exclude_min=True),
