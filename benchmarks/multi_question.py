@@ -256,7 +256,8 @@ def run(url: str, a, tok, token_bytes: int) -> dict:
 
 def summary(res: dict, peer: dict | None = None) -> list[dict]:
     """One row per (budget, configuration): right answers, KV held decoding (summed over the
-    documents, which ran one after another), compression time; the peer's rows after."""
+    documents, which ran one after another), compression time; the peer's rows after the server's
+    of the same budget."""
     rows: dict[tuple[str, str], dict] = {}
     for r in res["runs"]:
         s = rows.setdefault((r["budget"], r["config"]), {
@@ -277,7 +278,9 @@ def summary(res: dict, peer: dict | None = None) -> list[dict]:
     out = list(rows.values())
     for r in (peer or {}).get("rows", []):
         out.append({**r, "source": "kvpress"})
-    return out
+    # by budget (in the order the budgets first appear), the server's rows before the peer's
+    order = {b: i for i, b in reversed(list(enumerate(r["budget"] for r in out)))}
+    return sorted(out, key=lambda r: order[r["budget"]])
 
 
 def markdown(res: dict, meta: dict) -> str:
@@ -377,6 +380,19 @@ def write(out: str, meta: dict, res: dict) -> None:
     plot(res, out, peer)
 
 
+def load_peer(paths: list[str]) -> dict:
+    """``kvpress_peer.py``'s outputs as one: the rows of every file, the commands joined. The runs
+    must agree on what they ran (kvpress, torch, transformers, dtype, machine)."""
+    peers = [json.loads(Path(x).read_text()) for x in paths]
+    keys = ("machine", "kvpress", "torch", "transformers", "dtype")
+    for x, other in zip(paths[1:], peers[1:]):
+        diff = [k for k in keys if other.get(k) != peers[0].get(k)]
+        if diff:
+            raise SystemExit(f"--peer {x}: its {', '.join(diff)} differ from {paths[0]}'s")
+    return {**peers[0], "command": "; ".join(x["command"] for x in peers),
+            "rows": [r for x in peers for r in x["rows"]]}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--server", default=None, help="an existing --kv-policy server (default: start one)")
@@ -394,7 +410,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32,
                    help="the test model answers in a sentence that restates the question")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peer", default=None, help="kvpress_peer.py's JSON on the same cases: its rows join the table")
+    p.add_argument("--peer", nargs="+", default=None,
+                   help="kvpress_peer.py's JSON(s) on the same cases (e.g. one per budget): their rows join the table")
     p.add_argument("--out", default="benchmarks/results/multi_question_cpu")
     p.add_argument("--report-only", action="store_true",
                    help="no server: rebuild OUT.md/.png/.json from OUT.json (with --peer: adding its rows)")
@@ -418,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(f"{a.out}.json").read_text())
         meta = saved["meta"]
         if a.peer:
-            meta["peer"] = json.loads(Path(a.peer).read_text())
+            meta["peer"] = load_peer(a.peer)
         write(a.out, meta, saved["results"])
         return 0
     from transformers import AutoTokenizer
@@ -436,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": machine(), "model": mdir.name, "max_tokens": a.max_tokens, "doc_tokens": a.doc_tokens,
             "command": "python benchmarks/multi_question.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if a.peer:
-        meta["peer"] = json.loads(Path(a.peer).read_text())
+        meta["peer"] = load_peer(a.peer)
     a.checkpoint = lambda res: Path(f"{a.out}.partial.json").write_text(json.dumps(res, indent=1))
     srv = None
     try:

@@ -227,6 +227,20 @@ def test_report_only_adds_the_peer_rows(monkeypatch, tmp_path):
     assert mq.main(["--report-only", "--out", out, "--peer", str(tmp_path / "peer.json")]) == 0
     md = (tmp_path / "mq.md").read_text()
     assert "| 5% | kvpress KeyDiffPress | 1/6 | - |  | 0.0 MB (kept 5%) | 50.0% |" in md  # no kvpress full row
+    # one peer file per budget: their rows join in order, their commands are joined
+    peer25 = {**peer, "command": "p25", "rows": [{**peer["rows"][0], "budget": "25%", "right": 3}]}
+    (tmp_path / "peer25.json").write_text(json.dumps(peer25))
+    assert mq.main(["--report-only", "--out", out, "--peer", str(tmp_path / "peer.json"),
+                    str(tmp_path / "peer25.json")]) == 0
+    md = (tmp_path / "mq.md").read_text()
+    # rows by budget: the peer's 5% row after the server's 5% rows, before its 10% ones
+    assert (md.index("| 5% | snapkv shared reconstruct |") < md.index("| 5% | kvpress KeyDiffPress | 1/6 |")
+            < md.index("| 10% | full |") < md.index("| 25% | kvpress KeyDiffPress | 3/6 |"))
+    assert "`p; p25`" in md
+    # runs of different kvpress versions are not one peer
+    (tmp_path / "other.json").write_text(json.dumps({**peer25, "kvpress": "0.6"}))
+    with pytest.raises(SystemExit, match="kvpress differ"):
+        mq.main(["--report-only", "--out", out, "--peer", str(tmp_path / "peer.json"), str(tmp_path / "other.json")])
 
 
 def test_generate_raises_on_an_error_in_the_stream(monkeypatch):

@@ -316,8 +316,9 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
     def on_prefill_layer(self, layer: int, req_pool_idx: int, end: int,
                          get_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """After layer ``layer``'s attention of a prefill chunk of row ``req_pool_idx`` ending at
-        ``end`` (``get_kv(i)``: layer ``i``'s K/V of positions ``[0, end)``): compress the layer (:meth:`compress_in_forward`) or, for a pinned row, adopt its
-        shared prompt after the last layer (:meth:`adopt_in_forward`)."""
+        ``end`` (``get_kv(i)``: layer ``i``'s K/V of positions ``[0, end)``): compress the layer
+        (:meth:`compress_in_forward`) or, for a pinned row, adopt its shared prompt after the
+        last layer (:meth:`adopt_in_forward`)."""
         st = self._states.get(req_pool_idx)
         if st is None:
             return
