@@ -672,3 +672,55 @@ def test_one_memory_configs_become_server_flags_and_bad_ones_are_named():
     r = subprocess.run([sys.executable, "benchmarks/one_memory.py", "--configs", "split:2"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "split:2" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("seed,heads,T,window", [(0, 3, 17, 4), (1, 5, 33, 0), (2, 1, 9, 9), (3, 4, 50, 60)])
+def test_pod_overlap_counts_against_a_naive_loop(seed, heads, T, window):
+    """benchmarks/pod_overlap.py: distant tokens a row keeps, those the layer below keeps too, and
+    the rows keeping a whole answer span, against per-(row, position) loops on random masks."""
+    import torch
+
+    from benchmarks.pod_overlap import analyse, answer_rows, row_overlap
+
+    g = torch.Generator().manual_seed(seed)
+    keeps = [torch.rand(heads, T, generator=g) < 0.4 for _ in range(4)]
+    spans = [(2, 5), (T - 3, T - 1)]
+    for layer in range(1, 4):
+        own, common = row_overlap(keeps[layer], keeps[layer - 1], window)
+        for h in range(heads):
+            mine = [t for t in range(T) if t < T - window and keeps[layer][h, t]]
+            assert int(own[h]) == len(mine)
+            assert int(common[h]) == sum(bool(keeps[layer - 1][h, t]) for t in mine)
+    for keep in keeps:
+        want = [any(all(keep[h, t] for t in range(s, e)) for s, e in spans) for h in range(heads)]
+        assert answer_rows(keep, spans).tolist() == want
+    got = analyse(keeps, spans, window)
+    assert [x["layer"] for x in got] == [1, 2, 3]
+    for x in got:
+        own, common = row_overlap(keeps[x["layer"]], keeps[x["layer"] - 1], window)
+        assert (x["own"], x["common"]) == (int(own.sum()), int(common.sum()))
+        assert x["answer_own"] == int(answer_rows(keeps[x["layer"]], spans).sum())
+        assert x["answer_below"] == int(answer_rows(keeps[x["layer"] - 1], spans).sum())
+    with pytest.raises(ValueError, match="same"):
+        row_overlap(keeps[0], keeps[1][:, :-1], window)
+
+
+def test_pod_overlap_cli_at_the_full_budget_and_a_small_one(hf_model, tmp_path):
+    """At 100% every row keeps every token: every distant token is shared with the layer below and
+    every row keeps the answer; at 5% the overlap is a share and at most every row keeps it."""
+    from benchmarks.pod_overlap import main
+
+    out = tmp_path / "po"
+    assert main(["--lengths", "300", "--depths", "0.5", "--budgets", "100%", "5%", "--no-plots",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["meta"]["rows_per_layer"]
+    assert rows == 3 and result["meta"]["cases"] == 1 and len(result["similarity"]) == 30
+    full, small = result["layers"]["100%"], result["layers"]["5%"]
+    assert [x["layer"] for x in full] == list(range(1, 30))
+    for x in full:
+        assert x["own"] == x["common"] > 0 and x["answer_own"] == x["answer_below"] == rows, x
+    for x in small:
+        assert 0 <= x["common"] <= x["own"] and 0 <= x["answer_own"] <= rows and 0 <= x["answer_below"] <= rows, x
+    md = out.with_suffix(".md").read_text()
+    assert "| 1 | " in md and "100% | 3 / 3 |" in md and "- 100%: overall overlap 100%" in md
