@@ -75,14 +75,17 @@ def token_spans(tok, text: str, needle: str) -> list[tuple[int, int]]:
     return out
 
 
+def answer_rows(keep: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """bool ``[H]``: rows of the keep mask ``[H, T]`` holding every token of at least one span."""
+    hit = torch.zeros(keep.shape[0], dtype=torch.bool)
+    for s, e in spans:
+        hit |= keep[:, s:e].all(dim=1)
+    return hit
+
+
 def kept_counts(keep: torch.Tensor, answer: list, distractors: list, question_from: int) -> dict:
     """Counts for one layer's bool keep mask ``[H, T]``."""
-    def whole(spans):
-        hit = torch.zeros(keep.shape[0], dtype=torch.bool)
-        for s, e in spans:
-            hit |= keep[:, s:e].all(dim=1)
-        return int(hit.sum())
-    return {"answer": whole(answer), "distractor": whole(distractors),
+    return {"answer": int(answer_rows(keep, answer).sum()), "distractor": int(answer_rows(keep, distractors).sum()),
             "question": int(keep[:, question_from:].sum()), "kept": int(keep.sum())}
 
 

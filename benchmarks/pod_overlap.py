@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kept_tokens import add_case_args, capture_qk, load, render, select  # noqa: E402
+from benchmarks.kept_tokens import add_case_args, answer_rows, capture_qk, load, render, select  # noqa: E402
 from benchmarks.niah import machine  # noqa: E402
 from benchmarks.scoring import calibration_cases  # noqa: E402
 
@@ -49,14 +49,6 @@ def row_overlap(keep: torch.Tensor, below: torch.Tensor, window: int) -> tuple[t
     distant = torch.arange(keep.shape[1]) < keep.shape[1] - max(window, 0)
     own = keep & distant
     return own.sum(dim=1), (own & below).sum(dim=1)
-
-
-def answer_rows(keep: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """bool ``[H]``: rows of ``keep`` holding every token of at least one span (an occurrence of the answer)."""
-    hit = torch.zeros(keep.shape[0], dtype=torch.bool)
-    for s, e in spans:
-        hit |= keep[:, s:e].all(dim=1)
-    return hit
 
 
 def analyse(keeps: list[torch.Tensor], spans: list[tuple[int, int]], window: int) -> list[dict]:
@@ -111,7 +103,8 @@ def plot(layers: dict, similarity: list[float], out: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for b, xs in layers.items():
-        ax.plot([x["layer"] for x in xs], [x["common"] / max(x["own"], 1) for x in xs], marker="o", label=f"overlap {b}")
+        ax.plot([x["layer"] for x in xs], [x["common"] / max(x["own"], 1) for x in xs], marker="o",
+                label=f"overlap {b}")
     ax.plot(range(1, len(similarity)), similarity[1:], linestyle="--", color="grey", label="pod profile similarity")
     ax.set_xlabel("layer")
     ax.set_ylim(0, 1)
