@@ -40,6 +40,10 @@ from benchmarks.niah import machine  # noqa: E402
 from benchmarks.scoring import calibration_cases  # noqa: E402
 
 
+#: What :func:`analyse` counts per layer (summed over cases).
+COUNTS = ("own", "common", "answer_own", "answer_below")
+
+
 def row_overlap(keep: torch.Tensor, below: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(own, common)``, int64 ``[H]``: distant tokens (positions ``< T - window``) each row of the
     bool ``[H, T]`` mask ``keep`` keeps, and how many of them ``below`` (the layer below's mask)
@@ -49,6 +53,11 @@ def row_overlap(keep: torch.Tensor, below: torch.Tensor, window: int) -> tuple[t
     distant = torch.arange(keep.shape[1]) < keep.shape[1] - max(window, 0)
     own = keep & distant
     return own.sum(dim=1), (own & below).sum(dim=1)
+
+
+def overlap_share(x: dict) -> float:
+    """A layer's (or a total's) oracle overlap: ``common / own`` (0 when it keeps no distant token)."""
+    return x["common"] / max(x["own"], 1)
 
 
 def analyse(keeps: list[torch.Tensor], spans: list[tuple[int, int]], window: int) -> list[dict]:
@@ -82,16 +91,13 @@ def markdown(meta: dict, layers: dict, similarity: list[float]) -> str:
         cells = []
         for b in budgets:
             x = layers[b][i]
-            cells.append(f"{x['common'] / max(x['own'], 1):.0%} | {x['answer_own']} / {x['answer_below']}")
+            cells.append(f"{overlap_share(x):.0%} | {x['answer_own']} / {x['answer_below']}")
         lines.append(f"| {layer['layer']} | {similarity[layer['layer']]:.2f} | " + " | ".join(cells) + " |")
     lines += [""]
     for b in budgets:
-        own = sum(x["own"] for x in layers[b])
-        common = sum(x["common"] for x in layers[b])
-        a_own = sum(x["answer_own"] for x in layers[b])
-        a_below = sum(x["answer_below"] for x in layers[b])
-        lines.append(f"- {b}: overall overlap {common / max(own, 1):.0%}; rows keeping the answer {a_own} with "
-                     f"their own selection, {a_below} with the layer below's.")
+        t = {k: sum(x[k] for x in layers[b]) for k in COUNTS}
+        lines.append(f"- {b}: overall overlap {overlap_share(t):.0%}; rows keeping the answer {t['answer_own']} "
+                     f"with their own selection, {t['answer_below']} with the layer below's.")
     return "\n".join(lines) + "\n"
 
 
@@ -103,8 +109,7 @@ def plot(layers: dict, similarity: list[float], out: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for b, xs in layers.items():
-        ax.plot([x["layer"] for x in xs], [x["common"] / max(x["own"], 1) for x in xs], marker="o",
-                label=f"overlap {b}")
+        ax.plot([x["layer"] for x in xs], [overlap_share(x) for x in xs], marker="o", label=f"overlap {b}")
     ax.plot(range(1, len(similarity)), similarity[1:], linestyle="--", color="grey", label="pod profile similarity")
     ax.set_xlabel("layer")
     ax.set_ylim(0, 1)
@@ -149,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             policy = build_policy(cfg, shape)
             got = analyse(select(policy, cfg, finder, ids, qs, ks), spans,
                           effective_window(policy.window_size, cfg.budget, len(ids)))
-            acc = layers.setdefault(b, [{"layer": x["layer"], "own": 0, "common": 0, "answer_own": 0,
-                                         "answer_below": 0} for x in got])
-            for s, x in zip(acc, got):
-                for k in ("own", "common", "answer_own", "answer_below"):
+            if b not in layers:
+                layers[b] = got
+                continue
+            for s, x in zip(layers[b], got):
+                for k in COUNTS:
                     s[k] += x[k]
     meta = {"machine": machine(), "policy": a.policies[0], "variant": a.variants[0], "cases": len(cases),
             "prompt_tokens": [min(toks), max(toks)], "rows_per_layer": shape.num_kv_heads * len(cases),
