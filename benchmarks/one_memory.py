@@ -164,6 +164,50 @@ def run_workload(srv: SGLangServer, mdir: Path, name: str, a, compressed: bool, 
             "params": [j[4] for j in jobs]}
 
 
+def run_server(config: str, a, mdir: Path, rnd: int, longest: bool, row: dict) -> list[dict]:
+    """One server of ``config``: every workload (the radix cache flushed after each), then the
+    longest-prompt check (into ``row``), its pool checked empty at the end -> the workload rows."""
+    compressed = config != "plain"
+    slug = f"{a.out}.{config.replace(':', '-')}" + (f".r{rnd}" if rnd else "")
+    runs = []
+    with SGLangServer(mdir, server_args(config, a.policy, a.kv_memory, a.server_arg),
+                      log_path=f"{slug}.server.log") as srv:
+        row["token_pool"] = srv.plugin_state()["token_pool"]["total"]
+        for w in a.workloads:
+            print(f"[one_memory] round {rnd + 1}/{a.rounds}, {config}: {w}", flush=True)
+            runs.append(run_workload(srv, mdir, w, a, compressed, slug))
+            srv.flush_cache()
+        if longest:
+            print(f"[one_memory] {config}: longest prompt", flush=True)
+            row["longest"] = longest_prompt(srv)
+        st = srv.wait_idle(600)
+        if compressed:
+            assert st["integrity"] == "ok" and st["pool"]["used_pages"] == 0, st
+        row["end_state"] = {k: st.get(k) for k in ("integrity", "fallbacks", "token_pool", "pool")}
+    return runs
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One workload's runs on one configuration (one per round) -> its row: medians of output
+    tok/s and TTFT p50, the highest peak, the fewest completed, fallbacks summed; each round's
+    tok/s and TTFT kept (``per_round``)."""
+    if len(runs) == 1:
+        return {**runs[0], "per_round": None}
+    ttfts = [r["median_ttft_ms"] for r in runs if r["median_ttft_ms"] is not None]
+    fallbacks: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["fallbacks"].items():
+            fallbacks[k] = fallbacks.get(k, 0) + v
+    worst = min(runs, key=lambda r: r["completed"])
+    return {**worst, "output_throughput": statistics.median(r["output_throughput"] for r in runs),
+            "median_ttft_ms": statistics.median(ttfts) if ttfts else None,
+            "peak_running": max(r["peak_running"] for r in runs),
+            "peak_compressed": max(r["peak_compressed"] for r in runs), "fallbacks": fallbacks,
+            "errors": [e for r in runs for e in r["errors"]],
+            "per_round": [{"output_throughput": r["output_throughput"], "median_ttft_ms": r["median_ttft_ms"],
+                           "peak_running": r["peak_running"], "completed": r["completed"]} for r in runs]}
+
+
 def markdown(meta: dict, results: list[dict]) -> str:
     lines = [
         "# One KV memory vs a fixed split",
@@ -172,7 +216,10 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"(`--max-total-tokens`) for every server. Policy {meta['policy']}, budget {meta['budget']} of each "
         f"prompt per KV head; decode workload `kv_decode_budget` {meta['decode_budget']}. Load: `sglang.bench_serving` "
         f"(random-token prompts, ignore EOS), {meta['requests']} requests at concurrency {meta['concurrency']} per "
-        f"workload. {meta['wall_s'] / 60:.0f} min.",
+        f"workload. {meta['wall_s'] / 60:.0f} min." + (
+            f" {meta['rounds']} rounds (every server started once per round, odd rounds in reverse order): "
+            "tok/s and TTFT are medians over the rounds, each round's value in brackets; peak running is the "
+            "highest, completed the fewest of any round." if meta.get("rounds", 1) > 1 else ""),
         f"Command: `{meta['command']}`",
         "",
         "Workloads: **long** = "
@@ -191,8 +238,13 @@ def markdown(meta: dict, results: list[dict]) -> str:
             refused = (" (refused: prompt longer than the server's limit)"
                        if r["completed"] < r["requests"] and r.get("refused")
                        else "")
+            tps = f"{r['output_throughput']:.1f}"
+            if r.get("per_round"):  # the median, then each round's value in the order run
+                tps += " (" + " / ".join(f"{x['output_throughput']:.1f}" for x in r["per_round"]) + ")"
+                ttft += " (" + " / ".join("-" if x["median_ttft_ms"] is None else f"{x['median_ttft_ms']:.0f}"
+                                          for x in r["per_round"]) + ")"
             lines.append(f"| {s['config']} | {r['workload']} | {r['completed']}/{r['requests']}{refused} | "
-                         f"{r['peak_running']} | {r['output_throughput']:.1f} | {ttft} | {fb} |")
+                         f"{r['peak_running']} | {tps} | {ttft} | {fb} |")
     if meta.get("note"):
         lines += ["", meta["note"]]
     if meta.get("longest"):
@@ -258,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=12)
     p.add_argument("--server-arg", action="append", default=[], help="extra launch_server flag(s), repeatable")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/one_memory_cpu"))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="start every server this many times (odd rounds in reverse order); the table shows "
+                        "medians and each round's values (1)")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -268,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if min(a.long_len, a.short_len) < 16 or min(a.long_out, a.short_out, a.requests, a.concurrency) < 1:
         p.error("--long-len/--short-len must be >= 16; outputs, --requests and --concurrency >= 1")
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
     if "mix" in a.workloads and (a.requests < 3 or a.concurrency < 2):
         p.error("the mix workload needs --requests >= 3 and --concurrency >= 2")
     if a.kv_memory < 2 * a.long_len:
@@ -277,30 +334,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    results: list[dict] = []
-    for config in a.configs:
-        compressed = config != "plain"
-        slug = f"{a.out}.{config.replace(':', '-')}"
-        with SGLangServer(mdir, server_args(config, a.policy, a.kv_memory, a.server_arg), log_path=f"{slug}.server.log") as srv:
-            st = srv.plugin_state()
-            row = {"config": config, "token_pool": st["token_pool"]["total"], "workloads": []}
-            for w in a.workloads:
-                print(f"[one_memory] {config}: {w}", flush=True)
-                row["workloads"].append(run_workload(srv, mdir, w, a, compressed, slug))
-                srv.flush_cache()
-            if not a.no_longest:
-                print(f"[one_memory] {config}: longest prompt", flush=True)
-                row["longest"] = longest_prompt(srv)
-            st = srv.wait_idle(600)
-            if compressed:
-                assert st["integrity"] == "ok" and st["pool"]["used_pages"] == 0, st
-            row["end_state"] = {k: st.get(k) for k in ("integrity", "fallbacks", "token_pool", "pool")}
-            results.append(row)
-            Path(f"{a.out}.partial.json").write_text(json.dumps(results, indent=1) + "\n")  # a crash keeps these
+    by_config: dict[str, dict] = {}
+    for rnd in range(a.rounds):
+        # every round starts each server anew; odd rounds in reverse order (a drifting machine
+        # load falls on every configuration alike)
+        for config in (a.configs if rnd % 2 == 0 else a.configs[::-1]):
+            row = by_config.setdefault(config, {"config": config, "rounds": []})
+            row["rounds"].append(run_server(config, a, mdir, rnd, longest=not a.no_longest and rnd == 0, row=row))
+            Path(f"{a.out}.partial.json").write_text(json.dumps(list(by_config.values()), indent=1) + "\n")
+    results = [by_config[c] for c in a.configs]
+    for row in results:
+        row["workloads"] = [aggregate([r[i] for r in row["rounds"]]) for i in range(len(a.workloads))]
     meta = {"machine": machine(), "kv_memory": a.kv_memory, "policy": a.policy, "budget": a.budget,
             "decode_budget": a.decode_budget, "long_len": a.long_len, "long_out": a.long_out,
             "short_len": a.short_len, "short_out": a.short_out, "requests": a.requests,
-            "concurrency": a.concurrency, "wall_s": round(time.time() - t0),
+            "concurrency": a.concurrency, "rounds": a.rounds, "wall_s": round(time.time() - t0),
             "command": "python benchmarks/one_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     Path(f"{a.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     md = markdown(meta, results)

@@ -15,7 +15,11 @@ Per layer, for the planned compressed rows:
 * Razor's compensation: one extra logit ``q·k_c·scale + log(n_dropped)`` per (row, head),
   in torch;
 
-merged by log-sum-exp. The float workspace is shared by all wrappers (layers run one
+merged by log-sum-exp. Pages inside SGLang's token slots (``--kv-memory shared``,
+:class:`~headkv_sglang.kv.shared_memory.SharedPagePool`) are not blocks of memory: their
+tables are re-expressed as 1-token pages at the head-vectors' rows of the flat buffers
+(:func:`~headkv_sglang.kv.plan_tables.token_tables`, once per plan) and FlashInfer reads
+``k_flat``/``v_flat`` as ``[rows, 1, 1, D]``. The float workspace is shared by all wrappers (layers run one
 after another on one stream); each wrapper keeps its own plan.
 
 With ``cuda_graph=True`` every table, output and compensation state lives in a fixed
@@ -37,7 +41,7 @@ import math
 import torch
 
 from flashinfer_ext.decode import DenseDecode, RaggedDecode
-from headkv_sglang.kv.plan_tables import TableCache
+from headkv_sglang.kv.plan_tables import TableCache, token_tables
 from headkv_sglang.kv.pool import RaggedHeadKVPool
 from headkv_sglang.kv.ragged import RaggedAttention, RaggedRows
 from headkv_sglang.reference import merge_states
@@ -64,7 +68,11 @@ class FlashInferRaggedAttention(RaggedAttention):
         self.group = num_q_heads // num_kv_heads
         self.cuda_graph = cuda_graph
         self.max_rows, self.max_pages, self.max_tail = max_rows, max_pages, max_tail
-        device = pool.k_pages.device
+        device = pool.device
+        # pages inside SGLang's token slots (--kv-memory shared, not one block of memory each):
+        # planned as 1-token pages at their physical rows of the flat buffers
+        self.shared = not pool.contiguous
+        self.index_unit = pool.page_size if self.shared else 1  # kernel indices per page
         # ``workspace``: share another kernel's float workspace (runs that never overlap)
         self.workspace = workspace if workspace is not None else torch.empty(workspace_bytes, dtype=torch.uint8,
                                                                              device=device)
@@ -85,12 +93,12 @@ class FlashInferRaggedAttention(RaggedAttention):
                           torch.full((num_layers, max_rows, H), -math.inf, dtype=torch.float32, device=device))
 
     def _new_ragged(self) -> RaggedDecode:
-        device = self.pool.k_pages.device
+        device = self.pool.device
         if not self.cuda_graph:
             return RaggedDecode(device, workspace=self.workspace)
         rows = self.max_rows * self.num_kv_heads  # one kernel row per (row, KV head); dummies for empty ones
         return RaggedDecode(device, workspace=self.workspace, cuda_graph=True, max_rows=rows,
-                            max_pages=self.max_pages + rows)
+                            max_pages=self.max_pages * self.index_unit + rows)
 
     def plan(self, rows: RaggedRows) -> None:
         pool = self.pool
@@ -131,8 +139,12 @@ class FlashInferRaggedAttention(RaggedAttention):
                                  f"{self.max_pages}")
         pool = self.pool
         for wrapper, (indptr, indices, last, empty, any_empty) in zip(self._ragged, bt.per_layer()):
+            ps = pool.page_size
+            if self.shared:
+                indptr, indices, last = token_tables(indptr, indices, last, ps, pool.physical)
+                ps = 1
             wrapper.plan_rows(indptr, indices, last, empty, any_empty, self.num_kv_heads, self.group, pool.head_dim,
-                              pool.page_size, pool.dtype, self.scale)
+                              ps, pool.dtype, self.scale)
         if not self.cuda_graph:
             self._comp = bt.comp
             return
@@ -148,12 +160,13 @@ class FlashInferRaggedAttention(RaggedAttention):
         """Graphed, no compressed row: every row padding (one dummy token of page 0, masked)."""
         pool, n = self.pool, self.max_rows * self.num_kv_heads
         indptr = torch.arange(n + 1, dtype=torch.int32)
-        ids = torch.zeros(n, dtype=torch.int32, device=pool.k_pages.device)
+        ids = torch.zeros(n, dtype=torch.int32, device=pool.device)
         last = torch.ones(n, dtype=torch.int32)
-        empty = torch.ones(n, dtype=torch.bool, device=pool.k_pages.device)
+        empty = torch.ones(n, dtype=torch.bool, device=pool.device)
+        ps = 1 if self.shared else pool.page_size
         for wrapper in self._ragged:
             wrapper.plan_rows(indptr, ids, last, empty, True, self.num_kv_heads, self.group, pool.head_dim,
-                              pool.page_size, pool.dtype, self.scale)
+                              ps, pool.dtype, self.scale)
         self._comp[2].fill_(-math.inf)
 
     def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
@@ -172,7 +185,12 @@ class FlashInferRaggedAttention(RaggedAttention):
         R, Hq, D = q.shape
         H, G = self.num_kv_heads, self.group
         q = q.contiguous()
-        o_p, lse_p = self._ragged[layer].run(q.view(R, H, G, D), self.pool.k_pages, self.pool.v_pages)
+        pool = self.pool
+        if self.shared:  # [rows, 1, D]: 1-token pages at the planned physical rows
+            k_pages, v_pages = pool.k_flat.unsqueeze(1), pool.v_flat.unsqueeze(1)
+        else:
+            k_pages, v_pages = pool.k_pages, pool.v_pages
+        o_p, lse_p = self._ragged[layer].run(q.view(R, H, G, D), k_pages, v_pages)
         o_t, lse_t = self._tail.run(q, k_buffer.unsqueeze(1), v_buffer.unsqueeze(1))
         o, lse = merge_states(o_p.reshape(R, Hq, D), lse_p.reshape(R, Hq), o_t, lse_t)
         comp = self._comp

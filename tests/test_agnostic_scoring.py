@@ -310,5 +310,12 @@ def test_global_selection_differs_from_the_policys_and_spreads_unevenly():
         rec = m.compress(0, cfg, 19, lambda layer: (k[layer, :19], k[layer, :19]))
         counts[select] = [rec.layers[i].lengths.tolist() for i in range(3)]
         assert rec.kept_tokens == 36
+        assert rec.selection == select  # what /server_info reports for the request
     assert counts["policy"] == [[6, 6]] * 3
     assert counts["global"] != counts["policy"] and sum(map(sum, counts["global"])) == 36
+    # the last queries' attention ranks (no question-agnostic scores): no selection to report
+    m = CompressionManager(shape, 300, 4, torch.float32, "cpu")
+    m.begin_extend(0, "r", cfg.obs_window)
+    for layer in range(3):
+        m.capture_queries(layer, 0, q[layer, :19])
+    assert m.compress(0, cfg, 19, lambda layer: (k[layer, :19], k[layer, :19])).selection is None

@@ -142,6 +142,59 @@ def test_graphed_kernel_replays_after_replans(group):
         fi.run(0, q_static[:3, 0], k_buf, v_buf, scale)
 
 
+def shared_case(page_size: int, group: int, device: str, dtype: torch.dtype) -> None:
+    """FlashInfer over pages inside SGLang's token slots (``--kv-memory shared``): the tails in
+    the same buffers, vs the torch kernel over the same pages in the separate pool (which the
+    CPU tests prove equal to the torch kernel over the shared buffers). Runs on the CPU with
+    FlashInfer's stand-in too (``tests/test_flashinfer_glue.py``)."""
+    from flashinfer_ext.ragged import FlashInferRaggedAttention
+    from headkv_sglang.kv.shared_memory import BorrowingPageAllocator, SharedPagePool, SlotGeometry, layer_buffers
+    from test_shared_memory import FakeTokenAllocator, _shared_copy
+
+    gen = torch.Generator().manual_seed(page_size + group)
+    L, H, R = 3, 2, 7
+    num_pages = 60000 // page_size + 400
+    split = RaggedHeadKVPool(num_pages, page_size, D, dtype, device)
+    split.k_pages.normal_()
+    split.v_pages.normal_()
+    free = torch.randperm(num_pages, generator=gen).tolist()
+    size = 12000  # token slots: the pages' (6 head-vectors a slot) and the tails'
+    src = FakeTokenAllocator(size, seed=page_size)
+    geo = SlotGeometry.smallest(L, H, page_size, rows=size + 1)
+    alloc = BorrowingPageAllocator(src, geo, max_chunks=size // geo.chunk_slots)
+    k_all, v_all, _, _ = layer_buffers(L, size + 1, H, D, dtype, device)
+    k_all.normal_()
+    v_all.normal_()
+    pool = SharedPagePool(k_all, v_all, alloc)
+    req_to_token = torch.zeros(R, 800, dtype=torch.int32, device=device)
+    records, idxs, seq_lens = [], [], []
+    for r in range(R):
+        prompt_len = int(torch.randint(1, 700, (1,), generator=gen))
+        seq_len = prompt_len + int(torch.randint(1, 60, (1,), generator=gen))
+        req_to_token[r, :seq_len] = src.alloc(seq_len).to(req_to_token)  # SGLang's slots in the same buffers
+        records.append(random_request(split, free, L, H, prompt_len, gen, comp=r % 3 == 1))
+        idxs.append(r)
+        seq_lens.append(seq_len)
+    moved = _shared_copy(split, records, alloc, pool)
+    alloc.check_integrity({"copy": [p for rec in moved for p in rec.page_ids]})
+    scale = D ** -0.5
+    fi = FlashInferRaggedAttention(pool, L, H, H * group, scale)
+    ref = TorchRaggedAttention(split, L, H)
+    starts = [rec.prompt_len for rec in records]
+    fi.plan(rows_for_queries(moved, req_to_token, idxs, starts, seq_lens))
+    ref.plan(rows_for_queries(records, req_to_token, idxs, starts, seq_lens))
+    for layer in range(L):
+        q = torch.randn(R, H * group, D, device=device).to(dtype)
+        got = fi.run(layer, q, k_all[layer], v_all[layer], scale)
+        want = ref.run(layer, q, k_all[layer], v_all[layer], scale)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_flashinfer_kernel_reads_pages_inside_token_slots(page_size):
+    shared_case(page_size, 4, "cuda", DT)
+
+
 def test_flashinfer_kernel_rejects_a_scale_it_was_not_planned_for():
     from flashinfer_ext.ragged import FlashInferRaggedAttention
 

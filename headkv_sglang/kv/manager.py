@@ -435,7 +435,7 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
             raise
         src = entry.record
         st.record = RequestPages(prompt_len=src.prompt_len, policy=src.policy, budget=src.budget, layers=src.layers,
-                                 kept_tokens=src.kept_tokens, shared=entry)
+                                 kept_tokens=src.kept_tokens, selection=src.selection, shared=entry)
         st.pin, st.adopt_at = None, None  # entry.refs keeps the row: it reads it now
         self._set_phase(st, Phase.SHARED)
         entry.adoptions += 1

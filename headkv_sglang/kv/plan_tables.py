@@ -280,3 +280,33 @@ class TableCache:
         if self._ids is None or bt.flat_indices.numel() > self._ids.numel():  # room for some growth
             self._ids = torch.empty(bt.flat_indices.numel() * 5 // 4 + 1024, dtype=torch.int32, device=self.device)
         return bt
+
+
+def token_tables(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int,
+                 physical) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's CSR page table re-expressed with 1-token pages at physical rows.
+
+    For pages that are not whole blocks of memory (``--kv-memory shared``: a page's tokens are
+    head-vectors scattered over token slots, :class:`~headkv_sglang.kv.shared_memory.SharedPagePool`):
+    a paged kernel then reads ``k_flat``/``v_flat`` as ``[rows, 1, D]`` with these indices.
+    ``kv_indptr`` int32 ``[rows + 1]`` and ``kv_last_page_len`` int32 ``[rows]`` on the host,
+    ``kv_indices`` int32 on the host or the device (a dummy page of one token stays one
+    token), ``physical``: page addresses (``page * page_size + token``, int64) -> rows of the
+    flat buffers. Returns ``(indptr, indices, last_page_len)``: int32, the first and last on
+    the host, ``indices`` on ``kv_indices``' device, every last page holding its one token.
+    """
+    indptr = kv_indptr.to(torch.int64)
+    counts = indptr[1:] - indptr[:-1]
+    last = kv_last_page_len.to(torch.int64)
+    tokens = torch.where(counts > 0, (counts - 1) * page_size + last, 0)
+    row = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # each page's row
+    place = torch.arange(row.numel()) - indptr[:-1][row]  # the page's place in its row
+    filled = torch.where(place == counts[row] - 1, last[row], page_size)  # tokens on each page
+    keep = torch.arange(page_size)[None, :] < filled[:, None]  # [pages, page_size]
+    device = kv_indices.device
+    addr = kv_indices.to(torch.int64)[:, None] * page_size + torch.arange(page_size, device=device)
+    ids = physical(addr[keep.to(device)]).to(torch.int32)
+    out_indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+    torch.cumsum(tokens, 0, out=out_indptr[1:])
+    assert ids.numel() == int(out_indptr[-1]), f"{ids.numel()} token ids for {int(out_indptr[-1])} tokens"
+    return out_indptr, ids, torch.ones(counts.numel(), dtype=torch.int32)

@@ -434,6 +434,9 @@ class RequestPages:
     page_ids: list[int] = field(default_factory=list)
     kept_tokens: int = 0  # prompt tokens kept, summed over layers and heads
     compress_ms: float = 0.0  # wall time of its compression, scoring to page writes
+    # question-agnostic scores ranked its tokens across all (layer, KV head) rows ("global") or
+    # within each row's policy budget ("policy"); None: question or window queries, or positions
+    selection: str | None = None
     tail_start: int = -1  # -1: prompt_len
     decode_budget: int = 0  # generated tokens kept per (layer, KV head); 0: decode compression off
     decode_window: int = 0  # recent generated tokens always left whole in the tail (and scoring)

@@ -109,9 +109,9 @@ class PrefillCompression:
                                       f"the {seq_len}-token prompt's full KV")
         # question-agnostic scores ranked across every row at once (KVzip): the budgets need every
         # layer's scores, so the layers are compressed after the last one's attention
-        select_global = (capturing and st.agnostic and cfg.agnostic_select == "global"
-                         and getattr(policy, "needs_queries", True))
-        return Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end, select_global=select_global,
+        by_mass = capturing and st.agnostic and getattr(policy, "needs_queries", True)
+        return Job(req_pool_idx, cfg, seq_len, policy, planned, w, q_end,
+                   select_global=by_mass and cfg.agnostic_select == "global", ranked_by_mass=by_mass,
                    ms=1000 * (time.perf_counter() - t0))
 
     def _mass(self, job: Job, st, layer: int) -> torch.Tensor:
@@ -212,6 +212,8 @@ class PrefillCompression:
                     self.allocator.free(ids, owner=req_pool_idx)
             raise
         rec.compress_ms = job.ms + 1000 * (time.perf_counter() - t0)
+        if job.ranked_by_mass:
+            rec.selection = "global" if job.select_global else "policy"
         if cfg.decode_budget > 0:
             rec.decode_budget, rec.decode_window = cfg.decode_budget, cfg.obs_window
             rec.decode_recency = not getattr(job.policy, "needs_queries", True)

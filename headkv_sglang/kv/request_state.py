@@ -77,6 +77,7 @@ class Job:
     need: int = 0
     ms: float = 0.0  # time spent in its steps (not the forward's other work between them)
     select_global: bool = False  # question-agnostic scores ranked across all rows (agnostic_select "global")
+    ranked_by_mass: bool = False  # question-agnostic scores (accumulated masses) rank the tokens
     budgets: torch.Tensor | None = None  # a global selection's [num_layers, num_kv_heads] budgets
 
 

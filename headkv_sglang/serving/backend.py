@@ -381,10 +381,14 @@ class HeadKVAttnBackend:
 def make_graph_kernel(kernel: RaggedAttention, max_rows: int, max_tail: int) -> RaggedAttention | None:
     """A CUDA-graph version of ``kernel`` (FlashInfer only; None for the torch kernel: its
     batches run eagerly) holding ``max_rows`` rows, every page of its pool in one layer and
-    ``max_tail`` tail slots; it shares ``kernel``'s float workspace (they never run at once)."""
+    ``max_tail`` tail slots; it shares ``kernel``'s float workspace (they never run at once).
+
+    None too with ``--kv-memory shared``: its pages are planned token by token, and buffers for
+    every page of the one memory in each layer would take an int32 per head-vector of the whole
+    KV memory, per layer."""
     from flashinfer_ext.ragged import FlashInferRaggedAttention
 
-    if not isinstance(kernel, FlashInferRaggedAttention):
+    if not isinstance(kernel, FlashInferRaggedAttention) or kernel.shared:
         return None
     return FlashInferRaggedAttention(kernel.pool, kernel.num_layers, kernel.num_kv_heads, kernel.num_q_heads,
                                      kernel.scale, cuda_graph=True, max_rows=max_rows,
@@ -402,10 +406,6 @@ def make_kernel(pool, shape, device: torch.device, scale: float) -> tuple[str, R
     choice = os.environ.get("HEADKV_SGLANG_RAGGED_KERNEL", "auto")
     if choice not in ("auto", "torch", "flashinfer"):
         raise SystemExit(f"HEADKV_SGLANG_RAGGED_KERNEL={choice!r}: choose auto, torch or flashinfer")
-    if not pool.contiguous:  # pages inside SGLang's token slots (--kv-memory shared): the torch kernel reads them
-        if choice == "flashinfer":
-            raise SystemExit("headkv_sglang: --kv-memory shared runs the torch ragged kernel only")
-        return "torch", TorchRaggedAttention(pool, shape.num_layers, shape.num_kv_heads)
     if choice == "flashinfer" or (choice == "auto" and device.type == "cuda"):
         from flashinfer_ext.ragged import FlashInferRaggedAttention
 

@@ -27,7 +27,6 @@ import logging
 
 import torch
 
-from headkv_sglang.config import AGNOSTIC_SCORINGS
 from headkv_sglang.kv.manager import CompressionManager, NotSmallerError
 from headkv_sglang.kv.pool import PoolFullError
 from headkv_sglang.kv.request_state import FORWARD_OK
@@ -244,8 +243,8 @@ def report(state: ServingState, req, idx: int, cfg, manager: CompressionManager,
         "scoring": cfg.scoring if needs_queries(cfg) else None,
         "scoring_span": list(st.span) if needs_queries(cfg) and st.span else None,
         # question-agnostic scores: ranked across all (layer, KV head) rows ("global") or within
-        # each row's policy budget ("policy")
-        "selection": cfg.agnostic_select if needs_queries(cfg) and cfg.scoring in AGNOSTIC_SCORINGS else None,
+        # each row's policy budget ("policy"), as the compression did (a reader: its publisher's)
+        "selection": rec.selection,
         # kv_scoring "reconstruct": the tokens of the pass that repeated the document (prefilled
         # with it, then dropped)
         "reconstruction_tokens": full_len - seq_len if cfg.scoring == "reconstruct" else None,
