@@ -182,8 +182,8 @@ class KVPolicyConfig:
     memory: str = hyper("split", "Where compressed pages live: 'split' (the default: --kv-pool-fraction of SGLang's "
                         "KV capacity becomes a pool of its own) or 'shared' (one memory: pages live inside SGLang's "
                         "token slots, borrowed from its token allocator in chunks and given back when a chunk "
-                        "empties; --kv-pool-fraction is then unused). 'shared' is one rank only (not with --tp); its "
-                        "compressed rows never run as CUDA graphs.",
+                        "empties; --kv-pool-fraction is then unused; under --tp the ranks borrow and give back "
+                        "together). With 'shared', compressed rows never run as CUDA graphs.",
                         choices=("split", "shared"), request=False)
     #: The policies' hyperparameters that differ from their declared defaults: sorted ``(name, value)``.
     params: tuple[tuple[str, Any], ...] = ()

@@ -445,6 +445,10 @@ def _register_serving(cfg: KVPolicyConfig):
     hook(f"{_POOL_CONF}.calculate_pool_sizes_from_max_tokens", pool_sizing.scale_pool_sizes, HookType.AFTER)
     hook(_RUN_BATCH, admission.before_run_batch, HookType.BEFORE)
     hook(_ADMIT, admission.before_get_new_batch_prefill, HookType.BEFORE)
+    if cfg.memory == "shared":  # registered later, runs earlier: the chunks every rank emptied go
+        from headkv_sglang.serving import one_memory  # back before admission counts (--tp)
+
+        hook(_ADMIT, one_memory.settle, HookType.BEFORE)
     hook(_ADMIT, admission.after_get_new_batch_prefill, HookType.AFTER)
     hook(_PREFIX_CAP, admission.cap_prefix_len, HookType.AFTER)
     hook(_PREFILL_RESULT, lifecycle.before_prefill, HookType.BEFORE)

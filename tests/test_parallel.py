@@ -139,6 +139,52 @@ def test_tp3_serves_every_policy_like_one_rank(tp_server, kv_small_server):
         assert metric(text, "sglang:headkv_compressed_requests_total", 'policy="adakv"', f'tp_rank="{rank}"') >= 1
 
 
+@pytest.fixture
+def tp_shared_server(start_server):
+    srv = start_server([*SMALL, "--tp", "3", "--kv-memory", "shared"], name="kv-tp3-shared",
+                       env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1|0"})
+    yield srv
+    srv.stop()
+
+
+def test_tp3_on_one_memory_ranks_borrow_alike_and_answer_like_one_rank(tp_shared_server, kv_small_server):
+    """--kv-memory shared with --tp 3: each rank stores its own head's pages in its own token
+    slots, yet the ranks borrow and give back slots together (SGLang's replicated schedulers
+    decide on their free slots). Answers equal the one-rank server's (split memory) under
+    concurrent load, decode-phase moves included; afterwards every rank's slots are back."""
+    srv = tp_shared_server
+    st = srv.plugin_state()
+    assert st["tensor_parallel"]["tp_size"] == 3 and st["memory"]["lockstep"] is True, st.get("memory")
+    n = needle_prompt(1100, depth=0.4, seed=11)
+    jobs = [(n.prompt, p, 256) for p in ("headkv", "adakv", "d2o")] + [(n.prompt, "headkv", "5%")]
+
+    def decode_job(server):  # a long output with a decode budget: generated tokens move into pages
+        o = client(server).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Count from one to forty in words."}],
+            max_tokens=96, temperature=0, extra_body={"custom_params": {
+                "kv_policy": "snapkv", "kv_budget": 16, "kv_decode_budget": 24}})
+        return o.choices[0].message.content
+
+    with ThreadPoolExecutor(5) as ex:
+        moved = ex.submit(decode_job, srv)
+        tp = list(ex.map(lambda a: ask(srv, *a), jobs))
+        moved = moved.result()
+    one = [ask(kv_small_server, *a) for a in jobs]
+    assert [t for t, _ in tp] == [t for t, _ in one], list(zip(jobs, tp, one))
+    assert moved == decode_job(kv_small_server)
+    for (_, policy, _), (text, _) in zip(jobs, tp):
+        if policy in FINDS_NEEDLE:
+            assert n.answer in text, (policy, text)
+    st = srv.plugin_state()
+    done = [r for r in st["recent_requests"].values() if r.get("compressed_in")]
+    assert len(done) >= len(jobs) + 1, st["recent_requests"]
+    assert st["decode"]["compressions"] >= 1, st["decode"]
+    assert st["memory"]["borrowed_chunks"] > 0, st["memory"]  # the pages did live in token slots
+    all_ranks_clean(srv, 3)
+    pools = srv.plugin_state()["tp_ranks"]
+    assert [p["slots_borrowed_by_pages"] for p in pools] == [0, 0, 0], pools  # every slot given back
+
+
 def metric(text: str, name: str, *labels: str) -> float:
     for line in text.splitlines():
         if line.startswith(name) and all(lab in line for lab in labels):

@@ -368,3 +368,134 @@ def test_manager_compresses_into_shared_memory_like_the_separate_pool():
     mgrs[1].check_integrity()
     src.free(tail)
     assert alloc.borrowed_chunks == 0 and src.available_size() == 120
+
+
+class _Ranks:
+    """``n`` tensor-parallel ranks as threads: ``agree_min(rank)`` is a real all-reduce (min)
+    among them, ``run(fn)`` runs ``fn(rank)`` on every rank at once and returns the results."""
+
+    def __init__(self, n: int) -> None:
+        import threading
+
+        self.n, self.vals, self.barrier = n, [0] * n, threading.Barrier(n, timeout=30)
+        self.calls = [0] * n
+
+    def agree_min(self, rank: int):
+        def call(x: int) -> int:
+            self.calls[rank] += 1
+            self.vals[rank] = int(x)
+            self.barrier.wait()
+            out = min(self.vals)
+            self.barrier.wait()
+            return out
+        return call
+
+    def run(self, fn) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.n) as ex:
+            futures = [ex.submit(fn, r) for r in range(self.n)]
+            return [f.result(timeout=60) for f in futures]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lockstep_ranks_borrow_and_give_back_alike(seed):
+    """--kv-memory shared under --tp: every rank stores other pages (its own heads' counts), yet
+    after every operation each rank's token allocator has as many free slots (SGLang's
+    replicated schedulers decide on them), no byte is owned twice on any rank, and settling
+    at the end gives every chunk back."""
+    from headkv_sglang.kv.ranks import RankVote, borrow_together
+
+    rng = random.Random(seed)
+    R, L, H, D = 3, 2, 1, 2
+    ps = rng.choice([1, 4, 16])
+    size = 211
+    ranks = _Ranks(R)
+    stores = []
+    geo = SlotGeometry.smallest(L, H, ps, rows=size + 1, at_least=rng.choice([1, 3]))  # every rank's
+    for r in range(R):
+        src = FakeTokenAllocator(size, seed * 10 + r)  # each rank's free slots in another order
+        alloc = BorrowingPageAllocator(src, geo, max_chunks=size // geo.chunk_slots, agree_min=ranks.agree_min(r))
+        stores.append((src, alloc, RankVote(ranks.agree_min(r)), random.Random(seed * 100 + r)))
+    P = stores[0][1].pages_per_chunk
+    pages: list[dict[object, list[int]]] = [{} for _ in range(R)]
+    sglang: dict[int, list[list[int]]] = {}  # holder -> its slots on each rank
+
+    def compress(who, fail_rank=None):
+        def step(r):
+            src, alloc, vote, own = stores[r]
+            need = own.randint(0, 3 * P)  # this rank's heads' pages
+            try:
+                if r == fail_rank:  # failed before the borrow: its closing vote meets the others' flagged one
+                    raise ValueError("scoring failed")
+                borrow_together(vote, alloc, need)
+                ids = alloc.allocate(need, owner=who)
+            except Exception as e:  # noqa: BLE001
+                if not getattr(e, "agreed", False):
+                    with pytest.raises(type(e)):
+                        vote.close(e)
+                return type(e).__name__
+            vote.close(None)
+            pages[r][who] = ids
+            return "ok"
+        return ranks.run(step)
+
+    for step in range(120):
+        op = rng.choice(["sg_alloc", "sg_alloc", "sg_free", "compress", "compress", "release", "settle", "fail"])
+        if op == "sg_alloc":
+            n = rng.randint(1, 30)
+            got = [s.alloc(n) for s, *_ in stores]
+            assert len({g is None for g in got}) == 1, "the ranks' token allocators disagree"
+            if got[0] is not None:
+                sglang[step] = [g.tolist() for g in got]
+        elif op == "sg_free" and sglang:
+            for (s, *_), slots in zip(stores, sglang.pop(rng.choice(list(sglang)))):
+                s.free(torch.tensor(slots))
+        elif op == "compress":
+            out = compress(step)
+            assert len(set(out)) == 1, f"the ranks disagree on a compression: {out}"
+            if out[0] != "ok":  # a full memory: every rank refused, none holds pages for it
+                assert out[0] == "PoolFullError" and all(step not in p for p in pages)
+        elif op == "fail":  # one rank fails: nobody borrows, every rank raises
+            out = compress(step, fail_rank=rng.randrange(R))
+            assert sorted(set(out)) in (["PeerFailed", "ValueError"], ["ValueError"]), out
+        elif op == "release" and pages[0]:
+            who = rng.choice(list(pages[0]))
+            for r, (_, alloc, *_) in enumerate(stores):
+                alloc.free(pages[r].pop(who), owner=who)
+        elif op == "settle":
+            given = ranks.run(lambda r: stores[r][1].settle())
+            assert len(set(given)) == 1
+        for r, (src, alloc, *_) in enumerate(stores):
+            alloc.check_integrity({w: p for w, p in pages[r].items() if p})
+            held = [s for ss in sglang.values() for s in ss[r]]
+            borrowed = alloc.chunk_slots[alloc.chunk_live].flatten().tolist()
+            assert sorted(src.free_slots + held + borrowed) == list(range(1, size + 1))
+        assert len({s.available_size() for s, *_ in stores}) == 1, "the ranks' free slots differ"
+        assert len({a.borrowed_chunks for _, a, *_ in stores}) == 1
+        assert len(set(ranks.calls)) == 1, f"the ranks made different numbers of collective calls: {ranks.calls}"
+    assert any(a.totals["borrowed_chunks"] for _, a, *_ in stores)
+    for r, (src, alloc, *_) in enumerate(stores):
+        for who in list(pages[r]):
+            alloc.free(pages[r].pop(who), owner=who)
+    for who in list(sglang):
+        for (s, *_), slots in zip(stores, sglang.pop(who)):
+            s.free(torch.tensor(slots))
+    ranks.run(lambda r: stores[r][1].settle())
+    for src, alloc, *_ in stores:
+        assert alloc.borrowed_chunks == 0 and src.available_size() == size
+        assert alloc.admission_free == 0
+
+
+def test_lockstep_allocator_never_borrows_alone():
+    src = FakeTokenAllocator(64, 0)
+    geo = SlotGeometry.smallest(2, 1, 4, rows=65)
+    alloc = BorrowingPageAllocator(src, geo, max_chunks=64 // geo.chunk_slots, agree_min=lambda x: x)
+    with pytest.raises(PoolFullError, match="only an agreed borrow"):
+        alloc.allocate(1, owner="r")
+    alloc.borrow_agreed(1, 1)
+    ids = alloc.allocate(1, owner="r")
+    alloc.free(ids, owner="r")
+    assert alloc.borrowed_chunks == 1  # kept until a settle
+    alloc.check_integrity({})
+    assert alloc.settle() == 1 and alloc.borrowed_chunks == 0 and src.available_size() == 64

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from headkv_sglang.kv.pool import DECODE_OFF, PoolFullError, RequestPages
-from headkv_sglang.kv.ranks import agreed
+from headkv_sglang.kv.ranks import agreed, borrow_together
 from headkv_sglang.kv.tables import page_addresses
 from headkv_sglang.policies.d2o import merge_dropped
 from headkv_sglang.policies.decode import decode_chunk, decode_scores, select_decode
@@ -107,6 +107,8 @@ class DecodeCompression:
                 grow += int(add.sum())
             with self._lock:
                 self.shared.evict(grow)
+            borrow_together(self.vote, self.allocator, grow)  # --kv-memory shared under --tp: every rank alike
+            with self._lock:
                 if not self.allocator.can_allocate(grow):
                     raise PoolFullError(f"a decode move needs {grow} pages, {self.allocator.free_pages} free")
             device = kflat.device

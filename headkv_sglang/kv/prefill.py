@@ -21,7 +21,7 @@ import torch
 
 from headkv_sglang.config import KVPolicyConfig
 from headkv_sglang.kv.pool import PoolFullError, RequestPages
-from headkv_sglang.kv.ranks import agreed
+from headkv_sglang.kv.ranks import agreed, borrow_together
 from headkv_sglang.kv.request_state import CAPTURES, FORWARD_OK, Job, Phase
 from headkv_sglang.kv.tables import values_only_counts, write_prompt_pages
 from headkv_sglang.policies.base import compress_layer
@@ -198,6 +198,8 @@ class PrefillCompression:
                                       f"{seq_len}-token prompt's full KV")
             with self._lock:
                 self.shared.evict(need)
+            borrow_together(self.vote, self.allocator, need)  # --kv-memory shared under --tp: every rank alike
+            with self._lock:
                 if not self.allocator.can_allocate(need):
                     raise PoolFullError(f"request needs {need} pages, {self.allocator.free_pages} free")
                 ids = self.allocator.allocate(need, owner=req_pool_idx)
@@ -205,7 +207,10 @@ class PrefillCompression:
         except Exception as e:
             err = e
         try:
-            self.vote.close(err)
+            if err is None or not agreed(err):
+                self.vote.close(err)
+            else:  # a peer's failure, learnt in this step's collective: every rank knows already
+                raise err
         except BaseException:
             if ids is not None:
                 with self._lock:  # the pages were never recorded: give them back, not leak them

@@ -106,3 +106,17 @@ class RankVote:
             return collective(x)
 
         return call
+
+
+def borrow_together(vote: RankVote, allocator, need: int) -> None:
+    """A lockstep allocator (``--kv-memory shared`` under ``--tp``,
+    :class:`~headkv_sglang.kv.shared_memory.BorrowingPageAllocator`): every rank borrows the
+    chunks the neediest rank's ``need`` pages take, agreed in one collective of the step. It
+    is a flagged one (:meth:`RankVote.flagged`): a rank that failed earlier in the step casts
+    its closing vote there instead, and every rank raises. Nothing happens for any other
+    allocator."""
+    if not getattr(allocator, "lockstep", False):
+        return
+    mine = allocator.chunks_to_borrow(need)
+    most = vote.flagged(lambda t: torch.tensor(-int(vote.min_over_ranks(-int(t)))))(torch.tensor(mine))
+    allocator.borrow_agreed(int(most), need)

@@ -125,13 +125,24 @@ class BorrowingPageAllocator(PageAllocator):
     Page states in ``_owner``: an owner handle (>= 0), ``FREE`` (-1: in a borrowed chunk,
     nobody's), ``ABSENT`` (-3: its chunk is not borrowed). Invariants
     (:meth:`check_integrity`): a borrowed chunk holds at least one owned page (an emptied
-    chunk goes back at once), its slots are distinct from every other chunk's, and the
-    counters agree with the pages.
+    chunk goes back at once; not in lockstep, below), its slots are distinct from every other
+    chunk's, and the counters agree with the pages.
+
+    *Lockstep* (``agree_min``: the minimum of an int over the tensor-parallel ranks): SGLang's
+    schedulers of the ``--tp`` ranks decide alike only while their token allocators hold as
+    many free slots, but each rank stores different heads' pages. So every rank borrows the
+    same number of chunks at the same moment (:meth:`borrow_agreed`, the most any rank needs,
+    called by every rank of a step), :meth:`allocate` never borrows by itself, an emptied
+    chunk stays borrowed, and :meth:`settle` (called by every rank at the same point of the
+    scheduler's loop) gives back as many empty chunks as every rank has. The free pages
+    admission may count on are then :attr:`admission_free` (the fewest of any rank at the
+    last settle).
     """
 
     ABSENT = -3
 
-    def __init__(self, source: SlotSource, geometry: SlotGeometry, max_chunks: int) -> None:
+    def __init__(self, source: SlotSource, geometry: SlotGeometry, max_chunks: int,
+                 agree_min=None) -> None:
         if max_chunks <= 0:
             raise ValueError(f"max_chunks must be > 0, got {max_chunks}")
         self.source = source
@@ -153,6 +164,12 @@ class BorrowingPageAllocator(PageAllocator):
         self._spare: list[int] = []
         self.totals = {"borrowed_chunks": 0, "returned_chunks": 0}
         self._source_cleared = False
+        self.agree_min = agree_min
+        self._agreed_free = 0  # lockstep: the fewest free pages of borrowed chunks of any rank, at the last settle
+
+    @property
+    def lockstep(self) -> bool:
+        return self.agree_min is not None
 
     # ------------------------------------------------------------------ counts
     @property
@@ -182,11 +199,36 @@ class BorrowingPageAllocator(PageAllocator):
     def can_allocate(self, n: int) -> bool:
         return 0 <= n <= self.free_pages
 
-    def chunks_to_borrow(self, n: int) -> int:
+    def chunks_to_borrow(self, n: int, free: int | None = None) -> int:
         """Chunks an :meth:`allocate` of ``n`` pages borrows (0: the free pages of borrowed
-        chunks cover it)."""
-        short = n - self._free_in_chunks
+        chunks cover it); ``free``: counting that many free pages instead of this rank's."""
+        short = n - (self._free_in_chunks if free is None else free)
         return 0 if short <= 0 else -(-short // self.pages_per_chunk)
+
+    @property
+    def admission_free(self) -> int:
+        """Free pages of borrowed chunks that admission counts on: this rank's, or in lockstep
+        the fewest of any rank at the last :meth:`settle` (every rank's admission the same)."""
+        return self._agreed_free if self.lockstep else self._free_in_chunks
+
+    def borrow_agreed(self, k: int, n: int) -> None:
+        """Lockstep: borrow ``k`` chunks (the most any rank needs for its ``n`` pages; every rank
+        calls this with the same ``k``, and fails alike: their sources hold as many free slots)."""
+        if k > 0:
+            self._borrow(k, n)
+
+    def settle(self) -> int:
+        """Lockstep: give back as many empty chunks as every rank has (each rank its own
+        empty ones), then agree on :attr:`admission_free`. Every rank calls it at the same
+        point (two ``agree_min`` calls). Returns the chunks given back."""
+        if not self.lockstep:
+            return 0
+        empty = (self.chunk_live & (self.chunk_used == 0)).nonzero().flatten()
+        k = int(self.agree_min(int(empty.numel())))
+        if k > 0:
+            self._give_back(empty[:k])
+        self._agreed_free = int(self.agree_min(self._free_in_chunks))
+        return k
 
     # ------------------------------------------------------------------ allocate / free
     def allocate(self, n: int, owner: object) -> list[int]:
@@ -195,6 +237,9 @@ class BorrowingPageAllocator(PageAllocator):
         if n == 0:
             return []
         k = self.chunks_to_borrow(n)
+        if k and self.lockstep:  # the ranks borrow together (borrow_agreed), never one alone
+            raise PoolFullError(f"asked for {n} pages with {self._free_in_chunks} free in borrowed chunks: in "
+                                f"lockstep only an agreed borrow takes more chunks")
         if k:
             self._borrow(k, n)
         P = self.pages_per_chunk
@@ -222,6 +267,8 @@ class BorrowingPageAllocator(PageAllocator):
         self.chunk_used.index_add_(0, chunks, torch.full_like(chunks, -1))
         self._free_in_chunks += n
         self._held -= n
+        if self.lockstep:  # emptied chunks go back at the next settle, on every rank alike
+            return
         touched = torch.unique(chunks)
         empty = touched[self.chunk_used.index_select(0, touched) == 0]
         if empty.numel():
@@ -267,6 +314,7 @@ class BorrowingPageAllocator(PageAllocator):
         live = self.chunk_live.nonzero().flatten()
         if live.numel():
             self._give_back(live, to_source=False)
+        self._agreed_free = 0
 
     def _give_back(self, chunks: torch.Tensor, to_source: bool = True) -> None:
         """Return emptied ``chunks``' slots to the source (``to_source=False`` or inside
@@ -311,7 +359,7 @@ class BorrowingPageAllocator(PageAllocator):
             bad = (used != self.chunk_used).nonzero().flatten()[:10].tolist()
             raise AssertionError(f"chunk page counters disagree with the pages in chunks {bad}")
         empty = (live & (used == 0)).nonzero().flatten()
-        if empty.numel():
+        if empty.numel() and not self.lockstep:
             raise AssertionError(f"borrowed chunks with no owned page (not given back): {empty[:10].tolist()}")
         n_free = int((state == self.FREE).sum())
         if n_free != self._free_in_chunks or int(used.sum()) != self._held:

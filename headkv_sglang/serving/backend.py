@@ -430,11 +430,11 @@ def backend_factory(state: ServingState, name: str, original: Callable) -> Calla
         lo, hi = shard.kv_heads(state.shape.num_kv_heads)
         pool = allocator = None
         if state.cfg.memory == "shared":  # one memory: the pages live in SGLang's token slots
-            if shard.tp_size > 1:
-                raise SystemExit("headkv_sglang: --kv-memory shared runs on one rank only (not with --tp)")
             from headkv_sglang.serving.one_memory import build
 
-            pool, allocator = build(state, kv_pool, runner.token_to_kv_pool_allocator, hi - lo)
+            # --tp: the ranks borrow and give back slots together (their schedulers decide alike)
+            pool, allocator = build(state, kv_pool, runner.token_to_kv_pool_allocator, hi - lo,
+                                    agree_min=state.min_over_ranks)
             num_pages = allocator.num_pages
         else:
             num_pages = compressed_pool_pages(state, hi - lo)

@@ -130,5 +130,7 @@ def report(state: ServingState) -> dict[str, Any]:
     if state.gather_objects is not None:
         mine = {"tp_rank": state.tp_rank, "integrity": out.get("integrity"),
                 "running_compressed_requests": out.get("running_compressed_requests"), **out.get("pool", {})}
+        if memory is not None:  # lockstep: every rank has as many slots lent to pages
+            mine["slots_borrowed_by_pages"] = memory["slots_borrowed_by_pages"]
         out["tp_ranks"] = state.gather_objects(mine)
     return out

@@ -18,6 +18,11 @@
   each compressed request's own worst case while SGLang decides on it. Without this SGLang
   admits prefills into the slots the pages need, and their compressions fail (the requests
   stay whole: ``fallbacks.pool_full``).
+* :func:`settle` (BEFORE ``Scheduler.get_new_batch_prefill``, every pass, busy or idle):
+  under ``--tp`` the ranks' allocators run in lockstep (each rank stores other heads' pages,
+  but SGLang's replicated schedulers need as many free slots on every rank): they borrow
+  together inside compression steps (:func:`~headkv_sglang.kv.ranks.borrow_together`) and
+  give emptied chunks back here, as many as every rank has, before admission counts them.
 * :func:`memory_report`: ``/server_info``'s one-memory view (slots of SGLang, of pages, free,
   evictable).
 """
@@ -84,10 +89,11 @@ class TokenSlotSource:
         self.allocator.free(free_index.to(getattr(self.allocator, "device", "cpu")))
 
 
-def build(state: ServingState, kv_pool, token_allocator, num_kv_heads: int) -> tuple[SharedPagePool,
-                                                                                      BorrowingPageAllocator]:
+def build(state: ServingState, kv_pool, token_allocator, num_kv_heads: int,
+          agree_min=None) -> tuple[SharedPagePool, BorrowingPageAllocator]:
     """The shared pool and its borrowing allocator over SGLang's ``kv_pool`` (laid out by
-    :func:`one_allocation`) and ``token_allocator``."""
+    :func:`one_allocation`) and ``token_allocator``; ``agree_min`` (the minimum over the
+    ``--tp`` ranks) makes the allocator borrow and give back in lockstep."""
     kv = getattr(kv_pool, "_headkv_kv", None)
     if kv is None:
         raise SystemExit("headkv_sglang: --kv-memory shared, but SGLang's KV buffers were not laid out as one "
@@ -95,7 +101,8 @@ def build(state: ServingState, kv_pool, token_allocator, num_kv_heads: int) -> t
     L, _, rows, H, _ = kv.shape
     geo = SlotGeometry.smallest(L, num_kv_heads, state.cfg.page_size, rows=rows, at_least=CHUNK_SLOTS_AT_LEAST)
     source = TokenSlotSource(state, token_allocator)
-    allocator = BorrowingPageAllocator(source, geo, max_chunks=max(1, kv_pool.size // geo.chunk_slots))
+    allocator = BorrowingPageAllocator(source, geo, max_chunks=max(1, kv_pool.size // geo.chunk_slots),
+                                       agree_min=agree_min)
     return SharedPagePool(kv[:, 0], kv[:, 1], allocator), allocator
 
 
@@ -109,7 +116,7 @@ def count_borrowed(state: ServingState, original, checker, ps, uncached: int = 0
 def page_slots(allocator: BorrowingPageAllocator, pages: int) -> int:
     """Token slots that taking ``pages`` more pages would borrow: whole chunks for what the free
     pages of the borrowed chunks do not cover."""
-    return allocator.chunks_to_borrow(pages) * allocator.geometry.chunk_slots
+    return allocator.chunks_to_borrow(pages, free=allocator.admission_free) * allocator.geometry.chunk_slots
 
 
 def fits_with_its_pages(allocator: BorrowingPageAllocator, prompt_slots: int, pages: int) -> bool:
@@ -176,13 +183,21 @@ def add_with_page_slots(state: ServingState, original, adder, req, *args, **kwar
     return result
 
 
+def settle(state: ServingState, *args, **kwargs):
+    """BEFORE ``Scheduler.get_new_batch_prefill``: a lockstep allocator (``--tp``) gives back
+    the chunks every rank has emptied, and agrees on the free pages admission counts."""
+    m = state.manager
+    if m is not None and isinstance(m.allocator, BorrowingPageAllocator) and m.allocator.lockstep:
+        m.allocator.settle()
+
+
 def memory_report(state: ServingState) -> dict | None:
     """One memory in token slots: SGLang's own, the compressed pages', free, evictable."""
     m, sched = state.manager, state.scheduler
     if m is None or not isinstance(m.allocator, BorrowingPageAllocator):
         return None
     a = m.allocator
-    out = {"mode": "shared", "chunk_slots": a.geometry.chunk_slots, "pages_per_chunk": a.pages_per_chunk,
+    out = {"mode": "shared", "lockstep": a.lockstep, "chunk_slots": a.geometry.chunk_slots, "pages_per_chunk": a.pages_per_chunk,
            "slots_borrowed_by_pages": a.borrowed_slots, "pages_used": a.used_pages,
            "pages_free_in_borrowed_chunks": a.free_in_chunks, **a.totals}
     if sched is not None:
