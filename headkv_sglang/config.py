@@ -58,8 +58,8 @@ DOCUMENT_SCORING = "reconstruct"
 #: template's tail; see headkv_sglang/question.py), SnapKV's window (the last tokens), or, without
 #: a question, the document's own queries ("self": the most attention any of them gives a token)
 #: or those of a pass repeating it ("reconstruct", KVzip: headkv_sglang/reconstruct.py).
-SCORING_CHOICES = ("auto", "question", "window", "self", "reconstruct")
-AGNOSTIC_SCORINGS = ("self", "reconstruct")
+SCORING_CHOICES = ("auto", "question", "window", "self", "reconstruct", "accumulated")
+AGNOSTIC_SCORINGS = ("self", "reconstruct", "accumulated")
 #: How question-agnostic scores spend the budget (KVPolicyConfig.agnostic_select).
 AGNOSTIC_SELECT_CHOICES = ("policy", "global")
 AGNOSTIC_SELECT_DEFAULT = "global"
@@ -151,8 +151,9 @@ class KVPolicyConfig:
     scoring: str = hyper(DEFAULT_SCORING, "What ranks prompt tokens: 'question' (the last user turn's last "
                          "--kv-question tokens, before the chat template's tail), 'window' (SnapKV: the last "
                          "--kv-window tokens), or without the question 'self' (the most attention any prompt "
-                         "token gives it) or 'reconstruct' (KVzip: a pass that repeats the document after it "
-                         "scores it; the request's prefill is about twice as long). 'auto', the default: "
+                         "token gives it), 'reconstruct' (KVzip: a pass that repeats the document after it "
+                         "scores it; the request's prefill is about twice as long) or 'accumulated' (H2O and "
+                         "D2O: the attention every prompt token gives it, summed). 'auto', the default: "
                          f"'{DOCUMENT_SCORING}' for a document shared before its questions (kv_share with "
                          "max_new_tokens 0), else 'question'.", choices=SCORING_CHOICES)
     question: int = hyper(0, "Most question tokens that score the prompt (0, the default: 16).", low=0, high=4096)
@@ -239,7 +240,7 @@ class KVPolicyConfig:
         ``scoring="question"`` (and ``"auto"``): the question, found by ``finder`` (a
         :class:`~headkv_sglang.question.QuestionFinder`) in ``prompt_ids`` (the original
         prompt; a retracted request's ``seq_len`` also counts its outputs); ``"window"``: the
-        last ``obs_window`` tokens (SnapKV); ``"self"``: all of them. (``"reconstruct"``: the
+        last ``obs_window`` tokens (SnapKV); ``"self"``, ``"accumulated"``: all of them. (``"reconstruct"``: the
         repetition's, ``headkv_sglang.reconstruct``; the serving layer knows where it is.)
         """
         if self.scoring == "window":

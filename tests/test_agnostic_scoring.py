@@ -15,19 +15,21 @@ from headkv_sglang.config import KVPolicyConfig, ModelShape
 from headkv_sglang.kv.manager import CompressionManager
 from headkv_sglang.policies.base import compress_layer
 from headkv_sglang.policies.registry import build_policy
-from headkv_sglang.policies.scoring import max_attention, observation_window_scores, pool_mass
+from headkv_sglang.policies.scoring import (accumulated_attention, max_attention, observation_window_scores,
+                                            pool_mass)
 from headkv_sglang.reconstruct import RECONSTRUCT_KEY, content_start, make_mark, reconstruction_ids, reconstruction_mark
 from headkv_sglang.serving.requests import share_key
 from test_registry import write_profiles
 
 
-def naive_max_attention(q, k, q_start):
-    """Per KV head, per query head, per query: a plain causal softmax; the max per key."""
+def naive_max_attention(q, k, q_start, accumulate=False):
+    """Per KV head, per query head, per query: a plain causal softmax; the max per key (or,
+    ``accumulate``, H2O's sum over the queries and the group's query heads)."""
     hq, n, d = q.shape
     hk, t, _ = k.shape
     t = min(t, q_start + n)
     g = hq // hk
-    out = torch.zeros(hk, g, t, dtype=torch.float64)
+    out = torch.zeros(hk, 1 if accumulate else g, t, dtype=torch.float64)
     for h in range(hq):
         kv = h // g
         for i in range(n):
@@ -37,7 +39,10 @@ def naive_max_attention(q, k, q_start):
             e = [math.exp(x - m) for x in logits]
             s = sum(e)
             for j in range(min(p + 1, t)):
-                out[kv, h % g, j] = max(out[kv, h % g, j], e[j] / s)
+                if accumulate:
+                    out[kv, 0, j] += e[j] / s
+                else:
+                    out[kv, h % g, j] = max(out[kv, h % g, j], e[j] / s)
     return out
 
 
@@ -51,6 +56,20 @@ def test_max_attention_matches_a_naive_reference(hq, hk, n, t, q_start, block):
     ref = naive_max_attention(q.to(torch.bfloat16).float(), k.to(torch.bfloat16).float(), q_start)
     assert got.shape == ref.shape == (hk, hq // hk, min(t, q_start + n))
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hq,hk,n,t,q_start,block", [(6, 2, 7, 19, 12, 3), (3, 3, 5, 5, 0, 2),
+                                                      (9, 3, 11, 37, 20, 4), (4, 1, 13, 13, 0, 64), (2, 1, 0, 9, 4, 3)])
+def test_accumulated_attention_matches_a_naive_reference(hq, hk, n, t, q_start, block):
+    g = torch.Generator().manual_seed(hq * 100 + t + 1)
+    q = torch.randn(hq, n, 5, generator=g)
+    k = torch.randn(hk, t, 5, generator=g)
+    got = accumulated_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), q_start, block=block)
+    ref = naive_max_attention(q.to(torch.bfloat16).float(), k.to(torch.bfloat16).float(), q_start, accumulate=True)
+    assert got.shape == ref.shape == (hk, 1, min(t, q_start + n))
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+    if n:  # every query's probabilities sum to one: the masses of a KV head sum to its queries x group
+        torch.testing.assert_close(got.sum(-1), torch.full((hk, 1), float(n * hq // hk)), atol=1e-3, rtol=1e-4)
 
 
 def test_max_attention_rejects_bad_shapes():
@@ -116,13 +135,13 @@ def test_the_window_policies_refuse_masses_only_where_they_have_no_ranking():
 SHAPE = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=8)
 
 
-def _manager_run(chunks, span, keep, seq_len, cfg):
+def _manager_run(chunks, span, keep, seq_len, cfg, accumulate=False):
     g = torch.Generator().manual_seed(11)
     q = torch.randn(SHAPE.num_layers, seq_len, 6, 8, generator=g)
     k = torch.randn(SHAPE.num_layers, seq_len, 2, 8, generator=g)
     v = torch.randn(SHAPE.num_layers, seq_len, 2, 8, generator=g)
     m = CompressionManager(SHAPE, 200, 4, torch.float32, "cpu")
-    m.begin_extend(0, "r", cfg.obs_window, span=span, agnostic=True, keep=keep)
+    m.begin_extend(0, "r", cfg.obs_window, span=span, agnostic=True, keep=keep, accumulate=accumulate)
     pos = 0
     for n in chunks:
         for layer in range(2):
@@ -149,6 +168,39 @@ def test_chunked_capture_is_one_pass_and_compresses_the_kept_tokens(chunks):
     ref = max_attention(q[1].transpose(0, 1), k[1].transpose(0, 1), 0)
     torch.testing.assert_close(masses[1], ref)
     assert rec.prompt_len == 37
+
+
+@pytest.mark.parametrize("chunks", [[37], [10, 27], [5, 5, 5, 22]])
+def test_accumulated_capture_sums_over_chunks_and_keeps_the_top_sums(chunks):
+    """kv_scoring accumulated (H2O / D2O): a chunked prefill's masses are the whole prompt's
+    accumulated attention (summed across chunks), and every (layer, KV head) keeps its window
+    plus the positions with the largest sums."""
+    cfg = KVPolicyConfig(policy="snapkv", budget=7, window=2, scoring="accumulated",
+                         agnostic_select="policy").validate()
+    g = torch.Generator().manual_seed(len(chunks))
+    q = torch.randn(2, 37, 6, 8, generator=g) * 2
+    k = torch.randn(2, 37, 2, 8, generator=g)
+    v = torch.zeros(2, 37, 2, 8)
+    v[..., 0] = torch.arange(37, dtype=torch.float32)[None, :, None]  # each value carries its position
+    m = CompressionManager(SHAPE, 200, 4, torch.float32, "cpu")
+    m.begin_extend(0, "r", cfg.obs_window, span=(0, 37), agnostic=True, accumulate=True)
+    pos = 0
+    for n in chunks:
+        for layer in range(2):
+            m.capture_queries(layer, 0, q[layer, pos:pos + n], pos=pos, get_k=lambda end, layer=layer: k[layer, :end])
+        pos += n
+    masses = {layer: m.state(0).mass[layer].clone() for layer in range(2)}
+    rec = m.compress(0, cfg, 37, lambda layer: (k[layer], v[layer]))
+    for layer in range(2):
+        ref = accumulated_attention(q[layer].transpose(0, 1), k[layer].transpose(0, 1), 0)
+        torch.testing.assert_close(masses[layer], ref, atol=1e-5, rtol=1e-5)
+        kept = _kept_positions(m.pool, rec, layer)
+        for h in range(2):
+            top = sorted(range(35), key=lambda t: (-float(ref[h, 0, t]), t))[:5]
+            assert kept[h] == sorted(top) + [35, 36], (layer, h, kept[h])
+    assert rec.selection == "policy"
+    with pytest.raises(ValueError, match="question-agnostic"):
+        CompressionManager(SHAPE, 10, 4, torch.float32, "cpu").begin_extend(0, "r", 2, span=(0, 5), accumulate=True)
 
 
 def test_agnostic_capture_needs_a_span_and_keys():

@@ -55,7 +55,7 @@ INVALID = [
     ({"kv_budget": "5 percent"}, f"custom_params.kv_budget: invalid value '5 percent'; expected {BUDGET}"),
     ({"kv_budget": "-5%"}, f"custom_params.kv_budget: invalid value '-5%'; expected {BUDGET}"),
     # kv_scoring, kv_question, kv_razor_heads
-    ({"kv_scoring": "last"}, "custom_params.kv_scoring: invalid value 'last'; choose one of auto, question, window, self, reconstruct"),
+    ({"kv_scoring": "last"}, "custom_params.kv_scoring: invalid value 'last'; choose one of auto, question, window, self, reconstruct, accumulated"),
     ({"kv_scoring": 1}, "custom_params.kv_scoring: invalid value 1; expected str"),
     ({"kv_agnostic_select": "all"}, "custom_params.kv_agnostic_select: invalid value 'all'; choose one of policy, global"),
     ({"kv_agnostic_select": True}, "custom_params.kv_agnostic_select: invalid value True; expected str"),
@@ -319,7 +319,7 @@ _NEAR = {
     "kv_policy": st.sampled_from(POLICY_CHOICES),
     "kv_budget": st.integers(1, 80) | st.sampled_from([1, 2, 4, 5, 16, 1 << 20, "1%", "5%", "37.5%", "100%"]),
     "kv_window": st.integers(0, 24),
-    "kv_scoring": st.sampled_from(["auto", "question", "window", "self"]),
+    "kv_scoring": st.sampled_from(["auto", "question", "window", "self", "accumulated"]),
     "kv_question": st.integers(0, 64),
     "kv_razor_heads": st.sampled_from(["fraction", "budget"]),
     "kv_d2o_merge": st.sampled_from(["on", "mean", "off"]),

@@ -51,7 +51,7 @@ from headkv_sglang.kv.request_state import CAPTURES, FORWARD_OK, HAS_RECORD, Pha
 from headkv_sglang.kv.shared import SharedPrefix, SharedRegistry
 from headkv_sglang.kv.stats import ManagerStats, PolicyStats
 from headkv_sglang.kv.tables import page_addresses, values_only_counts, values_only_starts
-from headkv_sglang.policies.scoring import max_attention
+from headkv_sglang.policies.scoring import accumulated_attention, max_attention
 from headkv_sglang.policies.sharding import HeadShard
 
 logger = logging.getLogger("headkv_sglang")
@@ -233,7 +233,7 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
     def begin_extend(self, req_pool_idx: int, rid: str, window: int,
                      span: tuple[int, int] | None = None,
                      compress_at: tuple[KVPolicyConfig, int] | None = None,
-                     agnostic: bool = False, keep: int | None = None) -> None:
+                     agnostic: bool = False, keep: int | None = None, accumulate: bool = False) -> None:
         """Start (or continue, for the same request) capturing a request's scoring queries:
         the last ``window`` of its prompt, or with ``span`` the positions ``[span[0], span[1])``
         (its question, see ``headkv_sglang.question``). ``compress_at = (cfg, seq_len)``: compress
@@ -244,7 +244,9 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
         tokens as each chunk comes (the most attention any of them gives a token,
         :func:`~headkv_sglang.policies.scoring.max_attention`) and are not kept. ``keep``: only
         the prompt's first ``keep`` tokens are compressed (the rest, a reconstruction pass's
-        repetition of the document, is dropped); None: all of them."""
+        repetition of the document, is dropped); None: all of them. ``accumulate`` (with
+        ``agnostic``): the queries' attention is summed instead, H2O's accumulated scores
+        (:func:`~headkv_sglang.policies.scoring.accumulated_attention`)."""
         span = None if span is None else (int(span[0]), int(span[1]))
         if span is not None and not 0 <= span[0] < span[1]:
             raise ValueError(f"span must be (start, end) with 0 <= start < end, got {span}")
@@ -252,12 +254,15 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
             raise ValueError("question-agnostic scoring needs the span of its scoring queries")
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 tokens, got {keep}")
+        if accumulate and not agnostic:
+            raise ValueError("accumulated scores are question-agnostic (agnostic=True)")
         st = self._state(req_pool_idx)
         assert st.record is None, f"{st!r} is compressed already"
         if (st.phase not in CAPTURES or st.rid != rid or st.window != window or st.span != span
-                or st.agnostic != agnostic or st.keep != keep):
+                or st.agnostic != agnostic or st.keep != keep or st.accumulate != accumulate):
             st.queries, st.mass = {}, {}
             st.rid, st.window, st.span, st.agnostic, st.keep = rid, window, span, agnostic, keep
+            st.accumulate = accumulate
         if st.phase is not Phase.CAPTURING:
             self._unpin(st)
             self._set_phase(st, Phase.CAPTURING)
@@ -284,15 +289,17 @@ class CompressionManager(PrefillCompression, DecodeCompression, ManagerStats):
             if st.agnostic:
                 if get_k is None:
                     raise ValueError("a question-agnostic capture needs the layer's keys (get_k)")
-                m = max_attention(q.transpose(0, 1), get_k(hi).detach().transpose(0, 1), lo)
+                mass_of = accumulated_attention if st.accumulate else max_attention
+                m = mass_of(q.transpose(0, 1), get_k(hi).detach().transpose(0, 1), lo)
                 if st.keep is not None:
                     m = m[..., :st.keep]
                 old = st.mass.get(layer)
-                if old is not None and lo > st.span[0]:  # a later chunk: the most of both
+                if old is not None and lo > st.span[0]:  # a later chunk: the most (or the sum) of both
                     if old.shape[-1] > m.shape[-1]:
                         old, m = m, old
                     m = m.clone()
-                    m[..., :old.shape[-1]] = torch.maximum(m[..., :old.shape[-1]], old)
+                    head = m[..., :old.shape[-1]]
+                    m[..., :old.shape[-1]] = head + old if st.accumulate else torch.maximum(head, old)
                 st.mass[layer] = m
                 return
             if prev is not None and lo > st.span[0]:  # a later chunk continues the span

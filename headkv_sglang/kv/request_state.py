@@ -103,6 +103,9 @@ class RequestState:
     # but scored as they come, ``mass`` holding per layer the most attention any of them gave
     # each of the first ``keep`` tokens ([Hkv, group, <= keep], policies.scoring.max_attention)
     agnostic: bool = False
+    # ``accumulated`` scoring (H2O): ``mass`` sums the attention instead ([Hkv, 1, <= keep],
+    # policies.scoring.accumulated_attention)
+    accumulate: bool = False
     mass: dict[int, torch.Tensor] = field(default_factory=dict)
     # tokens compressed: the prompt's first ``keep`` (a reconstruction pass's repetition of
     # the document after them is dropped); None: the whole prompt

@@ -165,6 +165,30 @@ def max_attention(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int = 2
         tokens without its question: by its own queries (``self``) or by the queries of its
         repetition (``reconstruct``, KVzip).
     """
+    H, group, t, blocks = _causal_blocks(q, k, q_start, block)
+    out = torch.zeros(H, group, t, dtype=torch.float32, device=k.device)
+    for probs in blocks:
+        torch.maximum(out, probs.amax(dim=2), out=out)
+    return out
+
+
+def accumulated_attention(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int = 256) -> torch.Tensor:
+    """H2O's accumulated attention: for each key, the sum over ``q``'s queries and over the
+    query heads of each KV head's group of the causal softmax probability it gets (the
+    ranking of H2O and D2O: ``kv_scoring accumulated``). Same inputs as :func:`max_attention`;
+    returns float32 ``[num_kv_heads, 1, T']`` (the group summed: the masses' group axis is 1).
+    Earlier keys are seen by more queries and gather more, as in H2O."""
+    H, _, t, blocks = _causal_blocks(q, k, q_start, block)
+    out = torch.zeros(H, 1, t, dtype=torch.float32, device=k.device)
+    for probs in blocks:
+        out += probs.sum(dim=(1, 2))[:, None]
+    return out
+
+
+def _causal_blocks(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int):
+    """Checks ``q`` and ``k`` (see :func:`max_attention`) -> ``(num_kv_heads, group, T',
+    blocks)``: ``blocks`` yields the float32 causal softmax probabilities ``[num_kv_heads,
+    group, b, T']`` of up to ``block`` queries at a time."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[2] != k.shape[2]:
         raise ValueError(f"q must be [num_q_heads, n, D] and k [num_kv_heads, T, D]; got {list(q.shape)}, "
                          f"{list(k.shape)}")
@@ -178,15 +202,17 @@ def max_attention(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int = 2
     t = min(k.shape[1], q_start + n)
     kf = k[:, :t].to(torch.float32)
     qf = q.to(torch.float32).reshape(num_kv_heads, group, n, d) / math.sqrt(d)
-    out = torch.zeros(num_kv_heads, group, t, dtype=torch.float32, device=k.device)
     key_pos = torch.arange(t, device=k.device)
-    for lo in range(0, n, block):
-        hi = min(n, lo + block)
-        logits = torch.einsum("hgnd,htd->hgnt", qf[:, :, lo:hi], kf)
-        query_pos = q_start + torch.arange(lo, hi, device=k.device)
-        logits = logits.masked_fill(key_pos[None, :] > query_pos[:, None], -math.inf)
-        torch.maximum(out, torch.softmax(logits, dim=-1).amax(dim=2), out=out)
-    return out
+
+    def blocks():
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            logits = torch.einsum("hgnd,htd->hgnt", qf[:, :, lo:hi], kf)
+            query_pos = q_start + torch.arange(lo, hi, device=k.device)
+            logits = logits.masked_fill(key_pos[None, :] > query_pos[:, None], -math.inf)
+            yield torch.softmax(logits, dim=-1)
+
+    return num_kv_heads, group, t, blocks()
 
 
 def sink_recency_scores(num_kv_heads: int, seq_len: int, window_size: int, sink_size: int,

@@ -102,7 +102,8 @@ def before_run_batch(state: ServingState, scheduler, batch, *args, **kwargs):
             at = (cfg, target) if id(req) not in decoding and wants_compression(cfg, kept_len(req)) else None
             manager.begin_extend(idx, req.rid, cfg.obs_window, span=span, compress_at=at,
                                  agnostic=span is not None and cfg.scoring in AGNOSTIC_SCORINGS,
-                                 keep=None if rec is None else rec[0])
+                                 keep=None if rec is None else rec[0],
+                                 accumulate=span is not None and cfg.scoring == "accumulated")
             manager.reserve(idx, pages_bound(state, req, cfg))
     return None
 

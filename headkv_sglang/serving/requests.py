@@ -108,7 +108,7 @@ def scoring_span(state: ServingState, req, cfg: KVPolicyConfig) -> tuple[int, in
 
     ``scoring="question"``: the question (the last user turn's last ``question_len`` tokens
     before the chat template's tail, :mod:`headkv_sglang.question`); ``"window"``: the last
-    ``obs_window`` tokens (SnapKV); ``"self"``: every prompt token; ``"reconstruct"``: the
+    ``obs_window`` tokens (SnapKV); ``"self"``, ``"accumulated"``: every prompt token; ``"reconstruct"``: the
     document's copy after it (:mod:`headkv_sglang.reconstruct`). The question is looked for in the original prompt (a
     retracted request re-prefills its outputs too; its question does not move).
     """
