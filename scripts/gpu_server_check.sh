@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole-server GPU check (issue 43), one device call of at most 600 s on an H100/H200:
 # SGLang's own launch_server with this plugin, plain (--kv-policy full) then
-# --kv-policy headkv --kv-budget 1024 (then, with time left, + --kv-decode-budget), at the
+# --kv-policy headkv --kv-budget 1024 (then, with time left, + --kv-decode-budget, and
+# --kv-memory shared on shape A), at the
 # same memory (--mem-fraction-static), CUDA graphs and the overlap scheduler on (SGLang's
 # defaults); SGLang's own bench_serving against each, two shapes (A: long prompts, short
 # answers; B: decode-heavy), a few concurrencies; /server_info polled and /metrics read
@@ -165,9 +166,11 @@ run_server() {  # run_server NAME SHAPES ARGS...
 run_server full "A B" --kv-policy full
 run_server headkv "A B" --kv-policy headkv --kv-budget 1024 --kv-head-profile "$PROFILE"
 run_server headkv-decode "B" --kv-policy headkv --kv-budget 1024 --kv-head-profile "$PROFILE" --kv-decode-budget "$DECODE_BUDGET"
+# with time left: one memory (pages inside SGLang's token slots, the FlashInfer kernel planned token by token)
+run_server headkv-shared "A" --kv-policy headkv --kv-budget 1024 --kv-head-profile "$PROFILE" --kv-memory shared
 PYTHONPATH=$REPO:${PYTHONPATH:-} $PY benchmarks/server_table.py "$OUT/runs" --model "$MODEL" --out "$OUT/server_check_$GPU.md" \
   --title "Whole SGLang server, plain vs --kv-policy headkv ($GPU)" \
-  --note "Command: \`bash scripts/gpu_server_check.sh OUT\` (CONC_A='$CONC_A' CONC_B='$CONC_B'). Llama-3-8B shape, --load-format dummy (random weights: memory and speed real, answers not), test model's tokenizer, random r2 profile; fused ops (RMSNorm, SiluAndMul, rotary) ran as torch (SGLANG_FORCE_FUSED_OP_BACKEND=torch, sgl_kernel stand-in), --sampling-backend pytorch, both servers alike; --mem-fraction-static $MEM; CUDA graphs and overlap scheduler on. headkv: --kv-budget 1024; headkv-decode: + --kv-decode-budget $DECODE_BUDGET." \
+  --note "Command: \`bash scripts/gpu_server_check.sh OUT\` (CONC_A='$CONC_A' CONC_B='$CONC_B'). Llama-3-8B shape, --load-format dummy (random weights: memory and speed real, answers not), test model's tokenizer, random r2 profile; fused ops (RMSNorm, SiluAndMul, rotary) ran as torch (SGLANG_FORCE_FUSED_OP_BACKEND=torch, sgl_kernel stand-in), --sampling-backend pytorch, both servers alike; --mem-fraction-static $MEM; CUDA graphs and overlap scheduler on. headkv: --kv-budget 1024; headkv-decode: + --kv-decode-budget $DECODE_BUDGET; headkv-shared: + --kv-memory shared." \
   > "$OUT/table.log" 2>&1 || tail -5 "$OUT/table.log"
 tar -czf "$OUT/runs.tgz" -C "$OUT" runs $(cd "$OUT" && ls *.log *.json env.txt 2>/dev/null | grep -v "server_check_") --remove-files 2>/dev/null
 ls "$OUT"
