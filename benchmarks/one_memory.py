@@ -243,8 +243,9 @@ def markdown(meta: dict, results: list[dict]) -> str:
                 tps += " (" + " / ".join(f"{x['output_throughput']:.1f}" for x in r["per_round"]) + ")"
                 ttft += " (" + " / ".join("-" if x["median_ttft_ms"] is None else f"{x['median_ttft_ms']:.0f}"
                                           for x in r["per_round"]) + ")"
+            peak = "-" if refused else r["peak_running"]  # refused requests pass through a batch to be aborted
             lines.append(f"| {s['config']} | {r['workload']} | {r['completed']}/{r['requests']}{refused} | "
-                         f"{r['peak_running']} | {tps} | {ttft} | {fb} |")
+                         f"{peak} | {tps} | {ttft} | {fb} |")
     if meta.get("note"):
         lines += ["", meta["note"]]
     if meta.get("longest"):
@@ -278,7 +279,7 @@ def plot(results: list[dict], path: str) -> None:
         xs = [i + k * width for i in range(len(names))]
         rows = [next((r for r in s["workloads"] if r["workload"] == w), None) for s in results]
         for ax, key in zip(axes[:2], ("output_throughput", "peak_running")):
-            ax.bar(xs, [r[key] if r else 0 for r in rows], width, label=w)
+            ax.bar(xs, [r[key] if r and not r.get("refused") else 0 for r in rows], width, label=w)
     axes[2].bar(range(len(names)), [(s.get("longest") or {}).get("served_tokens", 0) for s in results], 0.6,
                 color="grey")
     for ax, title in zip(axes, ("output tokens/s", "peak running requests", "longest prompt served (tokens)")):
