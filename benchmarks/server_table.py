@@ -71,7 +71,10 @@ def summarize(run: Path, bytes_per_token: int) -> dict:
     peak_running = max([max(s.get("token_pool", {}).get("running_requests", 0),
                             s.get("token_pool", {}).get("peak_running_requests_since_last_read", 0))
                         for s in samples] or [0])
+    # --kv-memory shared: the slots lent to pages are not SGLang's available ones, and the pages
+    # in them are counted below (used pages, not whole chunks): not twice
     token_held = max([s["token_pool"]["total"] - s["token_pool"]["available"] - s["token_pool"]["evictable"]
+                      - s.get("memory", {}).get("slots_borrowed_by_pages", 0)
                       for s in samples if "token_pool" in s] or [0])
     page_held = max([s.get("pool", {}).get("used_pages", 0) * s.get("pool", {}).get("bytes_per_page", 0)
                      for s in samples] or [0])

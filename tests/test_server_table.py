@@ -25,12 +25,14 @@ def metrics(graph: float, eager: float) -> str:
 
 
 def info(running: int, peak: int, total: int, available: int, evictable: int, pages: int | None,
-         fallback: int | None) -> dict:
+         fallback: int | None, borrowed: int | None = None) -> dict:
     st = {"token_pool": {"total": total, "available": available, "evictable": evictable,
                          "running_requests": running, "peak_running_requests_since_last_read": peak}}
     if pages is not None:
         st["pool"] = {"used_pages": pages, "bytes_per_page": 8192}
         st["attention_backend"] = {"graph_fallback_batches": fallback}
+    if borrowed is not None:  # --kv-memory shared: slots lent to the pages
+        st["memory"] = {"slots_borrowed_by_pages": borrowed}
     return {"internal_states": [{"headkv_sglang": st}]}
 
 
@@ -52,24 +54,26 @@ def test_rows_and_table_from_synthetic_runs(tmp_path):
     assert server_table.kv_bytes_per_token(model) == bpt
     runs = tmp_path / "runs"
     expect = {}
-    for server, pages in (("full", None), ("headkv", 37)):
+    for server, pages in (("full", None), ("headkv", 37), ("headkv-shared", 37)):
+        borrowed = 700 if server == "headkv-shared" else None  # of the used slots, these hold the pages
         for conc in (3, 17):
             bench = {"completed": 2 * conc, "random_input_len": 16384, "random_output_len": 256,
                      "output_throughput": rng.uniform(100, 900), "median_ttft_ms": rng.uniform(100, 900),
                      "p99_ttft_ms": rng.uniform(1000, 3000), "median_itl_ms": rng.uniform(5, 30),
                      "p99_itl_ms": rng.uniform(40, 90)}
-            samples = [info(rng.randint(0, conc), rng.randint(0, conc), 200000, 200000 - u, e, p, f)
+            samples = [info(rng.randint(0, conc), rng.randint(0, conc), 200000, 200000 - u, e, p, f, borrowed)
                        for u, e, p, f in ((5000, 100, pages, 4), (91000, 1000, pages and pages * 3, 9),
                                           (20000, 0, pages and 2, 11))]
             peak = max(max(s["internal_states"][0]["headkv_sglang"]["token_pool"]["running_requests"],
                            s["internal_states"][0]["headkv_sglang"]["token_pool"]["peak_running_requests_since_last_read"])
                        for s in samples)
             write_run(runs, f"{server}__16k-256__c{conc}", bench, samples, metrics(10, 2), metrics(10 + 5 * conc, 2 + conc))
-            expect[(server, conc)] = (bench, peak, (90000 * bpt + (pages * 3 * 8192 if pages else 0)) / 2 ** 30)
+            held_slots = 90000 - (borrowed or 0)  # SGLang's own: the borrowed ones hold the pages, counted as pages
+            expect[(server, conc)] = (bench, peak, (held_slots * bpt + (pages * 3 * 8192 if pages else 0)) / 2 ** 30)
     (runs / "not_a_run").mkdir()
     out = tmp_path / "res.md"
     rows = server_table.main([str(runs), "--model", str(model), "--out", str(out), "--note", "fused ops ran as torch"])
-    assert len(rows) == 4
+    assert len(rows) == 6
     for r in rows:
         bench, peak, held = expect[(r["server"], r["concurrency"])]
         assert r["shape"] == "16k-256" and r["completed"] == bench["completed"]
@@ -77,10 +81,10 @@ def test_rows_and_table_from_synthetic_runs(tmp_path):
         assert r["ttft_p50_ms"] == bench["median_ttft_ms"] and r["ttft_p99_ms"] == bench["p99_ttft_ms"]
         assert r["peak_running"] == peak
         assert r["graph_batches"] == 5 * r["concurrency"] and r["eager_batches"] == r["concurrency"]
-        assert r["headkv_eager_batches"] == (7 if r["server"] == "headkv" else None)
+        assert r["headkv_eager_batches"] == (7 if r["server"] != "full" else None)
         assert r["kv_held_gib"] == pytest.approx(held)
     md = out.read_text()
-    assert "fused ops ran as torch" in md and md.count("\n| ") == 5, md
+    assert "fused ops ran as torch" in md and md.count("\n| ") == 7, md
     assert json.loads(out.with_suffix(".json").read_text()) == rows
     line = next(ln for ln in md.splitlines() if ln.startswith("| headkv | 16k-256 | 17 |"))
     assert "(7 compressed rows)" in line and f"{expect[('headkv', 17)][0]['output_throughput']:.0f}" in line
