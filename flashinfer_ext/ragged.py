@@ -18,7 +18,8 @@ Per layer, for the planned compressed rows:
 merged by log-sum-exp. Pages inside SGLang's token slots (``--kv-memory shared``,
 :class:`~headkv_sglang.kv.shared_memory.SharedPagePool`) are not blocks of memory: their
 tables are re-expressed as 1-token pages at the head-vectors' rows of the flat buffers
-(:func:`~headkv_sglang.kv.plan_tables.token_tables`, once per plan) and FlashInfer reads
+(:func:`~headkv_sglang.kv.plan_tables.token_tables`, one ``physical`` mapping for every layer
+per plan) and FlashInfer reads
 ``k_flat``/``v_flat`` as ``[rows, 1, 1, D]``. The float workspace is shared by all wrappers (layers run one
 after another on one stream); each wrapper keeps its own plan.
 
@@ -138,11 +139,15 @@ class FlashInferRaggedAttention(RaggedAttention):
                 raise ValueError(f"layer {worst} needs {bt.pages[worst]} pages, the graphed kernel holds at most "
                                  f"{self.max_pages}")
         pool = self.pool
-        for wrapper, (indptr, indices, last, empty, any_empty) in zip(self._ragged, bt.per_layer()):
-            ps = pool.page_size
-            if self.shared:
-                indptr, indices, last = token_tables(indptr, indices, last, ps, pool.physical)
-                ps = 1
+        layers = bt.per_layer()
+        if self.shared:  # 1-token pages at their rows: one physical mapping for every layer's addresses
+            tables = [token_tables(indptr, indices, last, pool.page_size) for indptr, indices, last, _, _ in layers]
+            rows = pool.physical(torch.cat([addr for _, addr, _ in tables])).to(torch.int32)
+            rows = rows.split([addr.numel() for _, addr, _ in tables])
+            layers = [(indptr, r, last, empty, any_empty)
+                      for (indptr, _, last), r, (_, _, _, empty, any_empty) in zip(tables, rows, layers)]
+        ps = 1 if self.shared else pool.page_size
+        for wrapper, (indptr, indices, last, empty, any_empty) in zip(self._ragged, layers):
             wrapper.plan_rows(indptr, indices, last, empty, any_empty, self.num_kv_heads, self.group, pool.head_dim,
                               ps, pool.dtype, self.scale)
         if not self.cuda_graph:

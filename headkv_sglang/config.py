@@ -158,10 +158,12 @@ class KVPolicyConfig:
                          "max_new_tokens 0), else 'question'.", choices=SCORING_CHOICES)
     question: int = hyper(0, "Most question tokens that score the prompt (0, the default: 16).", low=0, high=4096)
     agnostic_kernel: int = hyper(1, "Max-pooling width of the question-agnostic scores (--kv-scoring self / "
-                                 "reconstruct), odd: the tokens next to one the pass attends to are kept with it "
+                                 "reconstruct / accumulated), odd: the tokens next to one the pass attends to are "
+                                 "kept with it "
                                  "(1, the default: none, as KVzip).", low=1, high=63, odd=True)
     agnostic_select: str = hyper(AGNOSTIC_SELECT_DEFAULT, "How a question-agnostic scoring (--kv-scoring self / "
-                                 "reconstruct) spends the budget: 'global', the default (KVzip: the highest scores "
+                                 "reconstruct / accumulated) spends the budget: 'global', the default (KVzip: the "
+                                 "highest scores "
                                  "of every (layer, KV head) compete for all layers x KV heads x budget tokens, each "
                                  "row keeping its window) or 'policy' (each row keeps the policy's own budget: "
                                  "headkv's profile, adakv's allocation, ...).", choices=AGNOSTIC_SELECT_CHOICES)

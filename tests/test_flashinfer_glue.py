@@ -108,16 +108,15 @@ def test_token_tables_match_a_per_token_walk():
         indptr = torch.zeros(12, dtype=torch.int32)
         torch.cumsum(counts, 0, out=indptr[1:])
         ids = torch.randperm(200, generator=gen)[:int(counts.sum())].to(torch.int32)
-        physical = lambda a: a * 3 + 1  # noqa: E731 - any address map
-        got_indptr, got_ids, got_last = token_tables(indptr, ids, last.to(torch.int32), page_size, physical)
+        got_indptr, got_addr, got_last = token_tables(indptr, ids, last.to(torch.int32), page_size)
         want, want_indptr = [], [0]
         for r in range(11):
             pages = ids[int(indptr[r]):int(indptr[r + 1])].tolist()
             for j, p in enumerate(pages):
                 for t in range(int(last[r]) if j == len(pages) - 1 else page_size):
-                    want.append((p * page_size + t) * 3 + 1)
+                    want.append(p * page_size + t)
             want_indptr.append(len(want))
-        assert got_ids.dtype == torch.int32 and got_ids.tolist() == want
+        assert got_addr.dtype == torch.int64 and got_addr.tolist() == want
         assert got_indptr.tolist() == want_indptr and got_last.tolist() == [1] * 11
 
 

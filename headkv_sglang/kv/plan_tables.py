@@ -282,18 +282,19 @@ class TableCache:
         return bt
 
 
-def token_tables(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int,
-                 physical) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's CSR page table re-expressed with 1-token pages at physical rows.
+def token_tables(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor,
+                 page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's CSR page table re-expressed token by token.
 
     For pages that are not whole blocks of memory (``--kv-memory shared``: a page's tokens are
     head-vectors scattered over token slots, :class:`~headkv_sglang.kv.shared_memory.SharedPagePool`):
-    a paged kernel then reads ``k_flat``/``v_flat`` as ``[rows, 1, D]`` with these indices.
+    a paged kernel then reads ``k_flat``/``v_flat`` as ``[rows, 1, D]`` at the ``physical`` rows of
+    these addresses (one ``physical`` call for every layer's, by the caller).
     ``kv_indptr`` int32 ``[rows + 1]`` and ``kv_last_page_len`` int32 ``[rows]`` on the host,
     ``kv_indices`` int32 on the host or the device (a dummy page of one token stays one
-    token), ``physical``: page addresses (``page * page_size + token``, int64) -> rows of the
-    flat buffers. Returns ``(indptr, indices, last_page_len)``: int32, the first and last on
-    the host, ``indices`` on ``kv_indices``' device, every last page holding its one token.
+    token). Returns ``(indptr, addresses, last_page_len)``: ``indptr`` and ``last_page_len``
+    (all ones) int32 on the host; ``addresses`` int64 page addresses (``page * page_size +
+    token``) on ``kv_indices``' device, row after row.
     """
     indptr = kv_indptr.to(torch.int64)
     counts = indptr[1:] - indptr[:-1]
@@ -305,8 +306,8 @@ def token_tables(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page
     keep = torch.arange(page_size)[None, :] < filled[:, None]  # [pages, page_size]
     device = kv_indices.device
     addr = kv_indices.to(torch.int64)[:, None] * page_size + torch.arange(page_size, device=device)
-    ids = physical(addr[keep.to(device)]).to(torch.int32)
+    addr = addr[keep.to(device)]
     out_indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
     torch.cumsum(tokens, 0, out=out_indptr[1:])
-    assert ids.numel() == int(out_indptr[-1]), f"{ids.numel()} token ids for {int(out_indptr[-1])} tokens"
-    return out_indptr, ids, torch.ones(counts.numel(), dtype=torch.int32)
+    assert addr.numel() == int(out_indptr[-1]), f"{addr.numel()} token addresses for {int(out_indptr[-1])} tokens"
+    return out_indptr, addr, torch.ones(counts.numel(), dtype=torch.int32)

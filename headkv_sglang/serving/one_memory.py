@@ -197,7 +197,8 @@ def memory_report(state: ServingState) -> dict | None:
     if m is None or not isinstance(m.allocator, BorrowingPageAllocator):
         return None
     a = m.allocator
-    out = {"mode": "shared", "lockstep": a.lockstep, "chunk_slots": a.geometry.chunk_slots, "pages_per_chunk": a.pages_per_chunk,
+    out = {"mode": "shared", "lockstep": a.lockstep, "chunk_slots": a.geometry.chunk_slots,
+           "pages_per_chunk": a.pages_per_chunk,
            "slots_borrowed_by_pages": a.borrowed_slots, "pages_used": a.used_pages,
            "pages_free_in_borrowed_chunks": a.free_in_chunks, **a.totals}
     if sched is not None:
