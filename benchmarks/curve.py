@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             grids[a.values[0]] = run(0)
             shutil.copy(gdir / f"{a.policy}_0.json", f"{first}.json")
         rest = [i for i in range(len(a.values)) if a.values[i] not in grids]
+        from transformers import AutoTokenizer  # noqa: F401  # once before the threads: two first imports raced
+
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # their requests batch on the server
             for i, grid in zip(rest, pool.map(run, rest)):
                 grids[a.values[i]] = grid

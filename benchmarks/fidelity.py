@@ -141,6 +141,18 @@ def policy_defaults() -> dict:
             "auto_question": config.AUTO_QUESTION}
 
 
+#: Settings added after grids were recorded, with the value that reproduces what those grids
+#: measured (a grid without the key measured exactly this): PoD shared scores between pairs of
+#: layers before ``pod_sharing`` and ``pod_group`` existed.
+BEFORE_THE_SETTING = {"pod_group": 2, "pod_sharing": "scores"}
+
+
+def recorded_defaults(then: dict | None) -> dict | None:
+    """A grid's (or journal line's) recorded defaults, with :data:`BEFORE_THE_SETTING` for the
+    settings it predates."""
+    return None if then is None else {**{k: v for k, v in BEFORE_THE_SETTING.items() if k not in then}, **then}
+
+
 def read_journal(path: Path | None) -> dict[str, dict]:
     """The rows a killed run finished, by request key (a torn last line is ignored); compressed rows
     only if they were measured under this checkout's policy defaults (full KV's depend on none)."""
@@ -151,7 +163,7 @@ def read_journal(path: Path | None) -> dict[str, dict]:
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
-            if entry["row"]["policy"] == "full" or entry.get("defaults") == now:
+            if entry["row"]["policy"] == "full" or recorded_defaults(entry.get("defaults")) == now:
                 done[entry["key"]] = entry["row"]
         except (ValueError, KeyError, TypeError):
             continue
@@ -164,6 +176,7 @@ def changed_defaults(then: dict | None, kv_params: dict | None = None) -> list[s
     the grid's requests set themselves (``kv_params``: ``kv_<name>``) does not count."""
     if then is None:
         return ["not recorded"]
+    then = recorded_defaults(then)
     return [f"{k} {json.dumps(then.get(k))} -> {json.dumps(v)}" for k, v in policy_defaults().items()
             if (k not in then or then[k] != v) and f"kv_{k}" not in (kv_params or {})]
 

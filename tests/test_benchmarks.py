@@ -173,6 +173,20 @@ def test_rows_measured_under_other_policy_defaults_are_not_reused(tmp_path, caps
     assert set(fid.read_journal(journal)) == {"f", "a"}
 
 
+def test_a_grid_older_than_a_setting_measured_its_value_from_before():
+    """A grid recorded before ``pod_sharing`` / ``pod_group`` existed measured score sharing
+    between pairs: it stays current while those are the defaults, and is stale otherwise."""
+    import benchmarks.fidelity as fid
+
+    now = fid.policy_defaults()
+    older = {k: v for k, v in now.items() if k not in fid.BEFORE_THE_SETTING}
+    want = [f"{k} {json.dumps(v)} -> {json.dumps(now[k])}" for k, v in fid.BEFORE_THE_SETTING.items() if now[k] != v]
+    assert fid.changed_defaults(older) == want
+    assert fid.changed_defaults({**older, "pod_sharing": "keys", "pod_group": 2}) == (
+        [] if now["pod_sharing"] == "keys" else [f'pod_sharing "keys" -> {json.dumps(now["pod_sharing"])}'])
+    assert fid.recorded_defaults(None) is None and fid.recorded_defaults(now) == now
+
+
 def test_calibration_variants_become_request_keys():
     from argparse import ArgumentTypeError
 

@@ -188,39 +188,51 @@ def test_pod_per_request_shares_distant_attention_in_values_only_pages(kv_server
     row is whole and finds the needle; with the shipped profile's most similar half
     (kv_pod_share 0.5) the sharing rows hold their distant tokens as values only (less KV
     held for the same tokens kept) and decoding reads the layer below's logits for them
-    (the log-probabilities after the first, which comes from the prefill, change)."""
+    (the log-probabilities after the first, which comes from the prefill, change); sharing
+    keys instead of scores holds the same pages and decodes differently again; groups of 4
+    layers (kv_pod_group) take more rows and hold less."""
     from transformers import AutoTokenizer
 
     needle = needle_prompt(1500, depth=0.6, seed=52)
     text = AutoTokenizer.from_pretrained(model_path).apply_chat_template(
         [{"role": "user", "content": needle.prompt}], tokenize=False, add_generation_prompt=True)
+    cases = {"off": (0.0, 2, "scores"), "scores": (0.5, 2, "scores"), "keys": (0.5, 2, "keys"),
+             "groups": (0.8, 4, "scores")}
     out, rids = {}, {}
-    for share in (0.0, 0.5):
+    for name, (share, group, sharing) in cases.items():
         status, body = kv_server.post_json("/generate", {
             "text": text, "return_logprob": True,
             "sampling_params": {"max_new_tokens": 12, "temperature": 0, "custom_params": {
-                "kv_policy": "pod", "kv_budget": "10%", "kv_scoring": "question", "kv_pod_share": share}}})
+                "kv_policy": "pod", "kv_budget": "10%", "kv_scoring": "question", "kv_pod_share": share,
+                "kv_pod_group": group, "kv_pod_sharing": sharing}}})
         assert status == 200, body
         assert share or needle.answer in body["text"], (share, body["text"])
-        out[share] = [lp for lp, _, _ in body["meta_info"]["output_token_logprobs"]]
-        rids[share] = body["meta_info"]["id"]
-    assert out[0.0][0] == pytest.approx(out[0.5][0], abs=1e-5)
-    assert max(abs(a - b) for a, b in zip(out[0.0][1:], out[0.5][1:])) > 1e-4, out
+        out[name] = [lp for lp, _, _ in body["meta_info"]["output_token_logprobs"]]
+        rids[name] = body["meta_info"]["id"]
+    for a, b in (("off", "scores"), ("scores", "keys")):
+        assert out[a][0] == pytest.approx(out[b][0], abs=1e-5)
+        assert max(abs(x - y) for x, y in zip(out[a][1:], out[b][1:])) > 1e-4, (a, b, out)
     st = kv_server.wait_idle(60.0)
-    whole, shared = (st["recent_requests"][rids[x]] for x in (0.0, 0.5))
-    assert whole["policy"] == shared["policy"] == "pod" and shared["compressed_in"] == "forward", shared
+    rec = {name: st["recent_requests"][rid] for name, rid in rids.items()}
+    whole = rec["off"]
+    assert {r["policy"] for r in rec.values()} == {"pod"}, rec
+    assert all(r["compressed_in"] == "forward" for r in rec.values()), rec
     B = whole["budget"]
-    assert whole["kept_head_tokens"] == shared["kept_head_tokens"] == L * H_KV * B
+    assert {r["kept_head_tokens"] for r in rec.values()} == {L * H_KV * B}
     # a sharing row: 4 sinks + the window whole, the rest values-only, two pages' worth a page
     from headkv_sglang import profiles
     from headkv_sglang.policies.pod import sharing_map
 
     prof = profiles.load_profile(profiles.shipped_profile(json.loads((model_path / "config.json").read_text()), "pod"))
-    rows = int(sharing_map(torch.tensor(prof.kv_scores, dtype=torch.float64), 0.5).sum())
-    ps, n_whole = st["pool"]["page_size"], 4 + min(32, B // 4)
+    sim = torch.tensor(prof.kv_scores, dtype=torch.float64)
+    ps, n_whole, bpp = st["pool"]["page_size"], 4 + min(32, B // 4), st["pool"]["bytes_per_page"]
     saved = math.ceil(B / ps) - math.ceil(n_whole / ps) - math.ceil((B - n_whole) / (2 * ps))
-    assert whole["held_bytes"] == L * H_KV * math.ceil(B / ps) * st["pool"]["bytes_per_page"], whole
-    assert whole["held_bytes"] - shared["held_bytes"] == rows * saved * st["pool"]["bytes_per_page"], (shared, rows)
+    assert whole["held_bytes"] == L * H_KV * math.ceil(B / ps) * bpp, whole
+    for name in ("scores", "keys", "groups"):
+        share, group, _ = cases[name]
+        rows = int(sharing_map(sim, share, group).sum())
+        assert whole["held_bytes"] - rec[name]["held_bytes"] == rows * saved * bpp, (name, rec[name], rows)
+    assert rec["groups"]["held_bytes"] < rec["scores"]["held_bytes"]
     assert st["pool"]["used_pages"] == 0 and st["integrity"] == "ok"
 
 

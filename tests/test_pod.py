@@ -1,10 +1,12 @@
-"""PoD (policies/pod.py, values-only pages, the torch kernel's shared distant logits) against
+"""PoD (policies/pod.py, values-only pages, the torch kernel's shared distant keys) against
 naive references: a brute-force sharing map, per-(layer, head) loops over the kept
-positions, and dense attention where a sharing row's distant logits are computed from the
-layer below's queries and keys.
+positions, and dense attention where a sharing row's distant logits are its own queries
+against its layer group's first layer's keys (``pod_sharing: keys``) or that layer's
+queries against them (``scores``).
 
 Odd sizes: page size 5 (values-only pages hold 10 tokens), 3 KV heads in GQA groups of 2,
-5 layers, prompts of 41-97 tokens, extend batches with several rows per request.
+5 layers, groups of 2, 3 and 5 layers, prompts of 41-97 tokens, extend batches with several
+rows per request, both sharing kinds in one batch.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ SCALE = SHAPE.head_dim ** -0.5
 
 
 # ----------------------------------------------------------------------------- sharing map
-def naive_sharing(sim: torch.Tensor, share: float) -> set[tuple[int, int]]:
-    """Walk the candidates best first; take one when its neighbours (same head) are not taken."""
+def naive_sharing(sim: torch.Tensor, share: float, group: int = 2) -> set[tuple[int, int]]:
+    """Walk the candidates best first; take one when the run of the head's sharing rows it
+    joins, plus the row below that run, stays at most ``group`` layers."""
     L, H = sim.shape
     target = round(share * L * H)
     cands = sorted(((l, h) for l in range(1, L) for h in range(H)), key=lambda c: (-float(sim[c]), c[0], c[1]))
@@ -38,21 +41,39 @@ def naive_sharing(sim: torch.Tensor, share: float) -> set[tuple[int, int]]:
     for l, h in cands:
         if len(taken) == target:
             break
-        if (l - 1, h) not in taken and (l + 1, h) not in taken:
+        run = {l} | {x for x in range(L) if all((y, h) in taken for y in range(min(x, l), max(x, l) + 1) if y != l)}
+        if len(run) + 1 <= group:
             taken.add((l, h))
     return taken
 
 
-@pytest.mark.parametrize("L,H,share,seed", [(7, 3, 0.3, 0), (2, 1, 0.5, 1), (9, 2, 0.5, 2), (5, 4, 0.0, 3),
-                                            (30, 3, 0.1, 4), (1, 3, 0.5, 5)])
-def test_sharing_map_equals_the_naive_walk(L, H, share, seed):
+def group_source(sharing: torch.Tensor, layer: int, h: int) -> int:
+    """The layer that stores the distant keys a sharing row reads: the first below its run."""
+    s = layer
+    while sharing[s, h]:
+        s -= 1
+    return s
+
+
+@pytest.mark.parametrize("L,H,share,group,seed", [(7, 3, 0.3, 2, 0), (2, 1, 0.5, 2, 1), (9, 2, 0.5, 2, 2),
+                                                  (5, 4, 0.0, 2, 3), (30, 3, 0.1, 2, 4), (1, 3, 0.5, 2, 5),
+                                                  (9, 2, 0.9, 3, 6), (13, 3, 0.7, 4, 7), (6, 2, 0.95, 6, 8),
+                                                  (30, 3, 0.5, 3, 9)])
+def test_sharing_map_equals_the_naive_walk(L, H, share, group, seed):
     sim = torch.rand(L, H, generator=torch.Generator().manual_seed(seed))
     if L > 3:
         sim[2, 0] = sim[3, 0] = 0.5  # a tie: the lower layer first
-    got = sharing_map(sim, share)
-    assert {tuple(x) for x in got.nonzero().tolist()} == naive_sharing(sim, share)
+    got = sharing_map(sim, share, group)
+    assert {tuple(x) for x in got.nonzero().tolist()} == naive_sharing(sim, share, group)
     assert not bool(got[0].any())  # layer 0 has no layer below
-    assert not bool((got[1:] & got[:-1]).any())  # no chains: a source is never itself sharing
+    for h in range(H):  # every group (a run of sharing rows and its source below) fits
+        for l in range(1, L):
+            if got[l, h] and (l + 1 == L or not got[l + 1, h]):
+                assert l - group_source(got, l, h) + 1 <= group
+    if group == 2:
+        assert not bool((got[1:] & got[:-1]).any())  # pairs: a source is never itself sharing
+    with pytest.raises(ValueError, match="at least 2"):
+        sharing_map(sim, share, 1)
 
 
 # ----------------------------------------------------------------------------- a compressed prompt
@@ -68,11 +89,14 @@ class Served:
     """Requests compressed with PoD over a stand-in token pool (``[slots, H, D]`` per layer)."""
 
     def __init__(self, tmp_path, budget: int, share: float, lengths: list[int], seed: int = 0,
-                 num_pages: int = 2000):
+                 num_pages: int = 2000, group: int = 2, sharing: str | list[str] = "keys"):
         self.gen = torch.Generator().manual_seed(seed)
         L, H, D = SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim
-        self.cfg = KVPolicyConfig(policy="pod", budget=budget, window=4, kernel_size=3, sink_size=3,
-                                  pod_share=share, head_profile=pod_profile(tmp_path)).validate()
+        kinds = [sharing] * len(lengths) if isinstance(sharing, str) else sharing
+        self.cfgs = [KVPolicyConfig(policy="pod", budget=budget, window=4, kernel_size=3, sink_size=3,
+                                    pod_share=share, pod_group=group, pod_sharing=kind,
+                                    head_profile=pod_profile(tmp_path)).validate() for kind in kinds]
+        self.cfg = self.cfgs[0]
         self.m = CompressionManager(SHAPE, num_pages, PS, torch.float32, "cpu")
         slots = 2000
         self.k = torch.randn(L, slots, H, D, generator=self.gen)
@@ -87,7 +111,7 @@ class Served:
             for layer in range(L):
                 self.m.capture_queries(layer, idx, torch.randn(self.cfg.obs_window, SHAPE.num_q_heads, D,
                                                                 generator=self.gen))
-            rec = self.m.compress(idx, self.cfg, T, self.kv_of(idx, 0, T))
+            rec = self.m.compress(idx, self.cfgs[idx], T, self.kv_of(idx, 0, T))
             assert rec.prompt_len == T
 
     def kv_of(self, idx, start, end):
@@ -131,15 +155,18 @@ def kept_positions(s: Served, idx: int) -> list[list[tuple[list[int], list[int]]
     return out
 
 
-@pytest.mark.parametrize("budget,share,lengths,seed", [(17, 0.3, [97, 41], 0), (11, 0.5, [63], 1),
-                                                       (1000, 0.5, [58, 77], 2), (23, 0.0, [71], 3)])
-def test_pages_hold_the_selection_and_sharing_rows_hold_values_only(tmp_path, budget, share, lengths, seed):
-    """Every row keeps min(B, T) tokens as SnapKV with sinks; a sharing row keeps the row
-    below's, storing its distant ones (sinks <= position < T - window) as values only, in
+@pytest.mark.parametrize("budget,share,group,lengths,seed", [(17, 0.3, 2, [97, 41], 0), (11, 0.5, 2, [63], 1),
+                                                             (1000, 0.5, 2, [58, 77], 2), (23, 0.0, 2, [71], 3),
+                                                             (19, 0.7, 3, [83, 44], 4), (1000, 0.8, 5, [61], 5)])
+def test_pages_hold_the_selection_and_sharing_rows_hold_values_only(tmp_path, budget, share, group, lengths, seed):
+    """Every row keeps min(B, T) tokens as SnapKV with sinks; a sharing row keeps its group's
+    first row's, storing its distant ones (sinks <= position < T - window) as values only, in
     values-only pages (two pages' worth each); the pages are exactly that many."""
-    s = Served(tmp_path, budget, share, lengths, seed=seed)
-    sharing = s.policy.sharing
-    assert int(sharing.sum()) == len(naive_sharing(s.policy.similarity, share))
+    s = Served(tmp_path, budget, share, lengths, seed=seed, group=group)
+    sharing = s.policy.sharing_rows
+    assert int(sharing.sum()) == len(naive_sharing(s.policy.similarity, share, group))
+    if group > 2:
+        assert bool((sharing[1:] & sharing[:-1]).any())  # the case has groups of more than two layers
     total_pages = 0
     for idx, T in enumerate(lengths):
         rows = kept_positions(s, idx)
@@ -155,9 +182,13 @@ def test_pages_hold_the_selection_and_sharing_rows_hold_values_only(tmp_path, bu
                 assert set(range(min(3, min(budget, T) - w))) <= set(whole)  # the sinks that fit: whole
                 if sharing[layer, h]:
                     below_whole, below_vo = rows[layer - 1][h]
-                    assert not below_vo and kept == below_whole  # the same tokens as its source
+                    assert kept == sorted(below_whole + below_vo)  # the same tokens as its source
                     assert vo == [p for p in kept if 3 <= p < T - w]
-                    assert int(rec.layers[layer].vo_start[h]) == sum(p < 3 for p in below_whole)
+                    if sharing[layer - 1, h]:  # a longer group: the row below's values-only tokens
+                        assert below_vo == vo and int(rec.layers[layer].vo_start[h]) == -1
+                    else:
+                        assert not below_vo
+                        assert int(rec.layers[layer].vo_start[h]) == sum(p < 3 for p in below_whole)
                 else:
                     assert vo == []
                 n_whole, n_vo = len(whole), len(vo)
@@ -171,33 +202,42 @@ def test_pages_hold_the_selection_and_sharing_rows_hold_values_only(tmp_path, bu
     assert s.m.allocator.free_pages == s.m.allocator.num_pages
 
 
-def naive_pod_attention(s: Served, idx: int, rows, layer: int, qs: list[torch.Tensor], tail: list[int]):
+def naive_pod_attention(s: Served, idx: int, rows, layer: int, qs: list[torch.Tensor], tail: list[int],
+                        sharing: torch.Tensor, kind: str):
     """``[Hq, D]`` for one query row at ``layer``: ``qs[l]`` is its ``[Hq, D]`` query at layer l.
-    A sharing head's distant logits are layer l-1's query against layer l-1's keys."""
+    A sharing head's distant logits are against its group's first layer's keys, with this
+    layer's query (``kind == "keys"``) or that layer's (``"scores"``)."""
     G = SHAPE.num_q_heads // SHAPE.num_kv_heads
     slots = s.req_to_token[idx].long()
     out = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim)
     for h in range(SHAPE.num_kv_heads):
         whole, vo = rows[layer][h]
         own = whole + tail
+        src = group_source(sharing, layer, h)
         for g in range(G):
             qh = h * G + g
             logits = [float(qs[layer][qh] @ s.k[layer, slots[p], h]) * SCALE for p in own]
-            logits += [float(qs[layer - 1][qh] @ s.k[layer - 1, slots[p], h]) * SCALE for p in vo]
+            q_vo = qs[layer][qh] if kind == "keys" else qs[src][qh]
+            logits += [float(q_vo @ s.k[src, slots[p], h]) * SCALE for p in vo]
             vals = torch.stack([s.v[layer, slots[p], h] for p in own + vo])
             out[qh] = torch.softmax(torch.tensor(logits), 0) @ vals
     return out
 
 
-@pytest.mark.parametrize("budget,share,lengths,tails,seed", [
-    (17, 0.3, [97, 41], [[0], [5, 2]], 0),  # request 1 has 2 extend rows seeing 5 and 2... decode tails
-    (1000, 0.5, [58], [[3, 0, 1]], 1),  # pure PoD (nothing dropped), 3 rows of one request
-    (13, 0.5, [61, 88, 45], [[7], [0], [2]], 2),
+@pytest.mark.parametrize("budget,share,group,lengths,tails,sharing,seed", [
+    (17, 0.3, 2, [97, 41], [[0], [5, 2]], "scores", 0),  # request 1 has 2 extend rows seeing 5 and 2 decoded
+    (17, 0.3, 2, [97, 41], [[0], [5, 2]], "keys", 0),
+    (1000, 0.5, 2, [58], [[3, 0, 1]], "keys", 1),  # pure PoD (nothing dropped), 3 rows of one request
+    (13, 0.5, 2, [61, 88, 45], [[7], [0], [2]], ["keys", "scores", "keys"], 2),  # both kinds in one batch
+    (19, 0.7, 3, [83, 44], [[4], [0, 3]], ["scores", "keys"], 3),  # groups of 3 layers
+    (1000, 0.8, 5, [61, 52], [[2], [1]], ["keys", "scores"], 4),  # one group of all 5 layers per head
 ])
-def test_kernel_equals_naive_pod_attention(tmp_path, budget, share, lengths, tails, seed):
+def test_kernel_equals_naive_pod_attention(tmp_path, budget, share, group, lengths, tails, sharing, seed):
     """The torch kernel over the pages + each row's tail, layer by layer in one forward, equals
-    dense attention in which sharing heads take their distant logits from the layer below."""
-    s = Served(tmp_path, budget, share, lengths, seed=seed)
+    dense attention in which sharing heads take their distant keys from their group's first
+    layer."""
+    s = Served(tmp_path, budget, share, lengths, seed=seed, group=group, sharing=sharing)
+    kinds = [sharing] * len(lengths) if isinstance(sharing, str) else sharing
     records, idxs, starts, ends = [], [], [], []
     for idx, row_tails in enumerate(tails):
         for n in row_tails:  # several rows of one request: an extend batch's query tokens
@@ -210,19 +250,22 @@ def test_kernel_equals_naive_pod_attention(tmp_path, budget, share, lengths, tai
     R = len(records)
     qs = [torch.randn(R, SHAPE.num_q_heads, SHAPE.head_dim, generator=s.gen) for _ in range(SHAPE.num_layers)]
     kept = {idx: kept_positions(s, idx) for idx in set(idxs)}
-    sharing = s.policy.sharing
-    assert bool(sharing.any()) == (share > 0)
+    rows_sharing = s.policy.sharing_rows
+    assert bool(rows_sharing.any()) == (share > 0)
+    if group > 2:
+        assert bool((rows_sharing[1:] & rows_sharing[:-1]).any())
     for layer in range(SHAPE.num_layers):
         out = kernel.run(layer, qs[layer], s.k[layer], s.v[layer], SCALE)
         for r in range(R):
             tail = list(range(starts[r], ends[r]))
-            want = naive_pod_attention(s, idxs[r], kept[idxs[r]], layer, [q[r] for q in qs], tail)
+            want = naive_pod_attention(s, idxs[r], kept[idxs[r]], layer, [q[r] for q in qs], tail, rows_sharing,
+                                       kinds[idxs[r]])
             torch.testing.assert_close(out[r], want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_sharing_layer_without_the_layer_below_in_this_forward_is_an_error(tmp_path):
     s = Served(tmp_path, 17, 0.5, [97])
-    first = int(s.policy.sharing.any(dim=1).nonzero()[0])
+    first = int(s.policy.sharing_rows.any(dim=1).nonzero()[0])
     kernel = TorchRaggedAttention(s.m.pool, SHAPE.num_layers, SHAPE.num_kv_heads)
     kernel.plan(rows_for_queries([s.m.records[0]], s.req_to_token, [0], [97], [97]))
     q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim)
@@ -239,7 +282,7 @@ def test_pod_holds_less_than_snapkv_at_the_same_budget(tmp_path):
     for layer in range(SHAPE.num_layers):
         snap.capture_queries(layer, 0, torch.randn(4, SHAPE.num_q_heads, SHAPE.head_dim))
     snap.compress(0, cfg, 97, pod.kv_of(0, 0, 97))
-    n_share = int(pod.policy.sharing.sum())
+    n_share = int(pod.policy.sharing_rows.sum())
     # a sharing row: 3 sinks + 4 window whole (2 pages), 33 distant values-only (4 pages), not 8 pages
     assert snap.allocator.used_pages == SHAPE.num_layers * SHAPE.num_kv_heads * 8
     assert pod.m.allocator.used_pages == snap.allocator.used_pages - n_share * (8 - 6)
@@ -287,13 +330,22 @@ def test_decode_compression_keeps_the_values_only_pages(tmp_path):
 def test_pod_config_and_policy_validation(tmp_path):
     assert KVPolicyConfig(policy="pod").with_request({"kv_pod_share": 0.4}).pod_share == 0.4
     assert KVPolicyConfig(policy="pod").with_request({"kv_pod_share": 0}).pod_share == 0.0
-    for bad in (0.6, -0.1, "half", True):
-        with pytest.raises(ConfigError, match="custom_params.kv_pod_share: invalid value"):
-            KVPolicyConfig(policy="pod").with_request({"kv_pod_share": bad})
+    cfg = KVPolicyConfig(policy="pod").with_request({"kv_pod_group": 4, "kv_pod_sharing": "scores"})
+    assert (cfg.pod_group, cfg.pod_sharing) == (4, "scores")
+    assert (KVPolicyConfig(policy="pod").pod_group, KVPolicyConfig(policy="pod").pod_sharing) == (2, "scores")
+    for key, bad in [("kv_pod_share", 0.96), ("kv_pod_share", -0.1), ("kv_pod_share", "half"),
+                     ("kv_pod_share", True), ("kv_pod_group", 1), ("kv_pod_group", 2.5),
+                     ("kv_pod_sharing", "values"), ("kv_pod_sharing", 1)]:
+        with pytest.raises(ConfigError, match=f"custom_params.{key}: invalid value"):
+            KVPolicyConfig(policy="pod").with_request({key: bad})
     with pytest.raises(ConfigError, match="sink"):
         KVPolicyConfig(policy="pod", budget=4, sink_size=4).validate()
     with pytest.raises(ValueError, match="share"):
-        PoD(similarity=torch.zeros(3, 2), share=0.7)
+        PoD(similarity=torch.zeros(3, 2), share=0.97)
+    with pytest.raises(ValueError, match="group"):
+        PoD(similarity=torch.zeros(3, 2), share=0.5, group=1)
+    with pytest.raises(ValueError, match="sharing"):
+        PoD(similarity=torch.zeros(3, 2), share=0.5, sharing="logits")
     with pytest.raises(ValueError, match="similarity"):
         PoD(similarity=torch.zeros(3))
     pol = PoD(similarity=torch.zeros(3, 2), share=0.5)

@@ -381,11 +381,11 @@ class _Ranks:
         self.calls = [0] * n
 
     def agree_min(self, rank: int):
-        def call(x: int) -> int:
+        def call(x):  # an int, or a tuple of ints (each one's minimum)
             self.calls[rank] += 1
-            self.vals[rank] = int(x)
+            self.vals[rank] = x
             self.barrier.wait()
-            out = min(self.vals)
+            out = tuple(min(v) for v in zip(*self.vals)) if isinstance(x, tuple) else min(self.vals)
             self.barrier.wait()
             return out
         return call

@@ -384,9 +384,12 @@ class LayerPages:
 
     PoD's sharing rows also hold *values-only* tokens (``vo_*``, None elsewhere): row ``h``'s
     are ``vo_lengths[h]`` tokens in pages ``vo_indices[vo_indptr[h]:vo_indptr[h+1]]``, two
-    pages' worth each (:meth:`RaggedHeadKVPool.write_values`); their logits are those of
-    the same head's row in the layer below at tokens ``vo_start[h] ..
-    vo_start[h] + vo_lengths[h] - 1``. They sit, by position, between the row's first
+    pages' worth each (:meth:`RaggedHeadKVPool.write_values`); their keys are those of the
+    same head's row in the layer below at tokens ``vo_start[h] .. vo_start[h] +
+    vo_lengths[h] - 1`` (``vo_start[h] == -1``: the row below's own values-only tokens, whose
+    keys come from further down: a PoD group of more than two layers). Their logits are this
+    layer's queries against those keys (``vo_own_queries``, PoD's key sharing) or the
+    group's first layer's logits. They sit, by position, between the row's first
     ``vo_start[h]`` tokens and the rest (``lengths`` counts only the whole tokens)."""
 
     kv_indptr: torch.Tensor
@@ -399,6 +402,7 @@ class LayerPages:
     vo_indices: torch.Tensor | None = None
     vo_lengths: torch.Tensor | None = None
     vo_start: torch.Tensor | None = None
+    vo_own_queries: bool = False
 
     @property
     def kv_last_page_len(self) -> torch.Tensor:

@@ -147,7 +147,10 @@ class _LayerPlan:
     vo_addr: torch.Tensor | None = None  # int64 [R*H, Nmax]: flat address in k_pages or v_pages
     vo_in_v: torch.Tensor | None = None  # bool [R*H, Nmax]: the address is in v_pages
     vo_mask: torch.Tensor | None = None  # bool [R*H, Nmax]
-    stash_idx: torch.Tensor | None = None  # int64 [R*H, Nmax]: their tokens in the layer below's rows
+    # int64 [R*H, Nmax]: their tokens in the layer below's [page tokens ⊕ values-only tokens]
+    stash_idx: torch.Tensor | None = None
+    vo_chained: torch.Tensor | None = None  # bool [R*H]: they are the layer below's values-only tokens
+    vo_own_q: torch.Tensor | None = None  # bool [R*H]: logits from this layer's queries (key sharing)
     # a pool whose pages are not one tensor (SharedPagePool): int64 [R*H, P*page_size], the
     # k_flat/v_flat row of every token of ``pages``
     tokens: torch.Tensor | None = None
@@ -167,7 +170,8 @@ class TorchRaggedAttention(RaggedAttention):
         self._prompt_key: tuple[int, ...] | None = None
         self._layers: list[_LayerPlan] = []
         self._tail_idx = self._tail_mask = None
-        self._stash: tuple[int, torch.Tensor] | None = None  # PoD: (layer, its logits the layer above reuses)
+        # PoD: (layer, keys [R, H, N, D], queries [R, H, G, D]) of the distant tokens the layer above reads
+        self._stash: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.tables = TableCache(pool.page_size, pool.head_dim, pool.dtype, pool.device, dummy_empty=False)
 
     def plan(self, rows: RaggedRows) -> None:
@@ -214,12 +218,12 @@ class TorchRaggedAttention(RaggedAttention):
             for l, plan in enumerate(plans):
                 lps = [rec.layers[l] for rec in records]
                 if any(lp.vo_lengths is not None for lp in lps):
-                    self._plan_values_only(plan, lps, device)
+                    self._plan_values_only(plan, lps, widths[l - 1] * self.pool.page_size if l else 0, device)
         return plans
 
-    def _plan_values_only(self, plan: _LayerPlan, lps: list, device) -> None:
-        """PoD: where each row's values-only tokens are, and which of the layer below's row
-        tokens give their logits."""
+    def _plan_values_only(self, plan: _LayerPlan, lps: list, below_width: int, device) -> None:
+        """PoD: where each row's values-only tokens are, and which of the layer below's
+        tokens (its ``below_width`` page tokens, then its values-only ones) give their keys."""
         H, ps = self.num_kv_heads, self.pool.page_size
         zeros = torch.zeros(H, dtype=torch.int64)
         n = torch.cat([zeros if lp.vo_lengths is None else lp.vo_lengths for lp in lps]).to(torch.int64)
@@ -239,7 +243,11 @@ class TorchRaggedAttention(RaggedAttention):
         plan.vo_addr = self.pool.physical(torch.where(mask, addr, 0).to(device))
         plan.vo_in_v = (in_v & mask).to(device)
         plan.vo_mask = mask.to(device)
-        plan.stash_idx = torch.where(mask, start[:, None] + j, 0).to(device)
+        chained = start < 0
+        plan.stash_idx = torch.where(mask, torch.where(chained[:, None], below_width + j, start[:, None] + j),
+                                     0).to(device)
+        plan.vo_chained = chained.to(device)
+        plan.vo_own_q = torch.cat([torch.full((H,), lp.vo_own_queries) for lp in lps]).to(device)
 
     def run(self, layer: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             scale: float) -> torch.Tensor:
@@ -262,19 +270,26 @@ class TorchRaggedAttention(RaggedAttention):
                   .masked_fill_(~mask.view(R, H, 1, L), -math.inf)]
         vals = [vp]
         below = self._stash
-        above = self._layers[layer + 1] if layer + 1 < self.num_layers else None
-        if above is not None and above.stash_idx is not None:  # PoD: the layer above reuses these logits
-            idx = above.stash_idx.view(R, H, 1, -1).expand(R, H, G, -1).clamp(max=L - 1)
-            self._stash = (layer, torch.gather(logits[0], 3, idx))
-        if lp.vo_addr is not None:  # PoD: this layer's values-only tokens take the layer below's logits
-            stashed = below
-            if stashed is None or stashed[0] != layer - 1:
-                raise RuntimeError(f"layer {layer} shares layer {layer - 1}'s distant logits, which this "
+        if lp.vo_addr is not None:  # PoD: the values-only tokens' keys (and source queries) from below
+            if below is None or below[0] != layer - 1:
+                raise RuntimeError(f"layer {layer} shares layer {layer - 1}'s distant keys, which this "
                                    f"forward did not compute first")
+            _, sk, sq = below
             N = lp.vo_addr.shape[1]
-            logits.append(stashed[1].masked_fill(~lp.vo_mask.view(R, H, 1, N), -math.inf))
+            qv = torch.where(lp.vo_own_q.view(R, H, 1, 1), qf, sq)  # key sharing: this layer's queries
+            logits.append(torch.einsum("rhgd,rhnd->rhgn", qv, sk).mul_(scale)
+                          .masked_fill_(~lp.vo_mask.view(R, H, 1, N), -math.inf))
             vo = torch.where(lp.vo_in_v[..., None], vflat[lp.vo_addr], kflat[lp.vo_addr])
             vals.append(vo.float().view(R, H, N, D))
+        above = self._layers[layer + 1] if layer + 1 < self.num_layers else None
+        if above is not None and above.stash_idx is not None:  # PoD: the layer above reads these keys
+            keys, q_src = kp, qf
+            if lp.vo_addr is not None:  # a longer group: its values-only tokens' keys pass on
+                keys = torch.cat([kp, sk], dim=2)
+                q_src = torch.where(above.vo_chained.view(R, H, 1, 1), sq, qf)
+            n = above.stash_idx.shape[1]
+            idx = above.stash_idx.view(R, H, n, 1).clamp(max=keys.shape[2] - 1).expand(R, H, n, D)
+            self._stash = (layer, torch.gather(keys, 2, idx), q_src)
         T = self._tail_idx.shape[1]
         kt = k_buffer[self._tail_idx].float()  # [R, T, H, D]
         vt = v_buffer[self._tail_idx].float()

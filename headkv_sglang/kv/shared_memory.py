@@ -128,7 +128,8 @@ class BorrowingPageAllocator(PageAllocator):
     chunk goes back at once; not in lockstep, below), its slots are distinct from every other
     chunk's, and the counters agree with the pages.
 
-    *Lockstep* (``agree_min``: the minimum of an int over the tensor-parallel ranks): SGLang's
+    *Lockstep* (``agree_min``: the minimum over the tensor-parallel ranks of an int, or of each
+    int of a tuple): SGLang's
     schedulers of the ``--tp`` ranks decide alike only while their token allocators hold as
     many free slots, but each rank stores different heads' pages. So every rank borrows the
     same number of chunks at the same moment (:meth:`borrow_agreed`, the most any rank needs,
@@ -219,15 +220,19 @@ class BorrowingPageAllocator(PageAllocator):
 
     def settle(self) -> int:
         """Lockstep: give back as many empty chunks as every rank has (each rank its own
-        empty ones), then agree on :attr:`admission_free`. Every rank calls it at the same
-        point (two ``agree_min`` calls). Returns the chunks given back."""
+        empty ones), and agree on :attr:`admission_free`. Every rank calls it at the same
+        point (one ``agree_min`` over the pair: a rank's empty chunks, its free pages; giving
+        back ``k`` empty chunks frees ``k`` chunks' pages on every rank alike). Returns the
+        chunks given back."""
         if not self.lockstep:
             return 0
         empty = (self.chunk_live & (self.chunk_used == 0)).nonzero().flatten()
-        k = int(self.agree_min(int(empty.numel())))
+        k, least_free = (int(x) for x in self.agree_min((int(empty.numel()), self._free_in_chunks)))
         if k > 0:
+            before = self._free_in_chunks
             self._give_back(empty[:k])
-        self._agreed_free = int(self.agree_min(self._free_in_chunks))
+            assert before - self._free_in_chunks == k * self.pages_per_chunk, "an empty chunk had owned pages"
+        self._agreed_free = least_free - k * self.pages_per_chunk
         return k
 
     # ------------------------------------------------------------------ allocate / free

@@ -44,6 +44,7 @@ def write_prompt_pages(pool: RaggedHeadKVPool, cfg: KVPolicyConfig, seq_len: int
             lp.vo_indices = torch.tensor(ids[cursor:cursor + int(vo_pages.sum())], dtype=torch.int64)
             cursor += int(vo_pages.sum())
             lp.vo_lengths, lp.vo_start = vo_len, values_only_starts(comp, prev)
+            lp.vo_own_queries = cfg.pod_sharing == "keys"
             vo_tok = torch.zeros_like(comp.indptr)
             torch.cumsum(vo_len.to(vo_tok.device), 0, out=vo_tok[1:])
             pool.write_values(lp.vo_indices, lp.vo_indptr, vo_len, comp.v_flat[vo.to(comp.v_flat.device)],
@@ -67,25 +68,31 @@ def values_only_counts(comp) -> torch.Tensor:
 
 def values_only_starts(comp, prev) -> torch.Tensor:
     """int64 ``[H]``: where each row's values-only tokens sit in the same head's row of the
-    layer below (``prev``): its tokens before the first values-only position. Those tokens
-    must be whole there and the same positions (what PoD's ``link_layer`` guarantees)."""
+    layer below (``prev``): its whole tokens before the first values-only position, or -1
+    where they are that row's own values-only tokens (a PoD group of more than two layers:
+    the stash passes on). Either way they must be the same positions there (what PoD's
+    ``link_layer`` guarantees)."""
     H = comp.indptr.numel() - 1
     out = torch.zeros(H, dtype=torch.int64)
     if prev is None:
         raise ValueError("values-only tokens in the first layer: there is no layer below to share with")
     vo, ind, ptr = comp.values_only.cpu(), comp.indices.cpu(), comp.indptr.cpu()
     pind, pptr = prev.indices.cpu(), prev.indptr.cpu()
+    pvo = prev.values_only.cpu() if prev.values_only is not None else None
     for h in range(H):
         mine = ind[int(ptr[h]):int(ptr[h + 1])][vo[int(ptr[h]):int(ptr[h + 1])]]
         if mine.numel() == 0:
             continue
         below = pind[int(pptr[h]):int(pptr[h + 1])]
+        below_vo = pvo[int(pptr[h]):int(pptr[h + 1])] if pvo is not None else torch.zeros_like(below, dtype=torch.bool)
+        if bool(below_vo.any()):  # the row below shares too: the same values-only tokens
+            if not torch.equal(below[below_vo], mine):
+                raise ValueError(f"row {h}: its values-only tokens are not those of the sharing row below")
+            out[h] = -1
+            continue
         start = int(torch.searchsorted(below, mine[0]))
         if not torch.equal(below[start:start + mine.numel()], mine):
             raise ValueError(f"row {h}: its values-only tokens are not whole tokens of the layer below")
-        if prev.values_only is not None and bool(prev.values_only.cpu()[int(pptr[h]) + start:
-                                                                         int(pptr[h]) + start + mine.numel()].any()):
-            raise ValueError(f"row {h}: shares with a row that is itself values-only")
         out[h] = start
     return out
 

@@ -70,8 +70,19 @@ D2O_LAYERS = "uniform"
 #: lost answers at 5% (benchmarks/results/d2o_settings_cpu.md, d2o_sinks_cpu.md;
 #: docs/policies-and-profiles.md says why).
 D2O_SINK_SIZE = 0
-#: PoD: target share of the (layer, KV head) rows that reuse the layer below's distant
-#: attention and store no distant keys (at most ~0.5: a sharing row is no one's source).
+#: PoD: target share of the (layer, KV head) rows that reuse a lower layer's distant keys
+#: (or scores) and store no distant keys (at most ``(G - 1) / G`` of the rows above layer 0
+#: with groups of ``G`` layers).
 #: 0.1: on the test model's 15 needle cases it kept 100% of full KV's score without token
 #: selection, where 0.3 kept 80% (benchmarks/results/fidelity_pod*_cpu.md).
 POD_SHARE = 0.1
+#: PoD: most layers in one sharing group of a KV head (the first stores the distant keys, the
+#: others read them); 2: pairs.
+POD_GROUP = 2
+#: PoD: what a sharing row takes from its group's first layer for its distant tokens: "keys"
+#: (the released PoD: its own queries against the group's keys) or "scores" (the first
+#: version: the group's first layer's logits). "scores": without the paper's post-training
+#: adaptation, key sharing lost the needles on the test model where score sharing kept them
+#: (benchmarks/results/pod_keys*_curve_cpu.md vs pod_scores_curve_cpu.md).
+POD_SHARINGS: tuple[str, ...] = ("keys", "scores")
+POD_SHARING = "scores"

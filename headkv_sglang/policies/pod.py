@@ -1,4 +1,4 @@
-"""PoD: proximal tokens attended in full, distant tokens' attention shared between layers."""
+"""PoD: proximal tokens attended in full, distant tokens' keys (or scores) shared within layer groups."""
 
 from __future__ import annotations
 
@@ -17,17 +17,21 @@ if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
-def sharing_map(similarity: torch.Tensor, share: float) -> torch.Tensor:
-    """bool ``[L, H]``: the (layer, KV head) rows that reuse the layer below's distant attention.
+def sharing_map(similarity: torch.Tensor, share: float, group: int = 2) -> torch.Tensor:
+    """bool ``[L, H]``: the (layer, KV head) rows that share their distant tokens' keys (or
+    scores) with the rows below them in their layer group.
 
     ``round(share * L * H)`` rows of layers >= 1 are chosen, the most similar to the layer
     below first (``similarity[l, h]``: how alike the distant attention of layer ``l`` and
-    ``l - 1`` is on head ``h``; ties to the lower layer, then head). A row is taken only if
-    neither the row below nor the row above it (same head) is taken: a sharing row stores
-    no distant keys, so it cannot be the source of another. Fewer are taken when no more
-    fit (at most ``ceil((L - 1) / 2)`` per head).
+    ``l - 1`` is on head ``h``; ties to the lower layer, then head). A head's consecutive
+    sharing rows ``s .. e`` and the row ``s - 1`` below them (which stores the distant keys
+    they read) form a *group*; a row is taken only if its group stays at most ``group``
+    layers (``group = 2``: pairs, no two adjacent sharing rows). Fewer are taken when no
+    more fit (at most ``(group - 1)`` of every ``group`` layers above layer 0, per head).
     """
     L, H = similarity.shape
+    if group < 2:
+        raise ValueError(f"a PoD group has at least 2 layers, got {group}")
     target = round(share * L * H)
     taken = torch.zeros(L, H, dtype=torch.bool)
     if target <= 0 or L < 2:
@@ -36,7 +40,12 @@ def sharing_map(similarity: torch.Tensor, share: float) -> torch.Tensor:
     order = sorted(((-float(sim[l, h]), l, h) for l in range(1, L) for h in range(H)))
     n = 0
     for _, l, h in order:
-        if taken[l - 1, h] or (l + 1 < L and taken[l + 1, h]):
+        below = above = 0
+        while l - below - 1 >= 1 and taken[l - below - 1, h]:
+            below += 1
+        while l + above + 1 < L and taken[l + above + 1, h]:
+            above += 1
+        if below + 1 + above > group - 1:  # the group would have more than ``group`` layers
             continue
         taken[l, h] = True
         n += 1
@@ -57,25 +66,30 @@ class PoD(SinkObservationPolicy):
     without token selection).
 
     **Sharing.** A *sharing* row (layer ``l``, KV head ``h``; :func:`sharing_map` from the
-    ``pod`` profile's similarities and ``share``) keeps the same tokens as row ``(l - 1,
-    h)`` and stores only the **values** of its distant tokens: at attention time their
-    logits are layer ``l - 1``'s (its queries against its keys, head by head of the GQA
-    group), joined with the row's own proximal and decoded tokens in one softmax, and
-    applied to layer ``l``'s values. Its distant keys are never stored (values-only pages
-    hold two pages' worth of tokens).
+    ``pod`` profile's similarities, ``share`` and ``group``) keeps the same tokens as row
+    ``(l - 1, h)`` and stores only the **values** of its distant tokens (values-only pages
+    hold two pages' worth of tokens). Its group's first layer ``s`` (the row below its
+    consecutive sharing rows) stores their keys. At attention time the distant logits are,
+    with ``sharing="keys"`` (the released PoD), the row's own queries against layer ``s``'s
+    keys; with ``sharing="scores"`` (the paper's first version), layer ``s``'s logits (its
+    queries against its keys), head by head of the GQA group. Either way they are joined with
+    the row's own proximal and decoded tokens in one softmax over layer ``l``'s values.
 
-    Differences from the paper: its layer groups share one layer's scores across the group
-    and are fixed by position; here pairs of consecutive layers per KV head, chosen by
-    measured similarity (``python -m headkv_sglang.profile --method pod``), so a head can
-    share where its attention is alike and not elsewhere; and no continued pre-training
-    (the paper's "PoD w/o CPT" setting).
+    Differences from the paper: groups of consecutive layers per KV head, chosen by measured
+    similarity (``python -m headkv_sglang.profile --method pod``) up to ``group`` layers, so a
+    head can share where its attention is alike and not elsewhere (the paper groups whole
+    layers); and no continued pre-training (the paper's "PoD w/o CPT" setting).
 
     Parameters
     ----------
     similarity : torch.Tensor
         float ``[num_layers, num_kv_heads]`` in ``[0, 1]`` (layer 0: unused).
     share : float
-        Target share of all rows that share, in ``[0, 0.5]``.
+        Target share of all rows that share, in ``[0, 0.95]``.
+    group : int
+        Most layers in one sharing group (2: pairs).
+    sharing : str
+        ``"keys"`` or ``"scores"``: what a sharing row takes from its group's first layer.
     sink_size : int
         First prompt tokens always kept and proximal.
     window_size, kernel_size, pooling, gqa_agg
@@ -88,9 +102,16 @@ class PoD(SinkObservationPolicy):
     row_pages_slack: ClassVar[int] = 1
 
     similarity: torch.Tensor = field(compare=False, repr=False)
-    share: float = hyper(defaults.POD_SHARE, "PoD: share of the (layer, KV head) rows, in [0, 0.5], that reuse "
-                         "the layer below's attention over distant tokens and store no distant keys (the most "
-                         "similar pairs by the 'pod' profile).", name="pod_share", low=0.0, high=0.5)
+    share: float = hyper(defaults.POD_SHARE, "PoD: share of the (layer, KV head) rows, in [0, 0.95], that read "
+                         "their layer group's distant keys and store none (the rows most similar to the layer "
+                         "below by the 'pod' profile; fewer when the groups are full).", name="pod_share",
+                         low=0.0, high=0.95)
+    group: int = hyper(defaults.POD_GROUP, "PoD: most layers in one sharing group of a KV head (the first stores "
+                       "the distant keys; 2: pairs).", name="pod_group", low=2, high=1024)
+    sharing: str = hyper(defaults.POD_SHARING, "PoD: what a sharing row takes from its group's first layer for its "
+                         "distant tokens: 'keys' (its own queries against them, the released PoD) or 'scores' "
+                         "(that layer's logits, the paper's first version).", name="pod_sharing",
+                         choices=defaults.POD_SHARINGS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,11 +124,15 @@ class PoD(SinkObservationPolicy):
         if not bool(torch.isfinite(table).all()):
             raise ValueError(f"{cls}.similarity must be finite")
         object.__setattr__(self, "similarity", table)
-        check_float(cls, "share", self.share, low=0.0, high=0.5)
-        object.__setattr__(self, "_sharing", sharing_map(table, self.share))
+        check_float(cls, "share", self.share, low=0.0, high=0.95)
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 2:
+            raise ValueError(f"{cls}.group must be an integer >= 2, got {self.group!r}")
+        if self.sharing not in defaults.POD_SHARINGS:
+            raise ValueError(f"{cls}.sharing must be one of {', '.join(defaults.POD_SHARINGS)}, got {self.sharing!r}")
+        object.__setattr__(self, "_sharing", sharing_map(table, self.share, self.group))
 
     @property
-    def sharing(self) -> torch.Tensor:
+    def sharing_rows(self) -> torch.Tensor:
         """bool ``[num_layers, num_kv_heads]``: :func:`sharing_map` of this policy."""
         return self._sharing  # type: ignore[attr-defined]
 
@@ -116,7 +141,7 @@ class PoD(SinkObservationPolicy):
         """Similarity: the ``pod`` profile's per-KV-head similarity to the layer below."""
         assert profile is not None, "PoD needs its 'pod' profile (registry.resolve_profile)"
         return cls(similarity=torch.as_tensor(profile.kv_scores, dtype=torch.float64), share=cfg.pod_share,
-                   sink_size=cfg.sink_size, **cls.observation_kwargs(cfg))
+                   group=cfg.pod_group, sharing=cfg.pod_sharing, sink_size=cfg.sink_size, **cls.observation_kwargs(cfg))
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
@@ -131,7 +156,7 @@ class PoD(SinkObservationPolicy):
         """Every row keeps ``min(B, T)`` tokens; a sharing row splits them into pages of
         whole tokens and values-only pages, ``ceil(a / p) + ceil(b / 2p) <= ceil((a + b) / p) + 1``."""
         rows = num_layers * num_kv_heads
-        return uniform_pages(rows, min(seq_len, budget), page_size) + int(self.sharing.sum())
+        return uniform_pages(rows, min(seq_len, budget), page_size) + int(self.sharing_rows.sum())
 
     def link_layer(self, layer: int, keep: torch.Tensor, prev_keep: torch.Tensor | None, budget: int,
                    heads: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,10 +164,11 @@ class PoD(SinkObservationPolicy):
 
         ``keep``: this layer's own selection; ``prev_keep``: layer ``layer - 1``'s final one
         (None for layer 0); ``heads``: the KV heads these rows are (tensor parallelism: a
-        rank's block). A sharing row takes the row below's selection, and its kept distant
-        tokens (``sink_size <= position < T - window``) are stored as values only.
+        rank's block). A sharing row takes the row below's selection (so every row of a group
+        keeps its first layer's), and its kept distant tokens (``sink_size <= position < T -
+        window``) are stored as values only.
         """
-        share = self.sharing[layer, heads].to(keep.device)
+        share = self.sharing_rows[layer, heads].to(keep.device)
         values_only = torch.zeros_like(keep)
         if prev_keep is None or not bool(share.any()):
             return keep, values_only

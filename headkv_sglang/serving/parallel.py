@@ -61,10 +61,12 @@ def tp_ops(shard: HeadShard, num_kv_heads: int, group: Any = None):
         dist.all_gather(parts, local, group=group)
         return torch.cat([parts[r] for r in owners]).to(scores.device)
 
-    def min_over_ranks(value: int) -> int:
-        t = torch.tensor([int(value)], dtype=torch.int64)
+    def min_over_ranks(value):
+        """The minimum over the ranks of an int, or of each int of a tuple (one all-reduce)."""
+        one = not isinstance(value, (tuple, list))
+        t = torch.tensor([int(value)] if one else [int(v) for v in value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-        return int(t.item())
+        return int(t[0]) if one else tuple(int(v) for v in t.tolist())
 
     def gather_objects(obj: Any) -> list:
         out: list = [None] * shard.tp_size
