@@ -117,9 +117,9 @@ def pod_kernel_error(cfg: KVPolicyConfig, where: str) -> str | None:
     torch kernel, and a CUDA server runs FlashInfer's unless told otherwise."""
     if cfg.policy != "pod" or cpu_auto() or os.environ.get("HEADKV_SGLANG_RAGGED_KERNEL") == "torch":
         return None
-    return (f"{where}: 'pod' has no FlashInfer kernel yet (its rows read layer l-1's logits and "
-            f"layer l's values-only pages); start the server with HEADKV_SGLANG_RAGGED_KERNEL=torch "
-            f"to serve it with the torch kernel on this device")
+    return (f"{where}: 'pod' has no FlashInfer kernel yet (its sharing rows read their layer group's "
+            f"distant keys or scores and their own values-only pages); start the server with "
+            f"HEADKV_SGLANG_RAGGED_KERNEL=torch to serve it with the torch kernel on this device")
 
 
 def _from_cli_args(cls, ns, *args, **kwargs):

@@ -102,9 +102,10 @@ class PoD(SinkObservationPolicy):
     row_pages_slack: ClassVar[int] = 1
 
     similarity: torch.Tensor = field(compare=False, repr=False)
-    share: float = hyper(defaults.POD_SHARE, "PoD: share of the (layer, KV head) rows, in [0, 0.95], that read "
-                         "their layer group's distant keys and store none (the rows most similar to the layer "
-                         "below by the 'pod' profile; fewer when the groups are full).", name="pod_share",
+    share: float = hyper(defaults.POD_SHARE, "PoD: share of the (layer, KV head) rows, in [0, 0.95], that take "
+                         "their distant tokens' keys or scores (--kv-pod-sharing) from their layer group's first "
+                         "layer and store no distant keys (the rows most similar to the layer below by the 'pod' "
+                         "profile; fewer when the groups are full).", name="pod_share",
                          low=0.0, high=0.95)
     group: int = hyper(defaults.POD_GROUP, "PoD: most layers in one sharing group of a KV head (the first stores "
                        "the distant keys; 2: pairs).", name="pod_group", low=2, high=1024)
