@@ -153,46 +153,68 @@ def recorded_defaults(then: dict | None) -> dict | None:
     return None if then is None else {**{k: v for k, v in BEFORE_THE_SETTING.items() if k not in then}, **then}
 
 
+#: The policies a policy default changes, by its name's prefix; any other default (the window,
+#: the pooling, the scoring...) changes every policy's kept tokens.
+DEFAULT_OWNERS = {"d2o_": ("d2o",), "pod_": ("pod",), "razor_": ("razor",), "headkv_": ("headkv",),
+                  "pyramid_": ("pyramidkv",), "floor_alpha": ("adakv",), "sink_size": ("streamingllm", "razor", "pod")}
+
+
+def default_affects(name: str, policies) -> bool:
+    """Whether the policy default ``name`` changes what any of ``policies`` keeps (None: any policy)."""
+    if policies is None:
+        return True
+    for prefix, owners in DEFAULT_OWNERS.items():
+        if name.startswith(prefix):
+            return any(p in owners for p in policies)
+    return True
+
+
 def read_journal(path: Path | None) -> dict[str, dict]:
     """The rows a killed run finished, by request key (a torn last line is ignored); compressed rows
-    only if they were measured under this checkout's policy defaults (full KV's depend on none)."""
+    only if they were measured under this checkout's defaults of their policy (full KV's depend on
+    none)."""
     done: dict[str, dict] = {}
     if path is None or not path.exists():
         return done
-    now = policy_defaults()
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
-            if entry["row"]["policy"] == "full" or recorded_defaults(entry.get("defaults")) == now:
+            policy = entry["row"]["policy"]
+            if policy == "full" or not changed_defaults(entry.get("defaults"), policies=[policy]):
                 done[entry["key"]] = entry["row"]
         except (ValueError, KeyError, TypeError):
             continue
     return done
 
 
-def changed_defaults(then: dict | None, kv_params: dict | None = None) -> list[str]:
+def changed_defaults(then: dict | None, kv_params: dict | None = None, policies=None) -> list[str]:
     """The policy defaults that differ between ``then`` (a grid's meta ``kv_defaults``; None: not
     recorded) and this checkout, as ``name then -> now``; ``["not recorded"]`` for None. A default
-    the grid's requests set themselves (``kv_params``: ``kv_<name>``) does not count."""
+    the grid's requests set themselves (``kv_params``: ``kv_<name>``) does not count, nor one of
+    a policy not among ``policies`` (None: every policy counts)."""
     if then is None:
         return ["not recorded"]
     then = recorded_defaults(then)
     return [f"{k} {json.dumps(then.get(k))} -> {json.dumps(v)}" for k, v in policy_defaults().items()
-            if (k not in then or then[k] != v) and f"kv_{k}" not in (kv_params or {})]
+            if (k not in then or then[k] != v) and f"kv_{k}" not in (kv_params or {})
+            and default_affects(k, policies)]
 
 
 def finished_rows(out_json: Path) -> dict[str, dict]:
     """The rows of a finished grid (``OUT.json``) by request key, to reuse when it is extended; its
-    compressed rows only if the grid was measured under this checkout's policy defaults."""
+    compressed rows only if the grid was measured under this checkout's defaults of their policy."""
     if not out_json.exists():
         return {}
     grid = json.loads(out_json.read_text())
     meta = grid.get("meta", {})
-    changed = changed_defaults(meta.get("kv_defaults"), meta.get("kv_params"))
-    if changed:
-        print(f"{out_json.name}: policy defaults changed ({', '.join(changed)}): its compressed requests "
-              "are asked again", file=sys.stderr)
-    return {r["key"]: r for r in grid.get("rows", []) if r.get("key") and (r["policy"] == "full" or not changed)}
+    rows = [r for r in grid.get("rows", []) if r.get("key")]
+    policies = sorted({r["policy"] for r in rows if r["policy"] != "full"})
+    stale = {p for p in policies if changed_defaults(meta.get("kv_defaults"), meta.get("kv_params"), [p])}
+    if stale:
+        changed = changed_defaults(meta.get("kv_defaults"), meta.get("kv_params"), sorted(stale))
+        print(f"{out_json.name}: policy defaults changed ({', '.join(changed)}): its {', '.join(sorted(stale))} "
+              "requests are asked again", file=sys.stderr)
+    return {r["key"]: r for r in rows if r["policy"] not in stale}
 
 
 def run_grid(url: str, cases: list[Case], policies: list[str], budgets: list[str], concurrency: int = 8,

@@ -125,7 +125,7 @@ def defaults_note(meta: dict) -> str:
     since ("" when none): a grid is not re-run by every change of a default, but says so."""
     from benchmarks.fidelity import changed_defaults
 
-    changed = changed_defaults(meta.get("kv_defaults"), meta.get("kv_params"))
+    changed = changed_defaults(meta.get("kv_defaults"), meta.get("kv_params"), meta.get("policies"))
     if changed == ["not recorded"]:
         return "Measured before grids recorded their policy defaults: re-run to compare with this checkout's. "
     return f"Measured with policy defaults changed since ({', '.join(changed)}); re-run to update. " if changed else ""

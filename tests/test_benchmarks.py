@@ -173,6 +173,33 @@ def test_rows_measured_under_other_policy_defaults_are_not_reused(tmp_path, caps
     assert set(fid.read_journal(journal)) == {"f", "a"}
 
 
+def test_a_policy_default_stales_only_its_policy_rows(tmp_path, capsys):
+    """A changed d2o (or pod) default asks that policy's rows again and keeps every other
+    policy's; a default every policy reads (the window) stales them all; the docs' note names
+    only the defaults of the grid's policies."""
+    import benchmarks.fidelity as fid
+
+    now = fid.policy_defaults()
+    rows = [{"key": "f", "policy": "full"}, {"key": "s", "policy": "snapkv"}, {"key": "d", "policy": "d2o"},
+            {"key": "p", "policy": "pod"}, {"key": "r", "policy": "streamingllm"}]
+    out = tmp_path / "grid.json"
+    cases = [({**now, "d2o_merge": "on"}, {"f", "s", "p", "r"}),
+             ({**now, "pod_share": 0.3}, {"f", "s", "d", "r"}),
+             ({**now, "sink_size": 7}, {"f", "s", "d"}),  # streamingllm's, razor's and pod's sinks
+             ({**now, "window_size": 3}, {"f"})]
+    for then, keys in cases:
+        out.write_text(json.dumps({"meta": {"kv_defaults": then}, "rows": rows}))
+        assert set(fid.finished_rows(out)) == keys, then
+    assert "its d2o requests are asked again" in capsys.readouterr().err
+    then = {**now, "d2o_merge": "on", "kernel_size": 5}
+    assert fid.changed_defaults(then, policies=["snapkv", "headkv"]) == ["kernel_size 5 -> 13"]
+    assert len(fid.changed_defaults(then, policies=["d2o"])) == 2 and len(fid.changed_defaults(then)) == 2
+    journal = tmp_path / "grid.partial.jsonl"
+    journal.write_text("".join(json.dumps({"key": r["key"], "row": r, "defaults": {**now, "pod_group": 3}}) + "\n"
+                               for r in rows))
+    assert set(fid.read_journal(journal)) == {"f", "s", "d", "r"}
+
+
 def test_a_grid_older_than_a_setting_measured_its_value_from_before():
     """A grid recorded before ``pod_sharing`` / ``pod_group`` existed measured score sharing
     between pairs: it stays current while those are the defaults, and is stale otherwise."""
