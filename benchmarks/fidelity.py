@@ -143,8 +143,8 @@ def policy_defaults() -> dict:
 
 #: Settings added after grids were recorded, with the value that reproduces what those grids
 #: measured (a grid without the key measured exactly this): PoD shared scores between pairs of
-#: layers before ``pod_sharing`` and ``pod_group`` existed.
-BEFORE_THE_SETTING = {"pod_group": 2, "pod_sharing": "scores"}
+#: layers, picked by share, before ``pod_sharing``, ``pod_group`` and ``pod_threshold`` existed.
+BEFORE_THE_SETTING = {"pod_group": 2, "pod_sharing": "scores", "pod_threshold": 0.0}
 
 
 def recorded_defaults(then: dict | None) -> dict | None:

@@ -31,12 +31,14 @@ SCALE = SHAPE.head_dim ** -0.5
 
 
 # ----------------------------------------------------------------------------- sharing map
-def naive_sharing(sim: torch.Tensor, share: float, group: int = 2) -> set[tuple[int, int]]:
-    """Walk the candidates best first; take one when the run of the head's sharing rows it
-    joins, plus the row below that run, stays at most ``group`` layers."""
+def naive_sharing(sim: torch.Tensor, share: float, group: int = 2, threshold: float = 0.0) -> set[tuple[int, int]]:
+    """Walk the candidates best first (with a threshold: those at least that similar, all of
+    them); take one when the run of the head's sharing rows it joins, plus the row below that
+    run, stays at most ``group`` layers."""
     L, H = sim.shape
-    target = round(share * L * H)
-    cands = sorted(((l, h) for l in range(1, L) for h in range(H)), key=lambda c: (-float(sim[c]), c[0], c[1]))
+    cands = sorted(((l, h) for l in range(1, L) for h in range(H) if threshold <= 0 or float(sim[l, h]) >= threshold),
+                   key=lambda c: (-float(sim[c]), c[0], c[1]))
+    target = len(cands) if threshold > 0 else round(share * L * H)
     taken: set[tuple[int, int]] = set()
     for l, h in cands:
         if len(taken) == target:
@@ -74,6 +76,20 @@ def test_sharing_map_equals_the_naive_walk(L, H, share, group, seed):
         assert not bool((got[1:] & got[:-1]).any())  # pairs: a source is never itself sharing
     with pytest.raises(ValueError, match="at least 2"):
         sharing_map(sim, share, 1)
+
+
+@pytest.mark.parametrize("L,H,threshold,group,seed", [(9, 3, 0.5, 1024, 0), (13, 2, 0.3, 3, 1), (5, 4, 0.99, 2, 2),
+                                                      (30, 3, 0.7, 1024, 3)])
+def test_a_threshold_takes_every_row_that_alike(L, H, threshold, group, seed):
+    """The paper's blocks: with a threshold every row at least that similar to the layer below
+    shares (as many as the group bound allows); without a bound exactly those rows."""
+    sim = torch.rand(L, H, generator=torch.Generator().manual_seed(seed))
+    got = sharing_map(sim, 0.0, group, threshold)
+    assert {tuple(x) for x in got.nonzero().tolist()} == naive_sharing(sim, 0.0, group, threshold)
+    if group >= L:
+        want = sim >= threshold
+        want[0] = False
+        assert torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------- a compressed prompt
@@ -330,12 +346,14 @@ def test_decode_compression_keeps_the_values_only_pages(tmp_path):
 def test_pod_config_and_policy_validation(tmp_path):
     assert KVPolicyConfig(policy="pod").with_request({"kv_pod_share": 0.4}).pod_share == 0.4
     assert KVPolicyConfig(policy="pod").with_request({"kv_pod_share": 0}).pod_share == 0.0
-    cfg = KVPolicyConfig(policy="pod").with_request({"kv_pod_group": 4, "kv_pod_sharing": "scores"})
-    assert (cfg.pod_group, cfg.pod_sharing) == (4, "scores")
+    cfg = KVPolicyConfig(policy="pod").with_request({"kv_pod_group": 4, "kv_pod_sharing": "keys",
+                                                     "kv_pod_threshold": 0.5})
+    assert (cfg.pod_group, cfg.pod_sharing, cfg.pod_threshold) == (4, "keys", 0.5)
     assert (KVPolicyConfig(policy="pod").pod_group, KVPolicyConfig(policy="pod").pod_sharing) == (2, "scores")
     for key, bad in [("kv_pod_share", 0.96), ("kv_pod_share", -0.1), ("kv_pod_share", "half"),
                      ("kv_pod_share", True), ("kv_pod_group", 1), ("kv_pod_group", 2.5),
-                     ("kv_pod_sharing", "values"), ("kv_pod_sharing", 1)]:
+                     ("kv_pod_sharing", "values"), ("kv_pod_sharing", 1), ("kv_pod_threshold", 1.5),
+                     ("kv_pod_threshold", -0.1)]:
         with pytest.raises(ConfigError, match=f"custom_params.{key}: invalid value"):
             KVPolicyConfig(policy="pod").with_request({key: bad})
     with pytest.raises(ConfigError, match="sink"):
@@ -346,6 +364,8 @@ def test_pod_config_and_policy_validation(tmp_path):
         PoD(similarity=torch.zeros(3, 2), share=0.5, group=1)
     with pytest.raises(ValueError, match="sharing"):
         PoD(similarity=torch.zeros(3, 2), share=0.5, sharing="logits")
+    with pytest.raises(ValueError, match="threshold"):
+        PoD(similarity=torch.zeros(3, 2), share=0.5, threshold=2.0)
     with pytest.raises(ValueError, match="similarity"):
         PoD(similarity=torch.zeros(3))
     pol = PoD(similarity=torch.zeros(3, 2), share=0.5)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.server
 
 ALLOWED = ", ".join(sorted(REQUEST_KEYS))
 assert ALLOWED == ("kv_agnostic_kernel, kv_agnostic_select, kv_beta, kv_budget, kv_d2o_layers, kv_d2o_merge, kv_d2o_sink_size, kv_decode_budget, kv_floor_alpha, kv_kernel_size, kv_min_prompt, "
-                   "kv_pod_group, kv_pod_share, kv_pod_sharing, kv_policy, kv_pool_shift, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
+                   "kv_pod_group, kv_pod_share, kv_pod_sharing, kv_pod_threshold, kv_policy, kv_pool_shift, kv_pooling, kv_question, kv_razor_fraction, kv_razor_heads, kv_scoring, "
                    "kv_share, kv_sink_size, kv_window")
 BUDGET = "an integer in [1, 1048576] (tokens per KV head) or a share of the prompt like '5%' (0% < share <= 100%)"
 POLICIES = "full, headkv, snapkv, pyramidkv, adakv, streamingllm, razor, d2o, pod"
@@ -72,6 +72,7 @@ INVALID = [
     ({"kv_pod_share": 0.96}, "custom_params.kv_pod_share: invalid value 0.96; expected a number in [0.0, 0.95]"),
     ({"kv_pod_group": 1}, "custom_params.kv_pod_group: invalid value 1; expected an integer in [2, 1024]"),
     ({"kv_pod_sharing": "values"}, "custom_params.kv_pod_sharing: invalid value 'values'; choose one of keys, scores"),
+    ({"kv_pod_threshold": 1.2}, "custom_params.kv_pod_threshold: invalid value 1.2; expected a number in [0.0, 1.0]"),
     ({"kv_pod_share": "0.3"}, "custom_params.kv_pod_share: invalid value '0.3'; expected float"),
     ({"kv_policy": "pod", "kv_budget": 4, "kv_sink_size": 4},
      "custom_params.kv_sink_size: invalid value 4; sinks must leave room for recent tokens: < --kv-budget (4)"),
@@ -175,6 +176,7 @@ VALID = [
     {"kv_policy": "pod", "kv_budget": "5%", "kv_pod_share": 0.5, "kv_decode_budget": 8},
     {"kv_policy": "pod", "kv_budget": 64, "kv_pod_share": 0},
     {"kv_policy": "pod", "kv_budget": "10%", "kv_pod_share": 0.8, "kv_pod_group": 5, "kv_pod_sharing": "scores"},
+    {"kv_policy": "pod", "kv_budget": "100%", "kv_pod_threshold": 0.5, "kv_pod_group": 1024},
     {"kv_policy": "snapkv", "kv_budget": "5%", "kv_share": True},
     {"kv_policy": "streamingllm", "kv_budget": 16, "kv_share": False, "kv_decode_budget": 8},
     {"kv_policy": "streamingllm", "kv_budget": 16, "kv_window": 64},  # window > budget is fine without scoring
@@ -330,6 +332,7 @@ _NEAR = {
     "kv_pod_share": st.floats(0.0, 0.95),
     "kv_pod_group": st.integers(2, 40) | st.just(1024),
     "kv_pod_sharing": st.sampled_from(["keys", "scores"]),
+    "kv_pod_threshold": st.floats(0.0, 1.0),
     "kv_min_prompt": st.integers(0, 40),
     "kv_sink_size": st.integers(0, 8),
     "kv_d2o_sink_size": st.integers(0, 8),
@@ -357,6 +360,7 @@ _EDGE = {
     "kv_pod_share": st.sampled_from([-0.01, 0.951, "0.3", 1]),
     "kv_pod_group": st.sampled_from([0, 1, 1025, 2.5, "2"]),
     "kv_pod_sharing": st.sampled_from(["", "Keys", "values"]) | st.booleans(),
+    "kv_pod_threshold": st.sampled_from([-0.01, 1.01, "0.5"]),
     "kv_min_prompt": st.sampled_from([-1, (1 << 20) + 1]),
     "kv_sink_size": st.sampled_from([-1, 80, 4097]),
     "kv_d2o_sink_size": st.sampled_from([-1, 80, 4097]),

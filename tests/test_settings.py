@@ -242,7 +242,7 @@ def test_declarations_cover_every_setting():
                           "min_prompt", "decode_budget", "share", "head_profile", "pool_fraction", "page_size", "memory"]
     assert set(names[14:]) == {"kernel_size", "pooling", "pool_shift", "beta", "pyramid_beta", "floor_alpha",
                                "sink_size", "razor_fraction", "razor_heads", "d2o_sink_size", "d2o_merge", "d2o_layers",
-                               "pod_share", "pod_group", "pod_sharing"}
+                               "pod_share", "pod_group", "pod_threshold", "pod_sharing"}
     server_only = {p.flag for p in settings() if p.key is None}
     assert server_only == {"--kv-head-profile", "--kv-pool-fraction", "--kv-page-size", "--kv-memory",
                            "--kv-pyramid-beta"}
@@ -264,4 +264,4 @@ def test_no_import_cycle():
             "import headkv_sglang.policies.d2o, headkv_sglang.policies.pod; "
             "assert 'headkv_sglang.config' not in sys.modules, 'config imported'; print(len(r.policy_params()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == "15", out.stderr[-2000:]
+    assert out.returncode == 0 and out.stdout.strip() == "16", out.stderr[-2000:]

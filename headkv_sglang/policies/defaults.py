@@ -79,6 +79,9 @@ POD_SHARE = 0.1
 #: PoD: most layers in one sharing group of a KV head (the first stores the distant keys, the
 #: others read them); 2: pairs.
 POD_GROUP = 2
+#: PoD: 0 picks the rows by --kv-pod-share; > 0, every row at least this similar to the layer
+#: below (the paper groups consecutive layers of similarity >= 0.5).
+POD_THRESHOLD = 0.0
 #: PoD: what a sharing row takes from its group's first layer for its distant tokens: "keys"
 #: (the released PoD: its own queries against the group's keys) or "scores" (the first
 #: version: the group's first layer's logits). "scores": without the paper's post-training

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from headkv_sglang.config import KVPolicyConfig, ModelShape
 
 
-def sharing_map(similarity: torch.Tensor, share: float, group: int = 2) -> torch.Tensor:
+def sharing_map(similarity: torch.Tensor, share: float, group: int = 2, threshold: float = 0.0) -> torch.Tensor:
     """bool ``[L, H]``: the (layer, KV head) rows that share their distant tokens' keys (or
     scores) with the rows below them in their layer group.
 
@@ -28,16 +28,20 @@ def sharing_map(similarity: torch.Tensor, share: float, group: int = 2) -> torch
     they read) form a *group*; a row is taken only if its group stays at most ``group``
     layers (``group = 2``: pairs, no two adjacent sharing rows). Fewer are taken when no
     more fit (at most ``(group - 1)`` of every ``group`` layers above layer 0, per head).
+    ``threshold > 0`` takes, instead of a share, every row whose similarity is at least
+    ``threshold`` that fits (the paper's bottom-up blocks of alike consecutive layers, its
+    ``delta``, when ``group`` does not bound them).
     """
     L, H = similarity.shape
     if group < 2:
         raise ValueError(f"a PoD group has at least 2 layers, got {group}")
-    target = round(share * L * H)
+    sim = similarity.to(torch.float64)
+    order = sorted(((-float(sim[l, h]), l, h) for l in range(1, L) for h in range(H)
+                    if threshold <= 0 or float(sim[l, h]) >= threshold))
+    target = len(order) if threshold > 0 else round(share * L * H)
     taken = torch.zeros(L, H, dtype=torch.bool)
     if target <= 0 or L < 2:
         return taken
-    sim = similarity.to(torch.float64)
-    order = sorted(((-float(sim[l, h]), l, h) for l in range(1, L) for h in range(H)))
     n = 0
     for _, l, h in order:
         below = above = 0
@@ -88,6 +92,9 @@ class PoD(SinkObservationPolicy):
         Target share of all rows that share, in ``[0, 0.95]``.
     group : int
         Most layers in one sharing group (2: pairs).
+    threshold : float
+        When > 0, every row at least this similar shares (as many as ``group`` allows), not
+        ``share`` of them.
     sharing : str
         ``"keys"`` or ``"scores"``: what a sharing row takes from its group's first layer.
     sink_size : int
@@ -109,6 +116,10 @@ class PoD(SinkObservationPolicy):
                          low=0.0, high=0.95)
     group: int = hyper(defaults.POD_GROUP, "PoD: most layers in one sharing group of a KV head (the first stores "
                        "the distant keys; 2: pairs).", name="pod_group", low=2, high=1024)
+    threshold: float = hyper(defaults.POD_THRESHOLD, "PoD: when > 0, the rows whose similarity to the layer below "
+                             "is at least this share (as many as --kv-pod-group allows) instead of --kv-pod-share "
+                             "(the paper's blocks: 0.5 with a large --kv-pod-group).", name="pod_threshold",
+                             low=0.0, high=1.0)
     sharing: str = hyper(defaults.POD_SHARING, "PoD: what a sharing row takes from its group's first layer for its "
                          "distant tokens: 'keys' (its own queries against them, the released PoD) or 'scores' "
                          "(that layer's logits, the paper's first version).", name="pod_sharing",
@@ -130,7 +141,8 @@ class PoD(SinkObservationPolicy):
             raise ValueError(f"{cls}.group must be an integer >= 2, got {self.group!r}")
         if self.sharing not in defaults.POD_SHARINGS:
             raise ValueError(f"{cls}.sharing must be one of {', '.join(defaults.POD_SHARINGS)}, got {self.sharing!r}")
-        object.__setattr__(self, "_sharing", sharing_map(table, self.share, self.group))
+        check_float(cls, "threshold", self.threshold, low=0.0, high=1.0)
+        object.__setattr__(self, "_sharing", sharing_map(table, self.share, self.group, self.threshold))
 
     @property
     def sharing_rows(self) -> torch.Tensor:
@@ -142,7 +154,7 @@ class PoD(SinkObservationPolicy):
         """Similarity: the ``pod`` profile's per-KV-head similarity to the layer below."""
         assert profile is not None, "PoD needs its 'pod' profile (registry.resolve_profile)"
         return cls(similarity=torch.as_tensor(profile.kv_scores, dtype=torch.float64), share=cfg.pod_share,
-                   group=cfg.pod_group, sharing=cfg.pod_sharing, sink_size=cfg.sink_size, **cls.observation_kwargs(cfg))
+                   group=cfg.pod_group, threshold=cfg.pod_threshold, sharing=cfg.pod_sharing, sink_size=cfg.sink_size, **cls.observation_kwargs(cfg))
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
