@@ -9,7 +9,7 @@ import torch
 
 from headkv_sglang.policies import defaults
 from headkv_sglang.policies.budgets import effective_window, uniform_pages
-from headkv_sglang.policies.checks import check_float, check_model_shape, check_request
+from headkv_sglang.policies.checks import check_choice, check_float, check_int, check_model_shape, check_request
 from headkv_sglang.policies.observation import SinkObservationPolicy
 from headkv_sglang.policies.params import hyper
 
@@ -79,10 +79,11 @@ class PoD(SinkObservationPolicy):
     queries against its keys), head by head of the GQA group. Either way they are joined with
     the row's own proximal and decoded tokens in one softmax over layer ``l``'s values.
 
-    Differences from the paper: groups of consecutive layers per KV head, chosen by measured
-    similarity (``python -m headkv_sglang.profile --method pod``) up to ``group`` layers, so a
-    head can share where its attention is alike and not elsewhere (the paper groups whole
-    layers); and no continued pre-training (the paper's "PoD w/o CPT" setting).
+    Differences from the paper: the rows are picked by the ``pod`` profile's similarity to the
+    layer below (``python -m headkv_sglang.profile --method pod``), by ``share`` in groups of
+    up to ``group`` layers or, like the paper's head-wise blocks, by ``threshold`` (its 0.5
+    with an unbounded ``group``), not by its Jensen-Shannon measure; and no continued
+    pre-training (the paper's "PoD w/o CPT" setting).
 
     Parameters
     ----------
@@ -137,10 +138,8 @@ class PoD(SinkObservationPolicy):
             raise ValueError(f"{cls}.similarity must be finite")
         object.__setattr__(self, "similarity", table)
         check_float(cls, "share", self.share, low=0.0, high=0.95)
-        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 2:
-            raise ValueError(f"{cls}.group must be an integer >= 2, got {self.group!r}")
-        if self.sharing not in defaults.POD_SHARINGS:
-            raise ValueError(f"{cls}.sharing must be one of {', '.join(defaults.POD_SHARINGS)}, got {self.sharing!r}")
+        check_int(cls, "group", self.group, 2)
+        check_choice(cls, "sharing", self.sharing, defaults.POD_SHARINGS)
         check_float(cls, "threshold", self.threshold, low=0.0, high=1.0)
         object.__setattr__(self, "_sharing", sharing_map(table, self.share, self.group, self.threshold))
 
@@ -154,7 +153,8 @@ class PoD(SinkObservationPolicy):
         """Similarity: the ``pod`` profile's per-KV-head similarity to the layer below."""
         assert profile is not None, "PoD needs its 'pod' profile (registry.resolve_profile)"
         return cls(similarity=torch.as_tensor(profile.kv_scores, dtype=torch.float64), share=cfg.pod_share,
-                   group=cfg.pod_group, threshold=cfg.pod_threshold, sharing=cfg.pod_sharing, sink_size=cfg.sink_size, **cls.observation_kwargs(cfg))
+                   group=cfg.pod_group, threshold=cfg.pod_threshold, sharing=cfg.pod_sharing,
+                   sink_size=cfg.sink_size, **cls.observation_kwargs(cfg))
 
     def check_model(self, num_layers: int, num_kv_heads: int) -> None:
         super().check_model(num_layers, num_kv_heads)
