@@ -119,6 +119,8 @@ def _policy_names() -> tuple[str, ...]:
 
 
 _DEFAULT_BUDGET = 128
+#: --kv-memory: "auto" resolves to one of the other two at start-up (KVPolicyConfig.with_memory_resolved)
+MEMORY_CHOICES = ("auto", "shared", "split")
 
 
 @dataclass(frozen=True)
@@ -179,15 +181,17 @@ class KVPolicyConfig:
                         "Per request: \"kv_share\": true.")
     head_profile: str | None = hyper(None, "Head-importance profile JSON (default: the shipped one matching the "
                                      "model).", type=str, request=False, check=_profile_exists)
-    pool_fraction: float = hyper(0.5, "Share of SGLang's KV token capacity moved to the compressed pool.",
-                                 low=0.0, low_open=True, high=0.95, request=False)
+    pool_fraction: float = hyper(0.5, "Share of SGLang's KV token capacity moved to the compressed pool of "
+                                 "--kv-memory split (0.5 when not given; giving it makes 'auto' mean 'split').",
+                                 low=0.0, low_open=True, high=0.95, request=False, flag_default=None)
     page_size: int = hyper(16, "Tokens per page of the compressed pool.", low=1, high=4096, request=False)
-    memory: str = hyper("split", "Where compressed pages live: 'split' (the default: --kv-pool-fraction of SGLang's "
-                        "KV capacity becomes a pool of its own) or 'shared' (one memory: pages live inside SGLang's "
+    memory: str = hyper("auto", "Where compressed pages live: 'shared' (one memory: pages live inside SGLang's "
                         "token slots, borrowed from its token allocator in chunks and given back when a chunk "
-                        "empties; --kv-pool-fraction is then unused; under --tp the ranks borrow and give back "
-                        "together). With 'shared', compressed rows never run as CUDA graphs.",
-                        choices=("split", "shared"), request=False)
+                        "empties; under --tp the ranks borrow and give back together; compressed rows never run "
+                        "as CUDA graphs), 'split' (--kv-pool-fraction of SGLang's KV capacity becomes a pool of "
+                        "its own) or 'auto', the default: 'shared' on CPU, 'split' on CUDA (where FlashInfer has "
+                        "not yet read pages inside SGLang's slots on a GPU) and whenever --kv-pool-fraction is "
+                        "given.", choices=MEMORY_CHOICES, request=False)
     #: The policies' hyperparameters that differ from their declared defaults: sorted ``(name, value)``.
     params: tuple[tuple[str, Any], ...] = ()
 
@@ -296,6 +300,19 @@ class KVPolicyConfig:
                       "prompt's pages cannot grow with one request's generated tokens)")
         policy_class(self.policy).check_config(self, bad, changed)  # its cross-field rules
         return self
+
+    def with_memory_resolved(self, *, cpu: bool, fraction_given: bool) -> "KVPolicyConfig":
+        """``memory`` 'auto' made 'shared' or 'split' (see its help); ``cpu``: the server runs
+        on CPU (the torch kernel reads either memory), ``fraction_given``: --kv-pool-fraction
+        was on the command line. Raises ConfigError when --kv-pool-fraction sizes a pool that
+        --kv-memory shared does not have."""
+        if self.memory == "shared" and fraction_given:
+            raise ConfigError(f"--kv-pool-fraction: invalid value {self.pool_fraction!r}; it sizes the compressed "
+                              "pool of --kv-memory split, and with --kv-memory shared the pages live in SGLang's "
+                              "token slots: leave it out (or use --kv-memory split)")
+        if self.memory != "auto":
+            return self
+        return dataclasses.replace(self, memory="shared" if cpu and not fraction_given else "split")
 
     # ------------------------------------------------------------------ overrides
     def with_request(self, custom_params: dict[str, Any] | None) -> "KVPolicyConfig":

@@ -23,7 +23,7 @@ from headkv_sglang.policies.registry import resolve_profile
 
 def kv_config(model_path: str, **kv: Any) -> KVPolicyConfig:
     """A validated config from ``kv_<field>`` keywords (``kv_policy`` required)."""
-    from headkv_sglang.plugin import FLAGS
+    from headkv_sglang.plugin import FLAGS, cpu_auto
 
     fields = {flag[2:].replace("-", "_"): dest for flag, (dest, _) in FLAGS.items()}
     unknown = sorted(set(kv) - set(fields))
@@ -35,6 +35,7 @@ def kv_config(model_path: str, **kv: Any) -> KVPolicyConfig:
     if "budget" in values:  # tokens (128) or a share of each prompt ("5%")
         values.update(budget_fields(values["budget"], "kv_budget"))
     cfg = KVPolicyConfig(**values).validate()
+    cfg = cfg.with_memory_resolved(cpu=cpu_auto(), fraction_given="pool_fraction" in values)
     resolve_profile(cfg, ModelShape.from_model_path(model_path))
     return cfg
 

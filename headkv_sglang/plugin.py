@@ -103,8 +103,11 @@ def config_from_namespace(ns: argparse.Namespace) -> KVPolicyConfig | None:
     values: dict[str, Any] = {}
     for p in settings():
         value = getattr(ns, f"headkv_{p.name}", p.default)  # a policy registered after the parser was built: default
+        if value is None:  # a flag not given whose argparse default is None (--kv-pool-fraction): the field's
+            continue
         values.update(p.parse(value, p.flag) if p.parse is not None else {p.name: value})
     cfg = KVPolicyConfig(**values).validate()
+    cfg = cfg.with_memory_resolved(cpu=cpu_auto(), fraction_given="pool_fraction" in values)
     from headkv_sglang.policies.registry import resolve_profile
 
     shape = ModelShape.from_model_path(ns.model_path)

@@ -85,6 +85,31 @@ def test_invalid_value_names_flag_and_value(fields, flag, shown, allowed):
     assert allowed in msg, msg
 
 
+@pytest.mark.parametrize("memory, cpu, given, expected", [
+    ("auto", True, False, "shared"),   # CPU: one memory
+    ("auto", False, False, "split"),   # CUDA: the split until FlashInfer read the shared buffers on a GPU
+    ("auto", True, True, "split"),     # --kv-pool-fraction sizes a split
+    ("auto", False, True, "split"),
+    ("split", True, False, "split"),   # an explicit mode is kept on either device
+    ("split", True, True, "split"),
+    ("shared", False, False, "shared"),
+])
+def test_memory_auto_resolves_by_device_and_pool_fraction(memory, cpu, given, expected):
+    cfg = KVPolicyConfig(policy="headkv", memory=memory, **({"pool_fraction": 0.3} if given else {})).validate()
+    resolved = cfg.with_memory_resolved(cpu=cpu, fraction_given=given)
+    assert resolved.memory == expected
+    assert dataclasses.replace(resolved, memory=memory) == cfg  # nothing else changes
+    assert resolved.with_memory_resolved(cpu=not cpu, fraction_given=given) == resolved  # resolved once: kept
+
+
+def test_pool_fraction_with_shared_memory_is_refused_naming_the_flag():
+    cfg = KVPolicyConfig(policy="headkv", memory="shared", pool_fraction=0.3).validate()
+    with pytest.raises(ConfigError, match=r"^--kv-pool-fraction: invalid value 0\.3; it sizes the compressed pool "
+                                          r"of --kv-memory split"):
+        cfg.with_memory_resolved(cpu=True, fraction_given=True)
+    assert cfg.with_memory_resolved(cpu=True, fraction_given=False).memory == "shared"  # the field's default: fine
+
+
 def test_cross_field_rules_only_apply_to_their_policies():
     # window > budget is fine where the window is not part of the budget
     KVPolicyConfig(policy="full", budget=2, window=9).validate()

@@ -45,6 +45,9 @@ BAD_FLAGS = [
     (["--kv-policy", "headkv", "--kv-question", "5000"],
      "error: --kv-question: invalid value 5000; expected an integer in [0, 4096]"),
     (["--kv-policy", "headkv", "--kv-kernel-size", "4"], "error: --kv-kernel-size: invalid value 4; expected an odd integer"),
+    (["--kv-policy", "headkv", "--kv-memory", "shared", "--kv-pool-fraction", "0.3"],
+     "error: --kv-pool-fraction: invalid value 0.3; it sizes the compressed pool of --kv-memory split, and with "
+     "--kv-memory shared the pages live in SGLang's token slots: leave it out (or use --kv-memory split)"),
     (["--kv-policy", "headkv", "--kv-pool-fraction", "1.5"], "error: --kv-pool-fraction: invalid value 1.5; expected a number in (0.0, 0.95]"),
     (["--kv-policy", "headkv", "--kv-head-profile", "/no/such/profile.json"],
      "error: --kv-head-profile: invalid value '/no/such/profile.json'; no such file"),
@@ -141,6 +144,28 @@ def test_good_flags_pass_both_hooks(sglang_parser, model_path, capsys, monkeypat
     # the overlap scheduler stays on: compression runs inside the prefill forward
     assert args.attention_backend == "torch_native" and not args.disable_overlap_schedule
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("cpu, flags, memory, fraction", [
+    ("1", [], "shared", 0.5),                                           # CPU: one memory
+    ("", [], "split", 0.5),                                             # CUDA: the split pool
+    ("1", ["--kv-pool-fraction", "0.25"], "split", 0.25),               # a fraction sizes a split
+    ("1", ["--kv-memory", "split"], "split", 0.5),
+    ("", ["--kv-memory", "shared"], "shared", 0.5),
+])
+def test_kv_memory_auto_as_the_launcher_publishes_it(sglang_parser, model_path, monkeypatch, cpu, flags, memory,
+                                                     fraction):
+    """--kv-memory auto (the default) reaches the scheduler resolved: what it runs on this device."""
+    from headkv_sglang import plugin
+    from headkv_sglang.config import ENV_VAR, KVPolicyConfig
+
+    monkeypatch.setenv("HEADKV_SGLANG_CPU_AUTO", cpu)
+    monkeypatch.setenv(ENV_VAR, "")
+    ns = sglang_parser.parse_args(["--model-path", str(model_path), "--kv-policy", "headkv", *flags])
+    assert ns.headkv_memory == "auto" or "--kv-memory" in flags
+    plugin._from_cli_args(None, ns)
+    cfg = KVPolicyConfig.from_env()
+    assert (cfg.memory, cfg.pool_fraction) == (memory, fraction)
 
 
 def test_unknown_policy_is_an_argparse_error(model_path):
