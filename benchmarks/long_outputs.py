@@ -53,7 +53,7 @@ def server_state(url: str, timeout: float = 60) -> dict:
 
 def held_bytes(st: dict, token_bytes: int) -> dict:
     tp, pool = st["token_pool"], st["pool"]
-    slots = tp["total"] - tp["available"] - tp["evictable"]
+    slots = tp["total"] - tp["available"] - tp["evictable"] - tp.get("lent_to_pages", 0)  # pages' own below
     return {"token_slots": slots, "pages": pool["used_pages"],
             "bytes": slots * token_bytes + pool["used_pages"] * pool["bytes_per_page"]}
 

@@ -402,11 +402,19 @@ def plugin_state(serving=None, scheduler=None) -> dict[str, Any]:
             "available": int(scheduler.token_to_kv_pool_allocator.available_size()),
             "evictable": int(tree.evictable_size()),
             "protected": int(tree.protected_size()),
+            # --kv-memory shared: slots SGLang's allocator lent to compressed pages (counted as
+            # used above; 0 with the split pool)
+            "lent_to_pages": _lent_to_pages(serving),
             "running_requests": len(scheduler.running_batch.reqs) if scheduler.running_batch else 0,
             "peak_running_requests_since_last_read": _PEAK["running"],
         }
         _PEAK["running"] = 0
     return state
+
+
+def _lent_to_pages(serving) -> int:
+    m = getattr(serving, "manager", None)
+    return int(getattr(m.allocator, "borrowed_slots", 0)) if m is not None else 0
 
 
 def _add_internal_state(serving, result, *args, **kwargs):

@@ -46,9 +46,10 @@ def stream(srv, params: dict, max_tokens: int, on_chunk=None, prompt: str = PROM
 
 
 def private_tokens(st: dict) -> int:
-    """Token-pool slots held by running requests outside the radix tree (their tails)."""
+    """Token-pool slots held by running requests outside the radix tree (their tails; with one
+    memory, not the slots SGLang lent to compressed pages)."""
     tp = st["token_pool"]
-    return tp["total"] - tp["available"] - tp["evictable"] - tp["protected"]
+    return tp["total"] - tp["available"] - tp["evictable"] - tp["protected"] - tp["lent_to_pages"]
 
 
 def assert_all_returned(srv) -> dict:

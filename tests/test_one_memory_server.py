@@ -75,6 +75,13 @@ def test_pages_and_prefills_share_the_slots_without_failed_compressions(start_se
     assert code == 200, body
     st = srv.wait_idle()
     assert st["shared"]["in_use"] == 0 and st["memory"]["pages_used"] > 0, (st["shared"], st["memory"])
+    # the pool's used pages are the document's (not SGLang's slots too), its borrowed slots are
+    # what SGLang's token pool reports lent, and SGLang's own slots are free or evictable cache
+    pool, tp, mem = st["pool"], st["token_pool"], st["memory"]
+    assert pool["used_pages"] == mem["pages_used"] == st["shared"]["pages"], (pool, mem, st["shared"])
+    assert tp["lent_to_pages"] == mem["slots_borrowed_by_pages"] > 0, (tp, mem)
+    assert mem["slots_borrowed_by_pages"] * 30 * 3 >= pool["used_pages"] * 16, mem  # slot: L x Hkv head-vectors
+    assert tp["available"] + tp["evictable"] + tp["lent_to_pages"] == tp["total"], tp
     assert srv.flush_cache()
     st = srv.wait_idle()
     mem = st["memory"]

@@ -36,7 +36,9 @@ class ManagerStats:
                 if e.refs:
                     per[e.record.policy].held_bytes += e.record.held_bytes(bpp)
             running = len(self.records)
-            free_pages = self.allocator.free_pages
+            # held by requests and shared prompts; with one memory free + used < num_pages when
+            # SGLang uses slots (num_pages: what every slot would hold as pages)
+            free_pages, used_pages = self.allocator.free_pages, self.allocator.used_pages
         policies = {}
         for name in set(per) | set(self.total_compressed):
             st = per[name]
@@ -57,7 +59,7 @@ class ManagerStats:
                 "num_pages": self.allocator.num_pages,
                 "page_size": self.pool.page_size,
                 "free_pages": free_pages,
-                "used_pages": self.allocator.num_pages - free_pages,
+                "used_pages": used_pages,
                 "bytes_per_page": bpp,
                 "capacity_bytes": self.allocator.num_pages * bpp,
             },
