@@ -77,8 +77,8 @@ def kv_small_server(start_server) -> SGLangServer:
     """One small ``--kv-policy full`` server shared by the modules that need no other flags
     (policies chosen per request): each server start costs a minute or more on CI.
 
-    20000 tokens: SGLang's token pool keeps 10000 (>= one 8k context), the compressed pool
-    the other half (~1.4 GB in all, so it can stay up for the session).
+    20000 tokens of one memory (``--kv-memory auto`` on CPU: pages borrow SGLang's slots;
+    ~1.4 GB in all, so it can stay up for the session).
     """
     return start_server(["--kv-policy", "full", "--max-total-tokens", "20000", "--enable-cache-report"],
                         name="kv-small", keep=True)
