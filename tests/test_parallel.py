@@ -42,7 +42,8 @@ FINDS_NEEDLE = ["headkv", "snapkv", "adakv"]  # question-scored, 256 of ~1.5k to
 # machine out of memory, and the OOM killer took the plain server's scheduler.
 @pytest.fixture
 def tp_server(start_server):
-    srv = start_server([*SMALL, "--tp", "3", "--enable-metrics"], name="kv-tp3",
+    # the split pool (CUDA's default), so --tp runs on both memories (test_tp3_on_one_memory_...)
+    srv = start_server([*SMALL, "--tp", "3", "--enable-metrics", "--kv-memory", "split"], name="kv-tp3",
                        env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1|0"})
     yield srv
     srv.stop()
@@ -117,7 +118,7 @@ def all_ranks_clean(server, ranks: int) -> list[dict]:
 def test_tp3_serves_every_policy_like_one_rank(tp_server, kv_small_server):
     st = tp_server.plugin_state()
     assert st["tensor_parallel"] == {"tp_rank": 0, "tp_size": 3, "kv_heads": [0, 1]}, st["tensor_parallel"]
-    assert st["backend_installed"], st
+    assert st["backend_installed"] and st["config"]["memory"] == "split" and "memory" not in st, st
     n = needle_prompt(1100, depth=0.4, seed=11)
     short = "What is the capital of France? Answer in one word."
     jobs = [(n.prompt, p, 256) for p in POLICIES] + [(short, "headkv", 64), (n.prompt, "headkv", "5%")]
